@@ -1,0 +1,165 @@
+//! Rate limit rules: the reference's YAML format, validated and compiled into an immutable tree.
+//!
+//! `raw` reads files into plain structs, `compile` validates them and builds the [`RuleTree`]
+//! the matcher walks, `load` finds the files. A tree is never mutated after it is built; a
+//! reload builds a new one and swaps it in whole.
+
+mod compile;
+mod error;
+mod load;
+mod raw;
+
+use std::{collections::HashMap, sync::Arc};
+
+pub use compile::compile;
+pub use error::{ConfigError, ConfigErrors};
+pub use load::{load_dir_or_file, ConfigSource};
+pub use raw::{parse, RawDescriptor, RawFile, RawRateLimit};
+
+use crate::limiter::Unit;
+
+/// Every domain's rules. Lookups are hash lookups per descriptor level.
+#[derive(Debug, Default)]
+pub struct RuleTree {
+    pub domains: HashMap<String, Node>,
+    /// The files it was built from, for logs and summaries.
+    pub files: Vec<String>,
+}
+
+/// One level of a domain's descriptor tree.
+#[derive(Debug, Default)]
+pub struct Node {
+    /// Children by the reference's composite key: `key` or `key_value`.
+    pub children: HashMap<Box<str>, Node>,
+    /// Children whose composite key contains `*`, in config order (first match wins).
+    pub wildcards: Vec<Wildcard>,
+    /// The limit configured at this node, if any.
+    pub rule: Option<Arc<Rule>>,
+    /// `share_threshold: true` on this node.
+    pub share_threshold: bool,
+    /// `value_to_metric: true` on this node.
+    pub value_to_metric: bool,
+}
+
+/// A wildcard child: its composite key split on `*` once, at load time.
+#[derive(Debug)]
+pub struct Wildcard {
+    pub key: Box<str>,
+    pub parts: Vec<Box<str>>,
+}
+
+impl Wildcard {
+    pub fn new(key: &str) -> Self {
+        Self {
+            key: key.into(),
+            parts: key.split('*').map(Into::into).collect(),
+        }
+    }
+
+    /// Whether `composite` (`key_value`) matches; each `*` matches any run of characters.
+    pub fn matches(&self, composite: &str) -> bool {
+        let parts = &self.parts;
+        let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+            return false;
+        };
+        if parts.len() == 1 {
+            return composite == &**first;
+        }
+        let fixed: usize = parts.iter().map(|p| p.len()).sum();
+        if composite.len() < fixed
+            || !composite.starts_with(&**first)
+            || !composite.ends_with(&**last)
+        {
+            return false;
+        }
+        let Some(mut rest) = composite.get(first.len()..composite.len() - last.len()) else {
+            return false;
+        };
+        for part in parts.iter().skip(1).take(parts.len().saturating_sub(2)) {
+            match rest.find(&**part) {
+                Some(at) => match rest.get(at + part.len()..) {
+                    Some(r) => rest = r,
+                    None => return false,
+                },
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A configured limit and everything the service needs to answer with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// The reference's stats key: `domain.key_value.key`.
+    pub full_key: String,
+    /// Human path: `domain > key=value > key`.
+    pub path: String,
+    /// `None` for `unlimited: true`.
+    pub limit: Option<Limit>,
+    /// `rate_limit.name`, empty when unset (as the reference reports it).
+    pub name: String,
+    pub replaces: Vec<String>,
+    pub shadow_mode: bool,
+    pub quota_mode: bool,
+    pub detailed_metric: bool,
+}
+
+/// A number of requests per window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub requests_per_unit: u32,
+    pub unit: Unit,
+}
+
+impl RuleTree {
+    /// Number of limits (rules) in the tree, for summaries.
+    pub fn rule_count(&self) -> usize {
+        fn count(n: &Node) -> usize {
+            usize::from(n.rule.is_some()) + n.children.values().map(count).sum::<usize>()
+        }
+        self.domains.values().map(count).sum()
+    }
+
+    /// Every rule, sorted by stats key, for `check-config` and `/rlconfig`.
+    pub fn rules(&self) -> Vec<&Rule> {
+        fn walk<'a>(n: &'a Node, out: &mut Vec<&'a Rule>) {
+            if let Some(r) = &n.rule {
+                out.push(r);
+            }
+            for c in n.children.values() {
+                walk(c, out);
+            }
+        }
+        let mut out = Vec::new();
+        for d in self.domains.values() {
+            walk(d, &mut out);
+        }
+        out.sort_by(|a, b| a.full_key.cmp(&b.full_key));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Wildcard;
+
+    #[test]
+    fn wildcards_match_trailing_middle_and_several_stars() {
+        let w = Wildcard::new("path_/foo/*");
+        assert!(w.matches("path_/foo/"));
+        assert!(w.matches("path_/foo/bar/baz"));
+        assert!(!w.matches("path_/fo"));
+        let m = Wildcard::new("path_/api/*/users");
+        assert!(m.matches("path_/api/v1/users"));
+        assert!(m.matches("path_/api//users"));
+        assert!(!m.matches("path_/api/v1/users/1"));
+        let s = Wildcard::new("k_a*b*c");
+        assert!(s.matches("k_abc"));
+        assert!(s.matches("k_a1b2c"));
+        assert!(!s.matches("k_a1c2b"));
+        // Fixed parts may not overlap: "ab*ba" needs at least four characters.
+        assert!(!Wildcard::new("k_ab*ba").matches("k_aba"));
+        assert!(Wildcard::new("k_*").matches("k_"));
+    }
+}

@@ -1,0 +1,390 @@
+//! Reads one YAML file of the reference's format into plain structs, collecting every problem.
+//!
+//! We walk a generic YAML tree instead of deriving `Deserialize`: serde stops at the first
+//! error and knows nothing of descriptor paths, while users need all errors at once, each
+//! pointing at `domain > key=value > key` and the field.
+
+use serde_norway::{Mapping, Value};
+
+use super::error::ConfigError;
+
+/// One file: a domain and its descriptor tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawFile {
+    pub domain: String,
+    pub descriptors: Vec<RawDescriptor>,
+}
+
+/// One `descriptors:` entry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawDescriptor {
+    pub key: String,
+    /// `None` when absent or empty (the reference treats both as key-only).
+    pub value: Option<String>,
+    pub rate_limit: Option<RawRateLimit>,
+    pub shadow_mode: bool,
+    pub quota_mode: bool,
+    pub detailed_metric: bool,
+    pub value_to_metric: bool,
+    pub share_threshold: bool,
+    pub descriptors: Vec<RawDescriptor>,
+    /// Human path of this descriptor, for errors raised after parsing.
+    pub path: String,
+}
+
+/// A `rate_limit:` block.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawRateLimit {
+    /// `None` when absent.
+    pub unit: Option<String>,
+    pub requests_per_unit: Option<u32>,
+    pub unlimited: bool,
+    pub name: Option<String>,
+    pub replaces: Vec<String>,
+}
+
+const ROOT_FIELDS: &[&str] = &["domain", "descriptors"];
+const DESCRIPTOR_FIELDS: &[&str] = &[
+    "key",
+    "value",
+    "rate_limit",
+    "descriptors",
+    "shadow_mode",
+    "quota_mode",
+    "detailed_metric",
+    "value_to_metric",
+    "share_threshold",
+    "metadata",
+];
+const RATE_LIMIT_FIELDS: &[&str] = &["unit", "requests_per_unit", "unlimited", "name", "replaces"];
+const REPLACES_FIELDS: &[&str] = &["name"];
+
+/// Parses `text` (the contents of `file`); returns the file or every error found in it.
+pub fn parse(file: &str, text: &str) -> Result<RawFile, Vec<ConfigError>> {
+    let mut p = Parser {
+        file,
+        errors: Vec::new(),
+    };
+    let root: Value = match serde_norway::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(vec![ConfigError::new(
+                file,
+                "",
+                "",
+                format!("invalid YAML: {e}"),
+            )])
+        }
+    };
+    let parsed = p.root(&root);
+    if p.errors.is_empty() {
+        parsed.ok_or_else(Vec::new)
+    } else {
+        Err(p.errors)
+    }
+}
+
+struct Parser<'f> {
+    file: &'f str,
+    errors: Vec<ConfigError>,
+}
+
+impl Parser<'_> {
+    fn err(&mut self, path: &str, field: &str, message: impl Into<String>) {
+        self.errors
+            .push(ConfigError::new(self.file, path, field, message));
+    }
+
+    fn root(&mut self, root: &Value) -> Option<RawFile> {
+        let map = match root {
+            Value::Mapping(m) => m,
+            Value::Null => {
+                self.err("", "domain", "config file cannot have empty domain");
+                return None;
+            }
+            other => {
+                self.err(
+                    "",
+                    "",
+                    format!("expected a mapping at the top level, found {}", kind(other)),
+                );
+                return None;
+            }
+        };
+        self.check_fields(map, ROOT_FIELDS, "", "");
+        let domain = match map.get("domain") {
+            None | Some(Value::Null) => String::new(),
+            Some(v) => self.scalar_string(v, "", "domain").unwrap_or_default(),
+        };
+        if domain.is_empty() {
+            self.err("", "domain", "config file cannot have empty domain");
+        }
+        let path = if domain.is_empty() {
+            "<no domain>".to_owned()
+        } else {
+            domain.clone()
+        };
+        let descriptors = self.descriptor_list(map.get("descriptors"), &path, "descriptors");
+        Some(RawFile {
+            domain,
+            descriptors,
+        })
+    }
+
+    fn descriptor_list(
+        &mut self,
+        v: Option<&Value>,
+        parent: &str,
+        field: &str,
+    ) -> Vec<RawDescriptor> {
+        let items = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Sequence(items)) => items,
+            Some(other) => {
+                self.err(
+                    parent,
+                    field,
+                    format!("expected a list of descriptors, found {}", kind(other)),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Value::Mapping(m) => out.push(self.descriptor(m, parent, i)),
+                other => self.err(
+                    parent,
+                    &format!("{field}[{i}]"),
+                    format!("expected a descriptor mapping, found {}", kind(other)),
+                ),
+            }
+        }
+        out
+    }
+
+    fn descriptor(&mut self, m: &Mapping, parent: &str, index: usize) -> RawDescriptor {
+        let key = match m.get("key") {
+            None | Some(Value::Null) => String::new(),
+            Some(v) => self.scalar_string(v, parent, "key").unwrap_or_default(),
+        };
+        let value = match m.get("value") {
+            None | Some(Value::Null) => None,
+            Some(v) => self.scalar_string(v, parent, "value"),
+        }
+        .filter(|v| !v.is_empty());
+        let path = match (&key, &value) {
+            (k, _) if k.is_empty() => format!("{parent} > descriptors[{index}]"),
+            (k, Some(v)) => format!("{parent} > {k}={v}"),
+            (k, None) => format!("{parent} > {k}"),
+        };
+        if key.is_empty() {
+            self.err(&path, "key", "descriptor has empty key");
+        }
+        self.check_fields(m, DESCRIPTOR_FIELDS, &path, "");
+        if let Some(meta) = m.get("metadata") {
+            if !matches!(meta, Value::Mapping(_) | Value::Null) {
+                self.err(
+                    &path,
+                    "metadata",
+                    format!("expected a mapping, found {}", kind(meta)),
+                );
+            }
+        }
+        let rate_limit = match m.get("rate_limit") {
+            None | Some(Value::Null) => None,
+            Some(Value::Mapping(rl)) => Some(self.rate_limit(rl, &path)),
+            Some(other) => {
+                self.err(
+                    &path,
+                    "rate_limit",
+                    format!("expected a mapping, found {}", kind(other)),
+                );
+                None
+            }
+        };
+        let descriptors = self.descriptor_list(m.get("descriptors"), &path, "descriptors");
+        RawDescriptor {
+            shadow_mode: self.flag(m, &path, "shadow_mode"),
+            quota_mode: self.flag(m, &path, "quota_mode"),
+            detailed_metric: self.flag(m, &path, "detailed_metric"),
+            value_to_metric: self.flag(m, &path, "value_to_metric"),
+            share_threshold: self.flag(m, &path, "share_threshold"),
+            key,
+            value,
+            rate_limit,
+            descriptors,
+            path,
+        }
+    }
+
+    fn rate_limit(&mut self, m: &Mapping, path: &str) -> RawRateLimit {
+        self.check_fields(m, RATE_LIMIT_FIELDS, path, "rate_limit.");
+        let unit = match m.get("unit") {
+            None | Some(Value::Null) => None,
+            Some(v) => self.scalar_string(v, path, "rate_limit.unit"),
+        };
+        let requests_per_unit = match m.get("requests_per_unit") {
+            None | Some(Value::Null) => None,
+            Some(v) => self.limit(v, path),
+        };
+        let name = match m.get("name") {
+            None | Some(Value::Null) => None,
+            Some(v) => self.scalar_string(v, path, "rate_limit.name"),
+        };
+        let unlimited = self.flag(m, path, "unlimited");
+        let replaces = match m.get("replaces") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| self.replaces_entry(item, path, i))
+                .collect(),
+            Some(other) => {
+                self.err(
+                    path,
+                    "rate_limit.replaces",
+                    format!("expected a list of {{name: ...}}, found {}", kind(other)),
+                );
+                Vec::new()
+            }
+        };
+        RawRateLimit {
+            unit,
+            requests_per_unit,
+            unlimited,
+            name,
+            replaces,
+        }
+    }
+
+    fn replaces_entry(&mut self, item: &Value, path: &str, i: usize) -> String {
+        let field = format!("rate_limit.replaces[{i}]");
+        match item {
+            Value::Mapping(m) => {
+                self.check_fields(m, REPLACES_FIELDS, path, &format!("{field}."));
+                match m.get("name") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(v) => self
+                        .scalar_string(v, path, &format!("{field}.name"))
+                        .unwrap_or_default(),
+                }
+            }
+            other => {
+                self.err(
+                    path,
+                    &field,
+                    format!("expected {{name: ...}}, found {}", kind(other)),
+                );
+                String::new()
+            }
+        }
+    }
+
+    fn limit(&mut self, v: &Value, path: &str) -> Option<u32> {
+        let field = "rate_limit.requests_per_unit";
+        let n = match v {
+            Value::Number(n) => n,
+            other => {
+                self.err(
+                    path,
+                    field,
+                    format!("expected a whole number, found {}", kind(other)),
+                );
+                return None;
+            }
+        };
+        match n.as_u64() {
+            Some(u) => match u32::try_from(u) {
+                Ok(u) => Some(u),
+                Err(_) => {
+                    self.err(path, field, format!("{u} is larger than {}", u32::MAX));
+                    None
+                }
+            },
+            None if n.is_i64() => {
+                self.err(path, field, format!("must not be negative, found {n}"));
+                None
+            }
+            None => {
+                self.err(path, field, format!("must be a whole number, found {n}"));
+                None
+            }
+        }
+    }
+
+    fn flag(&mut self, m: &Mapping, path: &str, name: &str) -> bool {
+        match m.get(name) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                let field = if name == "unlimited" {
+                    "rate_limit.unlimited".to_owned()
+                } else {
+                    name.to_owned()
+                };
+                self.err(
+                    path,
+                    &field,
+                    format!("expected true or false, found {}", kind(other)),
+                );
+                false
+            }
+        }
+    }
+
+    /// Strings, and numbers or booleans read as their text (as YAML into a Go string does).
+    fn scalar_string(&mut self, v: &Value, path: &str, field: &str) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            other => {
+                self.err(
+                    path,
+                    field,
+                    format!("expected a string, found {}", kind(other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn check_fields(&mut self, m: &Mapping, allowed: &[&str], path: &str, prefix: &str) {
+        for k in m.keys() {
+            match k {
+                Value::String(s) if allowed.contains(&s.as_str()) => {}
+                Value::String(s) => self.err(
+                    path,
+                    &format!("{prefix}{s}"),
+                    format!("unknown field (expected one of: {})", allowed.join(", ")),
+                ),
+                other => self.err(
+                    path,
+                    prefix.trim_end_matches('.'),
+                    format!("field names must be strings, found {}", describe_key(other)),
+                ),
+            }
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn describe_key(v: &Value) -> String {
+    match v {
+        Value::Number(n) => format!("the number {n}"),
+        Value::Bool(b) => format!("the boolean {b}"),
+        other => kind(other).to_owned(),
+    }
+}

@@ -1,0 +1,35 @@
+//! The `ratelimitd` binary: parses the command line, wires the library's parts and is the only
+//! place that exits.
+
+use std::{process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use ratelimitd::settings::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig(args) => ratelimitd::cli::check_config(&args.source()),
+        Command::Serve(args) => {
+            if let Err(e) = ratelimitd::cli::init_logging(&args.log_level, &args.log_format) {
+                eprintln!("ratelimitd: {e}");
+                return ExitCode::from(2);
+            }
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ratelimitd: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(ratelimitd::cli::serve(Arc::new(*args))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("ratelimitd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

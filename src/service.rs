@@ -1,0 +1,389 @@
+//! `ShouldRateLimit`: request in, rules matched, counters bumped in one store call, answer out.
+//!
+//! The answer follows envoyproxy/ratelimit field for field (statuses in request order, the
+//! same `limit_remaining`, `duration_until_reset`, RateLimit-* headers and shadow/quota
+//! rules); where we differ it is on purpose and listed in the README's migration notes:
+//! `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for bad requests and
+//! `UNAVAILABLE` for backend failures.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::{
+    config::{Limit, Rule, RuleTree},
+    error::ServiceError,
+    limiter::{decide, CacheKeyBuilder, Clock, Unit},
+    matcher,
+    proto::envoy::{
+        config::core::v3::HeaderValue,
+        service::ratelimit::v3::{
+            rate_limit_response::{
+                rate_limit::Unit as WireUnit, Code, DescriptorStatus, RateLimit,
+            },
+            rate_limit_service_server::RateLimitService,
+            RateLimitRequest, RateLimitResponse,
+        },
+    },
+    store::{Hit, Store},
+};
+
+/// Most descriptors one request may carry (Envoy sends a handful).
+pub const MAX_DESCRIPTORS: usize = 256;
+/// Most entries one descriptor may carry.
+pub const MAX_ENTRIES: usize = 64;
+/// Longest descriptor key or value, in bytes.
+pub const MAX_ENTRY_BYTES: usize = 8 * 1024;
+
+/// Names of the optional RateLimit-* response headers (`LIMIT_*_HEADER`).
+#[derive(Debug, Clone)]
+pub struct HeaderNames {
+    pub limit: String,
+    pub remaining: String,
+    pub reset: String,
+}
+
+/// Service behaviour switches, read once from settings.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceSettings {
+    /// `CACHE_KEY_PREFIX`.
+    pub cache_key_prefix: String,
+    /// `SHADOW_MODE`: answer OK overall, still count.
+    pub global_shadow_mode: bool,
+    /// `QUOTA_MODE`: every limited descriptor is a quota descriptor.
+    pub global_quota_mode: bool,
+    /// `LIMIT_RESPONSE_HEADERS_ENABLED` with the header names.
+    pub response_headers: Option<HeaderNames>,
+    /// `EXPIRATION_JITTER_MAX_SECONDS`: random extra TTL so keys do not all expire at once.
+    pub expiration_jitter_max_seconds: u64,
+}
+
+/// The rate limit service over a store `S`.
+pub struct RateLimiter<S> {
+    rules: Arc<ArcSwap<RuleTree>>,
+    store: Arc<S>,
+    clock: Arc<dyn Clock>,
+    keys: CacheKeyBuilder,
+    settings: ServiceSettings,
+}
+
+/// What applies to one descriptor.
+enum Resolved<'a> {
+    /// No rule (or replaced, or unknown domain): OK, no current limit.
+    Nothing,
+    /// `unlimited: true`: OK, remaining u32::MAX, store untouched.
+    Unlimited,
+    Limited {
+        limit: Limit,
+        /// `None` for a limit override sent by Envoy.
+        rule: Option<&'a Rule>,
+        shared: Vec<(usize, &'a str)>,
+    },
+}
+
+impl<S: Store> RateLimiter<S> {
+    pub fn new(
+        rules: Arc<ArcSwap<RuleTree>>,
+        store: Arc<S>,
+        clock: Arc<dyn Clock>,
+        settings: ServiceSettings,
+    ) -> Self {
+        Self {
+            keys: CacheKeyBuilder::new(settings.cache_key_prefix.clone()),
+            rules,
+            store,
+            clock,
+            settings,
+        }
+    }
+
+    /// Answers one request.
+    pub async fn should_rate_limit(
+        &self,
+        req: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, ServiceError> {
+        validate(req)?;
+        // One atomic load: the whole request sees one rule set even if a reload lands now.
+        let tree = self.rules.load_full();
+        let now = self.clock.now_unix();
+        let resolved = resolve(&tree, req)?;
+
+        let request_hits = u64::from(req.hits_addend.max(1));
+        let mut hits = Vec::new();
+        for (d, r) in req.descriptors.iter().zip(&resolved) {
+            if let Resolved::Limited { limit, shared, .. } = r {
+                let entries = d.entries.iter().enumerate().map(|(i, e)| {
+                    let value = shared
+                        .iter()
+                        .find(|(at, _)| *at == i)
+                        .map_or(e.value.as_str(), |(_, p)| *p);
+                    (e.key.as_str(), value)
+                });
+                hits.push(Hit {
+                    key: self.keys.build(&req.domain, entries, limit.unit, now),
+                    hits: d.hits_addend.unwrap_or(request_hits),
+                    ttl_secs: limit.unit.seconds() + self.jitter(),
+                });
+            }
+        }
+        let counts = if hits.is_empty() {
+            Vec::new()
+        } else {
+            self.store.increment(&hits).await?
+        };
+        tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), counters = hits.len(), "should_rate_limit");
+        Ok(self.respond(&resolved, &counts, now))
+    }
+
+    fn jitter(&self) -> u64 {
+        match self.settings.expiration_jitter_max_seconds {
+            0 => 0,
+            max => fastrand::u64(0..max),
+        }
+    }
+
+    fn respond(&self, resolved: &[Resolved<'_>], counts: &[u64], now: u64) -> RateLimitResponse {
+        let mut counts = counts.iter();
+        let mut statuses = Vec::with_capacity(resolved.len());
+        let (mut failed, mut failed_quota, mut total_quota) = (0usize, 0usize, 0usize);
+        // The descriptor closest to its limit, for the RateLimit-* headers (as the reference
+        // picks it: lowest remaining, and any non-quota OVER_LIMIT wins).
+        let mut header_source: Option<(u32, Limit)> = None;
+        let mut retry_after = 0u64;
+        for r in resolved {
+            let status = match r {
+                Resolved::Nothing => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..Default::default()
+                },
+                Resolved::Unlimited => DescriptorStatus {
+                    code: Code::Ok as i32,
+                    limit_remaining: u32::MAX,
+                    ..Default::default()
+                },
+                Resolved::Limited { limit, rule, .. } => {
+                    let after = counts.next().copied().unwrap_or(0);
+                    let d = decide(limit.requests_per_unit, after);
+                    let shadow = rule.is_some_and(|r| r.shadow_mode);
+                    let over = d.over_limit && !shadow;
+                    let reset = limit.unit.until_reset(now);
+                    DescriptorStatus {
+                        code: if over { Code::OverLimit } else { Code::Ok } as i32,
+                        current_limit: Some(RateLimit {
+                            name: rule.map(|r| r.name.clone()).unwrap_or_default(),
+                            requests_per_unit: limit.requests_per_unit,
+                            unit: wire_unit(limit.unit) as i32,
+                        }),
+                        limit_remaining: d.remaining,
+                        duration_until_reset: Some(prost_types::Duration {
+                            seconds: i64::try_from(reset).unwrap_or(i64::MAX),
+                            nanos: 0,
+                        }),
+                        quota: None,
+                    }
+                }
+            };
+            if let Resolved::Limited { limit, rule, .. } = r {
+                let quota = self.settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
+                if header_source.is_none_or(|(min, _)| status.limit_remaining < min) {
+                    header_source = Some((status.limit_remaining, *limit));
+                }
+                if status.code == Code::OverLimit as i32 {
+                    retry_after = retry_after.max(limit.unit.until_reset(now));
+                    if quota {
+                        failed_quota += 1;
+                    } else {
+                        failed += 1;
+                        header_source = Some((0, *limit));
+                    }
+                }
+                total_quota += usize::from(quota);
+            } else if matches!(r, Resolved::Nothing) && self.settings.global_quota_mode {
+                total_quota += 1;
+            }
+            statuses.push(status);
+        }
+
+        let mut overall = if failed > 0 || (total_quota > 0 && total_quota == failed_quota) {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        };
+        let mut headers = Vec::new();
+        if let (Some(names), Some((remaining, limit))) =
+            (&self.settings.response_headers, header_source)
+        {
+            headers.push(header(&names.limit, limit.requests_per_unit.to_string()));
+            headers.push(header(&names.remaining, remaining.to_string()));
+            headers.push(header(
+                &names.reset,
+                limit.unit.until_reset(now).to_string(),
+            ));
+        }
+        if overall == Code::OverLimit && self.settings.global_shadow_mode {
+            overall = Code::Ok;
+        }
+        if overall == Code::OverLimit {
+            headers.push(header("Retry-After", retry_after.max(1).to_string()));
+        }
+        RateLimitResponse {
+            overall_code: overall as i32,
+            statuses,
+            response_headers_to_add: headers,
+            ..Default::default()
+        }
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue {
+        key: key.to_owned(),
+        value,
+        raw_value: Vec::new(),
+    }
+}
+
+fn wire_unit(u: Unit) -> WireUnit {
+    match u {
+        Unit::Second => WireUnit::Second,
+        Unit::Minute => WireUnit::Minute,
+        Unit::Hour => WireUnit::Hour,
+        Unit::Day => WireUnit::Day,
+        Unit::Week => WireUnit::Week,
+        Unit::Month => WireUnit::Month,
+        Unit::Year => WireUnit::Year,
+    }
+}
+
+/// Rejects requests the service cannot answer meaningfully, with a message saying why.
+fn validate(req: &RateLimitRequest) -> Result<(), ServiceError> {
+    let bad = |m: String| Err(ServiceError::InvalidArgument(m));
+    if req.domain.is_empty() {
+        return bad("rate limit domain must not be empty".into());
+    }
+    if req.domain.len() > MAX_ENTRY_BYTES {
+        return bad(format!("domain is longer than {MAX_ENTRY_BYTES} bytes"));
+    }
+    if req.descriptors.is_empty() {
+        return bad("rate limit descriptor list must not be empty".into());
+    }
+    if req.descriptors.len() > MAX_DESCRIPTORS {
+        return bad(format!(
+            "{} descriptors in one request; at most {MAX_DESCRIPTORS} are accepted",
+            req.descriptors.len()
+        ));
+    }
+    for (i, d) in req.descriptors.iter().enumerate() {
+        if d.entries.is_empty() {
+            return bad(format!("descriptor {i} has no entries"));
+        }
+        if d.entries.len() > MAX_ENTRIES {
+            return bad(format!(
+                "descriptor {i} has {} entries; at most {MAX_ENTRIES} are accepted",
+                d.entries.len()
+            ));
+        }
+        for (j, e) in d.entries.iter().enumerate() {
+            if e.key.is_empty() {
+                return bad(format!("descriptor {i} entry {j} has an empty key"));
+            }
+            if e.key.len() > MAX_ENTRY_BYTES || e.value.len() > MAX_ENTRY_BYTES {
+                return bad(format!(
+                    "descriptor {i} entry {j} is longer than {MAX_ENTRY_BYTES} bytes"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finds what applies to each descriptor, then drops limits other matched rules replace.
+fn resolve<'a>(
+    tree: &'a RuleTree,
+    req: &RateLimitRequest,
+) -> Result<Vec<Resolved<'a>>, ServiceError> {
+    let known_domain = tree.domains.contains_key(&req.domain);
+    let mut scratch = String::new();
+    let mut replaced: Vec<&'a str> = Vec::new();
+    let mut out = Vec::with_capacity(req.descriptors.len());
+    for (i, d) in req.descriptors.iter().enumerate() {
+        out.push(if !known_domain {
+            Resolved::Nothing
+        } else if let Some(o) = &d.limit {
+            override_limit(i, o.requests_per_unit, o.unit)?
+        } else {
+            match matcher::find(tree, &req.domain, &d.entries, &mut scratch) {
+                None => Resolved::Nothing,
+                Some(m) => {
+                    let rule: &'a Rule = m.rule;
+                    replaced.extend(rule.replaces.iter().map(String::as_str));
+                    match rule.limit {
+                        None => Resolved::Unlimited,
+                        Some(limit) => Resolved::Limited {
+                            limit,
+                            rule: Some(rule),
+                            shared: m.shared,
+                        },
+                    }
+                }
+            }
+        });
+    }
+    if !replaced.is_empty() {
+        for r in &mut out {
+            if let Resolved::Limited {
+                rule: Some(rule), ..
+            } = r
+            {
+                if !rule.name.is_empty() && replaced.contains(&rule.name.as_str()) {
+                    *r = Resolved::Nothing;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn override_limit<'a>(
+    i: usize,
+    requests_per_unit: u32,
+    unit: i32,
+) -> Result<Resolved<'a>, ServiceError> {
+    match Unit::from_wire(unit) {
+        Some(unit) => Ok(Resolved::Limited {
+            limit: Limit {
+                requests_per_unit,
+                unit,
+            },
+            rule: None,
+            shared: Vec::new(),
+        }),
+        None => Err(ServiceError::InvalidArgument(format!(
+            "descriptor {i} has a limit override with unknown unit {unit}"
+        ))),
+    }
+}
+
+/// The tonic service: owns a [`RateLimiter`].
+pub struct GrpcService<S>(pub Arc<RateLimiter<S>>);
+
+#[tonic::async_trait]
+impl<S: Store> RateLimitService for GrpcService<S> {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        match self.0.should_rate_limit(request.get_ref()).await {
+            Ok(resp) => Ok(tonic::Response::new(resp)),
+            Err(e) => {
+                match &e {
+                    ServiceError::InvalidArgument(m) => {
+                        tracing::debug!(error = %m, "invalid request")
+                    }
+                    ServiceError::Store(se) => tracing::warn!(error = %se, "backend error"),
+                }
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Command line and settings. Every setting is a flag with an environment-variable fallback
+//! named as envoyproxy/ratelimit names it, with the same default, so a reference deployment's
+//! environment works unchanged.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
+
+use crate::config::ConfigSource;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ratelimitd",
+    version,
+    about = "Envoy rate limit service (RLS v3)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve gRPC (RLS v3, health, reflection) and the HTTP admin endpoint.
+    Serve(Box<ServeArgs>),
+    /// Validate the rule files: print every error and exit 1, or a summary and exit 0.
+    CheckConfig(ConfigArgs),
+}
+
+/// Where the rules are.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Rule directory (every *.yaml/*.yml in it, recursively) or a single file. When unset, the
+    /// reference's RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY is used.
+    #[arg(long, env = "RATELIMITD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "RUNTIME_ROOT",
+        default_value = "/srv/runtime_data/current"
+    )]
+    pub runtime_root: PathBuf,
+    #[arg(long, env = "RUNTIME_SUBDIRECTORY", default_value = "")]
+    pub runtime_subdirectory: String,
+    #[arg(long, env = "RUNTIME_APPDIRECTORY", default_value = "config")]
+    pub runtime_appdirectory: String,
+    #[arg(long, env = "RUNTIME_IGNOREDOTFILES", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub runtime_ignoredotfiles: bool,
+    #[arg(long, env = "MERGE_DOMAIN_CONFIG", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub merge_domain_config: bool,
+}
+
+impl ConfigArgs {
+    pub fn source(&self) -> ConfigSource {
+        let path = match &self.config {
+            Some(p) => p.clone(),
+            None => self
+                .runtime_root
+                .join(&self.runtime_subdirectory)
+                .join(&self.runtime_appdirectory),
+        };
+        ConfigSource {
+            path,
+            ignore_dotfiles: self.runtime_ignoredotfiles,
+            merge_domains: self.merge_domain_config,
+        }
+    }
+}
+
+/// `serve` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+
+    #[arg(long, env = "GRPC_HOST", default_value = "0.0.0.0")]
+    pub grpc_host: String,
+    #[arg(long, env = "GRPC_PORT", default_value_t = 8081)]
+    pub grpc_port: u16,
+    /// HTTP listener (GET /healthcheck).
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// trace, debug, info, warn or error (case-insensitive), or a tracing filter.
+    #[arg(long, env = "LOG_LEVEL", default_value = "WARN")]
+    pub log_level: String,
+    /// text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+
+    /// redis or memory. Unset: redis when REDIS_URL is set, memory otherwise.
+    #[arg(long, env = "BACKEND_TYPE")]
+    pub backend_type: Option<String>,
+    #[arg(long, env = "REDIS_SOCKET_TYPE", default_value = "unix")]
+    pub redis_socket_type: String,
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_AUTH", default_value = "", hide_env_values = true)]
+    pub redis_auth: String,
+    #[arg(long, env = "REDIS_TLS", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_tls: bool,
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 10)]
+    pub redis_pool_size: usize,
+    /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    pub redis_timeout: Duration,
+
+    #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
+    pub cache_key_prefix: String,
+    #[arg(long, env = "EXPIRATION_JITTER_MAX_SECONDS", default_value_t = 300)]
+    pub expiration_jitter_max_seconds: u64,
+    #[arg(long, env = "SHADOW_MODE", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub shadow_mode: bool,
+    #[arg(long, env = "QUOTA_MODE", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub quota_mode: bool,
+    #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub limit_response_headers_enabled: bool,
+    #[arg(long, env = "LIMIT_LIMIT_HEADER", default_value = "RateLimit-Limit")]
+    pub limit_limit_header: String,
+    #[arg(
+        long,
+        env = "LIMIT_REMAINING_HEADER",
+        default_value = "RateLimit-Remaining"
+    )]
+    pub limit_remaining_header: String,
+    #[arg(long, env = "LIMIT_RESET_HEADER", default_value = "RateLimit-Reset")]
+    pub limit_reset_header: String,
+}
+
+/// The default `REDIS_URL` of the reference (a twemproxy socket), used when
+/// `BACKEND_TYPE=redis` is set without a URL.
+pub const DEFAULT_REDIS_URL: &str = "/var/run/nutcracker/ratelimit.sock";
+
+/// Which counter store to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
+impl ServeArgs {
+    /// The backend, from `BACKEND_TYPE` or, when unset, from whether `REDIS_URL` is set.
+    pub fn backend(&self) -> Result<Backend, String> {
+        match self
+            .backend_type
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("") if self.redis_url.is_some() => Ok(Backend::Redis),
+            None | Some("") => Ok(Backend::Memory),
+            Some("redis") => Ok(Backend::Redis),
+            Some("memory") => Ok(Backend::Memory),
+            Some(other) => Err(format!(
+                "BACKEND_TYPE '{other}' is not supported (expected redis or memory)"
+            )),
+        }
+    }
+}
+
+/// Settings of the reference that ratelimitd accepts but does not act on yet. Each one set
+/// in the environment gets one warning at start-up, never a failure.
+pub const UNSUPPORTED_ENV: &[&str] = &[
+    "USE_STATSD",
+    "STATSD_HOST",
+    "STATSD_PORT",
+    "USE_DOG_STATSD",
+    "USE_DOG_STATSD_MOGRIFIERS",
+    "EXTRA_TAGS",
+    "STATS_FLUSH_INTERVAL",
+    "DISABLE_STATS",
+    "USE_PROMETHEUS",
+    "PROMETHEUS_ADDR",
+    "PROMETHEUS_PATH",
+    "PROMETHEUS_MAPPER_YAML",
+    "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
+    "DEBUG_HOST",
+    "DEBUG_PORT",
+    "GRPC_UDS",
+    "GRPC_MAX_CONNECTION_AGE",
+    "GRPC_MAX_CONNECTION_AGE_GRACE",
+    "GRPC_SERVER_USE_TLS",
+    "GRPC_SERVER_TLS_CERT",
+    "GRPC_SERVER_TLS_KEY",
+    "GRPC_CLIENT_TLS_CACERT",
+    "GRPC_CLIENT_TLS_SAN",
+    "CONFIG_TYPE",
+    "FORCE_START_WITHOUT_INITIAL_CONFIG",
+    "RUNTIME_WATCH_ROOT",
+    "LOCAL_CACHE_SIZE_IN_BYTES",
+    "NEAR_LIMIT_RATIO",
+    "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
+    "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED",
+    "REDIS_TYPE",
+    "REDIS_TLS_CLIENT_CERT",
+    "REDIS_TLS_CLIENT_KEY",
+    "REDIS_TLS_CACERT",
+    "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
+    "REDIS_PIPELINE_WINDOW",
+    "REDIS_PIPELINE_LIMIT",
+    "REDIS_PERSECOND",
+    "REDIS_PERSECOND_URL",
+    "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION",
+    "REDIS_POOL_ON_EMPTY_BEHAVIOR",
+    "REDIS_SENTINEL_AUTH",
+    "MEMCACHE_HOST_PORT",
+    "MEMCACHE_SRV",
+    "RESPONSE_DYNAMIC_METADATA",
+    "TRACING_ENABLED",
+];
+
+/// Parses a Go `time.Duration` string (`300ms`, `10s`, `1m30s`, `1.5h`); a bare number is
+/// seconds.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("missing unit in duration '{s}'"))?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid number in duration '{s}'"))?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("unknown unit '{unit}' in duration '{s}'")),
+        };
+        total += n * scale;
+        rest = next;
+    }
+    Duration::try_from_secs_f64(total).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_go_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_go_duration("10 parsecs").is_err());
+        assert!(parse_go_duration("").is_err());
+        assert!(parse_go_duration("ms").is_err());
+    }
+
+    #[test]
+    fn backend_defaults_to_memory_without_redis_url() {
+        let cli = Cli::parse_from(["ratelimitd", "serve", "--config", "x"]);
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        // The test environment may not set BACKEND_TYPE/REDIS_URL; check the rule directly.
+        let mut a = *args;
+        a.backend_type = None;
+        a.redis_url = None;
+        assert_eq!(a.backend(), Ok(Backend::Memory));
+        a.redis_url = Some("127.0.0.1:6379".into());
+        assert_eq!(a.backend(), Ok(Backend::Redis));
+        a.backend_type = Some("MEMORY".into());
+        assert_eq!(a.backend(), Ok(Backend::Memory));
+        a.backend_type = Some("memcache".into());
+        assert!(a.backend().is_err());
+    }
+}

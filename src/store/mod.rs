@@ -1,0 +1,88 @@
+//! Counter storage behind one async trait: Redis for fleets, memory for a single instance.
+//!
+//! A request's counters go to the store in one call (one Redis round trip). The store only
+//! adds and reports; deciding OK or OVER_LIMIT happens in the service.
+
+mod memory;
+mod redis;
+
+use std::future::Future;
+
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisSettings, RedisStore};
+
+/// One counter to bump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// Full counter key (prefix, domain, entries, window start).
+    pub key: String,
+    /// Amount to add; 0 reads the counter without changing it.
+    pub hits: u64,
+    /// Seconds the counter must live: its window plus any expiration jitter.
+    pub ttl_secs: u64,
+}
+
+/// Why the store could not answer. Every store error fails the RPC with `UNAVAILABLE`;
+/// `transient` tells operators whether retrying later can help.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} {kind}: {message}")]
+pub struct StoreError {
+    pub backend: &'static str,
+    pub kind: StoreErrorKind,
+    pub transient: bool,
+    pub message: String,
+}
+
+/// What went wrong, coarse enough for a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// No answer within `REDIS_TIMEOUT`.
+    Timeout,
+    /// Connection refused, reset or not yet re-established.
+    Connection,
+    /// The server answered with an error (e.g. a key holding a non-integer).
+    Response,
+}
+
+impl std::fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreErrorKind::Timeout => "timeout",
+            StoreErrorKind::Connection => "connection error",
+            StoreErrorKind::Response => "error response",
+        })
+    }
+}
+
+/// Counter storage.
+pub trait Store: Send + Sync + 'static {
+    /// Adds each hit to its counter (creating it with its TTL) and returns the counters'
+    /// values after the addition, in order. Never retried by the caller: a retry after an
+    /// ambiguous failure could count the same request twice.
+    fn increment(&self, hits: &[Hit]) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+}
+
+/// The store chosen at start-up.
+pub enum AnyStore {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl AnyStore {
+    /// Short backend name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnyStore::Memory(_) => "memory",
+            AnyStore::Redis(_) => "redis",
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn increment(&self, hits: &[Hit]) -> Result<Vec<u64>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.increment(hits).await,
+            AnyStore::Redis(s) => s.increment(hits).await,
+        }
+    }
+}
