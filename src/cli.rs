@@ -81,6 +81,7 @@ pub fn init_logging(level: &str, format: &str) -> Result<(), String> {
         .map_err(|e| format!("invalid LOG_LEVEL '{level}': {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format.to_ascii_lowercase().as_str() {
         "json" => builder.json().init(),

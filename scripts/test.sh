@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the tests need when it is missing, then runs every test.
+#   - redis-server (Debian package), for the integration tests;
+#   - a Python venv at .venv with grpcio and xds-protos (pinned in tests/py/requirements.txt),
+#     an independent RLS client used to prove wire compatibility.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
+  # The package starts a system instance on 6379; tests start their own on free ports.
+fi
+
+if ! .venv/bin/python -c 'import grpc, envoy.service.ratelimit.v3.rls_pb2' >/dev/null 2>&1; then
+  echo "creating .venv with grpcio and xds-protos" >&2
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt
+fi
+
+cargo test --all-targets --locked -- --test-threads=4
