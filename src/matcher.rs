@@ -122,3 +122,193 @@ pub fn step<'a, E: EntryRef>(
         .get(entry.key())
         .map(|n| (n, MatchKind::KeyOnly, None))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{compile, parse};
+
+    fn tree(files: &[&str]) -> RuleTree {
+        let parsed: Vec<_> = files
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("f{i}.yaml"), parse("t.yaml", t).unwrap()))
+            .collect();
+        compile(&parsed, true).unwrap()
+    }
+
+    fn rule_key(t: &RuleTree, domain: &str, entries: &[(&str, &str)]) -> Option<String> {
+        find(t, domain, entries, &mut String::new()).map(|m| m.rule.full_key.clone())
+    }
+
+    const LEVELS: &str = r#"
+domain: d
+descriptors:
+  - key: k
+    rate_limit: {unit: second, requests_per_unit: 1}
+  - key: k
+    value: exact
+    rate_limit: {unit: second, requests_per_unit: 2}
+  - key: k
+    value: ex*
+    rate_limit: {unit: second, requests_per_unit: 3}
+  - key: k
+    value: e*
+    rate_limit: {unit: second, requests_per_unit: 4}
+"#;
+
+    #[test]
+    fn exact_beats_wildcard_beats_key_only_and_first_wildcard_wins() {
+        let t = tree(&[LEVELS]);
+        assert_eq!(
+            rule_key(&t, "d", &[("k", "exact")]).as_deref(),
+            Some("d.k_exact")
+        );
+        // "exactly" matches both ex* and e*: the first in config order wins.
+        assert_eq!(
+            rule_key(&t, "d", &[("k", "exactly")]).as_deref(),
+            Some("d.k_ex*")
+        );
+        assert_eq!(
+            rule_key(&t, "d", &[("k", "else")]).as_deref(),
+            Some("d.k_e*")
+        );
+        assert_eq!(rule_key(&t, "d", &[("k", "other")]).as_deref(), Some("d.k"));
+        // An empty value finds the key-only rule (composite "k_" matches nothing else).
+        assert_eq!(rule_key(&t, "d", &[("k", "")]).as_deref(), Some("d.k"));
+        assert_eq!(rule_key(&t, "d", &[("other", "x")]), None);
+        assert_eq!(rule_key(&t, "unknown", &[("k", "exact")]), None);
+        let none: [(&str, &str); 0] = [];
+        assert_eq!(rule_key(&t, "d", &none), None);
+    }
+
+    #[test]
+    fn wildcards_in_the_middle_and_several_stars() {
+        let t = tree(&[r#"
+domain: d
+descriptors:
+  - key: path
+    value: /api/*/users/*
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: path
+    value: "*.png"
+    rate_limit: {unit: minute, requests_per_unit: 2}
+"#]);
+        assert_eq!(
+            rule_key(&t, "d", &[("path", "/api/v1/users/42")]).as_deref(),
+            Some("d.path_/api/*/users/*")
+        );
+        assert_eq!(rule_key(&t, "d", &[("path", "/api/v1/groups/42")]), None);
+        assert_eq!(
+            rule_key(&t, "d", &[("path", "/img/a.png")]).as_deref(),
+            Some("d.path_*.png")
+        );
+        assert_eq!(rule_key(&t, "d", &[("path", "/img/a.png.gz")]), None);
+    }
+
+    const NESTED: &str = r#"
+domain: d
+descriptors:
+  - key: a
+    rate_limit: {unit: hour, requests_per_unit: 1}
+    descriptors:
+      - key: b
+        value: x
+        descriptors:
+          - key: c
+            rate_limit: {unit: hour, requests_per_unit: 3}
+  - key: leaf
+    rate_limit: {unit: hour, requests_per_unit: 4}
+"#;
+
+    #[test]
+    fn nested_rules_apply_only_at_the_depth_of_the_last_entry() {
+        let t = tree(&[NESTED]);
+        assert_eq!(rule_key(&t, "d", &[("a", "1")]).as_deref(), Some("d.a"));
+        // Level two exists but has no rule.
+        assert_eq!(rule_key(&t, "d", &[("a", "1"), ("b", "x")]), None);
+        assert_eq!(
+            rule_key(&t, "d", &[("a", "1"), ("b", "x"), ("c", "9")]).as_deref(),
+            Some("d.a.b_x.c")
+        );
+        // Longer than the config: no limit, even though a rule sits higher up.
+        assert_eq!(
+            rule_key(&t, "d", &[("a", "1"), ("b", "x"), ("c", "9"), ("e", "1")]),
+            None
+        );
+        assert_eq!(rule_key(&t, "d", &[("leaf", "1"), ("more", "1")]), None);
+        // A level that does not match stops the walk.
+        assert_eq!(
+            rule_key(&t, "d", &[("a", "1"), ("b", "y"), ("c", "9")]),
+            None
+        );
+    }
+
+    #[test]
+    fn share_threshold_records_the_pattern_per_entry() {
+        let t = tree(&[r#"
+domain: d
+descriptors:
+  - key: files
+    value: /public/*
+    share_threshold: true
+    descriptors:
+      - key: user
+        rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: path
+    value: /own/*
+    rate_limit: {unit: minute, requests_per_unit: 5}
+"#]);
+        let entries = [("files", "/public/a.txt"), ("user", "alice")];
+        let m = find(&t, "d", &entries, &mut String::new()).unwrap();
+        assert_eq!(m.shared, vec![(0, "/public/*")]);
+        assert_eq!(m.key_value(0, "/public/a.txt"), "/public/*");
+        assert_eq!(m.key_value(1, "alice"), "alice");
+        let m = find(&t, "d", &[("path", "/own/x")], &mut String::new()).unwrap();
+        assert!(
+            m.shared.is_empty(),
+            "wildcard without share_threshold keeps values apart"
+        );
+    }
+
+    #[test]
+    fn composite_keys_behave_like_the_reference_even_across_underscores() {
+        // The reference looks up "key_value" strings, so key "a" with value "b_c" finds the
+        // descriptor configured as key "a_b", value "c". Identical answers need the same.
+        let t = tree(&["domain: d\ndescriptors:\n  - key: a_b\n    value: c\n    rate_limit: {unit: second, requests_per_unit: 1}\n"]);
+        assert_eq!(
+            rule_key(&t, "d", &[("a", "b_c")]).as_deref(),
+            Some("d.a_b_c")
+        );
+    }
+
+    #[test]
+    fn merged_domains_combine_rules_from_several_files() {
+        let t = tree(&[
+            "domain: d\ndescriptors:\n  - key: one\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+            "domain: d\ndescriptors:\n  - key: two\n    rate_limit: {unit: second, requests_per_unit: 2}\n",
+        ]);
+        assert_eq!(rule_key(&t, "d", &[("one", "")]).as_deref(), Some("d.one"));
+        assert_eq!(rule_key(&t, "d", &[("two", "")]).as_deref(), Some("d.two"));
+    }
+
+    #[test]
+    fn rule_flags_and_unlimited_come_through() {
+        let t = tree(&[r#"
+domain: d
+descriptors:
+  - key: u
+    rate_limit: {unlimited: true}
+  - key: s
+    shadow_mode: true
+    rate_limit: {unit: day, requests_per_unit: 1, name: shadowed, replaces: [{name: other}]}
+"#]);
+        let u = find(&t, "d", &[("u", "1")], &mut String::new()).unwrap();
+        assert_eq!(u.rule.limit, None);
+        let s = find(&t, "d", &[("s", "1")], &mut String::new()).unwrap();
+        assert!(s.rule.shadow_mode);
+        assert_eq!(s.rule.name, "shadowed");
+        assert_eq!(s.rule.replaces, vec!["other".to_owned()]);
+        assert_eq!(s.rule.path, "d > s");
+    }
+}

@@ -170,6 +170,7 @@ impl Compiler<'_> {
                     requests_per_unit,
                     unit,
                 }),
+                _ if rl.had_errors => return None,
                 (None, _) => {
                     self.err(
                         path,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{compile, parse, ConfigError, ConfigErrors, RuleTree};
+use super::{compile, parse_lenient, ConfigError, ConfigErrors, RuleTree};
 
 /// Where rules come from and how to read them.
 #[derive(Debug, Clone)]
@@ -35,10 +35,13 @@ pub fn load_dir_or_file(source: &ConfigSource) -> Result<RuleTree, ConfigErrors>
     for f in files {
         let name = f.display().to_string();
         match std::fs::read_to_string(&f) {
-            Ok(text) => match parse(&name, &text) {
-                Ok(raw) => parsed.push((name, raw)),
-                Err(mut e) => errors.append(&mut e),
-            },
+            Ok(text) => {
+                let (raw, mut e) = parse_lenient(&name, &text);
+                errors.append(&mut e);
+                if let Some(raw) = raw {
+                    parsed.push((name, raw));
+                }
+            }
             Err(e) => errors.push(ConfigError::new(&name, "", "", format!("cannot read: {e}"))),
         }
     }

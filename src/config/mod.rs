@@ -14,7 +14,7 @@ use std::{collections::HashMap, sync::Arc};
 pub use compile::compile;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load_dir_or_file, ConfigSource};
-pub use raw::{parse, RawDescriptor, RawFile, RawRateLimit};
+pub use raw::{parse, parse_lenient, RawDescriptor, RawFile, RawRateLimit};
 
 use crate::limiter::Unit;
 

@@ -41,6 +41,9 @@ pub struct RawRateLimit {
     pub unlimited: bool,
     pub name: Option<String>,
     pub replaces: Vec<String>,
+    /// Some field of this block was invalid and already reported; later checks must not
+    /// report it again as missing.
+    pub had_errors: bool,
 }
 
 const ROOT_FIELDS: &[&str] = &["domain", "descriptors"];
@@ -61,6 +64,15 @@ const REPLACES_FIELDS: &[&str] = &["name"];
 
 /// Parses `text` (the contents of `file`); returns the file or every error found in it.
 pub fn parse(file: &str, text: &str) -> Result<RawFile, Vec<ConfigError>> {
+    match parse_lenient(file, text) {
+        (Some(raw), errors) if errors.is_empty() => Ok(raw),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// Like [`parse`], but also returns what could be read of a file with errors, so the
+/// compile-stage checks can report that file's remaining problems in the same run.
+pub fn parse_lenient(file: &str, text: &str) -> (Option<RawFile>, Vec<ConfigError>) {
     let mut p = Parser {
         file,
         errors: Vec::new(),
@@ -68,20 +80,12 @@ pub fn parse(file: &str, text: &str) -> Result<RawFile, Vec<ConfigError>> {
     let root: Value = match serde_norway::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            return Err(vec![ConfigError::new(
-                file,
-                "",
-                "",
-                format!("invalid YAML: {e}"),
-            )])
+            let err = ConfigError::new(file, "", "", format!("invalid YAML: {e}"));
+            return (None, vec![err]);
         }
     };
     let parsed = p.root(&root);
-    if p.errors.is_empty() {
-        parsed.ok_or_else(Vec::new)
-    } else {
-        Err(p.errors)
-    }
+    (parsed, p.errors)
 }
 
 struct Parser<'f> {
@@ -219,6 +223,7 @@ impl Parser<'_> {
     }
 
     fn rate_limit(&mut self, m: &Mapping, path: &str) -> RawRateLimit {
+        let errors_before = self.errors.len();
         self.check_fields(m, RATE_LIMIT_FIELDS, path, "rate_limit.");
         let unit = match m.get("unit") {
             None | Some(Value::Null) => None,
@@ -255,6 +260,7 @@ impl Parser<'_> {
             unlimited,
             name,
             replaces,
+            had_errors: self.errors.len() > errors_before,
         }
     }
 
