@@ -44,14 +44,33 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: TempDir,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// On a given port (e.g. one a ratelimitd was already pointed at).
+    pub fn start_on(port: u16) -> Self {
+        let mut s = Self {
+            child: None,
+            port,
+            dir: TempDir::new().unwrap(),
+            extra: Vec::new(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
         let mut s = Self {
             child: None,
             port: free_port(),
             dir: TempDir::new().unwrap(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -75,6 +94,7 @@ impl RedisServer {
                 "--dir",
             ])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -103,7 +123,20 @@ impl RedisServer {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut req = format!("*{}\r\n", args.len());
+        let mut req = String::new();
+        if let Some(pw) = self
+            .extra
+            .iter()
+            .position(|a| a == "--requirepass")
+            .and_then(|i| self.extra.get(i + 1))
+        {
+            req.push_str(&format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{pw}\r\n", pw.len()));
+            s.write_all(req.as_bytes()).unwrap();
+            let mut ok = [0u8; 5];
+            s.read_exact(&mut ok).unwrap();
+            req.clear();
+        }
+        req.push_str(&format!("*{}\r\n", args.len()));
         for a in args {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
@@ -123,7 +156,8 @@ impl RedisServer {
             return false;
         }
         let mut buf = [0u8; 16];
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+        // "-NOAUTH" also means the server is up (started with --requirepass).
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -334,4 +368,16 @@ pub async fn align_to_window(secs: u64, margin: Duration) {
     let into = now.as_secs_f64() % secs as f64;
     let left = Duration::from_secs_f64(secs as f64 - into);
     tokio::time::sleep(left + margin).await;
+}
+
+/// If fewer than `need` remain in the current window of `secs` seconds, waits for the next
+/// window, so a sequence of requests cannot straddle a window boundary.
+pub async fn ensure_window_room(secs: u64, need: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let left = secs as f64 - now.as_secs_f64() % secs as f64;
+    if left < need.as_secs_f64() {
+        tokio::time::sleep(Duration::from_secs_f64(left) + Duration::from_millis(100)).await;
+    }
 }

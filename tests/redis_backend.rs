@@ -1,0 +1,267 @@
+//! The Redis backend against a real `redis-server`: the reference's key layout and TTLs,
+//! authentication and URL forms, and failure handling (Redis killed, hung, or not up yet:
+//! UNAVAILABLE within REDIS_TIMEOUT, then recovery once it is back).
+#![allow(clippy::unwrap_used)]
+mod support;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ratelimitd::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use support::*;
+use tonic::Code as GrpcCode;
+
+const RULES: &str = r#"
+domain: rd
+descriptors:
+  - key: k
+    rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: files
+    value: /public/*
+    share_threshold: true
+    descriptors:
+      - key: user
+        rate_limit: {unit: hour, requests_per_unit: 2}
+"#;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Parses a RESP integer reply (`:42\r\n`).
+fn int(reply: &str) -> i64 {
+    reply
+        .trim_start_matches(':')
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not an integer reply: {reply:?}"))
+}
+
+#[tokio::test]
+async fn keys_and_ttls_are_the_references() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("CACHE_KEY_PREFIX", "pre:")
+        .env("EXPIRATION_JITTER_MAX_SECONDS", "0")
+        .start();
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    let mut c = rl.client().await;
+    c.should_rate_limit(request("rd", &[&[("k", "v")]]))
+        .await
+        .unwrap();
+    c.should_rate_limit(request("rd", &[&[("k", "v")]]))
+        .await
+        .unwrap();
+    let key = format!("pre:rd_k_v_{}", now() / 60 * 60);
+    assert_eq!(redis.command(&["GET", &key]), "$1\r\n2\r\n");
+    let ttl = int(&redis.command(&["TTL", &key]));
+    assert!(
+        (1..=60).contains(&ttl),
+        "ttl {ttl} without jitter is at most the window"
+    );
+
+    // share_threshold: every value under the wildcard shares one counter, keyed by pattern.
+    for file in ["/public/a.txt", "/public/b.txt"] {
+        c.should_rate_limit(request("rd", &[&[("files", file), ("user", "alice")]]))
+            .await
+            .unwrap();
+    }
+    let shared = format!("pre:rd_files_/public/*_user_alice_{}", now() / 3600 * 3600);
+    assert_eq!(redis.command(&["GET", &shared]), "$1\r\n2\r\n");
+    let r = c
+        .should_rate_limit(request(
+            "rd",
+            &[&[("files", "/public/c.txt"), ("user", "alice")]],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+}
+
+#[tokio::test]
+async fn expiration_jitter_extends_ttl_by_at_most_the_setting() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path()).redis(&redis).start(); // default jitter: 300 s
+    let mut c = rl.client().await;
+    let mut ttls = Vec::new();
+    for v in 0..20 {
+        c.should_rate_limit(request("rd", &[&[("k", &v.to_string())]]))
+            .await
+            .unwrap();
+        let key = format!("rd_k_{v}_{}", now() / 60 * 60);
+        ttls.push(int(&redis.command(&["TTL", &key])));
+    }
+    assert!(ttls.iter().all(|t| (1..=360).contains(t)), "{ttls:?}");
+    assert!(ttls.iter().any(|t| *t > 60), "jitter applied: {ttls:?}");
+}
+
+#[tokio::test]
+async fn auth_and_url_forms() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_AUTH", "s3cret")
+        .start();
+    let r = rl
+        .client()
+        .await
+        .should_rate_limit(request("rd", &[&[("k", "a")]]))
+        .await;
+    assert_eq!(r.unwrap().into_inner().statuses[0].limit_remaining, 2);
+
+    let url = format!("redis://:s3cret@127.0.0.1:{}/0", redis.port);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("REDIS_URL", &url)
+        .start();
+    let r = rl
+        .client()
+        .await
+        .should_rate_limit(request("rd", &[&[("k", "a")]]))
+        .await;
+    assert_eq!(
+        r.unwrap().into_inner().statuses[0].limit_remaining,
+        1,
+        "REDIS_URL alone selects redis"
+    );
+
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_AUTH", "wrong")
+        .env("REDIS_TIMEOUT", "1s")
+        .start();
+    let e = rl
+        .client()
+        .await
+        .should_rate_limit(request("rd", &[&[("k", "a")]]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_restarted() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let mut redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_TIMEOUT", "500ms")
+        .start();
+    let mut c = rl.client().await;
+    ensure_window_room(60, Duration::from_secs(15)).await;
+    let ok = c
+        .should_rate_limit(request("rd", &[&[("k", "x")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.statuses[0].limit_remaining, 2);
+
+    redis.kill();
+    for _ in 0..3 {
+        // Bounded by REDIS_TIMEOUT: a 5 s guard turns a hang into a failure.
+        let call = c.should_rate_limit(request("rd", &[&[("k", "x")]]));
+        let e = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("answered within the guard")
+            .unwrap_err();
+        assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+        assert!(
+            e.message()
+                .starts_with("rate limit backend unavailable: redis"),
+            "{}",
+            e.message()
+        );
+    }
+
+    redis.restart();
+    let back = Instant::now();
+    let recovered = loop {
+        let call = c.should_rate_limit(request("rd", &[&[("k", "x")]]));
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(r)) => break r.into_inner(),
+            _ if back.elapsed() > Duration::from_secs(10) => panic!("no recovery within 10 s"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    eprintln!("recovered {:?} after redis restart", back.elapsed());
+    assert!(
+        back.elapsed() < Duration::from_secs(3),
+        "recovery took {:?}",
+        back.elapsed()
+    );
+    // The restarted Redis lost the counter (no persistence): counting starts again, once.
+    assert_eq!(recovered.statuses[0].limit_remaining, 2);
+    let key = format!("rd_k_x_{}", now() / 60 * 60);
+    assert_eq!(redis.command(&["GET", &key]), "$1\r\n1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_bounded_by_redis_timeout() {
+    // Accepts connections and never answers: the failure REDIS_TIMEOUT exists for.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in hung.incoming().take(8) {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("REDIS_SOCKET_TYPE", "tcp")
+        .env("REDIS_URL", &format!("127.0.0.1:{port}"))
+        .env("REDIS_TIMEOUT", "300ms")
+        .start();
+    let mut c = rl.client().await;
+    let started = Instant::now();
+    let call = c.should_rate_limit(request("rd", &[&[("k", "h")]]));
+    let e = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("answered within the guard")
+        .unwrap_err();
+    assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+    eprintln!(
+        "hung redis answered UNAVAILABLE after {:?}",
+        started.elapsed()
+    );
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_before_redis_and_serves_once_it_arrives() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let port = free_port();
+    let rl = Ratelimitd::builder(dir.path())
+        .env("REDIS_SOCKET_TYPE", "tcp")
+        .env("REDIS_URL", &format!("127.0.0.1:{port}"))
+        .env("REDIS_TIMEOUT", "500ms")
+        .start();
+    let mut c = rl.client().await;
+    let e = c
+        .should_rate_limit(request("rd", &[&[("k", "s")]]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), GrpcCode::Unavailable);
+    assert!(rl.log().contains("redis not reachable yet"), "{}", rl.log());
+    let redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = c.should_rate_limit(request("rd", &[&[("k", "s")]])).await {
+            assert_eq!(r.into_inner().overall_code, Code::Ok as i32);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served after redis came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(redis);
+}
