@@ -295,6 +295,15 @@ impl Ratelimitd {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// A gRPC channel to the server, for any client type.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to ratelimitd")
+    }
+
     pub async fn client(&self) -> RateLimitServiceClient<Channel> {
         RateLimitServiceClient::connect(format!("http://{}", self.grpc))
             .await
@@ -380,4 +389,28 @@ pub async fn ensure_window_room(secs: u64, need: Duration) {
     if left < need.as_secs_f64() {
         tokio::time::sleep(Duration::from_secs_f64(left) + Duration::from_millis(100)).await;
     }
+}
+
+/// A minimal HTTP/1.1 GET over loopback: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
