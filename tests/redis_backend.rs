@@ -265,3 +265,64 @@ async fn starts_before_redis_and_serves_once_it_arrives() {
     }
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_url_connects_over_tls() {
+    let certs = tempfile::TempDir::new().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let openssl = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl not found: install it with `apt-get install -y openssl`");
+    assert!(
+        openssl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&openssl.stderr)
+    );
+    let tls_port = free_port();
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let tls_port_s = tls_port.to_string();
+    let _redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port_s,
+        "--tls-cert-file",
+        cert_s,
+        "--tls-key-file",
+        key_s,
+        "--tls-ca-cert-file",
+        cert_s,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    // A self-signed test certificate: verification is switched off with redis-rs's #insecure.
+    let rl = Ratelimitd::builder(dir.path())
+        .env(
+            "REDIS_URL",
+            &format!("rediss://127.0.0.1:{tls_port}/#insecure"),
+        )
+        .env("REDIS_TIMEOUT", "2s")
+        .start();
+    let r = rl
+        .client()
+        .await
+        .should_rate_limit(request("rd", &[&[("k", "tls")]]))
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().statuses[0].limit_remaining, 2);
+    assert!(rl.log().contains("connected to redis"), "{}", rl.log());
+}
