@@ -106,6 +106,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             );
         }
     }
+    let shutdown = shutdown_signal()?;
     let source = args.config.source();
     let tree = load_dir_or_file(&source).map_err(|e| {
         format!(
@@ -171,41 +172,50 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         "ratelimitd listening"
     );
     let state = Arc::new(State { rules, limiter });
-    server::run(grpc, http, state, shutdown_signal())
+    server::run(grpc, http, state, shutdown)
         .await
         .map_err(|e| e.to_string())?;
     tracing::warn!("ratelimitd stopped");
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+/// Registers SIGTERM and SIGINT handlers now (so a signal arriving right after start-up is
+/// never fatal) and returns a future that resolves on either.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::warn!("shutdown signal received; draining");
+        tracing::warn!("shutdown signal received; draining");
+    })
 }
 
 /// Hides credentials in a Redis URL for logs.
 fn mask(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}*****{}", &url[..s + 3], &url[at..]),
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, rest)), Some((_, host))) if rest.contains('@') => {
+            format!("{scheme}://*****@{host}")
+        }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_are_masked_in_logged_urls() {
+        assert_eq!(
+            super::mask("redis://:pw@h:6379/0"),
+            "redis://*****@h:6379/0"
+        );
+        assert_eq!(super::mask("redis://u:p@ss@h:1"), "redis://*****@h:1");
+        assert_eq!(super::mask("127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(super::mask("/var/run/redis.sock"), "/var/run/redis.sock");
     }
 }

@@ -148,7 +148,7 @@ impl<S: Store> RateLimiter<S> {
         let (mut failed, mut failed_quota, mut total_quota) = (0usize, 0usize, 0usize);
         // The descriptor closest to its limit, for the RateLimit-* headers (as the reference
         // picks it: lowest remaining, and any non-quota OVER_LIMIT wins).
-        let mut header_source: Option<(u32, Limit)> = None;
+        let (mut header_source, mut min_remaining): (Option<Limit>, u32) = (None, u32::MAX);
         let mut retry_after = 0u64;
         for r in resolved {
             let status = match r {
@@ -185,8 +185,9 @@ impl<S: Store> RateLimiter<S> {
             };
             if let Resolved::Limited { limit, rule, .. } = r {
                 let quota = self.settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
-                if header_source.is_none_or(|(min, _)| status.limit_remaining < min) {
-                    header_source = Some((status.limit_remaining, *limit));
+                if status.limit_remaining < min_remaining {
+                    header_source = Some(*limit);
+                    min_remaining = status.limit_remaining;
                 }
                 if status.code == Code::OverLimit as i32 {
                     retry_after = retry_after.max(limit.unit.until_reset(now));
@@ -194,7 +195,8 @@ impl<S: Store> RateLimiter<S> {
                         failed_quota += 1;
                     } else {
                         failed += 1;
-                        header_source = Some((0, *limit));
+                        header_source = Some(*limit);
+                        min_remaining = 0;
                     }
                 }
                 total_quota += usize::from(quota);
@@ -210,11 +212,9 @@ impl<S: Store> RateLimiter<S> {
             Code::Ok
         };
         let mut headers = Vec::new();
-        if let (Some(names), Some((remaining, limit))) =
-            (&self.settings.response_headers, header_source)
-        {
+        if let (Some(names), Some(limit)) = (&self.settings.response_headers, header_source) {
             headers.push(header(&names.limit, limit.requests_per_unit.to_string()));
-            headers.push(header(&names.remaining, remaining.to_string()));
+            headers.push(header(&names.remaining, min_remaining.to_string()));
             headers.push(header(
                 &names.reset,
                 limit.unit.until_reset(now).to_string(),

@@ -61,10 +61,15 @@ impl MemoryStore {
 
     fn add(&self, hit: &Hit, now: u64) -> u64 {
         let expires_at = now.saturating_add(hit.ttl_secs);
-        let mut c = self.counters.entry(hit.key.clone()).or_insert(Counter {
-            value: 0,
-            expires_at,
-        });
+        // Look up by reference first so a hit on a live counter allocates nothing; only a new
+        // counter copies its key.
+        let mut c = match self.counters.get_mut(hit.key.as_str()) {
+            Some(c) => c,
+            None => self.counters.entry(hit.key.clone()).or_insert(Counter {
+                value: 0,
+                expires_at,
+            }),
+        };
         if c.expires_at <= now {
             // Expired but not swept yet: a fresh counter, as Redis would have it.
             c.value = 0;
