@@ -130,9 +130,9 @@ impl Store for RedisStore {
 }
 
 /// Multiplexed connections to open: `REDIS_POOL_SIZE`, capped at the number of CPU cores.
-/// One multiplexed connection already carries any number of concurrent requests; measured on
-/// 2 cores (docs/benchmarks.md), 10 connections gave 21% less throughput than one, because
-/// each connection has its own driver task and batches fewer commands per write.
+/// One multiplexed connection already carries any number of concurrent requests, and each
+/// extra one adds a driver task and smaller write batches; on 2 cores (docs/benchmarks.md)
+/// 2 connections matched 10 in throughput with a lower p99 (5.9 ms against 8.0 ms).
 pub fn connection_count(pool_size: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     pool_size.clamp(1, cores.max(1))
@@ -219,6 +219,9 @@ pub fn connection_info(s: &RedisSettings) -> Result<redis::ConnectionInfo, Redis
         };
         addr.into_connection_info()?
     };
+    // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs stall pipelined requests on a
+    // busy multiplexed connection for ~40 ms (seen as p99 = 41 ms in docs/benchmarks.md).
+    let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     if s.auth.is_empty() {
         return Ok(info);
     }
@@ -249,6 +252,7 @@ mod tests {
     fn reads_the_reference_url_forms() {
         let i = connection_info(&settings("redis.local:6380", "tcp", "")).unwrap();
         assert_eq!(i.addr(), &ConnectionAddr::Tcp("redis.local".into(), 6380));
+        assert!(i.tcp_settings().nodelay());
         let i = connection_info(&settings("/var/run/redis.sock", "unix", "")).unwrap();
         assert_eq!(
             i.addr(),
