@@ -61,11 +61,11 @@ start_rl memory
 scenario "memory, 1 hot key" 1 64
 scenario "memory, 100k keys" 100000 64
 kill "$RL_PID"
-for pool in 1 2 4 10; do
+for pool in 1 10; do
   start_rl "redis$pool" BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT" REDIS_POOL_SIZE=$pool
-  scenario "redis pool=$pool, 1 hot key" 1 64
-  [ "$pool" = 2 ] && scenario "redis pool=$pool, 100k keys" 100000 64
-  [ "$pool" = 2 ] && scenario "redis pool=$pool, 1 hot key" 1 8
+  scenario "redis REDIS_POOL_SIZE=$pool, 1 hot key" 1 64
+  [ "$pool" = 10 ] && scenario "redis REDIS_POOL_SIZE=$pool, 100k keys" 100000 64
+  [ "$pool" = 10 ] && scenario "redis REDIS_POOL_SIZE=$pool, 1 hot key" 1 8
   kill "$RL_PID"
 done
 echo

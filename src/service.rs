@@ -122,6 +122,7 @@ impl<S: Store> RateLimiter<S> {
                 hits.push(Hit {
                     key: self.keys.build(&req.domain, entries, limit.unit, now),
                     hits: d.hits_addend.unwrap_or(request_hits),
+                    window_secs: limit.unit.seconds(),
                     ttl_secs: limit.unit.seconds() + self.jitter(),
                 });
             }

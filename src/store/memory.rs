@@ -60,7 +60,10 @@ impl MemoryStore {
     }
 
     fn add(&self, hit: &Hit, now: u64) -> u64 {
-        let expires_at = now.saturating_add(hit.ttl_secs);
+        // Reclaimed when its window ends: no later request names this key again, and no
+        // jitter is needed with no shared server to spare from an expiry storm.
+        let window = hit.window_secs.max(1);
+        let expires_at = now.saturating_add(window - now % window);
         // Look up by reference first so a hit on a live counter allocates nothing; only a new
         // counter copies its key.
         let mut c = match self.counters.get_mut(hit.key.as_str()) {
@@ -75,7 +78,6 @@ impl MemoryStore {
             c.value = 0;
         }
         c.value = c.value.saturating_add(hit.hits);
-        // Like EXPIRE after INCRBY in the Redis store: each hit renews the TTL.
         c.expires_at = expires_at;
         c.value
     }
@@ -100,11 +102,12 @@ mod tests {
         }
     }
 
-    fn hit(key: &str, hits: u64, ttl: u64) -> Hit {
+    fn hit(key: &str, hits: u64, window: u64) -> Hit {
         Hit {
             key: key.into(),
             hits,
-            ttl_secs: ttl,
+            window_secs: window,
+            ttl_secs: window + 300,
         }
     }
 
@@ -121,9 +124,20 @@ mod tests {
         assert_eq!(store.increment(&[hit("a", 2, 60)]).await.unwrap(), vec![3]);
         clock.0.store(1_001, Ordering::SeqCst);
         store.sweep();
-        assert_eq!(store.len(), 1, "b expired after its 1 s TTL, a lives");
+        assert_eq!(
+            store.len(),
+            1,
+            "b's 1 s window ended, a's minute (960..1020) lives"
+        );
         assert_eq!(store.increment(&[hit("b", 1, 1)]).await.unwrap(), vec![1]);
-        clock.0.store(1_100, Ordering::SeqCst);
+        clock.0.store(1_019, Ordering::SeqCst);
+        store.sweep();
+        assert_eq!(
+            store.len(),
+            1,
+            "a lives to the end of its minute, jitter ignored"
+        );
+        clock.0.store(1_020, Ordering::SeqCst);
         store.sweep();
         assert!(store.is_empty());
     }

@@ -18,7 +18,10 @@ pub struct Hit {
     pub key: String,
     /// Amount to add; 0 reads the counter without changing it.
     pub hits: u64,
-    /// Seconds the counter must live: its window plus any expiration jitter.
+    /// Length of the counter's window in seconds; the key names the window, so the counter
+    /// is never used after the window ends.
+    pub window_secs: u64,
+    /// Redis TTL: the window plus expiration jitter, so keys do not all expire at once.
     pub ttl_secs: u64,
 }
 
