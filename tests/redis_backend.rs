@@ -326,3 +326,60 @@ async fn rediss_url_connects_over_tls() {
     assert_eq!(r.into_inner().statuses[0].limit_remaining, 2);
     assert!(rl.log().contains("connected to redis"), "{}", rl.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_with_traffic_and_an_idle_one_both_recover() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let mut redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_TIMEOUT", "500ms")
+        .start();
+    let mut c = rl.client().await;
+
+    // Down for 6 s under steady traffic: long enough to exhaust redis-rs's reconnect retries
+    // several times over. Every call fails fast with UNAVAILABLE.
+    redis.kill();
+    let down = Instant::now();
+    let mut failures = 0;
+    while down.elapsed() < Duration::from_secs(6) {
+        let call = c.should_rate_limit(request("rd", &[&[("k", "long")]]));
+        let e = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("bounded")
+            .unwrap_err();
+        assert_eq!(e.code(), GrpcCode::Unavailable);
+        failures += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failures >= 10, "{failures} calls during the outage");
+    redis.restart();
+    let took = first_success_after_restart(&mut c).await;
+    eprintln!("recovered {took:?} after a 6 s outage under traffic");
+    assert!(took < Duration::from_secs(3), "recovery took {took:?}");
+
+    // Down and idle: nobody calls, so nothing notices until Redis is back.
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart();
+    let took = first_success_after_restart(&mut c).await;
+    eprintln!("recovered {took:?} after an idle 3 s outage");
+    assert!(took < Duration::from_secs(3), "recovery took {took:?}");
+}
+
+async fn first_success_after_restart(
+    c: &mut ratelimitd::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<tonic::transport::Channel>,
+) -> Duration {
+    let back = Instant::now();
+    loop {
+        let call = c.should_rate_limit(request("rd", &[&[("k", "long")]]));
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(r)) => {
+                assert_eq!(r.into_inner().overall_code, Code::Ok as i32);
+                return back.elapsed();
+            }
+            _ if back.elapsed() > Duration::from_secs(10) => panic!("no recovery within 10 s"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
