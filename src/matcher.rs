@@ -59,11 +59,17 @@ pub struct Matched<'a> {
 impl Matched<'_> {
     /// The value to put in the counter key for entry `i`.
     pub fn key_value<'v>(&'v self, i: usize, actual: &'v str) -> &'v str {
-        self.shared
-            .iter()
-            .find(|(at, _)| *at == i)
-            .map_or(actual, |(_, pattern)| pattern)
+        counter_value(&self.shared, i, actual)
     }
+}
+
+/// The value entry `i` contributes to its counter key: the `share_threshold` pattern when
+/// the entry matched through one, else its own value.
+pub fn counter_value<'v>(shared: &[(usize, &'v str)], i: usize, actual: &'v str) -> &'v str {
+    shared
+        .iter()
+        .find(|(at, _)| *at == i)
+        .map_or(actual, |(_, pattern)| pattern)
 }
 
 /// Looks up `entries` in `domain`. `scratch` is reused for composite keys so a lookup does not

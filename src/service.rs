@@ -112,13 +112,10 @@ impl<S: Store> RateLimiter<S> {
         let mut hits = Vec::new();
         for (d, r) in req.descriptors.iter().zip(&resolved) {
             if let Resolved::Limited { limit, shared, .. } = r {
-                let entries = d.entries.iter().enumerate().map(|(i, e)| {
-                    let value = shared
-                        .iter()
-                        .find(|(at, _)| *at == i)
-                        .map_or(e.value.as_str(), |(_, p)| *p);
-                    (e.key.as_str(), value)
-                });
+                let entries =
+                    d.entries.iter().enumerate().map(|(i, e)| {
+                        (e.key.as_str(), matcher::counter_value(shared, i, &e.value))
+                    });
                 hits.push(Hit {
                     key: self.keys.build(&req.domain, entries, limit.unit, now),
                     hits: d.hits_addend.unwrap_or(request_hits),

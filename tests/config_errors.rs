@@ -13,6 +13,10 @@ const CASES: &[(&str, &[&str])] = &[
         &["tests/config/bad/bad_flag.yaml: d > k: shadow_mode: expected true or false, found a string"],
     ),
     (
+        "tests/config/bad/bad_unlimited.yaml",
+        &["tests/config/bad/bad_unlimited.yaml: d > k: rate_limit.unlimited: expected true or false, found a string"],
+    ),
+    (
         "tests/config/bad/bad_unit.yaml",
         &["tests/config/bad/bad_unit.yaml: messaging > message_type=marketing > to_number: rate_limit.unit: invalid rate limit unit 'fortnight' (expected one of: second, minute, hour, day, week, month, year)"],
     ),

@@ -23,6 +23,17 @@ descriptors:
         rate_limit: {unit: hour, requests_per_unit: 2}
 "#;
 
+/// A Redis and a ratelimitd using it with the given `REDIS_TIMEOUT`.
+fn with_redis_timeout(timeout: &str) -> (tempfile::TempDir, RedisServer, Ratelimitd) {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_TIMEOUT", timeout)
+        .start();
+    (dir, redis, rl)
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -147,12 +158,7 @@ async fn auth_and_url_forms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted() {
-    let dir = config_dir(&[("r.yaml", RULES)]);
-    let mut redis = RedisServer::start();
-    let rl = Ratelimitd::builder(dir.path())
-        .redis(&redis)
-        .env("REDIS_TIMEOUT", "500ms")
-        .start();
+    let (_dir, mut redis, rl) = with_redis_timeout("500ms");
     let mut c = rl.client().await;
     ensure_window_room(60, Duration::from_secs(15)).await;
     let ok = c
@@ -329,12 +335,7 @@ async fn rediss_url_connects_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_with_traffic_and_an_idle_one_both_recover() {
-    let dir = config_dir(&[("r.yaml", RULES)]);
-    let mut redis = RedisServer::start();
-    let rl = Ratelimitd::builder(dir.path())
-        .redis(&redis)
-        .env("REDIS_TIMEOUT", "500ms")
-        .start();
+    let (_dir, mut redis, rl) = with_redis_timeout("500ms");
     let mut c = rl.client().await;
 
     // Down for 6 s under steady traffic: long enough to exhaust redis-rs's reconnect retries

@@ -209,11 +209,11 @@ impl Parser<'_> {
         };
         let descriptors = self.descriptor_list(m.get("descriptors"), &path, "descriptors");
         RawDescriptor {
-            shadow_mode: self.flag(m, &path, "shadow_mode"),
-            quota_mode: self.flag(m, &path, "quota_mode"),
-            detailed_metric: self.flag(m, &path, "detailed_metric"),
-            value_to_metric: self.flag(m, &path, "value_to_metric"),
-            share_threshold: self.flag(m, &path, "share_threshold"),
+            shadow_mode: self.flag(m, &path, "shadow_mode", "shadow_mode"),
+            quota_mode: self.flag(m, &path, "quota_mode", "quota_mode"),
+            detailed_metric: self.flag(m, &path, "detailed_metric", "detailed_metric"),
+            value_to_metric: self.flag(m, &path, "value_to_metric", "value_to_metric"),
+            share_threshold: self.flag(m, &path, "share_threshold", "share_threshold"),
             key,
             value,
             rate_limit,
@@ -237,7 +237,7 @@ impl Parser<'_> {
             None | Some(Value::Null) => None,
             Some(v) => self.scalar_string(v, path, "rate_limit.name"),
         };
-        let unlimited = self.flag(m, path, "unlimited");
+        let unlimited = self.flag(m, path, "unlimited", "rate_limit.unlimited");
         let replaces = match m.get("replaces") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Sequence(items)) => items
@@ -319,19 +319,15 @@ impl Parser<'_> {
         }
     }
 
-    fn flag(&mut self, m: &Mapping, path: &str, name: &str) -> bool {
+    /// A boolean `name` in `m`, reported as `field` when it is not one.
+    fn flag(&mut self, m: &Mapping, path: &str, name: &str, field: &str) -> bool {
         match m.get(name) {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                let field = if name == "unlimited" {
-                    "rate_limit.unlimited".to_owned()
-                } else {
-                    name.to_owned()
-                };
                 self.err(
                     path,
-                    &field,
+                    field,
                     format!("expected true or false, found {}", kind(other)),
                 );
                 false
