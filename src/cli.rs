@@ -5,7 +5,8 @@ use std::{process::ExitCode, sync::Arc};
 use arc_swap::ArcSwap;
 
 use crate::{
-    config::{load_dir_or_file, ConfigSource, RuleTree},
+    config::{load_dir_or_file, ConfigSource, ReloadOutcome, Reloader, RuleTree},
+    health::{Component, Health},
     limiter::SystemClock,
     server::{self, State},
     service::{HeaderNames, RateLimiter, ServiceSettings},
@@ -19,7 +20,7 @@ pub fn check_config(source: &ConfigSource) -> ExitCode {
         Ok(tree) => {
             println!("{}", summary(&tree));
             for rule in tree.rules() {
-                println!("  {}", describe(rule));
+                println!("  {}", dump_line(rule));
             }
             ExitCode::SUCCESS
         }
@@ -28,6 +29,29 @@ pub fn check_config(source: &ConfigSource) -> ExitCode {
                 println!("error: {e}");
             }
             println!("{} error(s) in {}", errors.0.len(), source.path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `explain`: loads the rules and explains the descriptors given on the command line.
+pub fn explain(args: &crate::settings::ExplainArgs) -> ExitCode {
+    let source = args.config.source();
+    match load_dir_or_file(&source) {
+        Ok(tree) => {
+            let descriptors = crate::settings::parse_descriptors(&args.entries);
+            let keys = crate::limiter::CacheKeyBuilder::new(args.cache_key_prefix.clone());
+            let now = crate::limiter::Clock::now_unix(&SystemClock);
+            print!(
+                "{}",
+                crate::explain::explain(&tree, &keys, &args.domain, &descriptors, now)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("error: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -45,28 +69,16 @@ fn summary(tree: &RuleTree) -> String {
     )
 }
 
-/// One line per rule, like the reference's config dump.
-pub fn describe(rule: &crate::config::Rule) -> String {
-    let mut s = match rule.limit {
-        Some(l) => format!(
-            "{}: unit={} requests_per_unit={}",
-            rule.full_key,
-            l.unit.name().to_uppercase(),
-            l.requests_per_unit
-        ),
-        None => format!("{}: unlimited", rule.full_key),
+/// One line per rule, exactly as the reference dumps its config (`/rlconfig`).
+pub fn dump_line(rule: &crate::config::Rule) -> String {
+    let (unit, requests) = match rule.limit {
+        Some(l) => (l.unit.name().to_uppercase(), l.requests_per_unit),
+        None => ("UNKNOWN".to_owned(), 0),
     };
-    if !rule.name.is_empty() {
-        s.push_str(&format!(", name={}", rule.name));
-    }
-    if !rule.replaces.is_empty() {
-        s.push_str(&format!(", replaces=[{}]", rule.replaces.join(", ")));
-    }
-    s.push_str(&format!(
-        ", shadow_mode: {}, quota_mode: {}",
-        rule.shadow_mode, rule.quota_mode
-    ));
-    s
+    format!(
+        "{}: unit={unit} requests_per_unit={requests}, shadow_mode: {}, quota_mode: {}",
+        rule.full_key, rule.shadow_mode, rule.quota_mode
+    )
 }
 
 /// Sets up `tracing` from `LOG_LEVEL` (the reference's DEBUG/INFO/WARN/ERROR, or a filter)
@@ -96,8 +108,9 @@ pub fn init_logging(level: &str, format: &str) -> Result<(), String> {
 }
 
 /// `serve`: load rules (refusing to start on any error), connect the store, listen, and run
-/// until SIGTERM or SIGINT.
+/// until SIGTERM or SIGINT; reload the rules on file changes and SIGHUP.
 pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
+    let shutdown = shutdown_signal()?;
     for name in UNSUPPORTED_ENV {
         if std::env::var_os(name).is_some() {
             tracing::warn!(
@@ -106,18 +119,66 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             );
         }
     }
-    let shutdown = shutdown_signal()?;
+    let prometheus = crate::metrics::install_prometheus()?;
     let source = args.config.source();
     let tree = load_dir_or_file(&source).map_err(|e| {
+        metrics::counter!(crate::metrics::CONFIG_LOAD_ERROR).increment(1);
         format!(
             "invalid config in {}; not starting\n{e}",
             source.path.display()
         )
     })?;
+    metrics::counter!(crate::metrics::CONFIG_LOAD_SUCCESS).increment(1);
     tracing::warn!(path = %source.path.display(), "{}", summary(&tree));
+    let has_domains = !tree.domains.is_empty();
     let rules = Arc::new(ArcSwap::from_pointee(tree));
 
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let mut tracked = Vec::new();
+    if args.healthy_with_at_least_one_config_loaded {
+        tracked.push(Component::Config);
+    }
     let backend = args.backend()?;
+    if args.redis_health_check_active_connection && backend == Backend::Redis {
+        tracked.push(Component::Backend);
+    }
+    let health = Arc::new(Health::new(
+        reporter,
+        &tracked,
+        vec!["", crate::server::RLS_SERVICE],
+    ));
+    health.set(Component::Config, has_domains);
+
+    // Hot reload: file changes (debounced) and SIGHUP; only a fully valid config is swapped in.
+    let reload_health = health.clone();
+    let config_metrics = Arc::new(ConfigMetrics::default());
+    let observer_metrics = config_metrics.clone();
+    let reloader = Reloader::new(
+        source.clone(),
+        rules.clone(),
+        Arc::new(move |outcome: &ReloadOutcome| match outcome {
+            ReloadOutcome::Loaded {
+                generation,
+                hash,
+                domains,
+                ..
+            } => {
+                metrics::counter!(crate::metrics::CONFIG_LOAD_SUCCESS).increment(1);
+                observer_metrics.publish(*generation, *hash);
+                reload_health.set(Component::Config, *domains > 0);
+            }
+            ReloadOutcome::Failed(_) => {
+                metrics::counter!(crate::metrics::CONFIG_LOAD_ERROR).increment(1);
+            }
+            ReloadOutcome::Unchanged { .. } => {}
+        }),
+    );
+    config_metrics.publish(reloader.generation(), reloader.hash());
+    let _watch = reloader.spawn_watch(args.reload_debounce);
+    let _sighup = reloader
+        .spawn_sighup()
+        .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+
     let redis = RedisSettings {
         url: args
             .redis_url
@@ -129,18 +190,24 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         pool_size: args.redis_pool_size,
         timeout: args.redis_timeout,
     };
-    let clock = Arc::new(SystemClock);
-    let store = server::build_store(backend, &redis, clock.clone()).map_err(|e| e.to_string())?;
-    if let crate::store::AnyStore::Redis(r) = &store {
+    let clock: Arc<dyn crate::limiter::Clock> = Arc::new(SystemClock);
+    let store =
+        Arc::new(server::build_store(backend, &redis, clock.clone()).map_err(|e| e.to_string())?);
+    if let crate::store::AnyStore::Redis(r) = &*store {
+        metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(r.connections() as f64);
         match r.ping().await {
             Ok(()) => {
-                tracing::warn!(url = %mask(&redis.url), pool_size = redis.pool_size, "connected to redis")
+                health.set(Component::Backend, true);
+                tracing::warn!(url = %mask(&redis.url), connections = r.connections(), "connected to redis");
             }
             Err(e) => {
                 tracing::error!(url = %mask(&redis.url), error = %e, "redis not reachable yet; answering UNAVAILABLE until it is")
             }
         }
-    } else if backend == Backend::Memory {
+        if args.redis_health_check_active_connection {
+            spawn_backend_probe(store.clone(), health.clone());
+        }
+    } else {
         tracing::warn!(
             "using the in-memory backend (single instance; set REDIS_URL to share counters)"
         );
@@ -156,27 +223,104 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             reset: args.limit_reset_header.clone(),
         }),
         expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
+        near_limit_ratio: args.near_limit_ratio,
+        rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
     };
     let limiter = Arc::new(RateLimiter::new(
         rules.clone(),
-        Arc::new(store),
-        clock,
+        store,
+        clock.clone(),
         settings,
     ));
-    let grpc = server::bind(&args.grpc_host, args.grpc_port).await?;
+
+    let grpc = match &args.grpc_uds {
+        Some(path) => server::bind_uds(path)?,
+        None => server::GrpcListener::Tcp(server::bind(&args.grpc_host, args.grpc_port).await?),
+    };
+    let grpc_addr = match &grpc {
+        server::GrpcListener::Tcp(l) => l.local_addr().map_err(|e| e.to_string())?.to_string(),
+        server::GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
     let http = server::bind(&args.host, args.port).await?;
+    let debug_listener = server::bind(&args.debug_host, args.debug_port).await?;
+    let prometheus_listener = if args.use_prometheus {
+        Some((
+            server::bind_addr(&args.prometheus_addr).await?,
+            args.prometheus_path.clone(),
+        ))
+    } else {
+        None
+    };
+    let local =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::warn!(
-        grpc = %grpc.local_addr().map_err(|e| e.to_string())?,
-        http = %http.local_addr().map_err(|e| e.to_string())?,
+        grpc = %grpc_addr,
+        http = %local(&http),
+        debug = %local(&debug_listener),
+        prometheus = %prometheus_listener.as_ref().map(|(l, p)| format!("{}{p}", local(l))).unwrap_or_default(),
         backend = ?backend,
         "ratelimitd listening"
     );
-    let state = Arc::new(State { rules, limiter });
-    server::run(grpc, http, state, shutdown)
+    let state = Arc::new(State {
+        rules,
+        limiter,
+        health,
+        prometheus: Some(prometheus),
+        keys: crate::limiter::CacheKeyBuilder::new(args.cache_key_prefix.clone()),
+        clock,
+    });
+    let listeners = server::Listeners {
+        grpc,
+        http,
+        debug: debug_listener,
+        prometheus: prometheus_listener,
+        max_connection_age: args.grpc_max_connection_age,
+        max_connection_age_grace: args.grpc_max_connection_age_grace,
+        drain_timeout: args.drain_timeout,
+    };
+    server::run(listeners, state, health_service, shutdown)
         .await
         .map_err(|e| e.to_string())?;
     tracing::warn!("ratelimitd stopped");
     Ok(())
+}
+
+/// Publishes the generation gauge and the hash info series of the config in force; the
+/// previous hash's series drops to 0.
+#[derive(Default)]
+struct ConfigMetrics {
+    /// A std Mutex: held for a swap, never across an await.
+    last_hash: std::sync::Mutex<Option<String>>,
+}
+
+impl ConfigMetrics {
+    fn publish(&self, generation: u64, hash: u64) {
+        metrics::gauge!(crate::metrics::CONFIG_GENERATION).set(generation as f64);
+        let hash = format!("{hash:016x}");
+        let mut last = match self.last_hash.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(old) = last.replace(hash.clone()) {
+            if old != hash {
+                metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => old).set(0.0);
+            }
+        }
+        metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
+    }
+}
+
+/// `REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`: PING every second; the backend component follows.
+fn spawn_backend_probe(store: Arc<crate::store::AnyStore>, health: Arc<Health>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let crate::store::AnyStore::Redis(r) = &*store {
+                health.set(Component::Backend, r.ping().await.is_ok());
+            }
+        }
+    });
 }
 
 /// Registers SIGTERM and SIGINT handlers now (so a signal arriving right after start-up is

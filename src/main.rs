@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig(args) => ratelimitd::cli::check_config(&args.source()),
+        Command::Explain(args) => ratelimitd::cli::explain(&args),
         Command::Serve(args) => {
             if let Err(e) = ratelimitd::cli::init_logging(&args.log_level, &args.log_format) {
                 eprintln!("ratelimitd: {e}");

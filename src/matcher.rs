@@ -5,7 +5,7 @@
 //! sits at the depth of the descriptor's last entry; a level with no match, or with no deeper
 //! levels while entries remain, means no limit. Pure: no I/O, no clock.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use crate::config::{Node, Rule, RuleTree};
 
@@ -54,6 +54,9 @@ pub struct Matched<'a> {
     /// `(entry index, wildcard value)` for entries matched through a `share_threshold`
     /// pattern: their counter key uses the pattern, so all matching values share one counter.
     pub shared: Vec<(usize, &'a str)>,
+    /// The stats key its metrics are recorded under: the rule's own key, or the key with
+    /// request values where `detailed_metric` or `value_to_metric` asks for them.
+    pub stats_key: Cow<'a, str>,
 }
 
 impl Matched<'_> {
@@ -80,21 +83,34 @@ pub fn find<'a, E: EntryRef>(
     entries: &[E],
     scratch: &mut String,
 ) -> Option<Matched<'a>> {
-    let mut node = tree.domains.get(domain)?;
+    let root = tree.domains.get(domain)?;
+    let mut node = root;
     let mut shared = Vec::new();
+    let mut value_to_metric = false;
     let last = entries.len().checked_sub(1)?;
     for (i, entry) in entries.iter().enumerate() {
         let (next, kind, wildcard_key) = step(node, entry, scratch)?;
         if kind == MatchKind::Wildcard && next.share_threshold {
-            let pattern = wildcard_key.unwrap_or_default();
-            let value = pattern
-                .strip_prefix(entry.key())
-                .and_then(|p| p.strip_prefix('_'))
-                .unwrap_or(pattern);
-            shared.push((i, value));
+            shared.push((
+                i,
+                wildcard_value(wildcard_key.unwrap_or_default(), entry.key()),
+            ));
         }
+        value_to_metric |= next.value_to_metric;
         if i == last {
-            return next.rule.as_ref().map(|rule| Matched { rule, shared });
+            let rule = next.rule.as_ref()?;
+            let stats_key = if rule.detailed_metric {
+                Cow::Owned(detailed_key(domain, entries, &shared))
+            } else if value_to_metric {
+                Cow::Owned(value_to_metric_key(root, domain, entries, scratch))
+            } else {
+                Cow::Borrowed(rule.full_key.as_str())
+            };
+            return Some(Matched {
+                rule,
+                shared,
+                stats_key,
+            });
         }
         if next.children.is_empty() {
             return None;
@@ -102,6 +118,80 @@ pub fn find<'a, E: EntryRef>(
         node = next;
     }
     None
+}
+
+/// A share_threshold pattern's value part: `key_files*` -> `files*` (the reference trims
+/// `key_`; a pattern that does not start with it is kept whole).
+fn wildcard_value<'a>(pattern: &'a str, key: &str) -> &'a str {
+    pattern
+        .strip_prefix(key)
+        .and_then(|p| p.strip_prefix('_'))
+        .unwrap_or(pattern)
+}
+
+/// `detailed_metric`: every entry's key and value, or the shared pattern for entries that
+/// share one counter (the reference's two formats, including its `key_` for empty values).
+fn detailed_key<E: EntryRef>(domain: &str, entries: &[E], shared: &[(usize, &str)]) -> String {
+    let mut key = domain.to_owned();
+    for (i, e) in entries.iter().enumerate() {
+        key.push('.');
+        key.push_str(e.key());
+        match shared.iter().find(|(at, _)| *at == i) {
+            Some((_, pattern)) => {
+                key.push('_');
+                key.push_str(pattern);
+            }
+            None if shared.is_empty() => {
+                key.push('_');
+                key.push_str(e.value());
+            }
+            None if !e.value().is_empty() => {
+                key.push('_');
+                key.push_str(e.value());
+            }
+            None => {}
+        }
+    }
+    crate::metrics::sanitize(&key)
+}
+
+/// `value_to_metric`: walks the path again and writes, per level, the request's value where
+/// the matched node asks for it, the wildcard pattern (or shared pattern) where a wildcard
+/// matched, the configured value for exact matches, and nothing for key-only matches.
+fn value_to_metric_key<E: EntryRef>(
+    root: &Node,
+    domain: &str,
+    entries: &[E],
+    scratch: &mut String,
+) -> String {
+    let mut key = domain.to_owned();
+    let mut node = root;
+    for entry in entries {
+        key.push('.');
+        key.push_str(entry.key());
+        let Some((next, kind, wildcard_key)) = step(node, entry, scratch) else {
+            break;
+        };
+        let value = match kind {
+            MatchKind::Wildcard => {
+                let pattern = wildcard_value(wildcard_key.unwrap_or_default(), entry.key());
+                if next.share_threshold || !next.value_to_metric {
+                    pattern
+                } else {
+                    entry.value()
+                }
+            }
+            MatchKind::Exact => entry.value(),
+            MatchKind::KeyOnly if next.value_to_metric => entry.value(),
+            MatchKind::KeyOnly => "",
+        };
+        if !value.is_empty() {
+            key.push('_');
+            key.push_str(value);
+        }
+        node = next;
+    }
+    crate::metrics::sanitize(&key)
 }
 
 /// One level: the child `entry` selects, how, and the wildcard key when it was a wildcard.

@@ -1,15 +1,20 @@
-//! Listeners: the gRPC server (RLS v3, grpc.health.v1, server reflection) and the HTTP admin
-//! listener, run until a shutdown future resolves, then drained.
+//! Listeners: the gRPC server (RLS v3, grpc.health.v1, server reflection) on TCP or a Unix
+//! socket, and the HTTP listeners (admin, debug, optional Prometheus), run until a shutdown
+//! future resolves. Shutdown turns health off at once, stops accepting, lets in-flight calls
+//! finish within the drain timeout, then returns.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 use crate::{
     admin,
     config::RuleTree,
+    health::{Component, Health},
+    limiter::{CacheKeyBuilder, Clock},
     proto::{
         envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer,
         FILE_DESCRIPTOR_SET,
@@ -22,10 +27,38 @@ use crate::{
 /// a misbehaving client can make us buffer.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
-/// Everything a running server shares.
+/// The gRPC service name whose health follows ours (besides "", the whole server).
+pub const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// Everything the listeners share.
 pub struct State {
     pub rules: Arc<ArcSwap<RuleTree>>,
     pub limiter: Arc<RateLimiter<AnyStore>>,
+    pub health: Arc<Health>,
+    /// Set when a Prometheus recorder is installed (always in `serve`).
+    pub prometheus: Option<PrometheusHandle>,
+    /// For `/explain`.
+    pub keys: CacheKeyBuilder,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Where gRPC listens.
+pub enum GrpcListener {
+    Tcp(TcpListener),
+    /// A Unix socket; its file is removed at shutdown.
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+/// Bound listeners and gRPC connection settings.
+pub struct Listeners {
+    pub grpc: GrpcListener,
+    pub http: TcpListener,
+    pub debug: TcpListener,
+    /// `USE_PROMETHEUS`: listener and path.
+    pub prometheus: Option<(TcpListener, String)>,
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
+    pub drain_timeout: Duration,
 }
 
 /// Builds the store for `backend`; the memory store also gets its sweeper task.
@@ -44,18 +77,15 @@ pub fn build_store(
     })
 }
 
-/// Serves gRPC on `grpc` and HTTP on `http` until `shutdown` resolves; in-flight RPCs finish
-/// before it returns.
+/// Serves until `shutdown` resolves, then drains (see the module doc).
 pub async fn run(
-    grpc: TcpListener,
-    http: TcpListener,
+    listeners: Listeners,
     state: Arc<State>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RateLimitServiceServer<GrpcService<AnyStore>>>()
-        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -68,36 +98,92 @@ pub async fn run(
     let rls = RateLimitServiceServer::new(GrpcService(state.limiter.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
 
-    // One signal, two listeners: a watch channel fans the shutdown out.
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    // One signal fans out to every listener through a watch channel.
+    let (tx, rx) = watch::channel(false);
+    let health = state.health.clone();
     tokio::spawn(async move {
         shutdown.await;
+        // Unhealthy first, so load balancers stop sending before listeners close.
+        health.set(Component::Sigterm, false);
         let _ = tx.send(true);
     });
-    let mut grpc_rx = rx.clone();
-    let mut http_rx = rx;
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
 
-    let grpc_server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_connection_age(listeners.max_connection_age)
+        .max_connection_age_grace(listeners.max_connection_age_grace)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(rls)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-            let _ = grpc_rx.wait_for(|v| *v).await;
-        });
-    let http_server =
-        axum::serve(http, admin::router(state.clone())).with_graceful_shutdown(async move {
-            let _ = http_rx.wait_for(|v| *v).await;
-        });
-    let (g, h) = tokio::join!(grpc_server, http_server);
-    g?;
-    h?;
-    Ok(())
+        .add_service(rls);
+    let mut uds_path = None;
+    let grpc = async {
+        match listeners.grpc {
+            GrpcListener::Tcp(l) => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped(rx.clone()))
+                    .await
+            }
+            GrpcListener::Unix(l, path) => {
+                uds_path = Some(path);
+                router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped(rx.clone()))
+                    .await
+            }
+        }
+    };
+    let http = axum::serve(listeners.http, admin::router(state.clone()))
+        .with_graceful_shutdown(stopped(rx.clone()));
+    let debug = axum::serve(listeners.debug, admin::debug_router(state.clone()))
+        .with_graceful_shutdown(stopped(rx.clone()));
+    let prometheus = async {
+        match listeners.prometheus {
+            Some((l, path)) => {
+                axum::serve(l, admin::prometheus_router(state.clone(), &path))
+                    .with_graceful_shutdown(stopped(rx.clone()))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let all = async { tokio::join!(grpc, http, debug, prometheus) };
+    let drain_limit = {
+        let rx = rx.clone();
+        let drain = listeners.drain_timeout;
+        async move {
+            stopped(rx).await;
+            tokio::time::sleep(drain).await;
+        }
+    };
+    let result = tokio::select! {
+        (g, h, d, p) = all => {
+            g?;
+            h?;
+            d?;
+            p?;
+            Ok(())
+        }
+        _ = drain_limit => {
+            tracing::warn!(timeout = ?listeners.drain_timeout, "drain timeout: closing with calls still in flight");
+            Ok(())
+        }
+    };
+    if let Some(path) = uds_path {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the gRPC socket file");
+        }
+    }
+    result
 }
 
-/// Binds a TCP listener, naming the address in the error.
+/// Binds a TCP listener on `host:port` (an empty host means all interfaces).
 pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
     let addr = format!("{host}:{port}");
     let parsed: SocketAddr = addr
         .parse()
@@ -106,4 +192,26 @@ pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
     TcpListener::bind(parsed)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// Binds `host:port` written as one address, as `PROMETHEUS_ADDR` is (`:9090`).
+pub async fn bind_addr(addr: &str) -> Result<TcpListener, String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("invalid listen address {addr} (expected host:port or :port)"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("invalid port in listen address {addr}"))?;
+    bind(host.trim_start_matches('[').trim_end_matches(']'), port).await
+}
+
+/// Binds the gRPC Unix socket, replacing a stale socket file left by a previous run.
+pub fn bind_uds(path: &std::path::Path) -> Result<GrpcListener, String> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    Ok(GrpcListener::Unix(l, path.to_owned()))
 }

@@ -6,15 +6,17 @@
 //! `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for bad requests and
 //! `UNAVAILABLE` for backend failures.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
+use metrics::{counter, histogram, Counter, Histogram};
 
 use crate::{
     config::{Limit, Rule, RuleTree},
     error::ServiceError,
     limiter::{decide, CacheKeyBuilder, Clock, Unit},
     matcher,
+    metrics::{self as m, HitOutcome, Stats},
     proto::envoy::{
         config::core::v3::HeaderValue,
         service::ratelimit::v3::{
@@ -56,6 +58,10 @@ pub struct ServiceSettings {
     pub response_headers: Option<HeaderNames>,
     /// `EXPIRATION_JITTER_MAX_SECONDS`: random extra TTL so keys do not all expire at once.
     pub expiration_jitter_max_seconds: u64,
+    /// `NEAR_LIMIT_RATIO`: share of a limit above which hits count as near the limit.
+    pub near_limit_ratio: f32,
+    /// `LIMIT_RULE_HEADER`: on OVER_LIMIT, a response header naming the rule that fired.
+    pub rule_header: Option<String>,
 }
 
 /// The rate limit service over a store `S`.
@@ -65,6 +71,10 @@ pub struct RateLimiter<S> {
     clock: Arc<dyn Clock>,
     keys: CacheKeyBuilder,
     settings: ServiceSettings,
+    stats: Stats,
+    /// Handles registered once (the recorder is installed before the service is built).
+    global_shadow: Counter,
+    backend_duration: Histogram,
 }
 
 /// What applies to one descriptor.
@@ -78,6 +88,8 @@ enum Resolved<'a> {
         /// `None` for a limit override sent by Envoy.
         rule: Option<&'a Rule>,
         shared: Vec<(usize, &'a str)>,
+        /// Key of the per-rule metrics.
+        stats_key: Cow<'a, str>,
     },
 }
 
@@ -94,6 +106,9 @@ impl<S: Store> RateLimiter<S> {
             store,
             clock,
             settings,
+            stats: Stats::default(),
+            global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
+            backend_duration: histogram!(m::BACKEND_DURATION),
         }
     }
 
@@ -127,10 +142,37 @@ impl<S: Store> RateLimiter<S> {
         let counts = if hits.is_empty() {
             Vec::new()
         } else {
-            self.store.increment(&hits).await?
+            let started = Instant::now();
+            let result = self.store.increment(&hits).await;
+            self.backend_duration
+                .record(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                counter!(m::BACKEND_ERRORS, "kind" => e.kind.label()).increment(1);
+            }
+            result?
         };
         tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), counters = hits.len(), "should_rate_limit");
-        Ok(self.respond(&resolved, &counts, now))
+        Ok(self.respond(req, &resolved, &hits, &counts, now))
+    }
+
+    /// Counts one call: total, latency, and the error type when it failed (the reference's
+    /// `redis_error` / `service_error`); logs the failure once, here.
+    pub fn record_call(&self, started: Instant, error: Option<&ServiceError>) {
+        const METHOD: &str = "ShouldRateLimit";
+        counter!(m::TOTAL_REQUESTS, "grpc_method" => METHOD).increment(1);
+        histogram!(m::RESPONSE_TIME, "grpc_method" => METHOD)
+            .record(started.elapsed().as_secs_f64());
+        match error {
+            None => {}
+            Some(ServiceError::InvalidArgument(msg)) => {
+                tracing::debug!(error = %msg, "invalid request");
+                counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => "service_error").increment(1);
+            }
+            Some(ServiceError::Store(e)) => {
+                tracing::warn!(error = %e, "backend error");
+                counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => "redis_error").increment(1);
+            }
+        }
     }
 
     fn jitter(&self) -> u64 {
@@ -140,8 +182,17 @@ impl<S: Store> RateLimiter<S> {
         }
     }
 
-    fn respond(&self, resolved: &[Resolved<'_>], counts: &[u64], now: u64) -> RateLimitResponse {
-        let mut counts = counts.iter();
+    fn respond(
+        &self,
+        req: &RateLimitRequest,
+        resolved: &[Resolved<'_>],
+        hits: &[Hit],
+        counts: &[u64],
+        now: u64,
+    ) -> RateLimitResponse {
+        let mut counts = counts.iter().zip(hits);
+        // The first over-limit descriptor's rule, for LIMIT_RULE_HEADER.
+        let mut fired: Option<&str> = None;
         let mut statuses = Vec::with_capacity(resolved.len());
         let (mut failed, mut failed_quota, mut total_quota) = (0usize, 0usize, 0usize);
         // The descriptor closest to its limit, for the RateLimit-* headers (as the reference
@@ -159,11 +210,34 @@ impl<S: Store> RateLimiter<S> {
                     limit_remaining: u32::MAX,
                     ..Default::default()
                 },
-                Resolved::Limited { limit, rule, .. } => {
-                    let after = counts.next().copied().unwrap_or(0);
+                Resolved::Limited {
+                    limit,
+                    rule,
+                    stats_key,
+                    ..
+                } => {
+                    let (after, hit) = counts.next().map_or((0, 0), |(c, h)| (*c, h.hits));
                     let d = decide(limit.requests_per_unit, after);
                     let shadow = rule.is_some_and(|r| r.shadow_mode);
                     let over = d.over_limit && !shadow;
+                    self.stats.rule(&req.domain, stats_key).record(
+                        HitOutcome {
+                            requests_per_unit: limit.requests_per_unit,
+                            hits: hit,
+                            after,
+                            shadow_mode: shadow,
+                        },
+                        self.settings.near_limit_ratio,
+                    );
+                    if over && fired.is_none() {
+                        fired = Some(rule.map_or("limit override", |r| {
+                            if r.name.is_empty() {
+                                &r.path
+                            } else {
+                                &r.name
+                            }
+                        }));
+                    }
                     let reset = limit.unit.until_reset(now);
                     DescriptorStatus {
                         code: if over { Code::OverLimit } else { Code::Ok } as i32,
@@ -220,9 +294,14 @@ impl<S: Store> RateLimiter<S> {
         }
         if overall == Code::OverLimit && self.settings.global_shadow_mode {
             overall = Code::Ok;
+            self.global_shadow.increment(1);
         }
         if overall == Code::OverLimit {
             headers.push(header("Retry-After", retry_after.max(1).to_string()));
+            if let (Some(name), Some(rule)) = (&self.settings.rule_header, fired) {
+                tracing::debug!(domain = %req.domain, rule, "over limit");
+                headers.push(header(name, rule.to_owned()));
+            }
         }
         RateLimitResponse {
             overall_code: overall as i32,
@@ -308,7 +387,7 @@ fn resolve<'a>(
         out.push(if !known_domain {
             Resolved::Nothing
         } else if let Some(o) = &d.limit {
-            override_limit(i, o.requests_per_unit, o.unit)?
+            override_limit(i, &req.domain, d, o.requests_per_unit, o.unit)?
         } else {
             match matcher::find(tree, &req.domain, &d.entries, &mut scratch) {
                 None => Resolved::Nothing,
@@ -321,6 +400,7 @@ fn resolve<'a>(
                             limit,
                             rule: Some(rule),
                             shared: m.shared,
+                            stats_key: m.stats_key,
                         },
                     }
                 }
@@ -342,8 +422,12 @@ fn resolve<'a>(
     Ok(out)
 }
 
+/// A limit sent by Envoy in the descriptor. Its metrics go under the descriptor's keys only
+/// (`domain.key1.key2`): the values come from traffic, and metrics must not grow with it.
 fn override_limit<'a>(
     i: usize,
+    domain: &str,
+    d: &crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor,
     requests_per_unit: u32,
     unit: i32,
 ) -> Result<Resolved<'a>, ServiceError> {
@@ -355,6 +439,11 @@ fn override_limit<'a>(
             },
             rule: None,
             shared: Vec::new(),
+            stats_key: Cow::Owned(d.entries.iter().fold(domain.to_owned(), |mut k, e| {
+                k.push('.');
+                k.push_str(&e.key);
+                k
+            })),
         }),
         None => Err(ServiceError::InvalidArgument(format!(
             "descriptor {i} has a limit override with unknown unit {unit}"
@@ -371,17 +460,9 @@ impl<S: Store> RateLimitService for GrpcService<S> {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        match self.0.should_rate_limit(request.get_ref()).await {
-            Ok(resp) => Ok(tonic::Response::new(resp)),
-            Err(e) => {
-                match &e {
-                    ServiceError::InvalidArgument(m) => {
-                        tracing::debug!(error = %m, "invalid request")
-                    }
-                    ServiceError::Store(se) => tracing::warn!(error = %se, "backend error"),
-                }
-                Err(e.into())
-            }
-        }
+        let started = Instant::now();
+        let result = self.0.should_rate_limit(request.get_ref()).await;
+        self.0.record_call(started, result.as_ref().err());
+        result.map(tonic::Response::new).map_err(Into::into)
     }
 }

@@ -25,6 +25,39 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Validate the rule files: print every error and exit 1, or a summary and exit 0.
     CheckConfig(ConfigArgs),
+    /// Show which rule each descriptor matches and why, its counter key and metric labels.
+    /// Entries are KEY=VALUE; a lone `/` starts the next descriptor of the same request.
+    Explain(ExplainArgs),
+}
+
+/// `explain` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long)]
+    pub domain: String,
+    #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
+    pub cache_key_prefix: String,
+    /// KEY=VALUE entries (KEY alone means an empty value); `/` separates descriptors.
+    #[arg(required = true)]
+    pub entries: Vec<String>,
+}
+
+/// Splits `k1=v1 k2=v2 / k3=v3` into descriptors of (key, value) entries.
+pub fn parse_descriptors(words: &[String]) -> Vec<Vec<(String, String)>> {
+    words
+        .split(|w| w == "/")
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            d.iter()
+                .map(|e| match e.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
+                    None => (e.clone(), String::new()),
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Where the rules are.
@@ -77,11 +110,44 @@ pub struct ServeArgs {
     pub grpc_host: String,
     #[arg(long, env = "GRPC_PORT", default_value_t = 8081)]
     pub grpc_port: u16,
-    /// HTTP listener (GET /healthcheck).
+    /// Serve gRPC on this Unix socket instead of GRPC_HOST:GRPC_PORT (sidecars).
+    #[arg(long, env = "GRPC_UDS")]
+    pub grpc_uds: Option<PathBuf>,
+    /// Connections older than this get a GOAWAY, so clients re-resolve (Go duration).
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", default_value = "24h", value_parser = parse_go_duration)]
+    pub grpc_max_connection_age: Duration,
+    /// Grace after GRPC_MAX_CONNECTION_AGE before the connection is closed.
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", default_value = "1h", value_parser = parse_go_duration)]
+    pub grpc_max_connection_age_grace: Duration,
+    /// Admin HTTP listener: /healthcheck, /json, /metrics, /rlconfig.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
     pub host: String,
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Debug HTTP listener: /rlconfig, /explain, /metrics.
+    #[arg(long, env = "DEBUG_HOST", default_value = "0.0.0.0")]
+    pub debug_host: String,
+    #[arg(long, env = "DEBUG_PORT", default_value_t = 6070)]
+    pub debug_port: u16,
+    /// Also serve /metrics on PROMETHEUS_ADDR at PROMETHEUS_PATH.
+    #[arg(long, env = "USE_PROMETHEUS", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub use_prometheus: bool,
+    #[arg(long, env = "PROMETHEUS_ADDR", default_value = ":9090")]
+    pub prometheus_addr: String,
+    #[arg(long, env = "PROMETHEUS_PATH", default_value = "/metrics")]
+    pub prometheus_path: String,
+    /// Unhealthy until a config with at least one domain is loaded.
+    #[arg(long, env = "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub healthy_with_at_least_one_config_loaded: bool,
+    /// Unhealthy while the Redis backend does not answer PING.
+    #[arg(long, env = "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_health_check_active_connection: bool,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish (Go duration).
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
+    pub drain_timeout: Duration,
+    /// Quiet time after a config file change before reloading (Go duration).
+    #[arg(long, env = "RELOAD_DEBOUNCE", default_value = "200ms", value_parser = parse_go_duration)]
+    pub reload_debounce: Duration,
     /// trace, debug, info, warn or error (case-insensitive), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "WARN")]
     pub log_level: String,
@@ -126,6 +192,13 @@ pub struct ServeArgs {
     pub limit_remaining_header: String,
     #[arg(long, env = "LIMIT_RESET_HEADER", default_value = "RateLimit-Reset")]
     pub limit_reset_header: String,
+    /// On OVER_LIMIT, add this response header naming the rule that fired (its name, or its
+    /// descriptor path when unnamed). Unset: no header.
+    #[arg(long, env = "LIMIT_RULE_HEADER")]
+    pub limit_rule_header: Option<String>,
+    /// Share of a limit above which hits count as near the limit (metrics).
+    #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
+    pub near_limit_ratio: f32,
 }
 
 /// The default `REDIS_URL` of the reference (a twemproxy socket), used when
@@ -170,16 +243,8 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "EXTRA_TAGS",
     "STATS_FLUSH_INTERVAL",
     "DISABLE_STATS",
-    "USE_PROMETHEUS",
-    "PROMETHEUS_ADDR",
-    "PROMETHEUS_PATH",
     "PROMETHEUS_MAPPER_YAML",
     "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
-    "DEBUG_HOST",
-    "DEBUG_PORT",
-    "GRPC_UDS",
-    "GRPC_MAX_CONNECTION_AGE",
-    "GRPC_MAX_CONNECTION_AGE_GRACE",
     "GRPC_SERVER_USE_TLS",
     "GRPC_SERVER_TLS_CERT",
     "GRPC_SERVER_TLS_KEY",
@@ -189,9 +254,7 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "FORCE_START_WITHOUT_INITIAL_CONFIG",
     "RUNTIME_WATCH_ROOT",
     "LOCAL_CACHE_SIZE_IN_BYTES",
-    "NEAR_LIMIT_RATIO",
     "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
-    "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED",
     "REDIS_TYPE",
     "REDIS_TLS_CLIENT_CERT",
     "REDIS_TLS_CLIENT_KEY",
@@ -201,7 +264,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "REDIS_PIPELINE_LIMIT",
     "REDIS_PERSECOND",
     "REDIS_PERSECOND_URL",
-    "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION",
     "REDIS_POOL_ON_EMPTY_BEHAVIOR",
     "REDIS_SENTINEL_AUTH",
     "MEMCACHE_HOST_PORT",

@@ -70,7 +70,8 @@ impl Compiler<'_> {
                 Some(v) => format!("{}_{v}", d.key),
                 None => d.key.clone(),
             };
-            let full_key = format!("{stats_parent}.{composite}");
+            // The reference's stats key, sanitised as its stats manager does.
+            let full_key = crate::metrics::sanitize(&format!("{stats_parent}.{composite}"));
             if node.children.contains_key(composite.as_str()) {
                 self.err(
                     &d.path,

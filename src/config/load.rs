@@ -16,19 +16,30 @@ pub struct ConfigSource {
     pub merge_domains: bool,
 }
 
+/// The rule files at `source`, in load order: every `*.yaml`/`*.yml` under a directory
+/// (recursively, sorted by path), or the one file. Hot reload hashes the same list.
+pub(crate) fn list_files(source: &ConfigSource) -> std::io::Result<Vec<PathBuf>> {
+    if source.path.is_dir() {
+        let mut files = Vec::new();
+        collect(&source.path, source.ignore_dotfiles, &mut files)?;
+        files.sort();
+        Ok(files)
+    } else if source.path.is_file() {
+        Ok(vec![source.path.clone()])
+    } else {
+        Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+    }
+}
+
 /// Reads, validates and compiles everything at `source`.
 pub fn load_dir_or_file(source: &ConfigSource) -> Result<RuleTree, ConfigErrors> {
     let shown = source.path.display().to_string();
-    let files = if source.path.is_dir() {
-        let mut files = Vec::new();
-        collect(&source.path, source.ignore_dotfiles, &mut files)
-            .map_err(|e| one(&shown, format!("cannot read directory: {e}")))?;
-        files.sort();
-        files
-    } else if source.path.is_file() {
-        vec![source.path.clone()]
-    } else {
-        return Err(one(&shown, "no such file or directory".to_owned()));
+    let files = match list_files(source) {
+        Ok(files) => files,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !source.path.exists() => {
+            return Err(one(&shown, "no such file or directory".to_owned()))
+        }
+        Err(e) => return Err(one(&shown, format!("cannot read directory: {e}"))),
     };
     let mut parsed = Vec::with_capacity(files.len());
     let mut errors = Vec::new();

@@ -6,8 +6,9 @@
 
 mod compile;
 mod error;
-mod load;
+pub(crate) mod load;
 mod raw;
+mod watch;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -15,6 +16,7 @@ pub use compile::compile;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load_dir_or_file, ConfigSource};
 pub use raw::{parse, parse_lenient, RawDescriptor, RawFile, RawRateLimit};
+pub use watch::{content_hash, ReloadOutcome, Reloader};
 
 use crate::limiter::Unit;
 

@@ -47,6 +47,17 @@ pub enum StoreErrorKind {
     Response,
 }
 
+impl StoreErrorKind {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreErrorKind::Timeout => "timeout",
+            StoreErrorKind::Connection => "connection",
+            StoreErrorKind::Response => "response",
+        }
+    }
+}
+
 impl std::fmt::Display for StoreErrorKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -227,6 +227,8 @@ impl RatelimitdBuilder {
             .env("GRPC_PORT", "0")
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
+            .env("DEBUG_HOST", "127.0.0.1")
+            .env("DEBUG_PORT", "0")
             .env("LOG_LEVEL", "info")
             .stdout(Stdio::null())
             .stderr(log);
@@ -238,6 +240,7 @@ impl RatelimitdBuilder {
             child: Some(child),
             grpc: String::new(),
             http: String::new(),
+            debug: String::new(),
             log_path,
             _log_dir: log_dir,
         };
@@ -247,6 +250,7 @@ impl RatelimitdBuilder {
             if let Some(line) = log.lines().find(|l| l.contains("ratelimitd listening")) {
                 rl.grpc = field(line, "grpc=");
                 rl.http = field(line, "http=");
+                rl.debug = field(line, "debug=");
                 return rl;
             }
             if let Some(status) = rl.child.as_mut().unwrap().try_wait().unwrap() {
@@ -278,6 +282,8 @@ pub struct Ratelimitd {
     pub grpc: String,
     /// `127.0.0.1:port` of the HTTP listener.
     pub http: String,
+    /// `127.0.0.1:port` of the debug HTTP listener.
+    pub debug: String,
     log_path: PathBuf,
     _log_dir: TempDir,
 }
@@ -287,6 +293,36 @@ impl Ratelimitd {
         RatelimitdBuilder {
             config: config.to_owned(),
             env: Vec::new(),
+        }
+    }
+
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) without waiting.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `limit` for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -403,6 +439,34 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A minimal HTTP/1.1 POST over loopback: (status code, body).
+pub fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // A server may refuse before reading the whole body; that is its answer, not an error.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).into_owned();
     let status = raw
         .split_whitespace()
         .nth(1)

@@ -1,0 +1,177 @@
+//! Lifecycle: health transitions (shutdown, backend reachability, first config), SIGTERM with
+//! calls in flight, and gRPC on a Unix socket.
+#![allow(clippy::unwrap_used)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ratelimitd::proto::envoy::service::ratelimit::v3::{
+    rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient,
+};
+use support::*;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+const RULES: &str = "domain: lc\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 1000}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let mut rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("DRAIN_TIMEOUT", "10s")
+        .start();
+    let channel = rl.channel().await;
+
+    // A watch opened before the signal sees SERVING, then NOT_SERVING as soon as it arrives.
+    let mut health = HealthClient::new(channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    // Redis stalls for 1.5 s, so the next calls are in flight when SIGTERM arrives.
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || {
+        let r = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "DEBUG", "SLEEP", "1.5"])
+            .output()
+            .expect("redis-cli (package redis-tools) is needed: apt-get install -y redis-tools");
+        assert!(r.status.success());
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let mut c = RateLimitServiceClient::new(channel.clone());
+        calls.push(tokio::spawn(async move {
+            c.should_rate_limit(request("lc", &[&[("k", "inflight")]]))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = Instant::now();
+    rl.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(2), watch.message())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_secs(1),
+        "health turned off before the calls finished"
+    );
+    drop(watch);
+
+    for call in calls {
+        let r = call.await.unwrap().expect("an in-flight call completes");
+        assert_eq!(r.into_inner().overall_code, Code::Ok as i32);
+    }
+    sleeper.join().unwrap();
+    let exit = rl
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after draining");
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        rl.log().contains("shutdown signal received; draining"),
+        "{}",
+        rl.log()
+    );
+    assert!(rl.log().contains("ratelimitd stopped"), "{}", rl.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_health_follows_redis_when_the_active_check_is_on() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let mut redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "true")
+        .env("REDIS_TIMEOUT", "300ms")
+        .start();
+    let mut health = HealthClient::new(rl.channel().await);
+    let check = |h: &mut HealthClient<tonic::transport::Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(HealthCheckRequest {
+                service: "envoy.service.ratelimit.v3.RateLimitService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+        }
+    };
+    assert_eq!(http_get(&rl.http, "/healthcheck"), (200, "OK".to_owned()));
+    assert_eq!(check(&mut health).await, ServingStatus::Serving as i32);
+
+    redis.kill();
+    wait_for(
+        || http_get(&rl.http, "/healthcheck").0 == 500,
+        "unhealthy after redis died",
+    )
+    .await;
+    assert_eq!(check(&mut health).await, ServingStatus::NotServing as i32);
+
+    redis.restart();
+    wait_for(
+        || http_get(&rl.http, "/healthcheck").0 == 200,
+        "healthy after redis came back",
+    )
+    .await;
+    assert_eq!(check(&mut health).await, ServingStatus::Serving as i32);
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_on_a_unix_socket_and_the_file_is_removed_at_shutdown() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let sock_dir = tempfile::TempDir::new().unwrap();
+    let sock = sock_dir.path().join("rl.sock");
+    let mut rl = Ratelimitd::builder(dir.path())
+        .env("GRPC_UDS", sock.to_str().unwrap())
+        .start();
+    assert_eq!(rl.grpc, format!("unix:{}", sock.display()));
+    assert!(sock.exists());
+
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::try_from("http://uds.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .unwrap();
+    let r = RateLimitServiceClient::new(channel)
+        .should_rate_limit(request("lc", &[&[("k", "uds")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 999);
+
+    let status = rl.terminate();
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "socket file removed at shutdown");
+}

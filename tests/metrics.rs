@@ -1,0 +1,218 @@
+//! `/metrics` after a known request sequence: exact per-rule counter values under the
+//! reference's names and labels, service counters, and cardinality bounded by the config.
+#![allow(clippy::unwrap_used)]
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const RULES: &str = r#"
+domain: m
+descriptors:
+  - key: k
+    rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: parent
+    descriptors:
+      - key: child
+        value: c1
+        rate_limit: {unit: minute, requests_per_unit: 100}
+  - key: shadow
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: user
+    detailed_metric: true
+    rate_limit: {unit: minute, requests_per_unit: 10}
+  - key: route
+    value_to_metric: true
+    rate_limit: {unit: minute, requests_per_unit: 10}
+"#;
+
+/// The value of the sample `name{labels}` (labels in any order; no other labels).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = if rest.is_empty() {
+                Vec::new()
+            } else {
+                rest.split("\",")
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").unwrap();
+                        (k.to_owned(), v.trim_end_matches('"').to_owned())
+                    })
+                    .collect()
+            };
+            let mut want: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            got.sort();
+            want.sort();
+            (got == want).then(|| value.parse().unwrap())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_rule_and_service_counters_have_exact_values() {
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path()).start();
+    let mut c = rl.client().await;
+    ensure_window_room(60, Duration::from_secs(10)).await;
+
+    // 7 hits on a limit of 5: 5 within (the 5th above floor(5 * 0.8) = 4 is near), 2 over.
+    for _ in 0..7 {
+        c.should_rate_limit(request("m", &[&[("k", "secret-user-1")]]))
+            .await
+            .unwrap();
+    }
+    // hits_addend 3 on the nested rule.
+    let mut req = request("m", &[&[("parent", "p"), ("child", "c1")]]);
+    req.hits_addend = 3;
+    c.should_rate_limit(req).await.unwrap();
+    // Shadow: 3 hits on a limit of 1, the last two let through.
+    for _ in 0..3 {
+        c.should_rate_limit(request("m", &[&[("shadow", "s")]]))
+            .await
+            .unwrap();
+    }
+    // detailed_metric and value_to_metric put the value in the labels; plain rules do not.
+    c.should_rate_limit(request("m", &[&[("user", "alice")]]))
+        .await
+        .unwrap();
+    c.should_rate_limit(request("m", &[&[("route", "/a")]]))
+        .await
+        .unwrap();
+    // An invalid request is a service error.
+    c.should_rate_limit(request("", &[&[("k", "v")]]))
+        .await
+        .unwrap_err();
+
+    let (status, text) = http_get(&rl.http, "/metrics");
+    assert_eq!(status, 200);
+    let k = [("domain", "m"), ("key1", "k")];
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_total_hits", &k),
+        Some(7.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_within_limit", &k),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_near_limit", &k),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_over_limit", &k),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_shadow_mode", &k),
+        Some(0.0)
+    );
+
+    let nested = [("domain", "m"), ("key1", "parent"), ("key2", "child_c1")];
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_total_hits", &nested),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_within_limit", &nested),
+        Some(3.0)
+    );
+
+    let shadow = [("domain", "m"), ("key1", "shadow")];
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_total_hits", &shadow),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_over_limit", &shadow),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_shadow_mode", &shadow),
+        Some(2.0)
+    );
+    // The 1st hit reached the limit of 1 from 0: above floor(0.8) = 0, so near.
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_near_limit", &shadow),
+        Some(1.0)
+    );
+
+    let detailed = [("domain", "m"), ("key1", "user_alice")];
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_total_hits", &detailed),
+        Some(1.0)
+    );
+    let vtm = [("domain", "m"), ("key1", "route_/a")];
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_total_hits", &vtm),
+        Some(1.0)
+    );
+
+    // Values a rule did not ask for never reach the metrics (they can be personal data).
+    assert!(!text.contains("secret-user-1"), "{text}");
+
+    let method = [("grpc_method", "ShouldRateLimit")];
+    assert_eq!(
+        sample(&text, "ratelimit_service_total_requests", &method),
+        Some(14.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "ratelimit_service_should_rate_limit_error",
+            &[("err_type", "service_error")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_config_load_success", &[]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "ratelimitd_healthy", &[]), Some(1.0));
+    assert!(text.contains("ratelimit_service_response_time_seconds_bucket{grpc_method=\"ShouldRateLimit\",le=\"0.02\"}"), "{text}");
+    assert!(
+        text.contains("ratelimitd_backend_request_duration_seconds_count"),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"), "{text}");
+}
+
+#[tokio::test]
+async fn prometheus_listener_serves_the_same_metrics_when_enabled() {
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let port = free_port();
+    let rl = Ratelimitd::builder(dir.path())
+        .env("USE_PROMETHEUS", "true")
+        .env("PROMETHEUS_ADDR", &format!("127.0.0.1:{port}"))
+        .env("PROMETHEUS_PATH", "/prom")
+        .start();
+    rl.client()
+        .await
+        .should_rate_limit(request("m", &[&[("k", "v")]]))
+        .await
+        .unwrap();
+    let (status, text) = http_get(&format!("127.0.0.1:{port}"), "/prom");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &text,
+            "ratelimit_service_rate_limit_total_hits",
+            &[("domain", "m"), ("key1", "k")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
