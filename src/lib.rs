@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod conn_age;
 pub mod error;
 pub mod explain;
 pub mod health;

@@ -8,11 +8,15 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::{
+    wrappers::{TcpListenerStream, UnixListenerStream},
+    StreamExt,
+};
 
 use crate::{
     admin,
     config::RuleTree,
+    conn_age::AgedIo,
     health::{Component, Health},
     limiter::{CacheKeyBuilder, Clock},
     proto::{
@@ -113,8 +117,8 @@ pub async fn run(
 
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // GOAWAY at the max age; the grace is enforced by AgedIo (see conn_age).
         .max_connection_age(listeners.max_connection_age)
-        .max_connection_age_grace(listeners.max_connection_age_grace)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
@@ -122,17 +126,24 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(rls);
     let mut uds_path = None;
+    let lifetime = listeners
+        .max_connection_age
+        .saturating_add(listeners.max_connection_age_grace);
     let grpc = async {
         match listeners.grpc {
             GrpcListener::Tcp(l) => {
+                let incoming =
+                    TcpListenerStream::new(l).map(move |c| c.map(|io| AgedIo::new(io, lifetime)));
                 router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), stopped(rx.clone()))
+                    .serve_with_incoming_shutdown(incoming, stopped(rx.clone()))
                     .await
             }
             GrpcListener::Unix(l, path) => {
                 uds_path = Some(path);
+                let incoming =
+                    UnixListenerStream::new(l).map(move |c| c.map(|io| AgedIo::new(io, lifetime)));
                 router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), stopped(rx.clone()))
+                    .serve_with_incoming_shutdown(incoming, stopped(rx.clone()))
                     .await
             }
         }

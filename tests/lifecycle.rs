@@ -175,3 +175,140 @@ async fn grpc_on_a_unix_socket_and_the_file_is_removed_at_shutdown() {
     assert_eq!(status.code(), Some(0));
     assert!(!sock.exists(), "socket file removed at shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_healthy_with_at_least_one_config_health_follows_the_loaded_domains() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let rl = Ratelimitd::builder(dir.path())
+        .env("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", "true")
+        .start();
+    assert_eq!(
+        http_get(&rl.http, "/healthcheck").0,
+        500,
+        "no domain loaded yet"
+    );
+    std::fs::write(dir.path().join("r.yaml"), RULES).unwrap();
+    wait_for(
+        || http_get(&rl.http, "/healthcheck").0 == 200,
+        "healthy once a domain is loaded",
+    )
+    .await;
+    std::fs::remove_file(dir.path().join("r.yaml")).unwrap();
+    wait_for(
+        || http_get(&rl.http, "/healthcheck").0 == 500,
+        "unhealthy again with no domain",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_get_goaway_at_max_age_and_close_after_the_grace() {
+    use std::io::{Read, Write};
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("GRPC_MAX_CONNECTION_AGE", "500ms")
+        .env("GRPC_MAX_CONNECTION_AGE_GRACE", "500ms")
+        .start();
+    // A raw HTTP/2 connection: preface and an empty SETTINGS frame, then read frames.
+    let mut s = std::net::TcpStream::connect(&rl.grpc).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    let opened = Instant::now();
+    let (mut goaway_at, mut buf) = (None, Vec::new());
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no close within 5 s: {e}"),
+        }
+        // Walk complete frames: 3 bytes length, 1 byte type (0x7 = GOAWAY), 1 flags, 4 stream.
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = (usize::from(buf[at]) << 16)
+                | (usize::from(buf[at + 1]) << 8)
+                | usize::from(buf[at + 2]);
+            if buf[at + 3] == 0x7 && goaway_at.is_none() {
+                goaway_at = Some(opened.elapsed());
+            }
+            if buf[at + 3] == 0x4 && buf[at + 4] & 0x1 == 0 {
+                // Acknowledge the server's SETTINGS, as a client must.
+                s.write_all(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+                    .unwrap();
+            }
+            at += 9 + len;
+        }
+        buf.drain(..at.min(buf.len()));
+    }
+    let closed = opened.elapsed();
+    let goaway = goaway_at.expect("a GOAWAY frame before the close");
+    assert!(
+        goaway >= Duration::from_millis(400),
+        "GOAWAY after the max age, got {goaway:?}"
+    );
+    assert!(
+        closed >= goaway && closed < Duration::from_secs(4),
+        "closed after the grace: {closed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_move_to_new_connections_at_max_age_without_failed_calls() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("GRPC_MAX_CONNECTION_AGE", "300ms")
+        .env("GRPC_MAX_CONNECTION_AGE_GRACE", "300ms")
+        .start();
+    let mut c = rl.client().await;
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let r = c.should_rate_limit(request("lc", &[&[("k", "age")]])).await;
+        assert!(
+            r.is_ok(),
+            "call {calls} failed across a connection rotation: {r:?}"
+        );
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(calls > 100, "{calls} calls over about 10 rotations");
+}
+
+#[tokio::test]
+async fn json_logs_and_no_descriptor_values_above_debug() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "info")
+        .start();
+    let mut c = rl.client().await;
+    c.should_rate_limit(request("lc", &[&[("k", "alice@example.com")]]))
+        .await
+        .unwrap();
+    c.should_rate_limit(request("", &[&[("k", "bob@example.com")]]))
+        .await
+        .unwrap_err();
+    let log = rl.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("config OK"))),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "ratelimitd listening"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("alice@example.com") && !log.contains("bob@example.com"),
+        "{log}"
+    );
+}

@@ -216,3 +216,81 @@ async fn prometheus_listener_serves_the_same_metrics_when_enabled() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_load_metrics_follow_reloads() {
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path()).start();
+    let metrics = || http_get(&rl.http, "/metrics").1;
+    let first = metrics();
+    assert_eq!(
+        sample(&first, "ratelimit_service_config_load_success", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&first, "ratelimitd_config_generation", &[]),
+        Some(1.0)
+    );
+    let hash1 = first
+        .lines()
+        .find(|l| l.starts_with("ratelimitd_config_info{") && l.ends_with(" 1"))
+        .unwrap()
+        .to_owned();
+
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "domain: m\ndescriptors:\n  - key: k\n    rate_limit: {unit: eon, requests_per_unit: 1}\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&metrics(), "ratelimit_service_config_load_error", &[]) != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no config_load_error\n{}",
+            metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = metrics();
+    assert_eq!(
+        sample(&text, "ratelimitd_config_generation", &[]),
+        Some(1.0),
+        "a bad config changes nothing"
+    );
+    assert!(text.contains(&hash1));
+
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "domain: m\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 9}\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&metrics(), "ratelimitd_config_generation", &[]) != Some(2.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload\n{}",
+            metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = metrics();
+    assert_eq!(
+        sample(&text, "ratelimit_service_config_load_success", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_config_load_error", &[]),
+        Some(1.0)
+    );
+    let old_hash_now = hash1.trim_end_matches(" 1").to_owned() + " 0";
+    assert!(
+        text.contains(&old_hash_now),
+        "the old hash series drops to 0\n{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("ratelimitd_config_info{") && l.ends_with(" 1"))
+            .count(),
+        1
+    );
+}

@@ -266,6 +266,12 @@ impl RatelimitdBuilder {
 }
 
 fn field(line: &str, name: &str) -> String {
+    // LOG_FORMAT=json: {"fields":{"message":"ratelimitd listening","grpc":"127.0.0.1:1234",...}}
+    if line.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = name.trim_end_matches('=');
+        return v["fields"][key].as_str().unwrap_or_default().to_owned();
+    }
     let start = line.find(name).unwrap() + name.len();
     line[start..]
         .split_whitespace()
