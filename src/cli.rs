@@ -120,15 +120,48 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         }
     }
     let prometheus = crate::metrics::install_prometheus()?;
+    let statsd = if args.use_statsd {
+        let settings = crate::statsd::StatsdSettings {
+            host: args.statsd_host.clone(),
+            port: args.statsd_port,
+            flush_interval: args.stats_flush_interval,
+            extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)?,
+        };
+        let sink = crate::statsd::Statsd::start(settings)?;
+        tracing::warn!(host = %args.statsd_host, port = args.statsd_port, "sending stats to statsd");
+        Some(sink)
+    } else {
+        None
+    };
+    // Config loads, counted in Prometheus and (with USE_STATSD) under the reference's names.
+    let count_load = {
+        let statsd = statsd.clone();
+        move |ok: bool| {
+            let (metric, stat) = if ok {
+                (
+                    crate::metrics::CONFIG_LOAD_SUCCESS,
+                    "ratelimit.service.config_load_success",
+                )
+            } else {
+                (
+                    crate::metrics::CONFIG_LOAD_ERROR,
+                    "ratelimit.service.config_load_error",
+                )
+            };
+            metrics::counter!(metric).increment(1);
+            if let Some(s) = &statsd {
+                s.counter(stat, 1);
+            }
+        }
+    };
     let source = args.config.source();
     let tree = load_dir_or_file(&source).map_err(|e| {
-        metrics::counter!(crate::metrics::CONFIG_LOAD_ERROR).increment(1);
         format!(
             "invalid config in {}; not starting\n{e}",
             source.path.display()
         )
     })?;
-    metrics::counter!(crate::metrics::CONFIG_LOAD_SUCCESS).increment(1);
+    count_load(true);
     tracing::warn!(path = %source.path.display(), "{}", summary(&tree));
     let has_domains = !tree.domains.is_empty();
     let rules = Arc::new(ArcSwap::from_pointee(tree));
@@ -163,13 +196,11 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
                 domains,
                 ..
             } => {
-                metrics::counter!(crate::metrics::CONFIG_LOAD_SUCCESS).increment(1);
+                count_load(true);
                 observer_metrics.publish(*generation, *hash);
                 reload_health.set(Component::Config, *domains > 0);
             }
-            ReloadOutcome::Failed(_) => {
-                metrics::counter!(crate::metrics::CONFIG_LOAD_ERROR).increment(1);
-            }
+            ReloadOutcome::Failed(_) => count_load(false),
             ReloadOutcome::Unchanged { .. } => {}
         }),
     );
@@ -231,6 +262,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         store,
         clock.clone(),
         settings,
+        statsd.clone(),
     ));
 
     let grpc = match &args.grpc_uds {
@@ -281,6 +313,9 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     server::run(listeners, state, health_service, shutdown)
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(s) = &statsd {
+        s.flush_now();
+    }
     tracing::warn!("ratelimitd stopped");
     Ok(())
 }

@@ -24,4 +24,5 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod statsd;
 pub mod store;

@@ -14,6 +14,8 @@ use dashmap::DashMap;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, Counter, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::statsd::Statsd;
+
 pub const TOTAL_HITS: &str = "ratelimit_service_rate_limit_total_hits";
 pub const OVER_LIMIT: &str = "ratelimit_service_rate_limit_over_limit";
 pub const NEAR_LIMIT: &str = "ratelimit_service_rate_limit_near_limit";
@@ -99,13 +101,30 @@ fn describe() {
     describe_gauge!(HEALTHY, "1 while /healthcheck answers 200.");
 }
 
+/// A counter in Prometheus and, with `USE_STATSD`, under the reference's StatsD name.
+pub struct DualCounter {
+    prometheus: Counter,
+    statsd: Option<(Arc<Statsd>, String)>,
+}
+
+impl DualCounter {
+    pub fn increment(&self, n: u64) {
+        self.prometheus.increment(n);
+        if let Some((sink, name)) = &self.statsd {
+            if n > 0 {
+                sink.counter(name, n);
+            }
+        }
+    }
+}
+
 /// The five counters of one stats key.
 pub struct RuleStats {
-    total_hits: Counter,
-    over_limit: Counter,
-    near_limit: Counter,
-    within_limit: Counter,
-    shadow_mode: Counter,
+    total_hits: DualCounter,
+    over_limit: DualCounter,
+    near_limit: DualCounter,
+    within_limit: DualCounter,
+    shadow_mode: DualCounter,
 }
 
 /// One limited descriptor's outcome, for counting.
@@ -160,21 +179,39 @@ impl RuleStats {
 #[derive(Default)]
 pub struct Stats {
     by_key: DashMap<String, Arc<RuleStats>>,
+    statsd: Option<Arc<Statsd>>,
 }
 
 impl Stats {
+    /// Per-rule counters, mirrored to `statsd` when given.
+    pub fn new(statsd: Option<Arc<Statsd>>) -> Self {
+        Self {
+            by_key: DashMap::new(),
+            statsd,
+        }
+    }
+
     /// The counters for `stats_key` (`domain.key1_value1.key2`), registered on first use.
     pub fn rule(&self, domain: &str, stats_key: &str) -> Arc<RuleStats> {
         if let Some(s) = self.by_key.get(stats_key) {
             return s.clone();
         }
         let labels = labels(domain, stats_key);
+        let dual = |prometheus: Counter, stat: &str| DualCounter {
+            prometheus,
+            statsd: self.statsd.clone().map(|s| {
+                (
+                    s,
+                    format!("ratelimit.service.rate_limit.{stats_key}.{stat}"),
+                )
+            }),
+        };
         let stats = Arc::new(RuleStats {
-            total_hits: counter!(TOTAL_HITS, labels.clone()),
-            over_limit: counter!(OVER_LIMIT, labels.clone()),
-            near_limit: counter!(NEAR_LIMIT, labels.clone()),
-            within_limit: counter!(WITHIN_LIMIT, labels.clone()),
-            shadow_mode: counter!(SHADOW_MODE, labels),
+            total_hits: dual(counter!(TOTAL_HITS, labels.clone()), "total_hits"),
+            over_limit: dual(counter!(OVER_LIMIT, labels.clone()), "over_limit"),
+            near_limit: dual(counter!(NEAR_LIMIT, labels.clone()), "near_limit"),
+            within_limit: dual(counter!(WITHIN_LIMIT, labels.clone()), "within_limit"),
+            shadow_mode: dual(counter!(SHADOW_MODE, labels), "shadow_mode"),
         });
         self.by_key
             .entry(stats_key.to_owned())

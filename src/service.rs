@@ -72,6 +72,8 @@ pub struct RateLimiter<S> {
     keys: CacheKeyBuilder,
     settings: ServiceSettings,
     stats: Stats,
+    /// `USE_STATSD`: the reference's StatsD stats.
+    statsd: Option<Arc<crate::statsd::Statsd>>,
     /// Handles registered once (the recorder is installed before the service is built).
     global_shadow: Counter,
     backend_duration: Histogram,
@@ -99,6 +101,7 @@ impl<S: Store> RateLimiter<S> {
         store: Arc<S>,
         clock: Arc<dyn Clock>,
         settings: ServiceSettings,
+        statsd: Option<Arc<crate::statsd::Statsd>>,
     ) -> Self {
         Self {
             keys: CacheKeyBuilder::new(settings.cache_key_prefix.clone()),
@@ -106,7 +109,8 @@ impl<S: Store> RateLimiter<S> {
             store,
             clock,
             settings,
-            stats: Stats::default(),
+            stats: Stats::new(statsd.clone()),
+            statsd,
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
             backend_duration: histogram!(m::BACKEND_DURATION),
         }
@@ -159,18 +163,31 @@ impl<S: Store> RateLimiter<S> {
     /// `redis_error` / `service_error`); logs the failure once, here.
     pub fn record_call(&self, started: Instant, error: Option<&ServiceError>) {
         const METHOD: &str = "ShouldRateLimit";
+        let elapsed = started.elapsed();
         counter!(m::TOTAL_REQUESTS, "grpc_method" => METHOD).increment(1);
-        histogram!(m::RESPONSE_TIME, "grpc_method" => METHOD)
-            .record(started.elapsed().as_secs_f64());
-        match error {
-            None => {}
+        histogram!(m::RESPONSE_TIME, "grpc_method" => METHOD).record(elapsed.as_secs_f64());
+        let err_type = match error {
+            None => None,
             Some(ServiceError::InvalidArgument(msg)) => {
                 tracing::debug!(error = %msg, "invalid request");
-                counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => "service_error").increment(1);
+                Some("service_error")
             }
             Some(ServiceError::Store(e)) => {
                 tracing::warn!(error = %e, "backend error");
-                counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => "redis_error").increment(1);
+                Some("redis_error")
+            }
+        };
+        if let Some(t) = err_type {
+            counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => t).increment(1);
+        }
+        if let Some(s) = &self.statsd {
+            s.counter("ratelimit_server.ShouldRateLimit.total_requests", 1);
+            s.timer_ms(
+                "ratelimit_server.ShouldRateLimit.response_time",
+                elapsed.as_secs_f64() * 1000.0,
+            );
+            if let Some(t) = err_type {
+                s.counter(&format!("ratelimit.service.call.should_rate_limit.{t}"), 1);
             }
         }
     }
@@ -295,6 +312,9 @@ impl<S: Store> RateLimiter<S> {
         if overall == Code::OverLimit && self.settings.global_shadow_mode {
             overall = Code::Ok;
             self.global_shadow.increment(1);
+            if let Some(s) = &self.statsd {
+                s.counter("ratelimit.service.global_shadow_mode", 1);
+            }
         }
         if overall == Code::OverLimit {
             headers.push(header("Retry-After", retry_after.max(1).to_string()));

@@ -196,6 +196,19 @@ pub struct ServeArgs {
     /// descriptor path when unnamed). Unset: no header.
     #[arg(long, env = "LIMIT_RULE_HEADER")]
     pub limit_rule_header: Option<String>,
+    /// Send the reference's StatsD stats (its default is on).
+    #[arg(long, env = "USE_STATSD", default_value = "true", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub use_statsd: bool,
+    #[arg(long, env = "STATSD_HOST", default_value = "localhost")]
+    pub statsd_host: String,
+    #[arg(long, env = "STATSD_PORT", default_value_t = 8125)]
+    pub statsd_port: u16,
+    /// How often StatsD counters are flushed (Go duration).
+    #[arg(long, env = "STATS_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_go_duration)]
+    pub stats_flush_interval: Duration,
+    /// Tags added to every StatsD stat: `k1:v1,k2:v2`.
+    #[arg(long, env = "EXTRA_TAGS", default_value = "")]
+    pub extra_tags: String,
     /// Share of a limit above which hits count as near the limit (metrics).
     #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
     pub near_limit_ratio: f32,
@@ -235,13 +248,8 @@ impl ServeArgs {
 /// Settings of the reference that ratelimitd accepts but does not act on yet. Each one set
 /// in the environment gets one warning at start-up, never a failure.
 pub const UNSUPPORTED_ENV: &[&str] = &[
-    "USE_STATSD",
-    "STATSD_HOST",
-    "STATSD_PORT",
     "USE_DOG_STATSD",
     "USE_DOG_STATSD_MOGRIFIERS",
-    "EXTRA_TAGS",
-    "STATS_FLUSH_INTERVAL",
     "DISABLE_STATS",
     "PROMETHEUS_MAPPER_YAML",
     "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",

@@ -120,8 +120,8 @@ async fn http_healthcheck_answers_200_ok() {
 async fn unsupported_reference_settings_warn_once_and_start() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let rl = Ratelimitd::builder(dir.path())
-        .env("USE_STATSD", "true")
-        .env("STATSD_HOST", "127.0.0.1")
+        .env("MEMCACHE_HOST_PORT", "127.0.0.1:11211")
+        .env("TRACING_ENABLED", "true")
         .start();
     let log = rl.log();
     assert_eq!(
@@ -131,7 +131,8 @@ async fn unsupported_reference_settings_warn_once_and_start() {
         "{log}"
     );
     assert!(
-        log.contains("setting=\"USE_STATSD\"") || log.contains("setting=USE_STATSD"),
+        log.contains("setting=\"MEMCACHE_HOST_PORT\"")
+            || log.contains("setting=MEMCACHE_HOST_PORT"),
         "{log}"
     );
     assert!(

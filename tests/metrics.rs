@@ -294,3 +294,87 @@ async fn config_load_metrics_follow_reloads() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statsd_receives_the_reference_stat_names() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("USE_STATSD", "true")
+        .env("STATSD_HOST", "127.0.0.1")
+        .env("STATSD_PORT", &port.to_string())
+        .env("STATS_FLUSH_INTERVAL", "100ms")
+        .env("EXTRA_TAGS", "cluster:eu")
+        .start();
+    let mut c = rl.client().await;
+    ensure_window_room(60, Duration::from_secs(10)).await;
+    for _ in 0..7 {
+        c.should_rate_limit(request("m", &[&[("k", "v")]]))
+            .await
+            .unwrap();
+    }
+    c.should_rate_limit(request("", &[&[("k", "v")]]))
+        .await
+        .unwrap_err();
+
+    // Sum every counter line received until the expected totals arrive (flushes send deltas).
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut timers = 0;
+    let want = [
+        (
+            "ratelimit.service.rate_limit.m.k.total_hits.__cluster=eu",
+            7,
+        ),
+        (
+            "ratelimit.service.rate_limit.m.k.within_limit.__cluster=eu",
+            5,
+        ),
+        (
+            "ratelimit.service.rate_limit.m.k.near_limit.__cluster=eu",
+            1,
+        ),
+        (
+            "ratelimit.service.rate_limit.m.k.over_limit.__cluster=eu",
+            2,
+        ),
+        (
+            "ratelimit_server.ShouldRateLimit.total_requests.__cluster=eu",
+            8,
+        ),
+        (
+            "ratelimit.service.call.should_rate_limit.service_error.__cluster=eu",
+            1,
+        ),
+        ("ratelimit.service.config_load_success.__cluster=eu", 1),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 65_536];
+    while std::time::Instant::now() < deadline
+        && !(timers >= 8
+            && want
+                .iter()
+                .all(|(k, v)| totals.get(*k) == Some(&(*v as u64))))
+    {
+        if let Ok(n) = server.recv(&mut buf) {
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if let Some(name) = line.strip_suffix("|c") {
+                    let (name, v) = name.rsplit_once(':').unwrap();
+                    *totals.entry(name.to_owned()).or_default() += v.parse::<u64>().unwrap();
+                } else if line
+                    .starts_with("ratelimit_server.ShouldRateLimit.response_time.__cluster=eu:")
+                    && line.ends_with("|ms")
+                {
+                    timers += 1;
+                }
+            }
+        }
+    }
+    for (k, v) in want {
+        assert_eq!(totals.get(k), Some(&v), "{k}: {totals:?}");
+    }
+    assert_eq!(timers, 8, "one response_time per call");
+}

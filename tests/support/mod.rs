@@ -230,6 +230,8 @@ impl RatelimitdBuilder {
             .env("DEBUG_HOST", "127.0.0.1")
             .env("DEBUG_PORT", "0")
             .env("LOG_LEVEL", "info")
+            // The reference's default sends StatsD to localhost:8125; tests opt in explicitly.
+            .env("USE_STATSD", "false")
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.env {
