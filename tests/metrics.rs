@@ -354,10 +354,7 @@ async fn statsd_receives_the_reference_stat_names() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut buf = [0u8; 65_536];
     while std::time::Instant::now() < deadline
-        && !(timers >= 8
-            && want
-                .iter()
-                .all(|(k, v)| totals.get(*k) == Some(&(*v as u64))))
+        && !(timers >= 8 && want.iter().all(|(k, v)| totals.get(*k) == Some(v)))
     {
         if let Ok(n) = server.recv(&mut buf) {
             for line in String::from_utf8_lossy(&buf[..n]).lines() {
