@@ -155,6 +155,8 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         }
     };
     let source = args.config.source();
+    // Hashed before loading: see Reloader::with_hash.
+    let loaded_hash = crate::config::content_hash(&source);
     let tree = load_dir_or_file(&source).map_err(|e| {
         format!(
             "invalid config in {}; not starting\n{e}",
@@ -186,7 +188,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     let reload_health = health.clone();
     let config_metrics = Arc::new(ConfigMetrics::default());
     let observer_metrics = config_metrics.clone();
-    let reloader = Reloader::new(
+    let reloader = Reloader::with_hash(
         source.clone(),
         rules.clone(),
         Arc::new(move |outcome: &ReloadOutcome| match outcome {
@@ -203,6 +205,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             ReloadOutcome::Failed(_) => count_load(false),
             ReloadOutcome::Unchanged { .. } => {}
         }),
+        loaded_hash,
     );
     config_metrics.publish(reloader.generation(), reloader.hash());
     let _watch = reloader.spawn_watch(args.reload_debounce);

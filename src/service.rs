@@ -9,7 +9,7 @@
 use std::{borrow::Cow, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
-use metrics::{counter, histogram, Counter, Histogram};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use crate::{
     config::{Limit, Rule, RuleTree},
@@ -77,6 +77,8 @@ pub struct RateLimiter<S> {
     /// Handles registered once (the recorder is installed before the service is built).
     global_shadow: Counter,
     backend_duration: Histogram,
+    /// Store calls in flight: how busy the shared connections are.
+    backend_in_flight: Gauge,
 }
 
 /// What applies to one descriptor.
@@ -113,6 +115,7 @@ impl<S: Store> RateLimiter<S> {
             statsd,
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
             backend_duration: histogram!(m::BACKEND_DURATION),
+            backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
         }
     }
 
@@ -147,7 +150,9 @@ impl<S: Store> RateLimiter<S> {
             Vec::new()
         } else {
             let started = Instant::now();
+            self.backend_in_flight.increment(1.0);
             let result = self.store.increment(&hits).await;
+            self.backend_in_flight.decrement(1.0);
             self.backend_duration
                 .record(started.elapsed().as_secs_f64());
             if let Err(e) = &result {

@@ -28,6 +28,14 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 10}
 "#;
 
+/// Replaces a file the way deployers do (write aside, then rename), so a reload never reads
+/// a half-written file.
+fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// The value of the sample `name{labels}` (labels in any order; no other labels).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
@@ -187,6 +195,10 @@ async fn per_rule_and_service_counters_have_exact_values() {
         text.contains("ratelimitd_backend_request_duration_seconds_count"),
         "{text}"
     );
+    assert_eq!(
+        sample(&text, "ratelimitd_backend_requests_in_flight", &[]),
+        Some(0.0)
+    );
     assert!(text.contains("process_resident_memory_bytes"), "{text}");
 }
 
@@ -237,11 +249,10 @@ async fn config_load_metrics_follow_reloads() {
         .unwrap()
         .to_owned();
 
-    std::fs::write(
-        dir.path().join("m.yaml"),
+    write_atomically(
+        &dir.path().join("m.yaml"),
         "domain: m\ndescriptors:\n  - key: k\n    rate_limit: {unit: eon, requests_per_unit: 1}\n",
-    )
-    .unwrap();
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while sample(&metrics(), "ratelimit_service_config_load_error", &[]) != Some(1.0) {
         assert!(
@@ -259,11 +270,10 @@ async fn config_load_metrics_follow_reloads() {
     );
     assert!(text.contains(&hash1));
 
-    std::fs::write(
-        dir.path().join("m.yaml"),
+    write_atomically(
+        &dir.path().join("m.yaml"),
         "domain: m\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 9}\n",
-    )
-    .unwrap();
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while sample(&metrics(), "ratelimitd_config_generation", &[]) != Some(2.0) {
         assert!(

@@ -81,6 +81,18 @@ impl Reloader {
         observer: Arc<dyn Fn(&ReloadOutcome) + Send + Sync>,
     ) -> Arc<Self> {
         let hash = content_hash(&source);
+        Self::with_hash(source, rules, observer, hash)
+    }
+
+    /// Like [`Reloader::new`], with the content hash taken before the start-up load, so a
+    /// change that lands between that load and this call is reloaded (at worst once too
+    /// often) instead of being mistaken for the config in force.
+    pub fn with_hash(
+        source: ConfigSource,
+        rules: Arc<ArcSwap<RuleTree>>,
+        observer: Arc<dyn Fn(&ReloadOutcome) + Send + Sync>,
+        hash: u64,
+    ) -> Arc<Self> {
         Arc::new(Self {
             source,
             rules,
