@@ -215,3 +215,27 @@ async fn post_json_answers_like_the_reference() {
     let huge = vec![b' '; 100 * 1024];
     assert_eq!(http_post(&rl.http, "/json", &huge).0, 413);
 }
+
+#[tokio::test]
+async fn oversized_headers_are_refused_and_the_listener_keeps_serving() {
+    use std::io::{Read, Write};
+    let dir = config_dir(&[("a.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path()).start();
+    let mut s = std::net::TcpStream::connect(&rl.http).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let big = "x".repeat(1024 * 1024);
+    let _ = write!(
+        s,
+        "GET /healthcheck HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"
+    );
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let status = String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(status, "431", "a 1 MiB header is refused");
+    assert_eq!(http_get(&rl.http, "/healthcheck"), (200, "OK".to_owned()));
+}
