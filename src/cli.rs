@@ -120,6 +120,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         }
     }
     let prometheus = crate::metrics::install_prometheus()?;
+    let _upkeep = crate::metrics::spawn_upkeep(prometheus.clone());
     let statsd = if args.use_statsd {
         let settings = crate::statsd::StatsdSettings {
             host: args.statsd_host.clone(),

@@ -52,6 +52,20 @@ pub fn install_prometheus() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
+/// Drains histogram samples into their buckets every few seconds. The exporter keeps raw
+/// samples until upkeep or a scrape runs, so without this a service nobody scrapes would grow
+/// by every request's latency sample.
+pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    })
+}
+
 /// Renders the Prometheus text format, refreshing process metrics first.
 pub fn render(handle: &PrometheusHandle) -> String {
     metrics_process::Collector::default().collect();
