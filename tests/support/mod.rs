@@ -445,8 +445,14 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    status_and_body(&raw)
+}
+
+/// Splits a raw HTTP/1.1 response into (status code, body); status 0 if there was none.
+fn status_and_body(raw: &[u8]) -> (u16, String) {
+    let raw = String::from_utf8_lossy(raw);
     let status = raw
         .split_whitespace()
         .nth(1)
@@ -474,15 +480,5 @@ pub fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    status_and_body(&raw)
 }
