@@ -23,5 +23,9 @@ if ! .venv/bin/python -c 'import grpc, envoy.service.ratelimit.v3.rls_pb2' >/dev
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt
 fi
+if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("compose") is None)' >/dev/null 2>&1; then
+  # Only for its Compose Specification schema file; none of its code runs.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps docker-compose==1.29.2
+fi
 
 cargo test --all-targets --locked -- --test-threads=4

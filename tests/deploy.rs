@@ -72,3 +72,40 @@ fn the_configmap_rules_are_the_shipped_rules() {
         "deploy/kubernetes/rules/example.yaml must be a copy of config/example.yaml"
     );
 }
+
+fn validate_compose(file: &Path) -> (bool, String) {
+    let python = root().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "Python venv missing: run ./scripts/test.sh"
+    );
+    let out = std::process::Command::new(python)
+        .arg(root().join("tests/py/validate_compose.py"))
+        .arg(file)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn docker_compose_follows_the_compose_specification() {
+    let (ok, text) = validate_compose(&root().join("docker-compose.yml"));
+    assert!(ok, "{text}");
+    assert_eq!(text.trim(), "valid");
+    // The validator does reject what the specification forbids.
+    let dir = support::config_dir(&[("bad.yml", "services:\n  x:\n    image: 5\n    bogus: 1\n")]);
+    let (ok, text) = validate_compose(&dir.path().join("bad.yml"));
+    assert!(!ok);
+    assert!(
+        text.contains("services/x/image: 5 is not of type 'string'"),
+        "{text}"
+    );
+    // Every service the README promises, wired as in envoy/.
+    let compose = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    for service in ["  redis:", "  ratelimitd:", "  upstream:", "  envoy:"] {
+        assert!(compose.contains(service), "{service}");
+    }
+    assert!(compose.contains("./envoy/envoy-compose.yaml:/etc/envoy/envoy.yaml:ro"));
+}
