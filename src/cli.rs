@@ -128,8 +128,9 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             flush_interval: args.stats_flush_interval,
             extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)?,
         };
-        let sink = crate::statsd::Statsd::start(settings)?;
-        tracing::warn!(host = %args.statsd_host, port = args.statsd_port, "sending stats to statsd");
+        let protocol: crate::statsd::Protocol = args.statsd_protocol.parse()?;
+        let sink = crate::statsd::Statsd::start_with_protocol(settings, protocol)?;
+        tracing::warn!(host = %args.statsd_host, port = args.statsd_port, protocol = %args.statsd_protocol, "sending stats to statsd");
         Some(sink)
     } else {
         None

@@ -203,6 +203,9 @@ pub struct ServeArgs {
     pub statsd_host: String,
     #[arg(long, env = "STATSD_PORT", default_value_t = 8125)]
     pub statsd_port: u16,
+    /// tcp or udp. gostats (the reference's stats library) reads this and defaults to tcp.
+    #[arg(long, env = "STATSD_PROTOCOL", default_value = "tcp")]
+    pub statsd_protocol: String,
     /// How often StatsD counters are flushed (Go duration).
     #[arg(long, env = "STATS_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_go_duration)]
     pub stats_flush_interval: Duration,

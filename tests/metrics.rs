@@ -314,6 +314,7 @@ async fn statsd_receives_the_reference_stat_names() {
         .env("USE_STATSD", "true")
         .env("STATSD_HOST", "127.0.0.1")
         .env("STATSD_PORT", &port.to_string())
+        .env("STATSD_PROTOCOL", "udp")
         .env("STATS_FLUSH_INTERVAL", "100ms")
         .env("EXTRA_TAGS", "cluster:eu")
         .start();
