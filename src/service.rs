@@ -79,6 +79,8 @@ pub struct RateLimiter<S> {
     backend_duration: Histogram,
     /// Store calls in flight: how busy the shared connections are.
     backend_in_flight: Gauge,
+    total_requests: Counter,
+    response_time: Histogram,
 }
 
 /// What applies to one descriptor.
@@ -116,6 +118,8 @@ impl<S: Store> RateLimiter<S> {
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
             backend_duration: histogram!(m::BACKEND_DURATION),
             backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
+            total_requests: counter!(m::TOTAL_REQUESTS, "grpc_method" => "ShouldRateLimit"),
+            response_time: histogram!(m::RESPONSE_TIME, "grpc_method" => "ShouldRateLimit"),
         }
     }
 
@@ -167,10 +171,9 @@ impl<S: Store> RateLimiter<S> {
     /// Counts one call: total, latency, and the error type when it failed (the reference's
     /// `redis_error` / `service_error`); logs the failure once, here.
     pub fn record_call(&self, started: Instant, error: Option<&ServiceError>) {
-        const METHOD: &str = "ShouldRateLimit";
         let elapsed = started.elapsed();
-        counter!(m::TOTAL_REQUESTS, "grpc_method" => METHOD).increment(1);
-        histogram!(m::RESPONSE_TIME, "grpc_method" => METHOD).record(elapsed.as_secs_f64());
+        self.total_requests.increment(1);
+        self.response_time.record(elapsed.as_secs_f64());
         let err_type = match error {
             None => None,
             Some(ServiceError::InvalidArgument(msg)) => {
