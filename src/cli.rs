@@ -130,7 +130,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         };
         let protocol: crate::statsd::Protocol = args.statsd_protocol.parse()?;
         let sink = crate::statsd::Statsd::start_with_protocol(settings, protocol)?;
-        tracing::warn!(host = %args.statsd_host, port = args.statsd_port, protocol = %args.statsd_protocol, "sending stats to statsd");
+        tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = %args.statsd_protocol, "sending stats to statsd");
         Some(sink)
     } else {
         None
@@ -166,7 +166,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         )
     })?;
     count_load(true);
-    tracing::warn!(path = %source.path.display(), "{}", summary(&tree));
+    tracing::info!(path = %source.path.display(), "{}", summary(&tree));
     let has_domains = !tree.domains.is_empty();
     let rules = Arc::new(ArcSwap::from_pointee(tree));
 
@@ -234,7 +234,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         match r.ping().await {
             Ok(()) => {
                 health.set(Component::Backend, true);
-                tracing::warn!(url = %mask(&redis.url), connections = r.connections(), "connected to redis");
+                tracing::info!(url = %mask(&redis.url), connections = r.connections(), "connected to redis");
             }
             Err(e) => {
                 tracing::error!(url = %mask(&redis.url), error = %e, "redis not reachable yet; answering UNAVAILABLE until it is")
@@ -244,7 +244,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             spawn_backend_probe(store.clone(), health.clone());
         }
     } else {
-        tracing::warn!(
+        tracing::info!(
             "using the in-memory backend (single instance; set REDIS_URL to share counters)"
         );
     }
@@ -261,6 +261,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
         near_limit_ratio: args.near_limit_ratio,
         rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
+        max_concurrent_calls: args.max_concurrent_calls,
     };
     let limiter = Arc::new(RateLimiter::new(
         rules.clone(),
@@ -290,6 +291,8 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     };
     let local =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // WARN, as the reference logs "Listening for gRPC on": the one routine line that shows
+    // at the default LOG_LEVEL (WARN), so an operator sees the service came up and where.
     tracing::warn!(
         grpc = %grpc_addr,
         http = %local(&http),
@@ -314,6 +317,9 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         max_connection_age: args.grpc_max_connection_age,
         max_connection_age_grace: args.grpc_max_connection_age_grace,
         drain_timeout: args.drain_timeout,
+        max_concurrent_streams: args.grpc_max_concurrent_streams,
+        opening_timeout: args.connection_opening_timeout,
+        header_read_timeout: args.http_header_read_timeout,
     };
     server::run(listeners, state, health_service, shutdown)
         .await
@@ -321,7 +327,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     if let Some(s) = &statsd {
         s.flush_now();
     }
-    tracing::warn!("ratelimitd stopped");
+    tracing::info!("ratelimitd stopped");
     Ok(())
 }
 
@@ -376,7 +382,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 's
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
-        tracing::warn!("shutdown signal received; draining");
+        tracing::info!("shutdown signal received; draining");
     })
 }
 

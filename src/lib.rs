@@ -12,12 +12,13 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod conn_age;
+pub mod conn;
 pub mod error;
 pub mod explain;
 pub mod health;
 pub mod json;
 pub mod limiter;
+pub mod log_throttle;
 pub mod matcher;
 pub mod metrics;
 pub mod proto;

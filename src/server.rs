@@ -6,17 +6,19 @@
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::{
-    wrappers::{TcpListenerStream, UnixListenerStream},
-    StreamExt,
-};
+use tokio_stream::StreamExt;
 
 use crate::{
     admin,
     config::RuleTree,
-    conn_age::AgedIo,
+    conn::{ConnPolicy, Incoming},
     health::{Component, Health},
     limiter::{CacheKeyBuilder, Clock},
     proto::{
@@ -63,6 +65,12 @@ pub struct Listeners {
     pub max_connection_age: Duration,
     pub max_connection_age_grace: Duration,
     pub drain_timeout: Duration,
+    /// `GRPC_MAX_CONCURRENT_STREAMS`: advertised in HTTP/2 SETTINGS, per connection.
+    pub max_concurrent_streams: u32,
+    /// `CONNECTION_OPENING_TIMEOUT`: a new connection's first bytes must arrive within this.
+    pub opening_timeout: Duration,
+    /// `HTTP_HEADER_READ_TIMEOUT`: an HTTP request's headers must arrive within this.
+    pub header_read_timeout: Duration,
 }
 
 /// Builds the store for `backend`; the memory store also gets its sweeper task.
@@ -116,50 +124,69 @@ pub async fn run(
     };
 
     let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // GOAWAY at the max age; the grace is enforced by AgedIo (see conn_age).
+        // GOAWAY at the max age; the close after the grace is ConnIo's (see conn).
         .max_connection_age(listeners.max_connection_age)
+        .max_concurrent_streams(listeners.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(rls);
+    let policy = |lifetime: Option<Duration>| ConnPolicy {
+        opening_timeout: listeners.opening_timeout,
+        lifetime,
+        shutdown: rx.clone(),
+    };
+    let grpc_policy = policy(Some(
+        listeners
+            .max_connection_age
+            .saturating_add(listeners.max_connection_age_grace),
+    ));
     let mut uds_path = None;
-    let lifetime = listeners
-        .max_connection_age
-        .saturating_add(listeners.max_connection_age_grace);
     let grpc = async {
         match listeners.grpc {
             GrpcListener::Tcp(l) => {
-                let incoming =
-                    TcpListenerStream::new(l).map(move |c| c.map(|io| AgedIo::new(io, lifetime)));
                 router
-                    .serve_with_incoming_shutdown(incoming, stopped(rx.clone()))
+                    .serve_with_incoming_shutdown(
+                        Incoming::new(l, "grpc", grpc_policy),
+                        stopped(rx.clone()),
+                    )
                     .await
             }
             GrpcListener::Unix(l, path) => {
                 uds_path = Some(path);
-                let incoming =
-                    UnixListenerStream::new(l).map(move |c| c.map(|io| AgedIo::new(io, lifetime)));
                 router
-                    .serve_with_incoming_shutdown(incoming, stopped(rx.clone()))
+                    .serve_with_incoming_shutdown(
+                        Incoming::new(l, "grpc", grpc_policy),
+                        stopped(rx.clone()),
+                    )
                     .await
             }
         }
     };
-    let http = axum::serve(listeners.http, admin::router(state.clone()))
-        .with_graceful_shutdown(stopped(rx.clone()));
-    let debug = axum::serve(listeners.debug, admin::debug_router(state.clone()))
-        .with_graceful_shutdown(stopped(rx.clone()));
+    let header_timeout = listeners.header_read_timeout;
+    let http = serve_http(
+        Incoming::new(listeners.http, "http", policy(None)),
+        admin::router(state.clone()),
+        header_timeout,
+        stopped(rx.clone()),
+    );
+    let debug = serve_http(
+        Incoming::new(listeners.debug, "debug", policy(None)),
+        admin::debug_router(state.clone()),
+        header_timeout,
+        stopped(rx.clone()),
+    );
     let prometheus = async {
-        match listeners.prometheus {
-            Some((l, path)) => {
-                axum::serve(l, admin::prometheus_router(state.clone(), &path))
-                    .with_graceful_shutdown(stopped(rx.clone()))
-                    .await
-            }
-            None => Ok(()),
+        if let Some((l, path)) = listeners.prometheus {
+            serve_http(
+                Incoming::new(l, "prometheus", policy(None)),
+                admin::prometheus_router(state.clone(), &path),
+                header_timeout,
+                stopped(rx.clone()),
+            )
+            .await;
         }
     };
     let all = async { tokio::join!(grpc, http, debug, prometheus) };
@@ -172,13 +199,7 @@ pub async fn run(
         }
     };
     let result = tokio::select! {
-        (g, h, d, p) = all => {
-            g?;
-            h?;
-            d?;
-            p?;
-            Ok(())
-        }
+        (g, (), (), ()) = all => g.map_err(Into::into),
         _ = drain_limit => {
             tracing::warn!(timeout = ?listeners.drain_timeout, "drain timeout: closing with calls still in flight");
             Ok(())
@@ -190,6 +211,45 @@ pub async fn run(
         }
     }
     result
+}
+
+/// Serves HTTP/1 and HTTP/2 on `incoming` until `stopped`, then lets open requests finish.
+/// Our own loop rather than `axum::serve`, which sets no timer and so no header-read
+/// timeout: a client trickling headers could hold a connection forever.
+async fn serve_http(
+    mut incoming: Incoming<TcpListener>,
+    router: axum::Router,
+    header_read_timeout: Duration,
+    stopped: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let mut stopped = std::pin::pin!(stopped);
+    loop {
+        let io = tokio::select! {
+            io = incoming.next() => io,
+            () = &mut stopped => break,
+        };
+        let Some(Ok(io)) = io else { break };
+        let service = TowerToHyperService::new(router.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    // Stop listening now, then wait for open connections to finish their requests.
+    drop(incoming);
+    graceful.shutdown().await;
 }
 
 /// Binds a TCP listener on `host:port` (an empty host means all interfaces).

@@ -114,10 +114,10 @@ pub struct ServeArgs {
     #[arg(long, env = "GRPC_UDS")]
     pub grpc_uds: Option<PathBuf>,
     /// Connections older than this get a GOAWAY, so clients re-resolve (Go duration).
-    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", default_value = "24h", value_parser = parse_go_duration)]
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", default_value = "24h", value_parser = duration("GRPC_MAX_CONNECTION_AGE", Bound::Positive, YEAR))]
     pub grpc_max_connection_age: Duration,
     /// Grace after GRPC_MAX_CONNECTION_AGE before the connection is closed.
-    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", default_value = "1h", value_parser = parse_go_duration)]
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", default_value = "1h", value_parser = duration("GRPC_MAX_CONNECTION_AGE_GRACE", Bound::Zero, YEAR))]
     pub grpc_max_connection_age_grace: Duration,
     /// Admin HTTP listener: /healthcheck, /json, /metrics, /rlconfig.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
@@ -143,10 +143,10 @@ pub struct ServeArgs {
     #[arg(long, env = "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub redis_health_check_active_connection: bool,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish (Go duration).
-    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_go_duration)]
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "20s", value_parser = duration("DRAIN_TIMEOUT", Bound::Zero, HOUR))]
     pub drain_timeout: Duration,
     /// Quiet time after a config file change before reloading (Go duration).
-    #[arg(long, env = "RELOAD_DEBOUNCE", default_value = "200ms", value_parser = parse_go_duration)]
+    #[arg(long, env = "RELOAD_DEBOUNCE", default_value = "200ms", value_parser = duration("RELOAD_DEBOUNCE", Bound::Zero, HOUR))]
     pub reload_debounce: Duration,
     /// trace, debug, info, warn or error (case-insensitive), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "WARN")]
@@ -169,12 +169,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 10)]
     pub redis_pool_size: usize,
     /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
-    #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = duration("REDIS_TIMEOUT", Bound::Positive, HOUR))]
     pub redis_timeout: Duration,
 
     #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
     pub cache_key_prefix: String,
-    #[arg(long, env = "EXPIRATION_JITTER_MAX_SECONDS", default_value_t = 300)]
+    #[arg(long, env = "EXPIRATION_JITTER_MAX_SECONDS", default_value_t = 300, value_parser = at_most("EXPIRATION_JITTER_MAX_SECONDS", YEAR.as_secs()))]
     pub expiration_jitter_max_seconds: u64,
     #[arg(long, env = "SHADOW_MODE", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub shadow_mode: bool,
@@ -207,14 +207,30 @@ pub struct ServeArgs {
     #[arg(long, env = "STATSD_PROTOCOL", default_value = "tcp")]
     pub statsd_protocol: String,
     /// How often StatsD counters are flushed (Go duration).
-    #[arg(long, env = "STATS_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_go_duration)]
+    #[arg(long, env = "STATS_FLUSH_INTERVAL", default_value = "10s", value_parser = duration("STATS_FLUSH_INTERVAL", Bound::Positive, HOUR))]
     pub stats_flush_interval: Duration,
     /// Tags added to every StatsD stat: `k1:v1,k2:v2`.
     #[arg(long, env = "EXTRA_TAGS", default_value = "")]
     pub extra_tags: String,
     /// Share of a limit above which hits count as near the limit (metrics).
-    #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8)]
+    #[arg(long, env = "NEAR_LIMIT_RATIO", default_value_t = 0.8, value_parser = ratio("NEAR_LIMIT_RATIO"))]
     pub near_limit_ratio: f32,
+
+    /// HTTP/2 streams one gRPC connection may have open (advertised in SETTINGS); a client
+    /// needing more opens another connection, as Envoy does.
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = at_least("GRPC_MAX_CONCURRENT_STREAMS", 1u32))]
+    pub grpc_max_concurrent_streams: u32,
+    /// ShouldRateLimit calls answered at once, across connections; beyond it calls are
+    /// refused at once with RESOURCE_EXHAUSTED (and counted) instead of queueing.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 10_000, value_parser = at_least("MAX_CONCURRENT_CALLS", 1u64))]
+    pub max_concurrent_calls: u64,
+    /// A new connection (gRPC or HTTP) must send its first bytes within this, or it is
+    /// closed; so is one still silent when shutdown begins.
+    #[arg(long, env = "CONNECTION_OPENING_TIMEOUT", default_value = "10s", value_parser = duration("CONNECTION_OPENING_TIMEOUT", Bound::Positive, HOUR))]
+    pub connection_opening_timeout: Duration,
+    /// An HTTP request's headers must arrive within this (admin, debug, Prometheus).
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration("HTTP_HEADER_READ_TIMEOUT", Bound::Positive, HOUR))]
+    pub http_header_read_timeout: Duration,
 }
 
 /// The default `REDIS_URL` of the reference (a twemproxy socket), used when
@@ -282,6 +298,78 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "RESPONSE_DYNAMIC_METADATA",
     "TRACING_ENABLED",
 ];
+
+const HOUR: Duration = Duration::from_secs(3_600);
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+/// Smallest value a duration setting accepts.
+#[derive(Debug, Clone, Copy)]
+pub enum Bound {
+    Zero,
+    Positive,
+}
+
+/// A Go-duration parser for the setting `name`, accepting `min..=max`. The upper bounds
+/// keep the arithmetic done with each value (deadlines, `debounce * 10`) from overflowing,
+/// which would panic a task or silently stop it (`RELOAD_DEBOUNCE=1000000h` once did).
+pub fn duration(
+    name: &'static str,
+    min: Bound,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let d = parse_go_duration(s).map_err(|e| format!("{name}: {e}"))?;
+        if matches!(min, Bound::Positive) && d.is_zero() {
+            return Err(format!("{name} must be greater than zero"));
+        }
+        if d > max {
+            return Err(format!("{name} must be at most {max:?}"));
+        }
+        Ok(d)
+    }
+}
+
+/// A ratio in (0, 1], as `NEAR_LIMIT_RATIO` must be.
+pub fn ratio(
+    name: &'static str,
+) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let v: f32 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name} must be a number in (0, 1]"))?;
+        if v > 0.0 && v <= 1.0 {
+            Ok(v)
+        } else {
+            Err(format!("{name} must be in (0, 1], got {v}"))
+        }
+    }
+}
+
+/// An integer setting that must be at least `min`.
+pub fn at_least<T>(
+    name: &'static str,
+    min: T,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |s| match s.trim().parse::<T>() {
+        Ok(v) if v >= min => Ok(v),
+        _ => Err(format!("{name} must be an integer of at least {min}")),
+    }
+}
+
+/// An integer setting that must be at most `max`.
+pub fn at_most(
+    name: &'static str,
+    max: u64,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s| match s.trim().parse::<u64>() {
+        Ok(v) if v <= max => Ok(v),
+        _ => Err(format!("{name} must be an integer from 0 to {max}")),
+    }
+}
 
 /// Parses a Go `time.Duration` string (`300ms`, `10s`, `1m30s`, `1.5h`); a bare number is
 /// seconds.

@@ -190,14 +190,14 @@ impl Reloader {
                 hash,
                 domains,
                 rules,
-            } => tracing::warn!(
+            } => tracing::info!(
                 path = %path, generation, hash = %format!("{hash:016x}"), domains, rules,
                 trigger, "config reloaded"
             ),
             ReloadOutcome::Unchanged { generation, hash } => {
                 let hash = format!("{hash:016x}");
                 if manual || last_failed {
-                    tracing::warn!(path = %path, generation, hash = %hash, trigger,
+                    tracing::info!(path = %path, generation, hash = %hash, trigger,
                         "config unchanged; the config in force matches the files");
                 } else {
                     tracing::debug!(path = %path, generation, hash = %hash, "config unchanged");
@@ -224,7 +224,7 @@ impl Reloader {
         let me = Arc::clone(self);
         Ok(tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                tracing::warn!("SIGHUP received; reloading the config");
+                tracing::info!("SIGHUP received; reloading the config");
                 let me = Arc::clone(&me);
                 if let Err(e) = tokio::task::spawn_blocking(move || me.reload_now()).await {
                     tracing::error!(error = %e, "config reload task failed");
