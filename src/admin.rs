@@ -65,10 +65,7 @@ async fn json(AxumState(s): Shared, body: axum::body::Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let started = std::time::Instant::now();
-    let result = s.limiter.should_rate_limit(&req).await;
-    s.limiter.record_call(started, result.as_ref().err());
-    match result {
+    match s.limiter.answer(&req).await {
         Ok(resp) => {
             let status = if resp.overall_code
                 == crate::proto::envoy::service::ratelimit::v3::rate_limit_response::Code::OverLimit
@@ -88,7 +85,11 @@ async fn json(AxumState(s): Shared, body: axum::body::Bytes) -> Response {
         Err(e @ crate::error::ServiceError::InvalidArgument(_)) => {
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", e.client_message()),
+        )
+            .into_response(),
     }
 }
 

@@ -11,15 +11,31 @@ pub enum ServiceError {
     /// The counter store failed or timed out.
     #[error("rate limit backend unavailable: {0}")]
     Store(#[from] StoreError),
+    /// `MAX_CONCURRENT_CALLS` calls were already in flight.
+    #[error("too many calls in flight (MAX_CONCURRENT_CALLS={0}); retry later")]
+    Overloaded(u64),
+}
+
+impl ServiceError {
+    /// What the client is told. A backend's own error text stays in our logs: it can name
+    /// keys, addresses or internals, and clients can do nothing with it.
+    pub fn client_message(&self) -> String {
+        match self {
+            ServiceError::Store(e) => format!("rate limit backend unavailable ({})", e.kind),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<ServiceError> for tonic::Status {
     fn from(e: ServiceError) -> Self {
-        match &e {
-            ServiceError::InvalidArgument(_) => tonic::Status::invalid_argument(e.to_string()),
+        let message = e.client_message();
+        match e {
+            ServiceError::InvalidArgument(_) => tonic::Status::invalid_argument(message),
             // The reference answers UNKNOWN; Envoy treats both as a failed call. UNAVAILABLE
             // says what happened and is the code clients treat as retryable.
-            ServiceError::Store(_) => tonic::Status::unavailable(e.to_string()),
+            ServiceError::Store(_) => tonic::Status::unavailable(message),
+            ServiceError::Overloaded(_) => tonic::Status::resource_exhausted(message),
         }
     }
 }

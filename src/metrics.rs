@@ -34,6 +34,9 @@ pub const BACKEND_ERRORS: &str = "ratelimitd_backend_errors_total";
 pub const BACKEND_CONNECTIONS: &str = "ratelimitd_backend_connections";
 pub const BACKEND_IN_FLIGHT: &str = "ratelimitd_backend_requests_in_flight";
 pub const HEALTHY: &str = "ratelimitd_healthy";
+pub const ACCEPT_ERRORS: &str = "ratelimitd_accept_errors_total";
+pub const CALLS_SHED: &str = "ratelimitd_calls_shed_total";
+pub const CALLS_IN_FLIGHT: &str = "ratelimitd_calls_in_flight";
 
 /// Histogram buckets in seconds: sub-millisecond to one second, dense around Envoy's 20 ms.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -113,6 +116,15 @@ fn describe() {
     describe_gauge!(BACKEND_CONNECTIONS, "Connections to the counter store.");
     describe_gauge!(BACKEND_IN_FLIGHT, "Counter store requests in flight.");
     describe_gauge!(HEALTHY, "1 while /healthcheck answers 200.");
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accepts by listener (e.g. out of file descriptors)."
+    );
+    describe_counter!(
+        CALLS_SHED,
+        "Calls refused with RESOURCE_EXHAUSTED because MAX_CONCURRENT_CALLS were in flight."
+    );
+    describe_gauge!(CALLS_IN_FLIGHT, "ShouldRateLimit calls being answered.");
 }
 
 /// A counter in Prometheus and, with `USE_STATSD`, under the reference's StatsD name.
@@ -159,6 +171,9 @@ impl RuleStats {
         let before = o.after.saturating_sub(o.hits);
         // float32 arithmetic, then floor, as the reference computes it.
         let near = (o.requests_per_unit as f32 * near_limit_ratio).floor() as u64;
+        // f32 rounding can put the threshold above the limit (2^24 + 3 rounds up); the
+        // subtractions below need near <= limit.
+        let near = near.min(limit);
         self.total_hits.increment(o.hits);
         if o.after > limit {
             if before >= limit {
@@ -313,6 +328,32 @@ mod tests {
         let l = labels("d", "d.a.b_x.c");
         assert_eq!(l.len(), 3);
         assert_eq!((l[2].key(), l[2].value()), ("key2", "b_x"));
+    }
+
+    #[test]
+    fn a_near_limit_threshold_rounded_above_the_limit_does_not_underflow() {
+        let quiet = || DualCounter {
+            prometheus: Counter::noop(),
+            statsd: None,
+        };
+        let stats = RuleStats {
+            total_hits: quiet(),
+            over_limit: quiet(),
+            near_limit: quiet(),
+            within_limit: quiet(),
+            shadow_mode: quiet(),
+        };
+        // 2^24 + 3 as f32 rounds up to 2^24 + 4: the threshold would be above the limit.
+        let limit = (1u32 << 24) + 3;
+        for (hits, after) in [(1, 1), (5, u64::from(limit) + 2), (1, u64::from(limit))] {
+            let o = HitOutcome {
+                requests_per_unit: limit,
+                hits,
+                after,
+                shadow_mode: false,
+            };
+            stats.record(o, 1.0);
+        }
     }
 
     #[test]

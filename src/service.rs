@@ -6,7 +6,14 @@
 //! `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for bad requests and
 //! `UNAVAILABLE` for backend failures.
 
-use std::{borrow::Cow, sync::Arc, time::Instant};
+use std::{
+    borrow::Cow,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use arc_swap::ArcSwap;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
@@ -15,6 +22,7 @@ use crate::{
     config::{Limit, Rule, RuleTree},
     error::ServiceError,
     limiter::{decide, CacheKeyBuilder, Clock, Unit},
+    log_throttle::LogThrottle,
     matcher,
     metrics::{self as m, HitOutcome, Stats},
     proto::envoy::{
@@ -27,7 +35,7 @@ use crate::{
             RateLimitRequest, RateLimitResponse,
         },
     },
-    store::{Hit, Store},
+    store::{Hit, Store, MAX_COUNT},
 };
 
 /// Most descriptors one request may carry (Envoy sends a handful).
@@ -62,6 +70,8 @@ pub struct ServiceSettings {
     pub near_limit_ratio: f32,
     /// `LIMIT_RULE_HEADER`: on OVER_LIMIT, a response header naming the rule that fired.
     pub rule_header: Option<String>,
+    /// `MAX_CONCURRENT_CALLS`: calls answered at once; 0 means no bound.
+    pub max_concurrent_calls: u64,
 }
 
 /// The rate limit service over a store `S`.
@@ -81,6 +91,106 @@ pub struct RateLimiter<S> {
     backend_in_flight: Gauge,
     total_requests: Counter,
     response_time: Histogram,
+    /// `ratelimit_service_should_rate_limit_error` by [`Outcome::err_type`].
+    errors: [Counter; Outcome::ERR_TYPES.len()],
+    /// Calls being answered, admitted or not (see [`RateLimiter::answer`]).
+    in_flight: AtomicU64,
+    max_in_flight: u64,
+    in_flight_gauge: Gauge,
+    shed: Counter,
+    /// Backend failures are logged once per stretch, not once per call.
+    backend_log: LogThrottle,
+}
+
+/// How a call ended, for the call metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Answered,
+    Invalid,
+    Backend,
+    /// Refused because `MAX_CONCURRENT_CALLS` calls were in flight.
+    Shed,
+    /// The client went away (Envoy's deadline, a reset stream) before the answer: the handler
+    /// future was dropped. The default until the call says otherwise.
+    Cancelled,
+}
+
+impl Outcome {
+    /// `err_type` label values: the reference's two, then ours.
+    const ERR_TYPES: [&'static str; 4] =
+        ["service_error", "redis_error", "overloaded", "cancelled"];
+
+    fn err_index(self) -> Option<usize> {
+        match self {
+            Outcome::Answered => None,
+            Outcome::Invalid => Some(0),
+            Outcome::Backend => Some(1),
+            Outcome::Shed => Some(2),
+            Outcome::Cancelled => Some(3),
+        }
+    }
+}
+
+/// Counts one call exactly once, when dropped: answered, failed, shed or cancelled.
+struct CallGuard<'a, S> {
+    limiter: &'a RateLimiter<S>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+impl<S> Drop for CallGuard<'_, S> {
+    fn drop(&mut self) {
+        let l = self.limiter;
+        l.in_flight.fetch_sub(1, Ordering::Relaxed);
+        l.in_flight_gauge.decrement(1.0);
+        let elapsed = self.started.elapsed();
+        l.total_requests.increment(1);
+        l.response_time.record(elapsed.as_secs_f64());
+        let err_type = self.outcome.err_index().and_then(|i| {
+            let counter = l.errors.get(i)?;
+            counter.increment(1);
+            Outcome::ERR_TYPES.get(i).copied()
+        });
+        if self.outcome == Outcome::Shed {
+            l.shed.increment(1);
+        }
+        if let Some(s) = &l.statsd {
+            s.counter("ratelimit_server.ShouldRateLimit.total_requests", 1);
+            s.timer_ms(
+                "ratelimit_server.ShouldRateLimit.response_time",
+                elapsed.as_secs_f64() * 1000.0,
+            );
+            if let Some(t) = err_type {
+                s.counter(&format!("ratelimit.service.call.should_rate_limit.{t}"), 1);
+            }
+        }
+    }
+}
+
+/// Store calls in flight and their duration, recorded when dropped (so a call cancelled while
+/// Redis hangs still leaves the gauge and shows in the histogram).
+struct BackendGuard<'a> {
+    in_flight: &'a Gauge,
+    duration: &'a Histogram,
+    started: Instant,
+}
+
+impl<'a> BackendGuard<'a> {
+    fn new(in_flight: &'a Gauge, duration: &'a Histogram) -> Self {
+        in_flight.increment(1.0);
+        Self {
+            in_flight,
+            duration,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for BackendGuard<'_> {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
+        self.duration.record(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// What applies to one descriptor.
@@ -112,7 +222,6 @@ impl<S: Store> RateLimiter<S> {
             rules,
             store,
             clock,
-            settings,
             stats: Stats::new(statsd.clone()),
             statsd,
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
@@ -120,7 +229,56 @@ impl<S: Store> RateLimiter<S> {
             backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
             total_requests: counter!(m::TOTAL_REQUESTS, "grpc_method" => "ShouldRateLimit"),
             response_time: histogram!(m::RESPONSE_TIME, "grpc_method" => "ShouldRateLimit"),
+            errors: Outcome::ERR_TYPES
+                .map(|t| counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => t)),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: match settings.max_concurrent_calls {
+                0 => u64::MAX,
+                n => n,
+            },
+            in_flight_gauge: gauge!(m::CALLS_IN_FLIGHT),
+            shed: counter!(m::CALLS_SHED),
+            backend_log: LogThrottle::default(),
+            settings,
         }
+    }
+
+    /// Answers one call and counts it exactly once, however it ends: answered, refused as
+    /// invalid, failed in the backend, shed because `MAX_CONCURRENT_CALLS` calls are in
+    /// flight, or cancelled (this future dropped before it finished).
+    pub async fn answer(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, ServiceError> {
+        let admitted = self.in_flight.fetch_add(1, Ordering::Relaxed) < self.max_in_flight;
+        self.in_flight_gauge.increment(1.0);
+        let mut call = CallGuard {
+            limiter: self,
+            started: Instant::now(),
+            outcome: Outcome::Cancelled,
+        };
+        if !admitted {
+            call.outcome = Outcome::Shed;
+            return Err(ServiceError::Overloaded(self.max_in_flight));
+        }
+        let result = self.should_rate_limit(req).await;
+        call.outcome = match &result {
+            Ok(_) => {
+                if self.backend_log.success() {
+                    tracing::warn!("backend answering again");
+                }
+                Outcome::Answered
+            }
+            Err(ServiceError::InvalidArgument(msg)) => {
+                tracing::debug!(error = %msg, "invalid request");
+                Outcome::Invalid
+            }
+            Err(ServiceError::Store(e)) => {
+                if let Some(suppressed) = self.backend_log.failure() {
+                    tracing::warn!(error = %e, suppressed, "backend error (repeats are logged every 10 s)");
+                }
+                Outcome::Backend
+            }
+            Err(ServiceError::Overloaded(_)) => Outcome::Shed,
+        };
+        result
     }
 
     /// Answers one request.
@@ -144,7 +302,9 @@ impl<S: Store> RateLimiter<S> {
                     });
                 hits.push(Hit {
                     key: self.keys.build(&req.domain, entries, limit.unit, now),
-                    hits: d.hits_addend.unwrap_or(request_hits),
+                    // Counters saturate at MAX_COUNT on both backends: a larger addend is
+                    // counted as MAX_COUNT (over any limit) instead of failing the counter.
+                    hits: d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT),
                     window_secs: limit.unit.seconds(),
                     ttl_secs: limit.unit.seconds() + self.jitter(),
                 });
@@ -153,12 +313,8 @@ impl<S: Store> RateLimiter<S> {
         let counts = if hits.is_empty() {
             Vec::new()
         } else {
-            let started = Instant::now();
-            self.backend_in_flight.increment(1.0);
+            let _backend = BackendGuard::new(&self.backend_in_flight, &self.backend_duration);
             let result = self.store.increment(&hits).await;
-            self.backend_in_flight.decrement(1.0);
-            self.backend_duration
-                .record(started.elapsed().as_secs_f64());
             if let Err(e) = &result {
                 counter!(m::BACKEND_ERRORS, "kind" => e.kind.label()).increment(1);
             }
@@ -166,38 +322,6 @@ impl<S: Store> RateLimiter<S> {
         };
         tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), counters = hits.len(), "should_rate_limit");
         Ok(self.respond(req, &resolved, &hits, &counts, now))
-    }
-
-    /// Counts one call: total, latency, and the error type when it failed (the reference's
-    /// `redis_error` / `service_error`); logs the failure once, here.
-    pub fn record_call(&self, started: Instant, error: Option<&ServiceError>) {
-        let elapsed = started.elapsed();
-        self.total_requests.increment(1);
-        self.response_time.record(elapsed.as_secs_f64());
-        let err_type = match error {
-            None => None,
-            Some(ServiceError::InvalidArgument(msg)) => {
-                tracing::debug!(error = %msg, "invalid request");
-                Some("service_error")
-            }
-            Some(ServiceError::Store(e)) => {
-                tracing::warn!(error = %e, "backend error");
-                Some("redis_error")
-            }
-        };
-        if let Some(t) = err_type {
-            counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => t).increment(1);
-        }
-        if let Some(s) = &self.statsd {
-            s.counter("ratelimit_server.ShouldRateLimit.total_requests", 1);
-            s.timer_ms(
-                "ratelimit_server.ShouldRateLimit.response_time",
-                elapsed.as_secs_f64() * 1000.0,
-            );
-            if let Some(t) = err_type {
-                s.counter(&format!("ratelimit.service.call.should_rate_limit.{t}"), 1);
-            }
-        }
     }
 
     fn jitter(&self) -> u64 {
@@ -488,9 +612,10 @@ impl<S: Store> RateLimitService for GrpcService<S> {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        let started = Instant::now();
-        let result = self.0.should_rate_limit(request.get_ref()).await;
-        self.0.record_call(started, result.as_ref().err());
-        result.map(tonic::Response::new).map_err(Into::into)
+        self.0
+            .answer(request.get_ref())
+            .await
+            .map(tonic::Response::new)
+            .map_err(Into::into)
     }
 }

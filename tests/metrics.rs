@@ -36,39 +36,6 @@ fn write_atomically(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// The value of the sample `name{labels}` (labels in any order; no other labels).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, rest) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            if n != name {
-                return None;
-            }
-            let mut got: Vec<(String, String)> = if rest.is_empty() {
-                Vec::new()
-            } else {
-                rest.split("\",")
-                    .map(|kv| {
-                        let (k, v) = kv.split_once("=\"").unwrap();
-                        (k.to_owned(), v.trim_end_matches('"').to_owned())
-                    })
-                    .collect()
-            };
-            let mut want: Vec<(String, String)> = labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            got.sort();
-            want.sort();
-            (got == want).then(|| value.parse().unwrap())
-        })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_rule_and_service_counters_have_exact_values() {
     let dir = config_dir(&[("m.yaml", RULES)]);

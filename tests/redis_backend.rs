@@ -177,9 +177,13 @@ async fn redis_killed_then_restarted() {
             .expect("answered within the guard")
             .unwrap_err();
         assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+        // Redis's own error text stays in our log; the client gets the kind only.
         assert!(
-            e.message()
-                .starts_with("rate limit backend unavailable: redis"),
+            [
+                "rate limit backend unavailable (connection error)",
+                "rate limit backend unavailable (timeout)"
+            ]
+            .contains(&e.message()),
             "{}",
             e.message()
         );

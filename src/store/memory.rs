@@ -77,7 +77,7 @@ impl MemoryStore {
             // Expired but not swept yet: a fresh counter, as Redis would have it.
             c.value = 0;
         }
-        c.value = c.value.saturating_add(hit.hits);
+        c.value = c.value.saturating_add(hit.hits).min(super::MAX_COUNT);
         c.expires_at = expires_at;
         c.value
     }

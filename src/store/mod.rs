@@ -11,12 +11,17 @@ use std::future::Future;
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisSettings, RedisStore};
 
+/// Largest value a counter holds: Redis counters are signed 64-bit integers. Both stores
+/// saturate here instead of failing (an addend this large, or a counter pushed this far, is
+/// over any limit, which is what the answer says), so no request can make a counter unusable.
+pub const MAX_COUNT: u64 = i64::MAX as u64;
+
 /// One counter to bump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hit {
     /// Full counter key (prefix, domain, entries, window start).
     pub key: String,
-    /// Amount to add; 0 reads the counter without changing it.
+    /// Amount to add, at most [`MAX_COUNT`]; 0 reads the counter without changing it.
     pub hits: u64,
     /// Length of the counter's window in seconds; the key names the window, so the counter
     /// is never used after the window ends.

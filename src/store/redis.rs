@@ -18,10 +18,10 @@ use std::{
 
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    ConnectionAddr, IntoConnectionInfo, RedisError,
+    ConnectionAddr, IntoConnectionInfo, RedisError, Value,
 };
 
-use super::{Hit, Store, StoreError, StoreErrorKind};
+use super::{Hit, Store, StoreError, StoreErrorKind, MAX_COUNT};
 
 /// How to reach Redis (the reference's `REDIS_*` settings).
 #[derive(Debug, Clone)]
@@ -109,14 +109,17 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        // Per-command results: one INCRBY that overflows must not fail the others' answers.
+        pipe.atomic().ignore_errors();
         for h in hits {
-            pipe.cmd("INCRBY").arg(&h.key).arg(h.hits);
+            pipe.cmd("INCRBY").arg(&h.key).arg(h.hits.min(MAX_COUNT));
             pipe.cmd("EXPIRE").arg(&h.key).arg(h.ttl_secs).ignore();
         }
         let mut conn = self.conn();
-        match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<u64>>(&mut conn)).await {
-            Ok(Ok(values)) if values.len() == hits.len() => Ok(values),
+        match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+            Ok(Ok(values)) if values.len() == hits.len() => {
+                values.into_iter().map(counter_value).collect()
+            }
             Ok(Ok(values)) => Err(StoreError {
                 backend: "redis",
                 kind: StoreErrorKind::Response,
@@ -136,6 +139,22 @@ impl Store for RedisStore {
 pub fn connection_count(pool_size: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     pool_size.clamp(1, cores.max(1))
+}
+
+/// One INCRBY result. An overflow means the counter already holds nearly `MAX_COUNT`: it is
+/// saturated, as the memory store saturates, and stays usable (over any limit) until its
+/// window ends. Redis left it unchanged, and its EXPIRE in the same transaction still ran.
+fn counter_value(v: Value) -> Result<u64, StoreError> {
+    match v {
+        Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+        Value::ServerError(e) if e.to_string().contains("overflow") => Ok(MAX_COUNT),
+        other => Err(StoreError {
+            backend: "redis",
+            kind: StoreErrorKind::Response,
+            transient: false,
+            message: format!("unexpected INCRBY reply: {other:?}"),
+        }),
+    }
 }
 
 fn timeout(after: Duration) -> StoreError {

@@ -168,6 +168,28 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, as in a
+    /// long GC-like stall or a hung host.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaws a [`RedisServer::pause`]d server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} {pid}");
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
@@ -198,11 +220,19 @@ pub fn config_dir(files: &[(&str, &str)]) -> TempDir {
 pub struct RatelimitdBuilder {
     config: PathBuf,
     env: Vec<(String, String)>,
+    /// `ulimit -n` for the process.
+    nofile: Option<u32>,
 }
 
 impl RatelimitdBuilder {
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Runs it with at most `n` open file descriptors (`ulimit -n`).
+    pub fn nofile_limit(mut self, n: u32) -> Self {
+        self.nofile = Some(n);
         self
     }
 
@@ -217,7 +247,18 @@ impl RatelimitdBuilder {
         let log_dir = TempDir::new().unwrap();
         let log_path = log_dir.path().join("ratelimitd.log");
         let log = fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ratelimitd"));
+        let bin = env!("CARGO_BIN_EXE_ratelimitd");
+        let mut cmd = match self.nofile {
+            None => Command::new(bin),
+            Some(n) => {
+                // exec keeps the pid, so signals and /proc still reach ratelimitd itself.
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                sh
+            }
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config)
@@ -301,6 +342,7 @@ impl Ratelimitd {
         RatelimitdBuilder {
             config: config.to_owned(),
             env: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -376,10 +418,17 @@ impl Drop for Ratelimitd {
 
 /// Runs `ratelimitd ARGS` to completion: (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    run_cli_env(args, &[])
+}
+
+/// [`run_cli`] with environment variables set.
+pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ratelimitd"))
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
         .output()
         .unwrap();
     (
@@ -604,4 +653,37 @@ pub fn http_request(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     (status, headers, body.to_owned())
+}
+
+/// The value of the sample `name{labels}` (labels in any order; no other labels).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = if rest.is_empty() {
+                Vec::new()
+            } else {
+                rest.split("\",")
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").unwrap();
+                        (k.to_owned(), v.trim_end_matches('"').to_owned())
+                    })
+                    .collect()
+            };
+            let mut want: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            got.sort();
+            want.sort();
+            (got == want).then(|| value.parse().unwrap())
+        })
 }
