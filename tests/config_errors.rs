@@ -217,6 +217,21 @@ fn check_config_refuses_deep_nesting_before_parsing() {
 }
 
 #[test]
+fn a_leading_byte_order_mark_is_ignored() {
+    // Content on the first line: after a BOM, serde_norway read it as indented by one column
+    // and the next line as a second document.
+    let text = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 1}\n  - key: b\n    descriptors:\n      - key: c\n        rate_limit: {unit: hour, requests_per_unit: 5}\n";
+    let dir = support::config_dir(&[
+        ("plain.yaml", text),
+        ("bom.yaml", &format!("\u{feff}{text}")),
+    ]);
+    let with_bom = load(dir.path().join("bom.yaml").to_str().unwrap()).unwrap();
+    let without = load(dir.path().join("plain.yaml").to_str().unwrap()).unwrap();
+    assert_eq!(with_bom.rules(), without.rules());
+    assert_eq!(with_bom.rule_count(), 2);
+}
+
+#[test]
 fn serve_refuses_to_start_on_an_invalid_config() {
     let (code, _, err) = support::run_cli(&["serve", "--config", "tests/config/bad/bad_unit.yaml"]);
     assert_eq!(code, 1);

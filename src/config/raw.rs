@@ -73,9 +73,12 @@ pub fn parse(file: &str, text: &str) -> Result<RawFile, Vec<ConfigError>> {
 /// Like [`parse`], but also returns what could be read of a file with errors, so the
 /// compile-stage checks can report that file's remaining problems in the same run.
 ///
-/// Text nested deeper than [`depth::MAX_DEPTH`] is refused before serde_norway, which is slow
-/// over it.
+/// One leading byte order mark is dropped, as Go's YAML reader (the reference's) drops it;
+/// serde_norway would count it as a column of the first line and report the next line as a
+/// second document. Text nested deeper than [`depth::MAX_DEPTH`] is refused before
+/// serde_norway, which is slow over it.
 pub fn parse_lenient(file: &str, text: &str) -> (Option<RawFile>, Vec<ConfigError>) {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if let Err(at) = depth::check(text) {
         let message = format!(
             "invalid YAML: nesting deeper than {} levels at line {} column {}",
