@@ -89,6 +89,14 @@ const CASES: &[(&str, &[&str])] = &[
         &["tests/config/bad/string_limit.yaml: d > k: rate_limit.requests_per_unit: expected a whole number, found a string"],
     ),
     (
+        "tests/config/bad/too_deep_block.yaml",
+        &["tests/config/bad/too_deep_block.yaml: invalid YAML: nesting deeper than 64 levels at line 3 column 129"],
+    ),
+    (
+        "tests/config/bad/too_deep_flow.yaml",
+        &["tests/config/bad/too_deep_flow.yaml: invalid YAML: nesting deeper than 64 levels at line 4 column 76"],
+    ),
+    (
         "tests/config/bad/unknown_descriptor_field.yaml",
         &["tests/config/bad/unknown_descriptor_field.yaml: d > k: shadowmode: unknown field (expected one of: key, value, rate_limit, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)"],
     ),
@@ -190,6 +198,37 @@ fn check_config_exits_1_with_every_error_and_0_with_a_summary() {
         "{out}"
     );
     assert!(out.contains("  example.api_key: unit=SECOND requests_per_unit=10, shadow_mode: false, quota_mode: false\n"), "{out}");
+}
+
+#[test]
+fn check_config_refuses_deep_nesting_before_parsing() {
+    // 2 MB of `[`: serde_norway alone takes seconds over it; the depth check stops at the 65th.
+    let dir = support::config_dir(&[("deep.yaml", &"[".repeat(2_000_000))]);
+    let file = dir.path().join("deep.yaml");
+    let (code, out, _) = support::run_cli(&["check-config", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with(&format!(
+            "error: {}: invalid YAML: nesting deeper than 64 levels at line 1 column 65\n",
+            file.display()
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_leading_byte_order_mark_is_ignored() {
+    // Content on the first line: after a BOM, serde_norway read it as indented by one column
+    // and the next line as a second document.
+    let text = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: second, requests_per_unit: 1}\n  - key: b\n    descriptors:\n      - key: c\n        rate_limit: {unit: hour, requests_per_unit: 5}\n";
+    let dir = support::config_dir(&[
+        ("plain.yaml", text),
+        ("bom.yaml", &format!("\u{feff}{text}")),
+    ]);
+    let with_bom = load(dir.path().join("bom.yaml").to_str().unwrap()).unwrap();
+    let without = load(dir.path().join("plain.yaml").to_str().unwrap()).unwrap();
+    assert_eq!(with_bom.rules(), without.rules());
+    assert_eq!(with_bom.rule_count(), 2);
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! Rate limit rules: the reference's YAML format, validated and compiled into an immutable tree.
 //!
-//! `raw` reads files into plain structs, `compile` validates them and builds the [`RuleTree`]
-//! the matcher walks, `load` finds the files. A tree is never mutated after it is built; a
+//! `raw` reads files into plain structs (after `depth` has refused pathologically nested
+//! ones), `compile` validates them and builds the [`RuleTree`] the matcher walks, `load`
+//! finds the files. A tree is never mutated after it is built; a
 //! reload builds a new one and swaps it in whole.
 
 mod compile;
+mod depth;
 mod error;
 pub(crate) mod load;
 mod raw;

@@ -6,7 +6,7 @@
 
 use serde_norway::{Mapping, Value};
 
-use super::error::ConfigError;
+use super::{depth, error::ConfigError};
 
 /// One file: a domain and its descriptor tree.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +72,22 @@ pub fn parse(file: &str, text: &str) -> Result<RawFile, Vec<ConfigError>> {
 
 /// Like [`parse`], but also returns what could be read of a file with errors, so the
 /// compile-stage checks can report that file's remaining problems in the same run.
+///
+/// One leading byte order mark is dropped, as Go's YAML reader (the reference's) drops it;
+/// serde_norway would count it as a column of the first line and report the next line as a
+/// second document. Text nested deeper than [`depth::MAX_DEPTH`] is refused before
+/// serde_norway, which is slow over it.
 pub fn parse_lenient(file: &str, text: &str) -> (Option<RawFile>, Vec<ConfigError>) {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Err(at) = depth::check(text) {
+        let message = format!(
+            "invalid YAML: nesting deeper than {} levels at line {} column {}",
+            depth::MAX_DEPTH,
+            at.line,
+            at.column
+        );
+        return (None, vec![ConfigError::new(file, "", "", message)]);
+    }
     let mut p = Parser {
         file,
         errors: Vec::new(),

@@ -625,6 +625,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reloads_read_files_as_start_up_does() {
+        let dir = dir_with(&[("rules.yaml", rules_yaml("d", 10))]);
+        let s = setup(dir.path(), false);
+        // A byte order mark is ignored...
+        let bom = format!("\u{feff}{}", rules_yaml("d", 20));
+        fs::write(dir.path().join("rules.yaml"), bom).unwrap();
+        assert!(matches!(
+            s.reloader.reload_now(),
+            ReloadOutcome::Loaded { generation: 2, .. }
+        ));
+        assert_eq!(limit(&s.rules, "d"), Some(20));
+        // ...and deep nesting is refused before it is parsed.
+        fs::write(dir.path().join("rules.yaml"), "[".repeat(1_000_000)).unwrap();
+        let ReloadOutcome::Failed(errors) = s.reloader.reload_now() else {
+            panic!("expected Failed");
+        };
+        let message = errors.0.first().map(|e| e.message.as_str());
+        assert_eq!(
+            message,
+            Some("invalid YAML: nesting deeper than 64 levels at line 1 column 65")
+        );
+        assert_eq!(limit(&s.rules, "d"), Some(20));
+    }
+
+    #[tokio::test]
     async fn reverting_to_the_config_in_force_after_a_failure_is_unchanged() {
         let dir = dir_with(&[("rules.yaml", rules_yaml("d", 10))]);
         let s = setup(dir.path(), false);
