@@ -5,15 +5,16 @@
 //! cargo run --release --example keybench -- --iterations 2000000 --rounds 7
 //! ```
 //!
-//! For each descriptor shape it prints ns per key, best and median of the rounds. Each key
-//! is built, measured and dropped, so the figure includes its one allocation and free, as on
-//! the request path. Values cycle through 1024 distinct ones.
+//! For each key builder (values as they are, values as keyed hashes) and descriptor shape it
+//! prints ns per key, best and median of the rounds. Each key is built and dropped, so the
+//! figure includes its one allocation and free, as on the request path. Values cycle through
+//! 1024 distinct ones.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{hint::black_box, time::Instant};
 
 use clap::Parser;
-use ratelimitd::limiter::{CacheKeyBuilder, Unit};
+use ratelimitd::limiter::{CacheKeyBuilder, Unit, ValueHasher};
 
 #[derive(Parser)]
 struct Args {
@@ -62,9 +63,17 @@ fn main() {
     }
 }
 
-/// The key builders compared.
+/// The key builders compared: values as they are (the reference's keys), and values as keyed
+/// hashes (`CACHE_KEY_HASH_SECRET_FILE`).
 fn builders() -> Vec<(&'static str, CacheKeyBuilder)> {
-    vec![("plain", CacheKeyBuilder::new("ratelimit:"))]
+    let hasher = ValueHasher::try_new(b"a benchmark secret, 32 bytes....").unwrap();
+    vec![
+        ("plain", CacheKeyBuilder::new("ratelimit:")),
+        (
+            "hashed",
+            CacheKeyBuilder::new("ratelimit:").with_value_hasher(hasher),
+        ),
+    ]
 }
 
 fn build(b: &CacheKeyBuilder, shape: &Shape, i: usize) -> String {

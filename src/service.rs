@@ -48,8 +48,8 @@ pub struct HeaderNames {
 /// Service behaviour switches, read once from settings.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceSettings {
-    /// `CACHE_KEY_PREFIX`.
-    pub cache_key_prefix: String,
+    /// Counter keys: `CACHE_KEY_PREFIX`, and `CACHE_KEY_HASH_SECRET_FILE`'s value hashing.
+    pub cache_keys: CacheKeyBuilder,
     /// `SHADOW_MODE`: answer OK overall, still count.
     pub global_shadow_mode: bool,
     /// `QUOTA_MODE`: every limited descriptor is a quota descriptor.
@@ -108,7 +108,7 @@ impl<S: Store> RateLimiter<S> {
         statsd: Option<Arc<crate::statsd::Statsd>>,
     ) -> Self {
         Self {
-            keys: CacheKeyBuilder::new(settings.cache_key_prefix.clone()),
+            keys: settings.cache_keys.clone(),
             rules,
             store,
             clock,
