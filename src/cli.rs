@@ -36,11 +36,17 @@ pub fn check_config(source: &ConfigSource) -> ExitCode {
 
 /// `explain`: loads the rules and explains the descriptors given on the command line.
 pub fn explain(args: &crate::settings::ExplainArgs) -> ExitCode {
+    let keys = match args.cache_key.builder() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("ratelimitd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let source = args.config.source();
     match load_dir_or_file(&source) {
         Ok(tree) => {
             let descriptors = crate::settings::parse_descriptors(&args.entries);
-            let keys = crate::limiter::CacheKeyBuilder::new(args.cache_key_prefix.clone());
             let now = crate::limiter::Clock::now_unix(&SystemClock);
             print!(
                 "{}",
@@ -111,6 +117,11 @@ pub fn init_logging(level: &str, format: &str) -> Result<(), String> {
 /// until SIGTERM or SIGINT; reload the rules on file changes and SIGHUP.
 pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     let shutdown = shutdown_signal()?;
+    // Read before anything else starts, so a bad secret file stops start-up at once.
+    let keys = args.cache_key.builder().map_err(|e| e.to_string())?;
+    if keys.hashes_values() {
+        tracing::warn!("counter keys hold keyed hashes of descriptor values (CACHE_KEY_HASH_SECRET_FILE); they differ from the reference's keys");
+    }
     for name in UNSUPPORTED_ENV {
         if std::env::var_os(name).is_some() {
             tracing::warn!(
@@ -250,7 +261,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     }
 
     let settings = ServiceSettings {
-        cache_key_prefix: args.cache_key_prefix.clone(),
+        cache_keys: keys.clone(),
         global_shadow_mode: args.shadow_mode,
         global_quota_mode: args.quota_mode,
         response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
@@ -306,7 +317,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         limiter,
         health,
         prometheus: Some(prometheus),
-        keys: crate::limiter::CacheKeyBuilder::new(args.cache_key_prefix.clone()),
+        keys,
         clock,
     });
     let listeners = server::Listeners {

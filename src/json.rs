@@ -142,10 +142,20 @@ fn invalid(path: &str, reason: String) -> JsonError {
     }
 }
 
+/// "expected X, got Y" at `path`. Descriptor values can be secrets (API keys, user ids) and
+/// error bodies go back to clients and into their logs, so a misplaced value is described,
+/// not quoted: under `descriptors` no string is shown, and under `entries` no number either
+/// (there a number can only be a value sent with the wrong type). The path names the
+/// descriptor and entry.
 fn mismatch(path: &str, expected: &str, got: &Token<'_>) -> JsonError {
+    const HIDDEN: &str = "(not shown: it may be a descriptor value)";
+    let in_descriptors = path.starts_with("descriptors");
+    let in_entries = in_descriptors && path.contains(".entries");
     let got = match got {
         Token::Object => "an object".to_owned(),
         Token::Array => "an array".to_owned(),
+        Token::Str(_) if in_descriptors => format!("a string {HIDDEN}"),
+        Token::Num(_) if in_entries => format!("a number {HIDDEN}"),
         Token::Str(s) => format!("the string {}", quoted(s)),
         Token::Num(raw) => format!("the number {}", truncated(raw)),
         Token::Bool(b) => b.to_string(),
@@ -941,6 +951,45 @@ mod tests {
         assert_eq!(
             error(r#""x""#),
             r#"expected an object (RateLimitRequest), got the string "x""#
+        );
+    }
+
+    #[test]
+    fn descriptor_values_are_not_echoed_in_errors() {
+        for (body, want) in [
+            (
+                r#"{"descriptors":[{"entries":[{"key":"api_key","value":12345678901234}]}]}"#,
+                "descriptors[0].entries[0].value: expected a string, got a number (not shown: it may be a descriptor value)",
+            ),
+            (
+                r#"{"descriptors":[{"entries":[{"key":"k","value":"v"},"sk_live_SECRET123"]}]}"#,
+                "descriptors[0].entries[1]: expected an object (RateLimitDescriptor.Entry), got a string (not shown: it may be a descriptor value)",
+            ),
+            (
+                r#"{"descriptors":[{"entries":"sk_live_SECRET123"}]}"#,
+                "descriptors[0].entries: expected an array, got a string (not shown: it may be a descriptor value)",
+            ),
+            (
+                r#"{"descriptors":[{"entries":[]},"sk_live_SECRET123"]}"#,
+                "descriptors[1]: expected an object (RateLimitDescriptor), got a string (not shown: it may be a descriptor value)",
+            ),
+            (
+                r#"{"descriptors":[{"hitsAddend":"sk_live_SECRET123"}]}"#,
+                "descriptors[0].hitsAddend: expected an unsigned 64-bit integer, got a string (not shown: it may be a descriptor value)",
+            ),
+            (
+                r#"{"descriptors":[{"entries":[{"key":"api_key","value":["sk_live_SECRET123"]}]}]}"#,
+                "descriptors[0].entries[0].value: expected a string, got an array",
+            ),
+        ] {
+            let e = error(body);
+            assert_eq!(e, want, "{body}");
+            assert!(!e.contains("SECRET123") && !e.contains("12345678901234"), "{e}");
+        }
+        // Outside descriptors the offending text is still quoted, to help find it.
+        assert_eq!(
+            error(r#"{"hitsAddend":"many"}"#),
+            r#"hitsAddend: expected an unsigned 32-bit integer, got the string "many""#
         );
     }
 

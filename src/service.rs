@@ -56,8 +56,8 @@ pub struct HeaderNames {
 /// Service behaviour switches, read once from settings.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceSettings {
-    /// `CACHE_KEY_PREFIX`.
-    pub cache_key_prefix: String,
+    /// Counter keys: `CACHE_KEY_PREFIX`, and `CACHE_KEY_HASH_SECRET_FILE`'s value hashing.
+    pub cache_keys: CacheKeyBuilder,
     /// `SHADOW_MODE`: answer OK overall, still count.
     pub global_shadow_mode: bool,
     /// `QUOTA_MODE`: every limited descriptor is a quota descriptor.
@@ -218,7 +218,7 @@ impl<S: Store> RateLimiter<S> {
         statsd: Option<Arc<crate::statsd::Statsd>>,
     ) -> Self {
         Self {
-            keys: CacheKeyBuilder::new(settings.cache_key_prefix.clone()),
+            keys: settings.cache_keys.clone(),
             rules,
             store,
             clock,
@@ -617,5 +617,72 @@ impl<S: Store> RateLimitService for GrpcService<S> {
             .await
             .map(tonic::Response::new)
             .map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, RateLimitDescriptor,
+    };
+
+    fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: (*k).to_owned(),
+                    value: (*v).to_owned(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// INVALID_ARGUMENT texts go back to clients: they name descriptors and entries by index
+    /// and never carry a value, which may be a secret.
+    #[test]
+    fn invalid_argument_messages_name_indexes_not_values() {
+        let secret = "sk_live_SECRET123";
+        let long = format!("{secret}{}", "x".repeat(MAX_ENTRY_BYTES));
+        let many = vec![descriptor(&[("k", secret)]); MAX_DESCRIPTORS + 1];
+        let cases = [
+            (
+                vec![descriptor(&[("k", secret)]), descriptor(&[])],
+                "descriptor 1 has no entries",
+            ),
+            (
+                vec![descriptor(&[("k", secret), ("", secret)])],
+                "descriptor 0 entry 1 has an empty key",
+            ),
+            (
+                vec![descriptor(&[("k", secret)]), descriptor(&[("k", &long)])],
+                "descriptor 1 entry 0 is longer than 8192 bytes",
+            ),
+            (
+                vec![descriptor(&vec![("k", secret); MAX_ENTRIES + 1])],
+                "descriptor 0 has 65 entries; at most 64 are accepted",
+            ),
+            (
+                many,
+                "257 descriptors in one request; at most 256 are accepted",
+            ),
+        ];
+        for (descriptors, want) in cases {
+            let req = RateLimitRequest {
+                domain: "d".into(),
+                descriptors,
+                hits_addend: 0,
+            };
+            let e = validate(&req).unwrap_err().to_string();
+            assert_eq!(e, want);
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+
+        // A limit override with an unknown unit, found while resolving.
+        let d = descriptor(&[("k", secret)]);
+        let e = override_limit(0, "d", &d, 1, 99).err().unwrap().to_string();
+        assert_eq!(e, "descriptor 0 has a limit override with unknown unit 99");
     }
 }

@@ -6,7 +6,10 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 
-use crate::config::ConfigSource;
+use crate::{
+    config::ConfigSource,
+    limiter::{CacheKeyBuilder, SecretError, ValueHasher},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,11 +40,65 @@ pub struct ExplainArgs {
     pub config: ConfigArgs,
     #[arg(long)]
     pub domain: String,
-    #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
-    pub cache_key_prefix: String,
+    /// The same key settings as `serve`, so the printed keys are the ones it writes.
+    #[command(flatten)]
+    pub cache_key: CacheKeyArgs,
     /// KEY=VALUE entries (KEY alone means an empty value); `/` separates descriptors.
     #[arg(required = true)]
     pub entries: Vec<String>,
+}
+
+/// How counter keys are written (`serve` and `explain`).
+#[derive(Debug, Clone, Args)]
+pub struct CacheKeyArgs {
+    #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
+    pub cache_key_prefix: String,
+    /// File holding a secret (at least 16 bytes; a trailing newline is ignored). When set,
+    /// each descriptor value is written into counter keys as a keyed hash of it, not as is.
+    #[arg(long, env = "CACHE_KEY_HASH_SECRET_FILE")]
+    pub cache_key_hash_secret_file: Option<PathBuf>,
+}
+
+impl CacheKeyArgs {
+    /// The key builder, reading `CACHE_KEY_HASH_SECRET_FILE` if it is set. Called once at
+    /// start-up; its error names the setting and the file, never the secret.
+    pub fn builder(&self) -> Result<CacheKeyBuilder, SecretFileError> {
+        let keys = CacheKeyBuilder::new(self.cache_key_prefix.clone());
+        let Some(path) = &self.cache_key_hash_secret_file else {
+            return Ok(keys);
+        };
+        let bytes = std::fs::read(path).map_err(|error| SecretFileError::Unreadable {
+            path: path.clone(),
+            error,
+        })?;
+        let hasher = ValueHasher::try_new(trim_newlines(&bytes)).map_err(|error| {
+            SecretFileError::Invalid {
+                path: path.clone(),
+                error,
+            }
+        })?;
+        Ok(keys.with_value_hasher(hasher))
+    }
+}
+
+/// `secret` without trailing `\n` and `\r` (`echo secret > file`, files edited on Windows).
+fn trim_newlines(mut secret: &[u8]) -> &[u8] {
+    while let [rest @ .., b'\n' | b'\r'] = secret {
+        secret = rest;
+    }
+    secret
+}
+
+/// Why `CACHE_KEY_HASH_SECRET_FILE` cannot be used; ratelimitd does not start then.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("CACHE_KEY_HASH_SECRET_FILE: cannot read {}: {error}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("CACHE_KEY_HASH_SECRET_FILE: {}: {error}", path.display())]
+    Invalid { path: PathBuf, error: SecretError },
 }
 
 /// Splits `k1=v1 k2=v2 / k3=v3` into descriptors of (key, value) entries.
@@ -172,8 +229,8 @@ pub struct ServeArgs {
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = duration("REDIS_TIMEOUT", Bound::Positive, HOUR))]
     pub redis_timeout: Duration,
 
-    #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
-    pub cache_key_prefix: String,
+    #[command(flatten)]
+    pub cache_key: CacheKeyArgs,
     #[arg(long, env = "EXPIRATION_JITTER_MAX_SECONDS", default_value_t = 300, value_parser = at_most("EXPIRATION_JITTER_MAX_SECONDS", YEAR.as_secs()))]
     pub expiration_jitter_max_seconds: u64,
     #[arg(long, env = "SHADOW_MODE", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
@@ -424,6 +481,72 @@ mod tests {
         assert!(parse_go_duration("10 parsecs").is_err());
         assert!(parse_go_duration("").is_err());
         assert!(parse_go_duration("ms").is_err());
+    }
+
+    #[test]
+    fn hash_secret_file_is_read_once_trimmed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |path: &std::path::Path| CacheKeyArgs {
+            cache_key_prefix: String::new(),
+            cache_key_hash_secret_file: Some(path.to_owned()),
+        };
+        let error = |path: &std::path::Path| args(path).builder().unwrap_err().to_string();
+
+        let missing = dir.path().join("missing");
+        let e = error(&missing);
+        assert!(
+            e.starts_with(&format!(
+                "CACHE_KEY_HASH_SECRET_FILE: cannot read {}: ",
+                missing.display()
+            )),
+            "{e}"
+        );
+        let short = dir.path().join("short");
+        std::fs::write(&short, "fifteen bytes!!\n").unwrap();
+        assert_eq!(
+            error(&short),
+            format!(
+                "CACHE_KEY_HASH_SECRET_FILE: {}: the secret is 15 bytes long; at least 16 are needed",
+                short.display()
+            )
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\r\n").unwrap();
+        assert_eq!(
+            error(&empty),
+            format!(
+                "CACHE_KEY_HASH_SECRET_FILE: {}: the secret is empty",
+                empty.display()
+            )
+        );
+
+        // With or without a trailing newline: the same secret, the same keys (the key pinned
+        // in limiter::key's tests for this secret).
+        let key = |contents: &str| {
+            let path = dir.path().join("secret");
+            std::fs::write(&path, contents).unwrap();
+            let keys = args(&path).builder().unwrap();
+            assert!(keys.hashes_values());
+            keys.build(
+                "d",
+                [("k", "")].into_iter(),
+                crate::limiter::Unit::Second,
+                7,
+            )
+        };
+        for contents in [
+            "0123456789abcdef-test-secret",
+            "0123456789abcdef-test-secret\n",
+            "0123456789abcdef-test-secret\r\n",
+        ] {
+            assert_eq!(key(contents), "d_k_4dfdb809d2bc94ef2f0c753b7df6a313_7");
+        }
+
+        let unset = CacheKeyArgs {
+            cache_key_prefix: "p:".into(),
+            cache_key_hash_secret_file: None,
+        };
+        assert!(!unset.builder().unwrap().hashes_values());
     }
 
     #[test]

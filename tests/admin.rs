@@ -212,6 +212,16 @@ async fn post_json_answers_like_the_reference() {
         (status, text.as_str()),
         (400, "rate limit domain must not be empty\n")
     );
+    // A value sent with the wrong type is not echoed: the body names its place.
+    let (status, text) = http_post(
+        &rl.http,
+        "/json",
+        br#"{"domain":"adm","descriptors":[{"entries":[{"key":"api_key","value":48151623420815}]}]}"#,
+    );
+    assert_eq!(
+        (status, text.as_str()),
+        (400, "descriptors[0].entries[0].value: expected a string, got a number (not shown: it may be a descriptor value)\n")
+    );
     let huge = vec![b' '; 100 * 1024];
     assert_eq!(http_post(&rl.http, "/json", &huge).0, 413);
 }

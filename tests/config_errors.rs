@@ -241,6 +241,89 @@ fn serve_refuses_to_start_on_an_invalid_config() {
     );
 }
 
+/// `serve` with CACHE_KEY_HASH_SECRET_FILE (set in the environment) and the `--config` given;
+/// waits at most 20 s for the exit and returns (code, stderr).
+fn serve_with_secret_file(path: &std::path::Path) -> (Option<i32>, String) {
+    use std::time::{Duration, Instant};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimitd"))
+        .args(["serve", "--config", "config"])
+        .env_clear()
+        .env("CACHE_KEY_HASH_SECRET_FILE", path)
+        .env("GRPC_HOST", "127.0.0.1")
+        .env("GRPC_PORT", "0")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("DEBUG_HOST", "127.0.0.1")
+        .env("DEBUG_PORT", "0")
+        .env("USE_STATSD", "false")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ratelimitd started with secret file {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[test]
+fn serve_and_explain_refuse_a_missing_or_short_hash_secret_file() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let missing = dir.path().join("missing");
+    let (code, err) = serve_with_secret_file(&missing);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "ratelimitd: CACHE_KEY_HASH_SECRET_FILE: cannot read {}: ",
+            missing.display()
+        )),
+        "{err}"
+    );
+
+    let short = dir.path().join("short");
+    std::fs::write(&short, "too short\n").unwrap();
+    let (code, err) = serve_with_secret_file(&short);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "ratelimitd: CACHE_KEY_HASH_SECRET_FILE: {}: the secret is 9 bytes long; at least 16 are needed",
+            short.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("too short"),
+        "the secret is never printed: {err}"
+    );
+
+    let (code, out, err) = support::run_cli(&[
+        "explain",
+        "--config",
+        "config",
+        "--domain",
+        "example",
+        "--cache-key-hash-secret-file",
+        short.to_str().unwrap(),
+        "api_key=k",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.starts_with("ratelimitd: CACHE_KEY_HASH_SECRET_FILE: "),
+        "{err}"
+    );
+}
+
 #[test]
 fn runtime_root_settings_locate_the_config_like_the_reference() {
     let dir = support::config_dir(&[

@@ -94,6 +94,77 @@ async fn keys_and_ttls_are_the_references() {
     assert_eq!(r.overall_code, Code::OverLimit as i32);
 }
 
+/// `CACHE_KEY_HASH_SECRET_FILE`: the value is written as its keyed hash (the one pinned in
+/// `limiter::key`'s unit tests for this secret and value), the rest of the key stays readable,
+/// and counting is unchanged.
+#[tokio::test]
+async fn hashed_values_keep_secrets_out_of_redis_keys() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let secret_dir = tempfile::TempDir::new().unwrap();
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef-test-secret\n").unwrap();
+    let secret = secret.to_str().unwrap();
+    let redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("CACHE_KEY_PREFIX", "pre:")
+        .env("CACHE_KEY_HASH_SECRET_FILE", secret)
+        .start();
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    let mut c = rl.client().await;
+    // Rule `k`: 3 per minute.
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let r = c
+            .should_rate_limit(request("rd", &[&[("k", "sk_live_SECRET123")]]))
+            .await
+            .unwrap()
+            .into_inner();
+        codes.push(Code::try_from(r.overall_code).unwrap());
+    }
+    assert_eq!(
+        codes,
+        [Code::Ok, Code::Ok, Code::Ok, Code::OverLimit],
+        "limits still apply"
+    );
+
+    let key = format!(
+        "pre:rd_k_693b4e4066a440e2bae1744c814b3c6d_{}",
+        now() / 60 * 60
+    );
+    assert_eq!(
+        redis.command(&["KEYS", "*"]),
+        format!("*1\r\n${}\r\n{key}\r\n", key.len()),
+        "exactly one key, hashed"
+    );
+    assert_eq!(redis.command(&["KEYS", "*SECRET123*"]), "*0\r\n");
+    assert_eq!(redis.command(&["GET", &key]), "$1\r\n4\r\n");
+    assert!(!rl.log().contains("SECRET123"), "{}", rl.log());
+
+    // /explain and `ratelimitd explain` with the same settings print the key the server wrote.
+    let (status, body) = http_get(
+        &rl.debug,
+        "/explain?domain=rd&descriptor=k=sk_live_SECRET123",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("counter key: {key} ")), "{body}");
+    let config = dir.path().to_str().unwrap();
+    let (code, out, err) = run_cli(&[
+        "explain",
+        "--config",
+        config,
+        "--domain",
+        "rd",
+        "--cache-key-prefix",
+        "pre:",
+        "--cache-key-hash-secret-file",
+        secret,
+        "k=sk_live_SECRET123",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("counter key: {key} ")), "{out}");
+}
+
 #[tokio::test]
 async fn expiration_jitter_extends_ttl_by_at_most_the_setting() {
     let dir = config_dir(&[("r.yaml", RULES)]);

@@ -7,7 +7,7 @@ mod decision;
 mod key;
 
 pub use decision::{decide, Decision};
-pub use key::CacheKeyBuilder;
+pub use key::{CacheKeyBuilder, SecretError, ValueHasher};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
