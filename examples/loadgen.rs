@@ -4,13 +4,21 @@
 //!
 //! cargo run --release --example loadgen -- --target 127.0.0.1:8081 --domain example \
 //!     --key api_key --keys 1 --requests 200000 --concurrency 64
+//!
+//! `--vary-key` puts the running number in the descriptor key instead of its value, and
+//! `--override-limit N` sends a limit override (N per second) in every descriptor: together
+//! they send a new per-rule stats key with every call (the metrics-cardinality measurement in
+//! docs/benchmarks.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ratelimitd::proto::envoy::{
-    extensions::common::ratelimit::v3::{rate_limit_descriptor::Entry, RateLimitDescriptor},
+    extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::{Entry, RateLimitOverride},
+        RateLimitDescriptor,
+    },
     service::ratelimit::v3::{rate_limit_service_client::RateLimitServiceClient, RateLimitRequest},
 };
 use tonic::transport::Channel;
@@ -36,6 +44,12 @@ struct Args {
     connections: usize,
     #[arg(long, default_value_t = 60)]
     max_seconds: u64,
+    /// Vary the descriptor key (`KEY-N`, value `v`) instead of its value.
+    #[arg(long)]
+    vary_key: bool,
+    /// Send this limit (per second) as an override in every descriptor.
+    #[arg(long)]
+    override_limit: Option<u32>,
 }
 
 fn main() {
@@ -71,6 +85,7 @@ async fn run(args: Args) {
     for t in 0..args.concurrency.max(1) {
         let mut client = RateLimitServiceClient::new(channels[t % channels.len()].clone());
         let (domain, key, keys) = (args.domain.clone(), args.key.clone(), args.keys.max(1));
+        let (vary_key, override_limit) = (args.vary_key, args.override_limit);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(per_task);
             let (mut ok, mut over, mut errors) = (0usize, 0usize, 0usize);
@@ -78,14 +93,20 @@ async fn run(args: Args) {
                 if Instant::now() > deadline {
                     break;
                 }
+                let n = (t * per_task + i) % keys;
+                let (key, value) = if vary_key {
+                    (format!("{key}-{n}"), "v".to_owned())
+                } else {
+                    (key.clone(), format!("v{n}"))
+                };
                 let req = RateLimitRequest {
                     domain: domain.clone(),
                     descriptors: vec![RateLimitDescriptor {
-                        entries: vec![Entry {
-                            key: key.clone(),
-                            value: format!("v{}", (t * per_task + i) % keys),
-                        }],
-                        limit: None,
+                        entries: vec![Entry { key, value }],
+                        limit: override_limit.map(|requests_per_unit| RateLimitOverride {
+                            requests_per_unit,
+                            unit: 1, // SECOND
+                        }),
                         hits_addend: None,
                     }],
                     hits_addend: 0,

@@ -97,7 +97,7 @@ async fn metrics(AxumState(s): Shared) -> Response {
     match &s.prometheus {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            crate::metrics::render(handle),
+            crate::metrics::render(handle, s.limiter.stats()),
         )
             .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),

@@ -273,6 +273,10 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         near_limit_ratio: args.near_limit_ratio,
         rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
         max_concurrent_calls: args.max_concurrent_calls,
+        metrics: crate::metrics::StatsSettings {
+            max_dynamic_keys: args.metrics_max_dynamic_keys,
+            idle_timeout: args.metrics_idle_timeout,
+        },
     };
     let limiter = Arc::new(RateLimiter::new(
         rules.clone(),
@@ -281,6 +285,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         settings,
         statsd.clone(),
     ));
+    let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
 
     let grpc = match &args.grpc_uds {
         Some(path) => server::bind_uds(path)?,

@@ -8,6 +8,7 @@
 
 use std::{
     borrow::Cow,
+    collections::HashSet,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -24,7 +25,7 @@ use crate::{
     limiter::{decide, CacheKeyBuilder, Clock, Unit},
     log_throttle::LogThrottle,
     matcher,
-    metrics::{self as m, HitOutcome, Stats},
+    metrics::{self as m, HitOutcome, KeyOrigin, Stats, StatsSettings},
     proto::envoy::{
         config::core::v3::HeaderValue,
         service::ratelimit::v3::{
@@ -72,6 +73,8 @@ pub struct ServiceSettings {
     pub rule_header: Option<String>,
     /// `MAX_CONCURRENT_CALLS`: calls answered at once; 0 means no bound.
     pub max_concurrent_calls: u64,
+    /// `METRICS_MAX_DYNAMIC_KEYS`, `METRICS_IDLE_TIMEOUT`: bounds on the per-rule series.
+    pub metrics: StatsSettings,
 }
 
 /// The rate limit service over a store `S`.
@@ -81,7 +84,7 @@ pub struct RateLimiter<S> {
     clock: Arc<dyn Clock>,
     keys: CacheKeyBuilder,
     settings: ServiceSettings,
-    stats: Stats,
+    stats: Arc<Stats>,
     /// `USE_STATSD`: the reference's StatsD stats.
     statsd: Option<Arc<crate::statsd::Statsd>>,
     /// Handles registered once (the recorder is installed before the service is built).
@@ -217,12 +220,13 @@ impl<S: Store> RateLimiter<S> {
         settings: ServiceSettings,
         statsd: Option<Arc<crate::statsd::Statsd>>,
     ) -> Self {
+        let stats = Arc::new(Stats::new(statsd.clone(), settings.metrics));
         Self {
             keys: settings.cache_keys.clone(),
             rules,
             store,
             clock,
-            stats: Stats::new(statsd.clone()),
+            stats,
             statsd,
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
             backend_duration: histogram!(m::BACKEND_DURATION),
@@ -279,6 +283,34 @@ impl<S: Store> RateLimiter<S> {
             Err(ServiceError::Overloaded(_)) => Outcome::Shed,
         };
         result
+    }
+
+    /// The per-rule counters (rendered by `/metrics`).
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Expires idle per-rule series, keeping those of the rules in force (see [`Stats`]).
+    pub fn spawn_metrics_upkeep(&self) -> tokio::task::JoinHandle<()> {
+        let rules = self.rules.clone();
+        m::spawn_rule_upkeep(&self.stats, move |stats| {
+            let tree = rules.load_full();
+            // Built only when an idle entry needs the answer.
+            let mut config_keys: Option<HashSet<&str>> = None;
+            stats.sweep(
+                |key| {
+                    config_keys
+                        .get_or_insert_with(|| {
+                            tree.rules()
+                                .into_iter()
+                                .map(|r| r.full_key.as_str())
+                                .collect()
+                        })
+                        .contains(key)
+                },
+                |domain| tree.domains.contains_key(domain),
+            )
+        })
     }
 
     /// Answers one request.
@@ -369,7 +401,16 @@ impl<S: Store> RateLimiter<S> {
                     let d = decide(limit.requests_per_unit, after);
                     let shadow = rule.is_some_and(|r| r.shadow_mode);
                     let over = d.over_limit && !shadow;
-                    self.stats.rule(&req.domain, stats_key).record(
+                    // `Resolved<'a>` borrows only from the rule tree, so a borrowed key is a
+                    // rule's own (bounded by the config); an owned one holds request data.
+                    let origin = match stats_key {
+                        Cow::Borrowed(_) => KeyOrigin::Config,
+                        Cow::Owned(_) => KeyOrigin::Traffic,
+                    };
+                    self.stats.record(
+                        &req.domain,
+                        stats_key,
+                        origin,
                         HitOutcome {
                             requests_per_unit: limit.requests_per_unit,
                             hits: hit,
@@ -575,7 +616,8 @@ fn resolve<'a>(
 }
 
 /// A limit sent by Envoy in the descriptor. Its metrics go under the descriptor's keys only
-/// (`domain.key1.key2`): the values come from traffic, and metrics must not grow with it.
+/// (`domain.key1.key2`), not their values; Envoy chooses the keys too, so the stats key counts
+/// against `METRICS_MAX_DYNAMIC_KEYS` (see [`crate::metrics`]).
 fn override_limit<'a>(
     i: usize,
     domain: &str,

@@ -288,6 +288,16 @@ pub struct ServeArgs {
     /// An HTTP request's headers must arrive within this (admin, debug, Prometheus).
     #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration("HTTP_HEADER_READ_TIMEOUT", Bound::Positive, HOUR))]
     pub http_header_read_timeout: Duration,
+    /// Most per-rule stats keys built from request values (`detailed_metric`,
+    /// `value_to_metric`, limit overrides) with series of their own; further keys are counted
+    /// in their domain's `__overflow` series.
+    #[arg(long, env = "METRICS_MAX_DYNAMIC_KEYS", default_value_t = crate::metrics::DEFAULT_MAX_DYNAMIC_KEYS)]
+    pub metrics_max_dynamic_keys: usize,
+    /// A per-rule series not counted for this long is dropped, unless its rule is in the
+    /// config in force (Go duration).
+    // The default is crate::metrics::DEFAULT_IDLE_TIMEOUT, spelled as clap reads it.
+    #[arg(long, env = "METRICS_IDLE_TIMEOUT", default_value = "10m", value_parser = duration("METRICS_IDLE_TIMEOUT", Bound::Positive, YEAR))]
+    pub metrics_idle_timeout: Duration,
 }
 
 /// The default `REDIS_URL` of the reference (a twemproxy socket), used when

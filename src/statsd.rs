@@ -33,14 +33,17 @@
 //! used by runner.go:69); [`Statsd::start`] uses UDP and [`Statsd::start_with_protocol`] does
 //! either. Not emitted: Go runtime gauges (`ratelimit.go.*`) and gostats' `reserved_tag`.
 //! cadence formats the lines; counting on the request path is a map lookup and an atomic add,
-//! and all I/O happens in the flush, off the request path.
+//! and all I/O happens in the flush, off the request path. A counter that has not changed for
+//! [`PRUNE_AFTER_IDLE_FLUSHES`] flushes is forgotten (its next increment starts it again, and
+//! the wire sees only deltas, so nothing changes there): per-rule stat names come from stats
+//! keys that expire (see `crate::metrics`), and the map must not keep every name ever used.
 
 use std::{
     collections::BTreeMap,
     io::{self, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket},
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, Weak,
     },
     time::Duration,
@@ -49,6 +52,8 @@ use std::{
 use cadence::{Counted, MetricSink, StatsdClient, Timed};
 use dashmap::DashMap;
 
+/// Flushes in a row with no change after which a counter is forgotten.
+pub const PRUNE_AFTER_IDLE_FLUSHES: u32 = 6;
 /// Timings waiting for the next flush, at most; more are dropped and counted.
 const MAX_PENDING_TIMERS: usize = 65_536;
 /// gostats' UDP buffer: fits a 1500-byte MTU without fragmenting (net_sink.go:36).
@@ -133,6 +138,8 @@ pub struct Statsd {
 struct Counter {
     total: AtomicU64,
     sent: AtomicU64,
+    /// Flushes in a row that found no change.
+    idle_flushes: AtomicU32,
 }
 
 impl Statsd {
@@ -201,7 +208,9 @@ impl Statsd {
     }
 
     /// Adds `delta` to the counter `name` (a full stat name without the tags); the change is
-    /// sent at the next flush. No allocation once `name` exists, never any I/O.
+    /// sent at the next flush. No allocation once `name` exists, never any I/O. The add happens
+    /// while the map's shard guard is held (read guard, or the entry's write guard), which is
+    /// what lets the flush prune safely.
     pub fn counter(&self, name: &str, delta: u64) {
         if let Some(c) = self.counters.get(name) {
             c.total.fetch_add(delta, Ordering::Relaxed);
@@ -243,9 +252,15 @@ impl Statsd {
             .filter_map(|c| {
                 let total = c.total.load(Ordering::Relaxed);
                 let delta = total.wrapping_sub(c.sent.swap(total, Ordering::Relaxed));
+                if delta == 0 {
+                    c.idle_flushes.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.idle_flushes.store(0, Ordering::Relaxed);
+                }
                 (delta != 0).then(|| (format!("{}{}", c.key(), self.suffix), delta))
             })
             .collect();
+        self.prune();
         let timings: Vec<(String, Vec<u64>)> = self
             .timers
             .iter()
@@ -289,6 +304,17 @@ impl Statsd {
         if recovered {
             tracing::info!("statsd: sending again");
         }
+    }
+
+    /// Forgets the counters idle for [`PRUNE_AFTER_IDLE_FLUSHES`] flushes. `retain` holds each
+    /// shard's write guard while it decides and [`Statsd::counter`] adds under a guard of the
+    /// same shard, so no add lands between the check and the removal; and a counter is removed
+    /// only with nothing unsent (`total == sent`), so no count is lost.
+    fn prune(&self) {
+        self.counters.retain(|_, c| {
+            c.idle_flushes.load(Ordering::Relaxed) < PRUNE_AFTER_IDLE_FLUSHES
+                || c.total.load(Ordering::Relaxed) != c.sent.load(Ordering::Relaxed)
+        });
     }
 }
 
@@ -487,6 +513,63 @@ mod tests {
         s.counter(HITS, 4);
         s.flush_now();
         assert_eq!(packets(&server, 1).await, [format!("{HITS}:4|c\n")]);
+    }
+
+    #[tokio::test]
+    async fn counters_idle_for_several_flushes_are_forgotten_without_losing_counts() {
+        let (server, port) = udp_server().await;
+        let s = Statsd::start(settings(port, HOUR, "")).unwrap();
+        let busy = "ratelimit.service.rate_limit.d.busy.total_hits";
+        s.counter(HITS, 2);
+        s.counter(busy, 1);
+        s.flush_now();
+        assert_eq!(
+            lines(&server, 2).await,
+            [format!("{busy}:1|c"), format!("{HITS}:2|c")]
+        );
+        for _ in 0..PRUNE_AFTER_IDLE_FLUSHES - 1 {
+            s.counter(busy, 1);
+            s.flush_now();
+        }
+        assert!(
+            s.counters.contains_key(HITS),
+            "idle for one flush fewer than the bound"
+        );
+        s.counter(busy, 1);
+        s.flush_now();
+        assert!(!s.counters.contains_key(HITS));
+        assert!(s.counters.contains_key(busy), "changed at every flush");
+        assert_eq!(s.counters.len(), 1);
+        // Counted again from zero, and the wire sees the same deltas as without pruning.
+        s.counter(HITS, 3);
+        s.flush_now();
+        let got = lines(&server, 7).await;
+        assert_eq!(
+            got.iter().filter(|l| l.starts_with(busy)).count(),
+            6,
+            "{got:?}"
+        );
+        assert_eq!(
+            got.last().map(String::as_str),
+            Some(&*format!("{HITS}:3|c")),
+            "{got:?}"
+        );
+        // An add that lands after the flush looked, before the prune: kept (unsent counts).
+        for _ in 0..PRUNE_AFTER_IDLE_FLUSHES {
+            s.flush_now();
+        }
+        assert!(s.counters.is_empty());
+        s.counter(HITS, 1);
+        s.counters
+            .get(HITS)
+            .unwrap()
+            .idle_flushes
+            .store(PRUNE_AFTER_IDLE_FLUSHES, Ordering::Relaxed);
+        s.prune();
+        assert!(
+            s.counters.contains_key(HITS),
+            "an unsent count is never dropped"
+        );
     }
 
     #[tokio::test]

@@ -1,10 +1,15 @@
 //! `/metrics` after a known request sequence: exact per-rule counter values under the
-//! reference's names and labels, service counters, and cardinality bounded by the config.
+//! reference's names and labels, service counters, and bounded cardinality (configured rules
+//! kept, request-derived keys capped, idle series expired).
 #![allow(clippy::unwrap_used)]
 mod support;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use ratelimitd::proto::envoy::{
+    extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride,
+    service::ratelimit::v3::RateLimitRequest,
+};
 use support::*;
 
 const RULES: &str = r#"
@@ -352,4 +357,173 @@ async fn statsd_receives_the_reference_stat_names() {
         assert_eq!(totals.get(k), Some(&v), "{k}: {totals:?}");
     }
     assert_eq!(timers, 8, "one response_time per call");
+}
+
+const TOTAL_HITS: &str = "ratelimit_service_rate_limit_total_hits";
+const OVERFLOW: [(&str, &str); 2] = [("domain", "m"), ("key1", "__overflow")];
+
+/// How many `total_hits` series (one per stats key) a `/metrics` text has.
+fn total_hits_series(text: &str) -> usize {
+    text.lines()
+        .filter(|l| l.starts_with("ratelimit_service_rate_limit_total_hits{"))
+        .count()
+}
+
+/// One descriptor `(key, value)` in domain `m`, with a limit override of 1000 per hour.
+fn with_override(key: &str, value: &str) -> RateLimitRequest {
+    let mut req = request("m", &[&[(key, value)]]);
+    req.descriptors[0].limit = Some(RateLimitOverride {
+        requests_per_unit: 1000,
+        unit: 3, // HOUR
+    });
+    req
+}
+
+/// Sends `req(0..n)`, 8 calls in flight; every call must succeed.
+async fn send_all(
+    rl: &Ratelimitd,
+    n: usize,
+    req: impl Fn(usize) -> RateLimitRequest + Send + Sync + 'static,
+) {
+    let req = Arc::new(req);
+    let mut tasks = Vec::new();
+    for first in 0..8 {
+        let mut c = rl.client().await;
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (first..n).step_by(8) {
+                c.should_rate_limit(req(i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// 5,000 distinct request-derived stats keys against a cap of 50: 50 series of their own, the
+/// rest in the domain's overflow series, and configured rules untouched by the cap.
+async fn check_cap(req: impl Fn(usize) -> RateLimitRequest + Send + Sync + 'static) {
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("METRICS_MAX_DYNAMIC_KEYS", "50")
+        .start();
+    rl.client()
+        .await
+        .should_rate_limit(request("m", &[&[("k", "v")]]))
+        .await
+        .unwrap();
+    send_all(&rl, 5000, req).await;
+
+    let (status, text) = http_get(&rl.http, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        total_hits_series(&text),
+        50 + 1 + 1,
+        "50 request-derived keys, the overflow series and the configured m.k\n{text}"
+    );
+    assert_eq!(sample(&text, TOTAL_HITS, &OVERFLOW), Some(4950.0));
+    assert_eq!(
+        sample(
+            &text,
+            "ratelimit_service_rate_limit_within_limit",
+            &OVERFLOW
+        ),
+        Some(4950.0)
+    );
+    assert_eq!(
+        sample(&text, TOTAL_HITS, &[("domain", "m"), ("key1", "k")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimitd_metrics_dynamic_keys", &[]),
+        Some(50.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimitd_metrics_dynamic_keys_overflow_total", &[]),
+        Some(4950.0)
+    );
+    assert!(text.len() < 64 * 1024, "/metrics is {} bytes", text.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_keys_beyond_the_cap_fold_into_one_overflow_series() {
+    check_cap(|i| with_override(&format!("o{i}"), "v")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detailed_metric_values_beyond_the_cap_fold_into_one_overflow_series() {
+    check_cap(|i| request("m", &[&[("user", &format!("u{i}"))]])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_rules_and_idle_traffic_keys_leave_metrics_after_the_idle_timeout() {
+    let rule = |key: &str| {
+        format!("  - key: {key}\n    rate_limit: {{unit: hour, requests_per_unit: 100}}\n")
+    };
+    let dir = config_dir(&[(
+        "m.yaml",
+        &format!("domain: m\ndescriptors:\n{}{}", rule("kept"), rule("gone")),
+    )]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("METRICS_IDLE_TIMEOUT", "2s")
+        .start();
+    let metrics = || http_get(&rl.http, "/metrics").1;
+    let kept = [("domain", "m"), ("key1", "kept")];
+    let gone = [("domain", "m"), ("key1", "gone")];
+    let traffic = [("domain", "m"), ("key1", "t")];
+    let mut c = rl.client().await;
+    // In this order, so that once `gone` has been idle past the timeout, so have the others.
+    c.should_rate_limit(request("m", &[&[("kept", "x")]]))
+        .await
+        .unwrap();
+    c.should_rate_limit(with_override("t", "x")).await.unwrap();
+    c.should_rate_limit(request("m", &[&[("gone", "x")]]))
+        .await
+        .unwrap();
+    let text = metrics();
+    assert_eq!(sample(&text, TOTAL_HITS, &kept), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, TOTAL_HITS, &gone),
+        Some(1.0),
+        "rules in force stay"
+    );
+
+    write_atomically(
+        &dir.path().join("m.yaml"),
+        &format!("domain: m\ndescriptors:\n{}", rule("kept")),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sample(&metrics(), TOTAL_HITS, &gone).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed rule's series is still there\n{}",
+            metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = metrics();
+    assert_eq!(
+        sample(&text, "ratelimitd_config_generation", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, TOTAL_HITS, &kept),
+        Some(1.0),
+        "a rule in force stays however long it is idle\n{text}"
+    );
+    assert_eq!(sample(&text, TOTAL_HITS, &traffic), None, "{text}");
+    assert_eq!(
+        sample(&text, "ratelimitd_metrics_dynamic_keys", &[]),
+        Some(0.0)
+    );
+
+    // The traffic key comes back as a new series, counted from zero.
+    c.should_rate_limit(with_override("t", "x")).await.unwrap();
+    let text = metrics();
+    assert_eq!(sample(&text, TOTAL_HITS, &traffic), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "ratelimitd_metrics_dynamic_keys", &[]),
+        Some(1.0)
+    );
 }
