@@ -86,11 +86,21 @@ impl Health {
             }
         };
         if changed {
-            tracing::warn!(
-                component = component.name(),
-                healthy = ok,
-                "health component changed"
-            );
+            // A person is needed when a component fails on its own; shutdown and recoveries
+            // are routine.
+            if ok || component == Component::Sigterm {
+                tracing::info!(
+                    component = component.name(),
+                    healthy = ok,
+                    "health component changed"
+                );
+            } else {
+                tracing::warn!(
+                    component = component.name(),
+                    healthy = ok,
+                    "health component changed"
+                );
+            }
             self.publish();
         }
     }
@@ -103,7 +113,8 @@ impl Health {
         let was = self.healthy.swap(all, Ordering::AcqRel);
         metrics::gauge!(crate::metrics::HEALTHY).set(if all { 1.0 } else { 0.0 });
         if was != all {
-            tracing::warn!(healthy = all, "health changed");
+            // The component's line above says why, at the level it deserves.
+            tracing::info!(healthy = all, "health changed");
         }
         let reporter = self.reporter.clone();
         let services = self.services.clone();

@@ -524,3 +524,20 @@ async fn backend_errors_are_logged_once_per_stretch() {
     }
     assert_eq!(rl.log().matches("backend answering again").count(), 1);
 }
+
+#[test]
+fn a_routine_start_writes_one_line_at_the_default_level() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let mut rl = Ratelimitd::builder(dir.path())
+        .env("LOG_LEVEL", "WARN")
+        .start();
+    let status = rl.terminate();
+    assert!(status.success(), "{status}");
+    let log = rl.log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("ratelimitd listening"),
+        "{log}"
+    );
+}
