@@ -5,7 +5,7 @@
 //! with our own listener Nagle's algorithm and delayed ACKs held responses back for ~40 ms,
 //! twice Envoy's whole 20 ms budget. It also survives accept errors: when the process runs out
 //! of file descriptors, `accept` fails at once, every time; tonic's loop retries without
-//! pause (one core at 100 %) and logs nothing. We back off (10 ms doubling to 1 s), log the
+//! pause (one core at 100 %) and logs nothing. We back off (10 ms doubling to 200 ms), log the
 //! first failure and then one line per [`crate::log_throttle`] period, and count them.
 //!
 //! [`ConnIo`] wraps each connection:
@@ -38,8 +38,9 @@ use crate::log_throttle::LogThrottle;
 
 /// First pause after an accept error; doubled on each further error.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
-/// Longest pause between accept attempts while they keep failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest pause between accept attempts while they keep failing: short enough that service
+/// resumes within 0.2 s of descriptors coming free, long enough that retrying costs nothing.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// A listening socket `Incoming` can accept from.
 pub trait Listen: Unpin + Send + 'static {
