@@ -34,6 +34,8 @@ pub const BACKEND_ERRORS: &str = "ratelimitd_backend_errors_total";
 pub const BACKEND_CONNECTIONS: &str = "ratelimitd_backend_connections";
 pub const BACKEND_IN_FLIGHT: &str = "ratelimitd_backend_requests_in_flight";
 pub const HEALTHY: &str = "ratelimitd_healthy";
+pub const MEMORY_COUNTERS: &str = "ratelimitd_memory_counters";
+pub const MEMORY_EVICTIONS: &str = "ratelimitd_memory_evictions_total";
 
 /// Histogram buckets in seconds: sub-millisecond to one second, dense around Envoy's 20 ms.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -113,6 +115,14 @@ fn describe() {
     describe_gauge!(BACKEND_CONNECTIONS, "Connections to the counter store.");
     describe_gauge!(BACKEND_IN_FLIGHT, "Counter store requests in flight.");
     describe_gauge!(HEALTHY, "1 while /healthcheck answers 200.");
+    describe_gauge!(
+        MEMORY_COUNTERS,
+        "Counters held by the in-memory backend (at most MEMORY_MAX_COUNTERS)."
+    );
+    describe_counter!(
+        MEMORY_EVICTIONS,
+        "Live in-memory counters removed to make room for new ones (MEMORY_MAX_COUNTERS reached)."
+    );
 }
 
 /// A counter in Prometheus and, with `USE_STATSD`, under the reference's StatsD name.

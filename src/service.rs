@@ -146,6 +146,7 @@ impl<S: Store> RateLimiter<S> {
                     key: self.keys.build(&req.domain, entries, limit.unit, now),
                     hits: d.hits_addend.unwrap_or(request_hits),
                     window_secs: limit.unit.seconds(),
+                    window_start: limit.unit.window_start(now),
                     ttl_secs: limit.unit.seconds() + self.jitter(),
                 });
             }

@@ -2,7 +2,7 @@
 //! named as envoyproxy/ratelimit names it, with the same default, so a reference deployment's
 //! environment works unchanged.
 
-use std::{path::PathBuf, time::Duration};
+use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 
@@ -171,6 +171,11 @@ pub struct ServeArgs {
     /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = parse_go_duration)]
     pub redis_timeout: Duration,
+    /// Most counters the memory backend holds (about 160 bytes each). When full, a new
+    /// counter replaces one whose window has ended, else the one whose window ends first
+    /// (counted in ratelimitd_memory_evictions_total).
+    #[arg(long, env = "MEMORY_MAX_COUNTERS", default_value = "1000000", value_parser = parse_max_counters)]
+    pub memory_max_counters: NonZeroUsize,
 
     #[arg(long, env = "CACHE_KEY_PREFIX", default_value = "")]
     pub cache_key_prefix: String,
@@ -283,6 +288,18 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "TRACING_ENABLED",
 ];
 
+/// Parses `MEMORY_MAX_COUNTERS`: a whole number of at least 1 (a store that can hold no
+/// counter could not limit anything).
+pub fn parse_max_counters(s: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| "MEMORY_MAX_COUNTERS is not a whole number".to_owned())?;
+    NonZeroUsize::new(n).ok_or_else(|| {
+        "MEMORY_MAX_COUNTERS must be at least 1 (0 would hold no counter)".to_owned()
+    })
+}
+
 /// Parses a Go `time.Duration` string (`300ms`, `10s`, `1m30s`, `1.5h`); a bare number is
 /// seconds.
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
@@ -336,6 +353,23 @@ mod tests {
         assert!(parse_go_duration("10 parsecs").is_err());
         assert!(parse_go_duration("").is_err());
         assert!(parse_go_duration("ms").is_err());
+    }
+
+    #[test]
+    fn max_counters_are_positive_whole_numbers() {
+        assert_eq!(parse_max_counters("1000").map(NonZeroUsize::get), Ok(1000));
+        assert_eq!(parse_max_counters(" 1 ").map(NonZeroUsize::get), Ok(1));
+        assert_eq!(
+            parse_max_counters("0"),
+            Err("MEMORY_MAX_COUNTERS must be at least 1 (0 would hold no counter)".into())
+        );
+        for bad in ["", "abc", "-1", "1.5", "1e6"] {
+            assert_eq!(
+                parse_max_counters(bad),
+                Err("MEMORY_MAX_COUNTERS is not a whole number".into()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
