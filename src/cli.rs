@@ -238,8 +238,10 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         timeout: args.redis_timeout,
     };
     let clock: Arc<dyn crate::limiter::Clock> = Arc::new(SystemClock);
-    let store =
-        Arc::new(server::build_store(backend, &redis, clock.clone()).map_err(|e| e.to_string())?);
+    let store = Arc::new(
+        server::build_store(backend, &redis, args.memory_max_counters, clock.clone())
+            .map_err(|e| e.to_string())?,
+    );
     if let crate::store::AnyStore::Redis(r) = &*store {
         metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(r.connections() as f64);
         match r.ping().await {
@@ -256,6 +258,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         }
     } else {
         tracing::info!(
+            max_counters = args.memory_max_counters,
             "using the in-memory backend (single instance; set REDIS_URL to share counters)"
         );
     }

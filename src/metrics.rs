@@ -68,6 +68,8 @@ pub const DEFAULT_MAX_DYNAMIC_KEYS: usize = 2000;
 /// counted at all is exported before it goes, and short enough that a burst of passing keys
 /// frees its places under the cap within minutes.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const MEMORY_COUNTERS: &str = "ratelimitd_memory_counters";
+pub const MEMORY_EVICTIONS: &str = "ratelimitd_memory_evictions_total";
 
 /// Histogram buckets in seconds: sub-millisecond to one second, dense around Envoy's 20 ms.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -183,6 +185,14 @@ fn describe() {
     describe_counter!(
         DYNAMIC_KEYS_OVERFLOW,
         "Descriptors counted in a domain's __overflow series because METRICS_MAX_DYNAMIC_KEYS was reached."
+    );
+    describe_gauge!(
+        MEMORY_COUNTERS,
+        "Counters held by the in-memory backend (at most MEMORY_MAX_COUNTERS)."
+    );
+    describe_counter!(
+        MEMORY_EVICTIONS,
+        "Live in-memory counters removed to make room for new ones (MEMORY_MAX_COUNTERS reached)."
     );
 }
 

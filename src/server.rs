@@ -73,15 +73,17 @@ pub struct Listeners {
     pub header_read_timeout: Duration,
 }
 
-/// Builds the store for `backend`; the memory store also gets its sweeper task.
+/// Builds the store for `backend`; the memory store, holding at most `memory_max_counters`,
+/// also gets its sweeper task.
 pub fn build_store(
     backend: crate::settings::Backend,
     redis: &crate::store::RedisSettings,
+    memory_max_counters: std::num::NonZeroUsize,
     clock: Arc<dyn crate::limiter::Clock>,
 ) -> Result<AnyStore, StoreError> {
     Ok(match backend {
         crate::settings::Backend::Memory => {
-            let store = MemoryStore::new(clock);
+            let store = MemoryStore::new(clock, memory_max_counters);
             store.spawn_sweeper(Duration::from_secs(1));
             AnyStore::Memory(store)
         }

@@ -338,6 +338,7 @@ impl<S: Store> RateLimiter<S> {
                     // counted as MAX_COUNT (over any limit) instead of failing the counter.
                     hits: d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT),
                     window_secs: limit.unit.seconds(),
+                    window_start: limit.unit.window_start(now),
                     ttl_secs: limit.unit.seconds() + self.jitter(),
                 });
             }

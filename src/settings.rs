@@ -2,7 +2,7 @@
 //! named as envoyproxy/ratelimit names it, with the same default, so a reference deployment's
 //! environment works unchanged.
 
-use std::{path::PathBuf, time::Duration};
+use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 
@@ -228,6 +228,11 @@ pub struct ServeArgs {
     /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = duration("REDIS_TIMEOUT", Bound::Positive, HOUR))]
     pub redis_timeout: Duration,
+    /// Most counters the memory backend holds (about 160 bytes each). When full, a new
+    /// counter replaces one whose window has ended, else the one whose window ends first
+    /// (counted in ratelimitd_memory_evictions_total).
+    #[arg(long, env = "MEMORY_MAX_COUNTERS", default_value = "1000000", value_parser = parse_max_counters)]
+    pub memory_max_counters: NonZeroUsize,
 
     #[command(flatten)]
     pub cache_key: CacheKeyArgs,
@@ -438,6 +443,18 @@ pub fn at_most(
     }
 }
 
+/// Parses `MEMORY_MAX_COUNTERS`: a whole number of at least 1 (a store that can hold no
+/// counter could not limit anything).
+pub fn parse_max_counters(s: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| "MEMORY_MAX_COUNTERS is not a whole number".to_owned())?;
+    NonZeroUsize::new(n).ok_or_else(|| {
+        "MEMORY_MAX_COUNTERS must be at least 1 (0 would hold no counter)".to_owned()
+    })
+}
+
 /// Parses a Go `time.Duration` string (`300ms`, `10s`, `1m30s`, `1.5h`); a bare number is
 /// seconds.
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
@@ -557,6 +574,23 @@ mod tests {
             cache_key_hash_secret_file: None,
         };
         assert!(!unset.builder().unwrap().hashes_values());
+    }
+
+    #[test]
+    fn max_counters_are_positive_whole_numbers() {
+        assert_eq!(parse_max_counters("1000").map(NonZeroUsize::get), Ok(1000));
+        assert_eq!(parse_max_counters(" 1 ").map(NonZeroUsize::get), Ok(1));
+        assert_eq!(
+            parse_max_counters("0"),
+            Err("MEMORY_MAX_COUNTERS must be at least 1 (0 would hold no counter)".into())
+        );
+        for bad in ["", "abc", "-1", "1.5", "1e6"] {
+            assert_eq!(
+                parse_max_counters(bad),
+                Err("MEMORY_MAX_COUNTERS is not a whole number".into()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,49 +1,232 @@
-//! In-memory counters for a single instance: a sharded concurrent map, exact under
-//! concurrency (each increment holds its shard's lock for a few instructions, never across an
-//! await), with expired windows swept away so memory follows the number of live keys.
+//! In-memory counters for a single instance, bounded by `MEMORY_MAX_COUNTERS`.
+//!
+//! Two structures:
+//! - `shards`: the counters in hash tables, each behind its own lock, chosen by the key's
+//!   hash. A hit on an existing counter hashes the key once and adds to it under that shard's
+//!   lock (a few instructions, never across an await): no allocation and no other lock, and
+//!   concurrent increments of one key are exact.
+//! - `order`: the key hash of every counter, sorted by the end of its window and then by
+//!   creation, behind one lock. Only creating or removing a counter takes it, for O(log w)
+//!   work with w distinct window ends (a handful per rule), never a scan.
+//!
+//! `order` holds 8-byte hashes rather than a second copy of each key; removing by hash takes
+//! any counter with that hash from its shard. Two live keys sharing a 64-bit hash (about one
+//! chance in 10^7 with a million counters) may swap the moment they are removed, nothing
+//! worse: each `order` entry stands for exactly one counter with its hash, so the count stays
+//! exact.
+//!
+//! **Windows come from the caller.** The service reads the clock once, names the window in the
+//! key and passes its start in [`Hit::window_start`]; a counter ends at that start plus the
+//! window length. The store never re-reads the clock to decide whether a counter is current,
+//! so a request computed just before a window boundary and counted just after it adds to its
+//! own window's counter instead of resetting it.
+//!
+//! **Full store.** Creating a counter when `max` exist first removes the counter that comes
+//! first in `order`: one whose window has already ended if there is one (a plain drop), else
+//! the live one whose window ends first, whose loss costs the least (an eviction, counted in
+//! `ratelimitd_memory_evictions_total`). Among counters ending at the same second the oldest
+//! goes first. The new counter is never its own victim. So every creation when full removes
+//! exactly one counter, and `order` never holds more than `max` entries.
+//!
+//! **Slack.** A counter is added to its shard and to `order` under two separate locks (holding
+//! both at once could deadlock against a removal, which takes them in the other order), so a
+//! creating thread briefly holds one counter more in the shards than in `order`: the shards
+//! exceed `max` by at most the number of threads creating counters at that instant (the tokio
+//! worker threads, one per core), and never once they are done.
+//!
+//! **Sweeping.** Every second [`MemoryStore::sweep`] removes counters whose window ended at
+//! least [`GRACE_SECS`] ago, so memory follows the number of live windows.
+//!
+//! Why not `dashmap` (used elsewhere) or `moka`: with `dashmap` the eviction order needs its
+//! own copy of every key, since its map cannot be searched by hash alone (a shared `Arc<str>`
+//! measured about 240 bytes per counter in the server, this layout about 160; see
+//! docs/benchmarks.md); `moka` evicts by frequency and recency, not by window end, and needs a
+//! compute closure per increment.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    hash::BuildHasher,
+    num::NonZeroUsize,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::Duration,
+};
 
-use dashmap::DashMap;
+use hashbrown::HashTable;
 
-use super::{Hit, Store, StoreError};
+use super::{Hit, Store, StoreError, MAX_COUNT};
 use crate::limiter::Clock;
 
-#[derive(Debug, Clone, Copy)]
-struct Counter {
+/// How long after its window ends a counter is kept by the sweeper. A request reads the clock
+/// once and reaches the store a little later (microseconds, but a second boundary can fall in
+/// between); keeping the counter one more second means that request still finds it and adds
+/// to it instead of starting its window over at 0. The clock has whole-second resolution, so
+/// one second of grace is at least one second of real time.
+pub const GRACE_SECS: u64 = 1;
+
+/// Most counters the sweeper removes per hold of the `order` lock, so creations waiting for it
+/// are delayed by a bounded amount of work even when a million counters end at once.
+const SWEEP_BATCH: usize = 4_096;
+
+/// Locks `m`. Every critical section here only moves values between collections and cannot
+/// panic half-way through in a way that breaks an invariant the next holder relies on, so a
+/// poisoned lock is used as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// One counter.
+struct Slot {
+    key: Box<str>,
     value: u64,
-    /// Unix second after which the counter is gone.
-    expires_at: u64,
+}
+
+/// One shard of the counters, on its own cache lines so shards do not share them.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<HashTable<Slot>>);
+
+/// Counter hashes by window end, for removal in the order their loss costs least.
+#[derive(Default)]
+struct Order {
+    /// Window end (Unix seconds) -> hashes of the counters ending then, oldest first. No empty
+    /// queue is kept.
+    by_end: BTreeMap<u64, VecDeque<u64>>,
+    /// Hashes in `by_end`.
+    len: usize,
+}
+
+impl Order {
+    fn push(&mut self, end: u64, hash: u64) {
+        self.by_end.entry(end).or_default().push_back(hash);
+        self.len += 1;
+    }
+
+    /// End of the first counter in removal order.
+    fn first_end(&self) -> Option<u64> {
+        self.by_end.first_key_value().map(|(end, _)| *end)
+    }
+
+    /// Takes the first counter in removal order: the earliest window end, oldest first.
+    fn pop_first(&mut self) -> Option<(u64, u64)> {
+        while let Some(mut first) = self.by_end.first_entry() {
+            let end = *first.key();
+            let hash = first.get_mut().pop_front();
+            if first.get().is_empty() {
+                first.remove();
+            }
+            if let Some(hash) = hash {
+                self.len -= 1;
+                return Some((end, hash));
+            }
+        }
+        None
+    }
+}
+
+/// What the store shares between its clones and the sweeper.
+struct Inner {
+    /// Keyed SipHash: keys come from traffic, so their hashes must not be predictable.
+    hasher: std::collections::hash_map::RandomState,
+    /// A power of two of them; see [`MemoryStore::shard`].
+    shards: Box<[Shard]>,
+    /// A std Mutex, not a tokio one: held for a few collection operations, never across an
+    /// await, and never while a shard lock is held.
+    order: Mutex<Order>,
+    /// `MEMORY_MAX_COUNTERS`.
+    max: usize,
+    /// Only for the sweeper and for telling drops from evictions, never for windows.
+    clock: Arc<dyn Clock>,
+    /// Live counters removed to make room, for tests (the metric is write-only).
+    evictions: AtomicU64,
+    /// `ratelimitd_memory_evictions_total`.
+    evictions_metric: metrics::Counter,
+    /// `ratelimitd_memory_counters`: entries in `order`, set under its lock so updates never
+    /// arrive out of order.
+    counters_metric: metrics::Gauge,
 }
 
 /// Counters in this process's memory.
 #[derive(Clone)]
 pub struct MemoryStore {
-    counters: Arc<DashMap<String, Counter>>,
-    clock: Arc<dyn Clock>,
+    inner: Arc<Inner>,
 }
 
 impl MemoryStore {
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
+    /// A store keeping at most `max` counters (plus the slack described in the module doc).
+    pub fn new(clock: Arc<dyn Clock>, max: NonZeroUsize) -> Self {
+        // Four shards per core, as dashmap sizes its own: contention stays rare.
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let shards = (cores * 4).next_power_of_two();
+        let counters_metric = metrics::gauge!(crate::metrics::MEMORY_COUNTERS);
+        counters_metric.set(0.0);
         Self {
-            counters: Arc::new(DashMap::new()),
-            clock,
+            inner: Arc::new(Inner {
+                hasher: Default::default(),
+                shards: (0..shards).map(|_| Shard::default()).collect(),
+                order: Mutex::new(Order::default()),
+                max: max.get(),
+                clock,
+                evictions: AtomicU64::new(0),
+                evictions_metric: metrics::counter!(crate::metrics::MEMORY_EVICTIONS),
+                counters_metric,
+            }),
         }
     }
 
-    /// Removes expired counters. Called periodically by [`MemoryStore::spawn_sweeper`].
-    pub fn sweep(&self) {
-        let now = self.clock.now_unix();
-        self.counters.retain(|_, c| c.expires_at > now);
+    /// Removes counters whose window ended at least [`GRACE_SECS`] ago and returns how many.
+    /// Called every second by [`MemoryStore::spawn_sweeper`]; works in batches of
+    /// `SWEEP_BATCH` so creations never wait long for the `order` lock.
+    pub fn sweep(&self) -> usize {
+        let now = self.inner.clock.now_unix();
+        let mut removed = 0;
+        let mut batch = Vec::with_capacity(SWEEP_BATCH);
+        loop {
+            {
+                let mut order = lock(&self.inner.order);
+                while batch.len() < SWEEP_BATCH
+                    && order
+                        .first_end()
+                        .is_some_and(|end| end.saturating_add(GRACE_SECS) <= now)
+                {
+                    if let Some((_, hash)) = order.pop_first() {
+                        batch.push(hash);
+                    }
+                }
+                self.inner.counters_metric.set(order.len as f64);
+            }
+            if batch.is_empty() {
+                return removed;
+            }
+            removed += batch.len();
+            let full = batch.len() == SWEEP_BATCH;
+            for hash in batch.drain(..) {
+                self.remove(hash);
+            }
+            if !full {
+                return removed;
+            }
+        }
     }
 
-    /// Number of live counters (for tests and metrics).
+    /// Counters in the shards (for tests): at most `max` plus the slack of creations in
+    /// flight.
     pub fn len(&self) -> usize {
-        self.counters.len()
+        self.inner.shards.iter().map(|s| lock(&s.0).len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.counters.is_empty()
+        self.len() == 0
+    }
+
+    /// Live counters removed so far to make room for new ones.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
     }
 
     /// Sweeps every `every` until the returned handle is aborted or the runtime stops.
@@ -59,41 +242,83 @@ impl MemoryStore {
         })
     }
 
-    fn add(&self, hit: &Hit, now: u64) -> u64 {
-        // Reclaimed when its window ends: no later request names this key again, and no
-        // jitter is needed with no shared server to spare from an expiry storm.
-        let window = hit.window_secs.max(1);
-        let expires_at = now.saturating_add(window - now % window);
-        // Look up by reference first so a hit on a live counter allocates nothing; only a new
-        // counter copies its key.
-        let mut c = match self.counters.get_mut(hit.key.as_str()) {
-            Some(c) => c,
-            None => self.counters.entry(hit.key.clone()).or_insert(Counter {
-                value: 0,
-                expires_at,
-            }),
-        };
-        if c.expires_at <= now {
-            // Expired but not swept yet: a fresh counter, as Redis would have it.
-            c.value = 0;
+    fn hash(&self, key: &str) -> u64 {
+        self.inner.hasher.hash_one(key)
+    }
+
+    /// The shard of `hash`, from bits the tables do not use to place keys (they take the low
+    /// bits for the bucket and the top 7 as a tag).
+    fn shard(&self, hash: u64) -> &Mutex<HashTable<Slot>> {
+        let index = (hash >> 32) as usize & (self.inner.shards.len() - 1);
+        &self
+            .inner
+            .shards
+            .get(index)
+            .expect("masked by the shard count, a power of two")
+            .0
+    }
+
+    /// Removes one counter with this key hash (see the module doc on shared hashes).
+    fn remove(&self, hash: u64) {
+        let mut table = lock(self.shard(hash));
+        if let Ok(slot) = table.find_entry(hash, |s| self.hash(&s.key) == hash) {
+            slot.remove();
         }
-        c.value = c.value.saturating_add(hit.hits).min(super::MAX_COUNT);
-        c.expires_at = expires_at;
-        c.value
+    }
+
+    fn add(&self, hit: &Hit) -> u64 {
+        let hash = self.hash(&hit.key);
+        {
+            let mut table = lock(self.shard(hash));
+            // The hot path: a live counter, found by hash and compared by reference, so
+            // nothing is allocated.
+            if let Some(slot) = table.find_mut(hash, |s| *s.key == *hit.key) {
+                slot.value = slot.value.saturating_add(hit.hits).min(MAX_COUNT);
+                return slot.value;
+            }
+            table.insert_unique(
+                hash,
+                Slot {
+                    key: hit.key.as_str().into(),
+                    value: hit.hits.min(MAX_COUNT),
+                },
+                |s| self.hash(&s.key),
+            );
+        }
+        // A new counter. The shard lock is released: `order` is never taken while one is
+        // held.
+        let end = hit.window_start.saturating_add(hit.window_secs.max(1));
+        let victim = {
+            let mut order = lock(&self.inner.order);
+            let victim = if order.len >= self.inner.max {
+                order.pop_first()
+            } else {
+                None
+            };
+            order.push(end, hash);
+            self.inner.counters_metric.set(order.len as f64);
+            victim
+        };
+        if let Some((victim_end, victim)) = victim {
+            self.remove(victim);
+            if victim_end > self.inner.clock.now_unix() {
+                self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+                self.inner.evictions_metric.increment(1);
+            }
+        }
+        hit.hits.min(MAX_COUNT)
     }
 }
 
 impl Store for MemoryStore {
     async fn increment(&self, hits: &[Hit]) -> Result<Vec<u64>, StoreError> {
-        let now = self.clock.now_unix();
-        Ok(hits.iter().map(|h| self.add(h, now)).collect())
+        Ok(hits.iter().map(|h| self.add(h)).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     struct FakeClock(AtomicU64);
     impl Clock for FakeClock {
@@ -102,56 +327,173 @@ mod tests {
         }
     }
 
-    fn hit(key: &str, hits: u64, window: u64) -> Hit {
+    fn clock_at(now: u64) -> Arc<FakeClock> {
+        Arc::new(FakeClock(AtomicU64::new(now)))
+    }
+
+    fn store(clock: Arc<FakeClock>, max: usize) -> MemoryStore {
+        store_with(clock, max)
+    }
+
+    fn store_with(clock: Arc<dyn Clock>, max: usize) -> MemoryStore {
+        MemoryStore::new(clock, NonZeroUsize::new(max).unwrap())
+    }
+
+    /// A hit on the window of `window` seconds that contains `now`, keyed as the service keys
+    /// it (`name_` + window start).
+    fn hit(name: &str, hits: u64, window: u64, now: u64) -> Hit {
+        let window_start = now / window * window;
         Hit {
-            key: key.into(),
+            key: format!("{name}_{window_start}"),
             hits,
             window_secs: window,
+            window_start,
             ttl_secs: window + 300,
         }
     }
 
+    async fn add(s: &MemoryStore, h: Hit) -> u64 {
+        s.increment(&[h]).await.unwrap()[0]
+    }
+
+    /// A counter's value without touching it (a hit of 0 would create it).
+    fn value(s: &MemoryStore, key: &str) -> Option<u64> {
+        let hash = s.hash(key);
+        lock(s.shard(hash))
+            .find(hash, |slot| &*slot.key == key)
+            .map(|slot| slot.value)
+    }
+
     #[tokio::test]
-    async fn counts_adds_reads_and_expires() {
-        let clock = Arc::new(FakeClock(AtomicU64::new(1_000)));
-        let store = MemoryStore::new(clock.clone());
+    async fn counts_adds_reads_and_sweeps_ended_windows_after_the_grace() {
+        let clock = clock_at(1_000);
+        let store = store(clock.clone(), 100);
         let got = store
-            .increment(&[hit("a", 1, 60), hit("b", 5, 1)])
+            .increment(&[hit("a", 1, 60, 1_000), hit("b", 5, 1, 1_000)])
             .await
             .unwrap();
         assert_eq!(got, vec![1, 5]);
-        assert_eq!(store.increment(&[hit("a", 0, 60)]).await.unwrap(), vec![1]);
-        assert_eq!(store.increment(&[hit("a", 2, 60)]).await.unwrap(), vec![3]);
+        assert_eq!(add(&store, hit("a", 0, 60, 1_000)).await, 1);
+        assert_eq!(add(&store, hit("a", 2, 60, 1_000)).await, 3);
         clock.0.store(1_001, Ordering::SeqCst);
-        store.sweep();
-        assert_eq!(
-            store.len(),
-            1,
-            "b's 1 s window ended, a's minute (960..1020) lives"
-        );
-        assert_eq!(store.increment(&[hit("b", 1, 1)]).await.unwrap(), vec![1]);
-        clock.0.store(1_019, Ordering::SeqCst);
-        store.sweep();
-        assert_eq!(
-            store.len(),
-            1,
-            "a lives to the end of its minute, jitter ignored"
-        );
+        assert_eq!(store.sweep(), 0, "b's window (1000..1001) is in its grace");
+        clock.0.store(1_002, Ordering::SeqCst);
+        assert_eq!(store.sweep(), 1, "b is gone a second after its window");
+        assert_eq!(store.len(), 1, "a's minute (960..1020) lives");
         clock.0.store(1_020, Ordering::SeqCst);
-        store.sweep();
+        assert_eq!(
+            store.sweep(),
+            0,
+            "a lives to the end of its minute plus the grace"
+        );
+        clock.0.store(1_021, Ordering::SeqCst);
+        assert_eq!(store.sweep(), 1);
         assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_computed_before_a_boundary_keeps_counting_its_window() {
+        // The service read 1019 and named window 960 (960..1020); by the time the store
+        // counts, the clock says 1020, the first second of the next window.
+        let clock = clock_at(1_019);
+        let store = store(clock.clone(), 100);
+        for i in 1..=5 {
+            assert_eq!(add(&store, hit("k", 1, 60, 1_019)).await, i);
+        }
+        clock.0.store(1_020, Ordering::SeqCst);
+        assert_eq!(
+            add(&store, hit("k", 1, 60, 1_019)).await,
+            6,
+            "window 960's counter goes on, it is not reset to 1"
+        );
+        assert_eq!(store.sweep(), 0, "and the sweeper keeps it for the grace");
+        assert_eq!(add(&store, hit("k", 1, 60, 1_019)).await, 7);
+        assert_eq!(
+            add(&store, hit("k", 1, 60, 1_020)).await,
+            1,
+            "window 1020 has its own counter"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_store_evicts_the_counters_whose_window_ends_first() {
+        const N: u64 = 100;
+        const K: u64 = 37;
+        let clock = clock_at(1_000);
+        let store = store(clock.clone(), N as usize);
+        // N counters with distinct window ends 2000..2000+N, created in a shuffled order.
+        let end = |i: u64| 2_000 + (i * 53) % N;
+        let at = |name: &str, end: u64| Hit {
+            key: name.to_owned(),
+            hits: 1,
+            window_secs: 10,
+            window_start: end - 10,
+            ttl_secs: 310,
+        };
+        for i in 0..N {
+            assert_eq!(add(&store, at(&format!("old{i}"), end(i))).await, 1);
+        }
+        assert_eq!((store.len(), store.evictions()), (N as usize, 0));
+        // K more, all ending after every existing one.
+        for i in 0..K {
+            assert_eq!(add(&store, at(&format!("new{i}"), 5_000 + i)).await, 1);
+        }
+        assert_eq!(store.len(), N as usize, "never above the cap once settled");
+        assert_eq!(store.evictions(), K, "one eviction per creation when full");
+        // Exactly the K earliest ends (2000..2000+K) are gone; the others kept their value.
+        for i in 0..N {
+            let expected = (end(i) >= 2_000 + K).then_some(1);
+            assert_eq!(
+                value(&store, &format!("old{i}")),
+                expected,
+                "old{i} ends at {}",
+                end(i)
+            );
+        }
+        for i in 0..K {
+            assert_eq!(value(&store, &format!("new{i}")), Some(1));
+        }
+    }
+
+    #[tokio::test]
+    async fn ended_windows_are_dropped_before_live_counters_are_evicted() {
+        let clock = clock_at(1_000);
+        let store = store(clock.clone(), 3);
+        add(&store, hit("second", 1, 1, 1_000)).await; // ends 1001
+        add(&store, hit("minute", 1, 60, 1_000)).await; // ends 1020
+        add(&store, hit("day", 1, 86_400, 1_000)).await; // ends 86400
+        clock.0.store(1_005, Ordering::SeqCst); // no sweep has run
+        add(&store, hit("day2", 1, 86_400, 1_005)).await;
+        assert_eq!(store.len(), 3);
+        assert_eq!(
+            store.evictions(),
+            0,
+            "the ended second was dropped, not evicted"
+        );
+        assert_eq!(
+            value(&store, "second_1000"),
+            None,
+            "the ended second went first"
+        );
+        assert_eq!(value(&store, "minute_960"), Some(1));
+        add(&store, hit("day3", 1, 86_400, 1_005)).await;
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.evictions(), 1, "then the live minute, ending first");
+        assert_eq!(value(&store, "minute_960"), None);
+        assert_eq!(value(&store, "day_0"), Some(1));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_increments_are_exact() {
-        let store = MemoryStore::new(Arc::new(crate::limiter::SystemClock));
+        let store = store_with(Arc::new(crate::limiter::SystemClock), 100);
+        let now = crate::limiter::SystemClock.now_unix();
         let mut tasks = Vec::new();
         for _ in 0..8 {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
                 let mut seen = Vec::new();
                 for _ in 0..500 {
-                    seen.push(s.increment(&[hit("k", 1, 60)]).await.unwrap()[0]);
+                    seen.push(s.increment(&[hit("k", 1, 60, now)]).await.unwrap()[0]);
                 }
                 seen
             }));
@@ -163,5 +505,27 @@ mod tests {
         all.sort_unstable();
         let expected: Vec<u64> = (1..=4_000).collect();
         assert_eq!(all, expected, "every increment saw a distinct value");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_creations_settle_at_the_cap_with_exact_evictions() {
+        const MAX: usize = 500;
+        let store = store(clock_at(1_000), MAX);
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..1_000 {
+                    s.increment(&[hit(&format!("t{t}-{i}"), 1, 86_400, 1_000)])
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(store.len(), MAX);
+        assert_eq!(store.evictions(), 8_000 - MAX as u64);
     }
 }

@@ -26,6 +26,11 @@ pub struct Hit {
     /// Length of the counter's window in seconds; the key names the window, so the counter
     /// is never used after the window ends.
     pub window_secs: u64,
+    /// Start of the counter's window (Unix seconds), from the same clock read that named the
+    /// key. The memory store ends the counter at `window_start + window_secs` and never reads
+    /// the clock again to decide which window a hit belongs to; Redis ignores it (the key
+    /// carries its TTL).
+    pub window_start: u64,
     /// Redis TTL: the window plus expiration jitter, so keys do not all expire at once.
     pub ttl_secs: u64,
 }
