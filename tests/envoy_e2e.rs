@@ -173,3 +173,41 @@ async fn requests_pass_while_ratelimitd_is_down_and_limits_return_with_it() {
             .any(|s| s == 429);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_connection_rotation_without_failed_calls() {
+    // A new connection every 300 ms: Envoy must move on at each GOAWAY, and no call may fail
+    // (with failure_mode_deny: false a failed call would pass the request unlimited).
+    let rl = Ratelimitd::builder(&config())
+        .env("GRPC_MAX_CONNECTION_AGE", "300ms")
+        .env("GRPC_MAX_CONNECTION_AGE_GRACE", "300ms")
+        .start();
+    let envoy = Envoy::start(&rl.grpc);
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        // A fresh key and client address each time: no limit is reached.
+        let key = format!("rotation-{sent}");
+        let ip = format!("198.18.{}.{}", sent / 250, sent % 250);
+        let headers = [
+            ("x-api-key", key.as_str()),
+            ("x-forwarded-for", ip.as_str()),
+        ];
+        let (status, _, _) = http_request(&envoy.ingress, "GET", "/", &headers);
+        assert_eq!(status, 200, "request {sent}");
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(sent > 100, "{sent} requests over about 10 rotations");
+    let stats = envoy.stats("ratelimit");
+    let sum = |suffix: &str| -> u64 {
+        stats
+            .iter()
+            .filter(|(k, _)| k.ends_with(suffix))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    assert_eq!(sum("ratelimit.error"), 0, "{stats:?}");
+    assert_eq!(sum("ratelimit.failure_mode_allowed"), 0, "{stats:?}");
+    assert_eq!(sum("ratelimit.ok"), sent, "{stats:?}");
+}
