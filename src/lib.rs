@@ -5,11 +5,20 @@
 //! - [`matcher`]: descriptor to rule, level by level, pure.
 //! - [`limiter`]: fixed windows, counter keys and the OK/OVER_LIMIT decision, clock injected.
 //! - [`store`]: counters in Redis or in memory behind one async trait.
-//! - [`service`]: `ShouldRateLimit`, protobuf in and out.
-//! - [`server`] and [`admin`]: the gRPC and HTTP listeners.
-//! - [`settings`]: flags with the reference's environment variable names.
+//! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`calls`] counts each call once.
+//! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
+//! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
+//!   connections (TCP_NODELAY, accept backoff, silent-connection timeout).
+//! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
+//! - [`metrics`] and [`statsd`]: Prometheus metrics and the reference's StatsD stats.
+//! - [`json`]: proto3 JSON for `POST /json`; [`explain`]: which rule matches and why.
+//! - [`settings`]: flags with the reference's environment variable names; [`cli`]: what the
+//!   subcommands do.
+//! - [`log_throttle`]: one log line per stretch of repeated failures.
+//! - [`proto`]: the generated Envoy RLS v3 types.
 
 pub mod admin;
+pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod conn;

@@ -6,20 +6,13 @@
 //! `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for bad requests and
 //! `UNAVAILABLE` for backend failures.
 
-use std::{
-    borrow::Cow,
-    collections::HashSet,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Instant,
-};
+use std::{borrow::Cow, collections::HashSet, sync::Arc};
 
 use arc_swap::ArcSwap;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use crate::{
+    calls::{BackendCall, Calls, Outcome},
     config::{Limit, Rule, RuleTree},
     error::ServiceError,
     limiter::{decide, CacheKeyBuilder, Clock, Unit},
@@ -92,108 +85,10 @@ pub struct RateLimiter<S> {
     backend_duration: Histogram,
     /// Store calls in flight: how busy the shared connections are.
     backend_in_flight: Gauge,
-    total_requests: Counter,
-    response_time: Histogram,
-    /// `ratelimit_service_should_rate_limit_error` by [`Outcome::err_type`].
-    errors: [Counter; Outcome::ERR_TYPES.len()],
-    /// Calls being answered, admitted or not (see [`RateLimiter::answer`]).
-    in_flight: AtomicU64,
-    max_in_flight: u64,
-    in_flight_gauge: Gauge,
-    shed: Counter,
+    /// Per-call metrics, and admission under `MAX_CONCURRENT_CALLS`.
+    calls: Calls,
     /// Backend failures are logged once per stretch, not once per call.
     backend_log: LogThrottle,
-}
-
-/// How a call ended, for the call metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Answered,
-    Invalid,
-    Backend,
-    /// Refused because `MAX_CONCURRENT_CALLS` calls were in flight.
-    Shed,
-    /// The client went away (Envoy's deadline, a reset stream) before the answer: the handler
-    /// future was dropped. The default until the call says otherwise.
-    Cancelled,
-}
-
-impl Outcome {
-    /// `err_type` label values: the reference's two, then ours.
-    const ERR_TYPES: [&'static str; 4] =
-        ["service_error", "redis_error", "overloaded", "cancelled"];
-
-    fn err_index(self) -> Option<usize> {
-        match self {
-            Outcome::Answered => None,
-            Outcome::Invalid => Some(0),
-            Outcome::Backend => Some(1),
-            Outcome::Shed => Some(2),
-            Outcome::Cancelled => Some(3),
-        }
-    }
-}
-
-/// Counts one call exactly once, when dropped: answered, failed, shed or cancelled.
-struct CallGuard<'a, S> {
-    limiter: &'a RateLimiter<S>,
-    started: Instant,
-    outcome: Outcome,
-}
-
-impl<S> Drop for CallGuard<'_, S> {
-    fn drop(&mut self) {
-        let l = self.limiter;
-        l.in_flight.fetch_sub(1, Ordering::Relaxed);
-        l.in_flight_gauge.decrement(1.0);
-        let elapsed = self.started.elapsed();
-        l.total_requests.increment(1);
-        l.response_time.record(elapsed.as_secs_f64());
-        let err_type = self.outcome.err_index().and_then(|i| {
-            let counter = l.errors.get(i)?;
-            counter.increment(1);
-            Outcome::ERR_TYPES.get(i).copied()
-        });
-        if self.outcome == Outcome::Shed {
-            l.shed.increment(1);
-        }
-        if let Some(s) = &l.statsd {
-            s.counter("ratelimit_server.ShouldRateLimit.total_requests", 1);
-            s.timer_ms(
-                "ratelimit_server.ShouldRateLimit.response_time",
-                elapsed.as_secs_f64() * 1000.0,
-            );
-            if let Some(t) = err_type {
-                s.counter(&format!("ratelimit.service.call.should_rate_limit.{t}"), 1);
-            }
-        }
-    }
-}
-
-/// Store calls in flight and their duration, recorded when dropped (so a call cancelled while
-/// Redis hangs still leaves the gauge and shows in the histogram).
-struct BackendGuard<'a> {
-    in_flight: &'a Gauge,
-    duration: &'a Histogram,
-    started: Instant,
-}
-
-impl<'a> BackendGuard<'a> {
-    fn new(in_flight: &'a Gauge, duration: &'a Histogram) -> Self {
-        in_flight.increment(1.0);
-        Self {
-            in_flight,
-            duration,
-            started: Instant::now(),
-        }
-    }
-}
-
-impl Drop for BackendGuard<'_> {
-    fn drop(&mut self) {
-        self.in_flight.decrement(1.0);
-        self.duration.record(self.started.elapsed().as_secs_f64());
-    }
 }
 
 /// What applies to one descriptor.
@@ -221,6 +116,7 @@ impl<S: Store> RateLimiter<S> {
         statsd: Option<Arc<crate::statsd::Statsd>>,
     ) -> Self {
         let stats = Arc::new(Stats::new(statsd.clone(), settings.metrics));
+        let calls = Calls::new(settings.max_concurrent_calls, statsd.clone());
         Self {
             keys: settings.cache_keys.clone(),
             rules,
@@ -231,17 +127,7 @@ impl<S: Store> RateLimiter<S> {
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
             backend_duration: histogram!(m::BACKEND_DURATION),
             backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
-            total_requests: counter!(m::TOTAL_REQUESTS, "grpc_method" => "ShouldRateLimit"),
-            response_time: histogram!(m::RESPONSE_TIME, "grpc_method" => "ShouldRateLimit"),
-            errors: Outcome::ERR_TYPES
-                .map(|t| counter!(m::SHOULD_RATE_LIMIT_ERROR, "err_type" => t)),
-            in_flight: AtomicU64::new(0),
-            max_in_flight: match settings.max_concurrent_calls {
-                0 => u64::MAX,
-                n => n,
-            },
-            in_flight_gauge: gauge!(m::CALLS_IN_FLIGHT),
-            shed: counter!(m::CALLS_SHED),
+            calls,
             backend_log: LogThrottle::default(),
             settings,
         }
@@ -251,17 +137,10 @@ impl<S: Store> RateLimiter<S> {
     /// invalid, failed in the backend, shed because `MAX_CONCURRENT_CALLS` calls are in
     /// flight, or cancelled (this future dropped before it finished).
     pub async fn answer(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, ServiceError> {
-        let admitted = self.in_flight.fetch_add(1, Ordering::Relaxed) < self.max_in_flight;
-        self.in_flight_gauge.increment(1.0);
-        let mut call = CallGuard {
-            limiter: self,
-            started: Instant::now(),
-            outcome: Outcome::Cancelled,
+        let mut call = match self.calls.begin() {
+            Ok(call) => call,
+            Err(limit) => return Err(ServiceError::Overloaded(limit)),
         };
-        if !admitted {
-            call.outcome = Outcome::Shed;
-            return Err(ServiceError::Overloaded(self.max_in_flight));
-        }
         let result = self.should_rate_limit(req).await;
         call.outcome = match &result {
             Ok(_) => {
@@ -346,7 +225,7 @@ impl<S: Store> RateLimiter<S> {
         let counts = if hits.is_empty() {
             Vec::new()
         } else {
-            let _backend = BackendGuard::new(&self.backend_in_flight, &self.backend_duration);
+            let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
             let result = self.store.increment(&hits).await;
             if let Err(e) = &result {
                 counter!(m::BACKEND_ERRORS, "kind" => e.kind.label()).increment(1);
