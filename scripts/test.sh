@@ -28,4 +28,7 @@ if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec(
   .venv/bin/pip install -q --disable-pip-version-check --no-deps docker-compose==1.29.2
 fi
 
+# Style gates first: a formatting or lint failure fails CI before the tests run.
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked -- --test-threads=4

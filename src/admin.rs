@@ -14,7 +14,28 @@ use axum::{
     Router,
 };
 
-use crate::server::State;
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::{
+    config::RuleTree,
+    health::Health,
+    limiter::{CacheKeyBuilder, Clock},
+    service::RateLimiter,
+    store::AnyStore,
+};
+
+/// Everything the listeners share (the gRPC server takes the limiter and health from it).
+pub struct State {
+    pub rules: Arc<ArcSwap<RuleTree>>,
+    pub limiter: Arc<RateLimiter<AnyStore>>,
+    pub health: Arc<Health>,
+    /// Set when a Prometheus recorder is installed (always in `serve`).
+    pub prometheus: Option<PrometheusHandle>,
+    /// For `/explain`.
+    pub keys: CacheKeyBuilder,
+    pub clock: Arc<dyn Clock>,
+}
 
 /// Largest accepted request body (`POST /json`).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -109,7 +130,7 @@ async fn rlconfig(AxumState(s): Shared) -> String {
     let tree = s.rules.load();
     let mut out = String::new();
     for rule in tree.rules() {
-        out.push_str(&crate::cli::dump_line(rule));
+        out.push_str(&rule.dump_line());
         out.push('\n');
     }
     out

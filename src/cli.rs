@@ -5,10 +5,11 @@ use std::{process::ExitCode, sync::Arc};
 use arc_swap::ArcSwap;
 
 use crate::{
+    admin::State,
     config::{load_dir_or_file, ConfigSource, ReloadOutcome, Reloader, RuleTree},
     health::{Component, Health},
     limiter::SystemClock,
-    server::{self, State},
+    server,
     service::{HeaderNames, RateLimiter, ServiceSettings},
     settings::{Backend, ServeArgs, DEFAULT_REDIS_URL, UNSUPPORTED_ENV},
     store::RedisSettings,
@@ -20,7 +21,7 @@ pub fn check_config(source: &ConfigSource) -> ExitCode {
         Ok(tree) => {
             println!("{}", summary(&tree));
             for rule in tree.rules() {
-                println!("  {}", dump_line(rule));
+                println!("  {}", rule.dump_line());
             }
             ExitCode::SUCCESS
         }
@@ -72,18 +73,6 @@ fn summary(tree: &RuleTree) -> String {
         domains.len(),
         domains.join(", "),
         tree.rule_count()
-    )
-}
-
-/// One line per rule, exactly as the reference dumps its config (`/rlconfig`).
-pub fn dump_line(rule: &crate::config::Rule) -> String {
-    let (unit, requests) = match rule.limit {
-        Some(l) => (l.unit.name().to_uppercase(), l.requests_per_unit),
-        None => ("UNKNOWN".to_owned(), 0),
-    };
-    format!(
-        "{}: unit={unit} requests_per_unit={requests}, shadow_mode: {}, quota_mode: {}",
-        rule.full_key, rule.shadow_mode, rule.quota_mode
     )
 }
 

@@ -14,7 +14,8 @@
 //! - [`json`]: proto3 JSON for `POST /json`; [`explain`]: which rule matches and why.
 //! - [`settings`]: flags with the reference's environment variable names; [`cli`]: what the
 //!   subcommands do.
-//! - [`log_throttle`]: one log line per stretch of repeated failures.
+//! - [`log_throttle`]: one log line per stretch of repeated failures; [`stat_name`]: the
+//!   reference's stat-name sanitising.
 //! - [`proto`]: the generated Envoy RLS v3 types.
 
 pub mod admin;
@@ -34,5 +35,6 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod stat_name;
 pub mod statsd;
 pub mod store;

@@ -152,7 +152,7 @@ fn detailed_key<E: EntryRef>(domain: &str, entries: &[E], shared: &[(usize, &str
             None => {}
         }
     }
-    crate::metrics::sanitize(&key)
+    crate::stat_name::sanitize(&key)
 }
 
 /// `value_to_metric`: walks the path again and writes, per level, the request's value where
@@ -191,7 +191,7 @@ fn value_to_metric_key<E: EntryRef>(
         }
         node = next;
     }
-    crate::metrics::sanitize(&key)
+    crate::stat_name::sanitize(&key)
 }
 
 /// One level: the child `entry` selects, how, and the wildcard key when it was a wildcard.

@@ -5,27 +5,23 @@
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use arc_swap::ArcSwap;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::StreamExt;
 
 use crate::{
-    admin,
-    config::RuleTree,
+    admin::{self, State},
     conn::{ConnPolicy, Incoming},
-    health::{Component, Health},
-    limiter::{CacheKeyBuilder, Clock},
+    health::Component,
     proto::{
         envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer,
         FILE_DESCRIPTOR_SET,
     },
-    service::{GrpcService, RateLimiter},
+    service::GrpcService,
     store::{AnyStore, MemoryStore, RedisStore, StoreError},
 };
 
@@ -35,18 +31,6 @@ pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// The gRPC service name whose health follows ours (besides "", the whole server).
 pub const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
-
-/// Everything the listeners share.
-pub struct State {
-    pub rules: Arc<ArcSwap<RuleTree>>,
-    pub limiter: Arc<RateLimiter<AnyStore>>,
-    pub health: Arc<Health>,
-    /// Set when a Prometheus recorder is installed (always in `serve`).
-    pub prometheus: Option<PrometheusHandle>,
-    /// For `/explain`.
-    pub keys: CacheKeyBuilder,
-    pub clock: Arc<dyn Clock>,
-}
 
 /// Where gRPC listens.
 pub enum GrpcListener {

@@ -71,7 +71,7 @@ impl Compiler<'_> {
                 None => d.key.clone(),
             };
             // The reference's stats key, sanitised as its stats manager does.
-            let full_key = crate::metrics::sanitize(&format!("{stats_parent}.{composite}"));
+            let full_key = crate::stat_name::sanitize(&format!("{stats_parent}.{composite}"));
             if node.children.contains_key(composite.as_str()) {
                 self.err(
                     &d.path,

@@ -116,6 +116,20 @@ pub struct Limit {
     pub unit: Unit,
 }
 
+impl Rule {
+    /// One line, exactly as the reference dumps its config (`/rlconfig`, `check-config`).
+    pub fn dump_line(&self) -> String {
+        let (unit, requests) = match self.limit {
+            Some(l) => (l.unit.name().to_uppercase(), l.requests_per_unit),
+            None => ("UNKNOWN".to_owned(), 0),
+        };
+        format!(
+            "{}: unit={unit} requests_per_unit={requests}, shadow_mode: {}, quota_mode: {}",
+            self.full_key, self.shadow_mode, self.quota_mode
+        )
+    }
+}
+
 impl RuleTree {
     /// Number of limits (rules) in the tree, for summaries.
     pub fn rule_count(&self) -> usize {
