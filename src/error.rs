@@ -21,7 +21,7 @@ impl ServiceError {
     /// keys, addresses or internals, and clients can do nothing with it.
     pub fn client_message(&self) -> String {
         match self {
-            ServiceError::Store(e) => format!("rate limit backend unavailable ({})", e.kind),
+            ServiceError::Store(e) => format!("rate limit backend unavailable ({})", e.kind()),
             other => other.to_string(),
         }
     }

@@ -155,7 +155,7 @@ impl<S: Store> RateLimiter<S> {
             }
             Err(ServiceError::Store(e)) => {
                 if let Some(suppressed) = self.backend_log.failure() {
-                    tracing::warn!(error = %e, suppressed, "backend error (repeats are logged every 10 s)");
+                    tracing::warn!(error = %e, transient = e.is_transient(), suppressed, "backend error (repeats are logged every 10 s)");
                 }
                 Outcome::Backend
             }
@@ -228,7 +228,7 @@ impl<S: Store> RateLimiter<S> {
             let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
             let result = self.store.increment(&hits).await;
             if let Err(e) = &result {
-                counter!(m::BACKEND_ERRORS, "kind" => e.kind.label()).increment(1);
+                counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
             }
             result?
         };

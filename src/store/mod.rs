@@ -35,15 +35,44 @@ pub struct Hit {
     pub ttl_secs: u64,
 }
 
-/// Why the store could not answer. Every store error fails the RPC with `UNAVAILABLE`;
-/// `transient` tells operators whether retrying later can help.
+/// Why the store could not answer. Every store error fails the RPC with `UNAVAILABLE`; the
+/// client learns only the [`StoreErrorKind`], the log gets the whole text. A source's text is
+/// part of `Display` as well as `source()`: errors are logged with `%e`, one line each.
 #[derive(Debug, thiserror::Error)]
-#[error("{backend} {kind}: {message}")]
-pub struct StoreError {
-    pub backend: &'static str,
-    pub kind: StoreErrorKind,
-    pub transient: bool,
-    pub message: String,
+pub enum StoreError {
+    /// No answer within `REDIS_TIMEOUT`.
+    #[error("redis: no answer within {0:?} (REDIS_TIMEOUT)")]
+    Timeout(std::time::Duration),
+    /// Connection refused, reset or not yet re-established.
+    #[error("redis connection error: {0}")]
+    Connection(#[source] ::redis::RedisError),
+    /// The server answered with an error.
+    #[error("redis error response: {0}")]
+    Response(#[source] ::redis::RedisError),
+    /// A reply that the command does not give (e.g. `WRONGTYPE` for a key someone else
+    /// wrote, or the wrong number of results).
+    #[error("redis error response: unexpected reply: {0}")]
+    Reply(String),
+    /// `REDIS_URL`/`REDIS_AUTH` cannot be used; only at start-up.
+    #[error("invalid Redis settings: {0}")]
+    Settings(#[source] ::redis::RedisError),
+}
+
+impl StoreError {
+    /// The coarse kind, for metric labels and client messages.
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            StoreError::Timeout(_) => StoreErrorKind::Timeout,
+            StoreError::Connection(_) | StoreError::Settings(_) => StoreErrorKind::Connection,
+            StoreError::Response(_) | StoreError::Reply(_) => StoreErrorKind::Response,
+        }
+    }
+
+    /// Whether trying again later can help: timeouts and lost connections, not wrong replies
+    /// or settings.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Timeout(_) | StoreError::Connection(_))
+    }
 }
 
 /// What went wrong, coarse enough for a metric label.

@@ -21,7 +21,7 @@ use redis::{
     ConnectionAddr, IntoConnectionInfo, RedisError, Value,
 };
 
-use super::{Hit, Store, StoreError, StoreErrorKind, MAX_COUNT};
+use super::{Hit, Store, StoreError, MAX_COUNT};
 
 /// How to reach Redis (the reference's `REDIS_*` settings).
 #[derive(Debug, Clone)]
@@ -55,8 +55,8 @@ impl RedisStore {
         // rustls needs a process-wide crypto provider before the first TLS connection; an
         // error only means one is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let info = connection_info(settings).map_err(|e| config_error(&e))?;
-        let client = redis::Client::open(info).map_err(|e| config_error(&e))?;
+        let info = connection_info(settings).map_err(StoreError::Settings)?;
+        let client = redis::Client::open(info).map_err(StoreError::Settings)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
@@ -69,7 +69,7 @@ impl RedisStore {
         let conns = (0..connection_count(settings.pool_size))
             .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| config_error(&e))?;
+            .map_err(StoreError::Settings)?;
         Ok(Self {
             conns,
             next: AtomicUsize::new(0),
@@ -88,8 +88,8 @@ impl RedisStore {
         let ping = redis::cmd("PING");
         match tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut conn)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(from_redis(&e)),
-            Err(_) => Err(timeout(self.timeout)),
+            Ok(Err(e)) => Err(from_redis(e, self.timeout)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
 
@@ -120,14 +120,13 @@ impl Store for RedisStore {
             Ok(Ok(values)) if values.len() == hits.len() => {
                 values.into_iter().map(counter_value).collect()
             }
-            Ok(Ok(values)) => Err(StoreError {
-                backend: "redis",
-                kind: StoreErrorKind::Response,
-                transient: false,
-                message: format!("expected {} counters, got {}", hits.len(), values.len()),
-            }),
-            Ok(Err(e)) => Err(from_redis(&e)),
-            Err(_) => Err(timeout(self.timeout)),
+            Ok(Ok(values)) => Err(StoreError::Reply(format!(
+                "expected {} counters, got {}",
+                hits.len(),
+                values.len()
+            ))),
+            Ok(Err(e)) => Err(from_redis(e, self.timeout)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
 }
@@ -148,49 +147,24 @@ fn counter_value(v: Value) -> Result<u64, StoreError> {
     match v {
         Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
         Value::ServerError(e) if e.to_string().contains("overflow") => Ok(MAX_COUNT),
-        other => Err(StoreError {
-            backend: "redis",
-            kind: StoreErrorKind::Response,
-            transient: false,
-            message: format!("unexpected INCRBY reply: {other:?}"),
-        }),
+        Value::ServerError(e) => Err(StoreError::Reply(format!("INCRBY: {e}"))),
+        other => Err(StoreError::Reply(format!("INCRBY: {other:?}"))),
     }
 }
 
-fn timeout(after: Duration) -> StoreError {
-    StoreError {
-        backend: "redis",
-        kind: StoreErrorKind::Timeout,
-        transient: true,
-        message: format!("no answer within {after:?} (REDIS_TIMEOUT)"),
-    }
-}
-
-fn from_redis(e: &RedisError) -> StoreError {
-    let connection = e.is_io_error()
+/// Sorts a redis-rs error; `timeout` is `REDIS_TIMEOUT`, which redis-rs's own response
+/// timeout also is.
+fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout(timeout)
+    } else if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || e.is_unrecoverable_error();
-    StoreError {
-        backend: "redis",
-        kind: if e.is_timeout() {
-            StoreErrorKind::Timeout
-        } else if connection {
-            StoreErrorKind::Connection
-        } else {
-            StoreErrorKind::Response
-        },
-        transient: e.is_timeout() || connection,
-        message: e.to_string(),
-    }
-}
-
-fn config_error(e: &RedisError) -> StoreError {
-    StoreError {
-        backend: "redis",
-        kind: StoreErrorKind::Connection,
-        transient: false,
-        message: format!("invalid Redis settings: {e}"),
+        || e.is_unrecoverable_error()
+    {
+        StoreError::Connection(e)
+    } else {
+        StoreError::Response(e)
     }
 }
 
