@@ -607,4 +607,116 @@ mod tests {
         let e = override_limit(0, "d", &d, 1, 99).err().unwrap().to_string();
         assert_eq!(e, "descriptor 0 has a limit override with unknown unit 99");
     }
+
+    mod answers {
+        use std::{
+            num::NonZeroUsize,
+            sync::atomic::{AtomicU64, Ordering},
+        };
+
+        use super::*;
+        use crate::{
+            config::{compile, parse},
+            store::MemoryStore,
+        };
+
+        struct FakeClock(AtomicU64);
+        impl Clock for FakeClock {
+            fn now_unix(&self) -> u64 {
+                self.0.load(Ordering::SeqCst)
+            }
+        }
+
+        const RULES: &str = "
+domain: d
+descriptors:
+  - key: k
+    rate_limit: {unit: minute, requests_per_unit: 3}
+";
+
+        fn limiter(clock: Arc<FakeClock>) -> RateLimiter<MemoryStore> {
+            let raw = parse("rules.yaml", RULES).unwrap();
+            let tree = compile(&[("rules.yaml".to_owned(), raw)], false).unwrap();
+            let store = MemoryStore::new(clock.clone(), NonZeroUsize::MIN.saturating_add(999));
+            RateLimiter::new(
+                Arc::new(ArcSwap::from_pointee(tree)),
+                Arc::new(store),
+                clock,
+                ServiceSettings::default(),
+                None,
+            )
+        }
+
+        fn request(hits: u32) -> RateLimitRequest {
+            RateLimitRequest {
+                domain: "d".into(),
+                descriptors: vec![descriptor(&[("k", "v")])],
+                hits_addend: hits,
+            }
+        }
+
+        /// (code, remaining, seconds until reset, Retry-After) of a one-descriptor answer.
+        async fn ask(l: &RateLimiter<MemoryStore>, hits: u32) -> (i32, u32, i64, Option<String>) {
+            let r = l.should_rate_limit(&request(hits)).await.unwrap();
+            let s = &r.statuses[0];
+            let retry = r
+                .response_headers_to_add
+                .iter()
+                .find(|h| h.key == "Retry-After")
+                .map(|h| h.value.clone());
+            assert_eq!(r.overall_code, s.code);
+            let reset = s.duration_until_reset.as_ref().unwrap();
+            assert_eq!(reset.nanos, 0);
+            (s.code, s.limit_remaining, reset.seconds, retry)
+        }
+
+        const OK: i32 = Code::Ok as i32;
+        const OVER: i32 = Code::OverLimit as i32;
+
+        #[tokio::test]
+        async fn reset_and_remaining_are_exact_at_and_across_a_window_boundary() {
+            let clock = Arc::new(FakeClock(AtomicU64::new(1_000_019)));
+            let l = limiter(clock.clone());
+            // Minutes align to the epoch: 1_000_019 is the last second of 999_960..1_000_020.
+            assert_eq!(
+                ask(&l, 1).await,
+                (OK, 2, 1, None),
+                "last second of the window"
+            );
+            clock.0.store(1_000_020, Ordering::SeqCst);
+            assert_eq!(
+                ask(&l, 1).await,
+                (OK, 2, 60, None),
+                "first second: a fresh window"
+            );
+            clock.0.store(1_000_050, Ordering::SeqCst);
+            assert_eq!(ask(&l, 1).await, (OK, 1, 30, None));
+            clock.0.store(1_000_079, Ordering::SeqCst);
+            assert_eq!(
+                ask(&l, 1).await,
+                (OK, 0, 1, None),
+                "at the limit is still OK"
+            );
+            assert_eq!(
+                ask(&l, 1).await,
+                (OVER, 0, 1, Some("1".into())),
+                "one more is over, with Retry-After"
+            );
+            clock.0.store(1_000_080, Ordering::SeqCst);
+            assert_eq!(
+                ask(&l, 1).await,
+                (OK, 2, 60, None),
+                "the next window starts over"
+            );
+        }
+
+        #[tokio::test]
+        async fn remaining_counts_follow_hits_addend_exactly() {
+            let clock = Arc::new(FakeClock(AtomicU64::new(600)));
+            let l = limiter(clock);
+            assert_eq!(ask(&l, 2).await, (OK, 1, 60, None));
+            assert_eq!(ask(&l, 1).await, (OK, 0, 60, None));
+            assert_eq!(ask(&l, 5).await, (OVER, 0, 60, Some("60".into())));
+        }
+    }
 }
