@@ -18,7 +18,7 @@ const RULES: &str = "domain: lc\ndescriptors:\n  - key: k\n    rate_limit: {unit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
     let dir = config_dir(&[("r.yaml", RULES)]);
-    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let redis = RedisServer::start();
     let mut rl = Ratelimitd::builder(dir.path())
         .redis(&redis)
         .env("DRAIN_TIMEOUT", "10s")
@@ -39,16 +39,8 @@ async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
         ServingStatus::Serving as i32
     );
 
-    // Redis stalls for 1.5 s, so the next calls are in flight when SIGTERM arrives.
-    let port = redis.port;
-    let sleeper = std::thread::spawn(move || {
-        let r = std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "DEBUG", "SLEEP", "1.5"])
-            .output()
-            .expect("redis-cli (package redis-tools) is needed: apt-get install -y redis-tools");
-        assert!(r.status.success());
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    // Redis stalls (SIGSTOP), so the next calls are in flight when SIGTERM arrives.
+    redis.pause();
     let mut calls = Vec::new();
     for _ in 0..5 {
         let mut c = RateLimitServiceClient::new(channel.clone());
@@ -57,7 +49,14 @@ async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
                 .await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for(
+        || {
+            let (_, m) = http_get(&rl.http, "/metrics");
+            sample(&m, "ratelimitd_calls_in_flight", &[]) == Some(5.0)
+        },
+        "5 calls in flight",
+    )
+    .await;
     let signalled = Instant::now();
     rl.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(2), watch.message())
@@ -73,11 +72,11 @@ async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
     );
     drop(watch);
 
+    redis.resume();
     for call in calls {
         let r = call.await.unwrap().expect("an in-flight call completes");
         assert_eq!(r.into_inner().overall_code, Code::Ok as i32);
     }
-    sleeper.join().unwrap();
     let exit = rl
         .wait_exit(Duration::from_secs(10))
         .expect("exits after draining");
