@@ -466,7 +466,8 @@ async fn removed_rules_and_idle_traffic_keys_leave_metrics_after_the_idle_timeou
         &format!("domain: m\ndescriptors:\n{}{}", rule("kept"), rule("gone")),
     )]);
     let rl = Ratelimitd::builder(dir.path())
-        .env("METRICS_IDLE_TIMEOUT", "2s")
+        // Long enough that the last request and its scrape (two local calls) fit well inside.
+        .env("METRICS_IDLE_TIMEOUT", "4s")
         .start();
     let metrics = || http_get(&rl.http, "/metrics").1;
     let kept = [("domain", "m"), ("key1", "kept")];
