@@ -157,9 +157,9 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         }
     };
     let source = args.config.source();
-    // Hashed before loading: see Reloader::with_hash.
-    let loaded_hash = crate::config::content_hash(&source);
-    let tree = load_dir_or_file(&source).map_err(|e| {
+    // One read: the hash is of the bytes the tree is built from (see Reloader::with_hash).
+    let (loaded_hash, loaded) = crate::config::load_hashed(&source);
+    let tree = loaded.map_err(|e| {
         format!(
             "invalid config in {}; not starting\n{e}",
             source.path.display()

@@ -2,7 +2,7 @@
 //!
 //! `raw` reads files into plain structs (after `depth` has refused pathologically nested
 //! ones), `compile` validates them and builds the [`RuleTree`] the matcher walks, `load`
-//! finds the files. A tree is never mutated after it is built; a
+//! finds and reads the files, `reload` swaps in a new tree, `watch` decides when. A tree is never mutated after it is built; a
 //! reload builds a new one and swaps it in whole.
 
 mod compile;
@@ -10,15 +10,18 @@ mod depth;
 mod error;
 pub(crate) mod load;
 mod raw;
+mod reload;
+#[cfg(test)]
+mod test_support;
 mod watch;
 
 use std::{collections::HashMap, sync::Arc};
 
 pub use compile::compile;
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{load_dir_or_file, ConfigSource};
+pub use load::{content_hash, load_dir_or_file, load_hashed, ConfigSource};
 pub use raw::{parse, parse_lenient, RawDescriptor, RawFile, RawRateLimit};
-pub use watch::{content_hash, ReloadOutcome, Reloader};
+pub use reload::{ReloadOutcome, Reloader};
 
 use crate::limiter::Unit;
 
