@@ -11,7 +11,7 @@ use crate::{
     limiter::SystemClock,
     server,
     service::{HeaderNames, RateLimiter, ServiceSettings},
-    settings::{Backend, ServeArgs, DEFAULT_REDIS_URL, UNSUPPORTED_ENV},
+    settings::{Backend, ServeArgs, DEFAULT_REDIS_URL},
     store::RedisSettings,
 };
 
@@ -111,13 +111,11 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     if keys.hashes_values() {
         tracing::warn!("counter keys hold keyed hashes of descriptor values (CACHE_KEY_HASH_SECRET_FILE); they differ from the reference's keys");
     }
-    for name in UNSUPPORTED_ENV {
-        if std::env::var_os(name).is_some() {
-            tracing::warn!(
-                setting = name,
-                "setting is not supported yet and is ignored"
-            );
-        }
+    for name in &args.unsupported_set {
+        tracing::warn!(
+            setting = name,
+            "setting is not supported yet and is ignored"
+        );
     }
     let prometheus = crate::metrics::install_prometheus()?;
     let _upkeep = crate::metrics::spawn_upkeep(prometheus.clone());

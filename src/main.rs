@@ -11,7 +11,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig(args) => ratelimitd::cli::check_config(&args.source()),
         Command::Explain(args) => ratelimitd::cli::explain(&args),
-        Command::Serve(args) => {
+        Command::Serve(mut args) => {
+            args.unsupported_set = ratelimitd::settings::UNSUPPORTED_ENV
+                .iter()
+                .copied()
+                .filter(|name| std::env::var_os(name).is_some())
+                .collect();
             if let Err(e) = ratelimitd::cli::init_logging(&args.log_level, &args.log_format) {
                 eprintln!("ratelimitd: {e}");
                 return ExitCode::from(2);

@@ -163,6 +163,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
 
+    /// The [`UNSUPPORTED_ENV`] settings present in the environment, filled in by `main` (the
+    /// library never reads the process environment itself), each warned about at start-up.
+    #[arg(skip)]
+    pub unsupported_set: Vec<&'static str>,
+
     #[arg(long, env = "GRPC_HOST", default_value = "0.0.0.0")]
     pub grpc_host: String,
     #[arg(long, env = "GRPC_PORT", default_value_t = 8081)]
