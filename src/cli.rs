@@ -78,7 +78,7 @@ fn summary(tree: &RuleTree) -> String {
 
 /// Sets up `tracing` from `LOG_LEVEL` (the reference's DEBUG/INFO/WARN/ERROR, or a filter)
 /// and `LOG_FORMAT` (text or json).
-pub fn init_logging(level: &str, format: &str) -> Result<(), String> {
+pub fn init_logging(level: &str, format: crate::settings::LogFormat) -> Result<(), String> {
     let directive = match level.to_ascii_lowercase().as_str() {
         "warning" => "warn".to_owned(),
         "fatal" | "panic" => "error".to_owned(),
@@ -90,14 +90,9 @@ pub fn init_logging(level: &str, format: &str) -> Result<(), String> {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match format.to_ascii_lowercase().as_str() {
-        "json" => builder.json().init(),
-        "text" | "" => builder.init(),
-        other => {
-            return Err(format!(
-                "invalid LOG_FORMAT '{other}' (expected text or json)"
-            ))
-        }
+    match format {
+        crate::settings::LogFormat::Json => builder.json().init(),
+        crate::settings::LogFormat::Text => builder.init(),
     }
     Ok(())
 }
@@ -126,9 +121,9 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             flush_interval: args.stats_flush_interval,
             extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)?,
         };
-        let protocol: crate::statsd::Protocol = args.statsd_protocol.parse()?;
+        let protocol = args.statsd_protocol;
         let sink = crate::statsd::Statsd::start_with_protocol(settings, protocol)?;
-        tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = %args.statsd_protocol, "sending stats to statsd");
+        tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = ?args.statsd_protocol, "sending stats to statsd");
         Some(sink)
     } else {
         None
@@ -218,7 +213,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             .redis_url
             .clone()
             .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned()),
-        socket_type: args.redis_socket_type.clone(),
+        socket_type: args.redis_socket_type,
         auth: args.redis_auth.clone(),
         tls: args.redis_tls,
         pool_size: args.redis_pool_size,

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
                 .copied()
                 .filter(|name| std::env::var_os(name).is_some())
                 .collect();
-            if let Err(e) = ratelimitd::cli::init_logging(&args.log_level, &args.log_format) {
+            if let Err(e) = ratelimitd::cli::init_logging(&args.log_level, args.log_format) {
                 eprintln!("ratelimitd: {e}");
                 return ExitCode::from(2);
             }

@@ -9,6 +9,7 @@ use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 use crate::{
     config::ConfigSource,
     limiter::{CacheKeyBuilder, SecretError, ValueHasher},
+    store::SocketType,
 };
 
 #[derive(Debug, Parser)]
@@ -214,14 +215,14 @@ pub struct ServeArgs {
     #[arg(long, env = "LOG_LEVEL", default_value = "WARN")]
     pub log_level: String,
     /// text or json.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = parse_log_format)]
+    pub log_format: LogFormat,
 
     /// redis or memory. Unset: redis when REDIS_URL is set, memory otherwise.
     #[arg(long, env = "BACKEND_TYPE")]
     pub backend_type: Option<String>,
-    #[arg(long, env = "REDIS_SOCKET_TYPE", default_value = "unix")]
-    pub redis_socket_type: String,
+    #[arg(long, env = "REDIS_SOCKET_TYPE", default_value = "unix", value_parser = parse_socket_type)]
+    pub redis_socket_type: SocketType,
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     #[arg(long, env = "REDIS_AUTH", default_value = "", hide_env_values = true)]
@@ -271,8 +272,8 @@ pub struct ServeArgs {
     #[arg(long, env = "STATSD_PORT", default_value_t = 8125)]
     pub statsd_port: u16,
     /// tcp or udp. gostats (the reference's stats library) reads this and defaults to tcp.
-    #[arg(long, env = "STATSD_PROTOCOL", default_value = "tcp")]
-    pub statsd_protocol: String,
+    #[arg(long, env = "STATSD_PROTOCOL", default_value = "tcp", value_parser = |s: &str| s.parse::<crate::statsd::Protocol>())]
+    pub statsd_protocol: crate::statsd::Protocol,
     /// How often StatsD counters are flushed (Go duration).
     #[arg(long, env = "STATS_FLUSH_INTERVAL", default_value = "10s", value_parser = duration("STATS_FLUSH_INTERVAL", Bound::Positive, HOUR))]
     pub stats_flush_interval: Duration,
@@ -313,6 +314,31 @@ pub struct ServeArgs {
 /// The default `REDIS_URL` of the reference (a twemproxy socket), used when
 /// `BACKEND_TYPE=redis` is set without a URL.
 pub const DEFAULT_REDIS_URL: &str = "/var/run/nutcracker/ratelimit.sock";
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "text" | "" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("invalid LOG_FORMAT '{s}' (expected text or json)")),
+    }
+}
+
+fn parse_socket_type(s: &str) -> Result<SocketType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(SocketType::Tcp),
+        "unix" => Ok(SocketType::Unix),
+        _ => Err(format!(
+            "invalid REDIS_SOCKET_TYPE '{s}' (expected tcp or unix)"
+        )),
+    }
+}
 
 /// Which counter store to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

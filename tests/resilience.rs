@@ -461,6 +461,21 @@ fn invalid_settings_refuse_to_start_naming_the_setting() {
             "0s",
             "GRPC_MAX_CONNECTION_AGE must be greater than zero",
         ),
+        (
+            "LOG_FORMAT",
+            "xml",
+            "invalid LOG_FORMAT 'xml' (expected text or json)",
+        ),
+        (
+            "REDIS_SOCKET_TYPE",
+            "ftp",
+            "invalid REDIS_SOCKET_TYPE 'ftp' (expected tcp or unix)",
+        ),
+        (
+            "STATSD_PROTOCOL",
+            "quic",
+            "invalid STATSD_PROTOCOL 'quic' (udp or tcp)",
+        ),
     ];
     for (name, value, message) in cases {
         let started = Instant::now();

@@ -9,7 +9,7 @@ mod redis;
 use std::future::Future;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisSettings, RedisStore};
+pub use self::redis::{RedisSettings, RedisStore, SocketType};
 
 /// Largest value a counter holds: Redis counters are signed 64-bit integers. Both stores
 /// saturate here instead of failing (an addend this large, or a counter pushed this far, is

@@ -28,8 +28,8 @@ use super::{Hit, Store, StoreError, MAX_COUNT};
 pub struct RedisSettings {
     /// `host:port`, a Unix socket path, or a `redis://`, `rediss://` or `unix://` URL.
     pub url: String,
-    /// `tcp` or `unix`: how a bare `REDIS_URL` is read.
-    pub socket_type: String,
+    /// How a bare `REDIS_URL` is read.
+    pub socket_type: SocketType,
     /// `password` or `user:password`.
     pub auth: String,
     /// TLS for a bare `host:port` URL.
@@ -38,6 +38,15 @@ pub struct RedisSettings {
     pub pool_size: usize,
     /// Bound on every Redis operation, connecting included.
     pub timeout: Duration,
+}
+
+/// `REDIS_SOCKET_TYPE`: how a bare `REDIS_URL` is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketType {
+    /// `host:port`.
+    Tcp,
+    /// A Unix socket path.
+    Unix,
 }
 
 /// Counters in Redis.
@@ -184,7 +193,7 @@ pub fn connection_info(s: &RedisSettings) -> Result<redis::ConnectionInfo, Redis
     .any(|scheme| url.starts_with(scheme));
     let info = if is_url {
         url.into_connection_info()?
-    } else if s.socket_type.eq_ignore_ascii_case("unix") || url.starts_with('/') {
+    } else if s.socket_type == SocketType::Unix || url.starts_with('/') {
         ConnectionAddr::Unix(PathBuf::from(url)).into_connection_info()?
     } else {
         let (host, port) = match url.rsplit_once(':') {
@@ -231,9 +240,14 @@ mod tests {
     use super::*;
 
     fn settings(url: &str, socket_type: &str, auth: &str) -> RedisSettings {
+        let socket_type = if socket_type == "unix" {
+            SocketType::Unix
+        } else {
+            SocketType::Tcp
+        };
         RedisSettings {
             url: url.into(),
-            socket_type: socket_type.into(),
+            socket_type,
             auth: auth.into(),
             tls: false,
             pool_size: 1,
