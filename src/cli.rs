@@ -11,8 +11,8 @@ use crate::{
     limiter::SystemClock,
     server,
     service::{HeaderNames, RateLimiter, ServiceSettings},
-    settings::{Backend, ServeArgs, DEFAULT_REDIS_URL},
-    store::RedisSettings,
+    settings::{ServeArgs, DEFAULT_REDIS_URL},
+    store::{AnyStore, Backend, RedisSettings},
 };
 
 /// `check-config`: every error and exit 1, or a summary and exit 0.
@@ -221,10 +221,10 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     };
     let clock: Arc<dyn crate::limiter::Clock> = Arc::new(SystemClock);
     let store = Arc::new(
-        server::build_store(backend, &redis, args.memory_max_counters, clock.clone())
+        AnyStore::new(backend, &redis, args.memory_max_counters, clock.clone())
             .map_err(|e| e.to_string())?,
     );
-    if let crate::store::AnyStore::Redis(r) = &*store {
+    if let AnyStore::Redis(r) = &*store {
         metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(r.connections() as f64);
         match r.ping().await {
             Ok(()) => {
@@ -363,7 +363,7 @@ fn spawn_backend_probe(store: Arc<crate::store::AnyStore>, health: Arc<Health>) 
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tick.tick().await;
-            if let crate::store::AnyStore::Redis(r) = &*store {
+            if let AnyStore::Redis(r) = &*store {
                 health.set(Component::Backend, r.ping().await.is_ok());
             }
         }

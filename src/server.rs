@@ -22,7 +22,6 @@ use crate::{
         FILE_DESCRIPTOR_SET,
     },
     service::GrpcService,
-    store::{AnyStore, MemoryStore, RedisStore, StoreError},
 };
 
 /// Largest accepted gRPC message. Envoy's requests are a few hundred bytes; this bounds what
@@ -55,24 +54,6 @@ pub struct Listeners {
     pub opening_timeout: Duration,
     /// `HTTP_HEADER_READ_TIMEOUT`: an HTTP request's headers must arrive within this.
     pub header_read_timeout: Duration,
-}
-
-/// Builds the store for `backend`; the memory store, holding at most `memory_max_counters`,
-/// also gets its sweeper task.
-pub fn build_store(
-    backend: crate::settings::Backend,
-    redis: &crate::store::RedisSettings,
-    memory_max_counters: std::num::NonZeroUsize,
-    clock: Arc<dyn crate::limiter::Clock>,
-) -> Result<AnyStore, StoreError> {
-    Ok(match backend {
-        crate::settings::Backend::Memory => {
-            let store = MemoryStore::new(clock, memory_max_counters);
-            store.spawn_sweeper(Duration::from_secs(1));
-            AnyStore::Memory(store)
-        }
-        crate::settings::Backend::Redis => AnyStore::Redis(RedisStore::new(redis)?),
-    })
 }
 
 /// Serves until `shutdown` resolves, then drains (see the module doc).

@@ -9,7 +9,7 @@ use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 use crate::{
     config::ConfigSource,
     limiter::{CacheKeyBuilder, SecretError, ValueHasher},
-    store::SocketType,
+    store::{Backend, SocketType},
 };
 
 #[derive(Debug, Parser)]
@@ -338,13 +338,6 @@ fn parse_socket_type(s: &str) -> Result<SocketType, String> {
             "invalid REDIS_SOCKET_TYPE '{s}' (expected tcp or unix)"
         )),
     }
-}
-
-/// Which counter store to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Memory,
-    Redis,
 }
 
 impl ServeArgs {

@@ -115,6 +115,13 @@ pub trait Store: Send + Sync + 'static {
     fn increment(&self, hits: &[Hit]) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
 }
 
+/// Which counter store to run (`BACKEND_TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+}
+
 /// The store chosen at start-up.
 pub enum AnyStore {
     Memory(MemoryStore),
@@ -122,6 +129,24 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// Builds the store for `backend`; the memory store also gets its sweeper task (so call
+    /// this inside the runtime). Redis connects lazily: an error here is a settings error.
+    pub fn new(
+        backend: Backend,
+        redis: &RedisSettings,
+        memory_max_counters: std::num::NonZeroUsize,
+        clock: std::sync::Arc<dyn crate::limiter::Clock>,
+    ) -> Result<Self, StoreError> {
+        Ok(match backend {
+            Backend::Memory => {
+                let store = MemoryStore::new(clock, memory_max_counters);
+                store.spawn_sweeper(std::time::Duration::from_secs(1));
+                AnyStore::Memory(store)
+            }
+            Backend::Redis => AnyStore::Redis(RedisStore::new(redis)?),
+        })
+    }
+
     /// Short backend name for logs.
     pub fn name(&self) -> &'static str {
         match self {
