@@ -241,40 +241,14 @@ fn serve_refuses_to_start_on_an_invalid_config() {
     );
 }
 
-/// `serve` with CACHE_KEY_HASH_SECRET_FILE (set in the environment) and the `--config` given;
-/// waits at most 20 s for the exit and returns (code, stderr).
+/// `serve` with CACHE_KEY_HASH_SECRET_FILE (set in the environment) and the shipped config:
+/// (exit code, stderr).
 fn serve_with_secret_file(path: &std::path::Path) -> (Option<i32>, String) {
-    use std::time::{Duration, Instant};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ratelimitd"))
-        .args(["serve", "--config", "config"])
-        .env_clear()
-        .env("CACHE_KEY_HASH_SECRET_FILE", path)
-        .env("GRPC_HOST", "127.0.0.1")
-        .env("GRPC_PORT", "0")
-        .env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("DEBUG_HOST", "127.0.0.1")
-        .env("DEBUG_PORT", "0")
-        .env("USE_STATSD", "false")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ratelimitd started with secret file {}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    (status.code(), err)
+    let secret = path.to_str().unwrap();
+    support::serve_expecting_refusal(
+        std::path::Path::new("config"),
+        &[("CACHE_KEY_HASH_SECRET_FILE", secret)],
+    )
 }
 
 #[test]
