@@ -144,7 +144,7 @@ impl<L: Listen> Stream for Incoming<L> {
                 Ok(io) => {
                     this.backoff = MIN_BACKOFF;
                     if this.log.success() {
-                        tracing::warn!(listener = this.name, "accepting connections again");
+                        tracing::info!(listener = this.name, "accepting connections again");
                     }
                     if let Err(e) = L::prepare(&io) {
                         // The peer is already gone (setsockopt on a reset socket); next.

@@ -145,7 +145,7 @@ impl<S: Store> RateLimiter<S> {
         call.outcome = match &result {
             Ok(_) => {
                 if self.backend_log.success() {
-                    tracing::warn!("backend answering again");
+                    tracing::info!("backend answering again");
                 }
                 Outcome::Answered
             }
