@@ -259,20 +259,8 @@ impl RatelimitdBuilder {
                 sh
             }
         };
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("GRPC_HOST", "127.0.0.1")
-            .env("GRPC_PORT", "0")
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("DEBUG_HOST", "127.0.0.1")
-            .env("DEBUG_PORT", "0")
+        serve_on_loopback(&mut cmd, &self.config)
             .env("LOG_LEVEL", "info")
-            // The reference's default sends StatsD to localhost:8125; tests opt in explicitly.
-            .env("USE_STATSD", "false")
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.env {
@@ -438,13 +426,9 @@ pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String)
     )
 }
 
-/// Runs `ratelimitd serve --config CONFIG` on loopback ports with `env` and expects it to
-/// refuse to start: returns (exit code, stderr), and fails the test, killing the process, if it
-/// is still running after 20 s (it started instead of refusing).
-pub fn serve_expecting_refusal(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ratelimitd"))
-        .arg("serve")
+/// `serve --config CONFIG` with a clean environment and every listener on a free loopback port.
+fn serve_on_loopback<'c>(cmd: &'c mut Command, config: &Path) -> &'c mut Command {
+    cmd.arg("serve")
         .arg("--config")
         .arg(config)
         .env_clear()
@@ -455,7 +439,17 @@ pub fn serve_expecting_refusal(config: &Path, env: &[(&str, &str)]) -> (Option<i
         .env("PORT", "0")
         .env("DEBUG_HOST", "127.0.0.1")
         .env("DEBUG_PORT", "0")
+        // The reference's default sends StatsD to localhost:8125; tests opt in explicitly.
         .env("USE_STATSD", "false")
+}
+
+/// Runs `ratelimitd serve --config CONFIG` on loopback ports with `env` and expects it to
+/// refuse to start: returns (exit code, stderr), and fails the test, killing the process, if it
+/// is still running after 20 s (it started instead of refusing).
+pub fn serve_expecting_refusal(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ratelimitd"));
+    let mut child = serve_on_loopback(&mut cmd, config)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
