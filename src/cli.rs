@@ -97,12 +97,43 @@ pub fn init_logging(level: &str, format: crate::settings::LogFormat) -> Result<(
     Ok(())
 }
 
+/// Why `serve` stopped before serving, or failed while serving. Each wraps the part that
+/// failed; `main` prints it and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid config in {path}; not starting\n{errors}")]
+    Config {
+        path: String,
+        errors: crate::config::ConfigErrors,
+    },
+    #[error(transparent)]
+    HashSecret(#[from] crate::settings::SecretFileError),
+    #[error(transparent)]
+    Recorder(#[from] crate::metrics::RecorderError),
+    /// `USE_STATSD` settings the StatsD sink refused (its own message).
+    #[error("{0}")]
+    Statsd(String),
+    /// A setting refused where it is interpreted (its own message, naming the setting).
+    #[error("{0}")]
+    Setting(String),
+    #[error("cannot handle {0}: {1}")]
+    Signal(&'static str, #[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Bind(#[from] server::BindError),
+    #[error("cannot read the gRPC listener's address: {0}")]
+    LocalAddr(#[source] std::io::Error),
+    #[error("server failed: {0}")]
+    Server(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// `serve`: load rules (refusing to start on any error), connect the store, listen, and run
 /// until SIGTERM or SIGINT; reload the rules on file changes and SIGHUP.
-pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
+pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
     let shutdown = shutdown_signal()?;
     // Read before anything else starts, so a bad secret file stops start-up at once.
-    let keys = args.cache_key.builder().map_err(|e| e.to_string())?;
+    let keys = args.cache_key.builder()?;
     if keys.hashes_values() {
         tracing::warn!("counter keys hold keyed hashes of descriptor values (CACHE_KEY_HASH_SECRET_FILE); they differ from the reference's keys");
     }
@@ -119,10 +150,12 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
             host: args.statsd_host.clone(),
             port: args.statsd_port,
             flush_interval: args.stats_flush_interval,
-            extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)?,
+            extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)
+                .map_err(ServeError::Statsd)?,
         };
         let protocol = args.statsd_protocol;
-        let sink = crate::statsd::Statsd::start_with_protocol(settings, protocol)?;
+        let sink = crate::statsd::Statsd::start_with_protocol(settings, protocol)
+            .map_err(ServeError::Statsd)?;
         tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = ?args.statsd_protocol, "sending stats to statsd");
         Some(sink)
     } else {
@@ -152,11 +185,9 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     let source = args.config.source();
     // One read: the hash is of the bytes the tree is built from (see Reloader::with_hash).
     let (loaded_hash, loaded) = crate::config::load_hashed(&source);
-    let tree = loaded.map_err(|e| {
-        format!(
-            "invalid config in {}; not starting\n{e}",
-            source.path.display()
-        )
+    let tree = loaded.map_err(|errors| ServeError::Config {
+        path: source.path.display().to_string(),
+        errors,
     })?;
     count_load(true);
     tracing::info!(path = %source.path.display(), "{}", summary(&tree));
@@ -168,7 +199,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     if args.healthy_with_at_least_one_config_loaded {
         tracked.push(Component::Config);
     }
-    let backend = args.backend()?;
+    let backend = args.backend().map_err(ServeError::Setting)?;
     if args.redis_health_check_active_connection && backend == Backend::Redis {
         tracked.push(Component::Backend);
     }
@@ -206,7 +237,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     let _watch = reloader.spawn_watch(args.reload_debounce);
     let _sighup = reloader
         .spawn_sighup()
-        .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+        .map_err(|e| ServeError::Signal("SIGHUP", e))?;
 
     let redis = RedisSettings {
         url: args
@@ -220,10 +251,12 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         timeout: args.redis_timeout,
     };
     let clock: Arc<dyn crate::limiter::Clock> = Arc::new(SystemClock);
-    let store = Arc::new(
-        AnyStore::new(backend, &redis, args.memory_max_counters, clock.clone())
-            .map_err(|e| e.to_string())?,
-    );
+    let store = Arc::new(AnyStore::new(
+        backend,
+        &redis,
+        args.memory_max_counters,
+        clock.clone(),
+    )?);
     if let AnyStore::Redis(r) = &*store {
         metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(r.connections() as f64);
         match r.ping().await {
@@ -277,7 +310,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
         None => server::GrpcListener::Tcp(server::bind(&args.grpc_host, args.grpc_port).await?),
     };
     let grpc_addr = match &grpc {
-        server::GrpcListener::Tcp(l) => l.local_addr().map_err(|e| e.to_string())?.to_string(),
+        server::GrpcListener::Tcp(l) => l.local_addr().map_err(ServeError::LocalAddr)?.to_string(),
         server::GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
     };
     let http = server::bind(&args.host, args.port).await?;
@@ -324,7 +357,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), String> {
     };
     server::run(listeners, state, health_service, shutdown)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ServeError::Server)?;
     if let Some(s) = &statsd {
         s.flush_now();
     }
@@ -372,12 +405,10 @@ fn spawn_backend_probe(store: Arc<crate::store::AnyStore>, health: Arc<Health>) 
 
 /// Registers SIGTERM and SIGINT handlers now (so a signal arriving right after start-up is
 /// never fatal) and returns a future that resolves on either.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static, ServeError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Signal("SIGINT", e))?;
     Ok(async move {
         tokio::select! {
             _ = term.recv() => {},

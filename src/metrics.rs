@@ -76,13 +76,22 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// Why the Prometheus recorder could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    #[error("invalid histogram buckets: {0}")]
+    Buckets(#[source] metrics_exporter_prometheus::BuildError),
+    #[error("cannot install the metrics recorder: {0}")]
+    Install(#[source] metrics_exporter_prometheus::BuildError),
+}
+
 /// Installs the global Prometheus recorder and describes every metric. Call once, in `serve`.
-pub fn install_prometheus() -> Result<PrometheusHandle, String> {
+pub fn install_prometheus() -> Result<PrometheusHandle, RecorderError> {
     let handle = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
-        .map_err(|e| format!("invalid histogram buckets: {e}"))?
+        .map_err(RecorderError::Buckets)?
         .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        .map_err(RecorderError::Install)?;
     describe();
     metrics_process::Collector::default().describe();
     Ok(handle)

@@ -219,37 +219,63 @@ async fn serve_http(
     graceful.shutdown().await;
 }
 
+/// Why a listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("invalid listen address {0}")]
+    Address(String),
+    #[error("invalid listen address {0} (expected host:port or :port)")]
+    NoPort(String),
+    #[error("invalid port in listen address {0}")]
+    Port(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove stale socket {path}: {source}")]
+    StaleSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Binds a TCP listener on `host:port` (an empty host means all interfaces).
-pub async fn bind(host: &str, port: u16) -> Result<TcpListener, String> {
+pub async fn bind(host: &str, port: u16) -> Result<TcpListener, BindError> {
     let host = if host.is_empty() { "0.0.0.0" } else { host };
     let addr = format!("{host}:{port}");
     let parsed: SocketAddr = addr
         .parse()
         .or_else(|_| format!("[{host}]:{port}").parse())
-        .map_err(|_| format!("invalid listen address {addr}"))?;
+        .map_err(|_| BindError::Address(addr.clone()))?;
     TcpListener::bind(parsed)
         .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        .map_err(|source| BindError::Listen { addr, source })
 }
 
 /// Binds `host:port` written as one address, as `PROMETHEUS_ADDR` is (`:9090`).
-pub async fn bind_addr(addr: &str) -> Result<TcpListener, String> {
+pub async fn bind_addr(addr: &str) -> Result<TcpListener, BindError> {
     let (host, port) = addr
         .rsplit_once(':')
-        .ok_or_else(|| format!("invalid listen address {addr} (expected host:port or :port)"))?;
-    let port = port
-        .parse()
-        .map_err(|_| format!("invalid port in listen address {addr}"))?;
+        .ok_or_else(|| BindError::NoPort(addr.to_owned()))?;
+    let port = port.parse().map_err(|_| BindError::Port(addr.to_owned()))?;
     bind(host.trim_start_matches('[').trim_end_matches(']'), port).await
 }
 
 /// Binds the gRPC Unix socket, replacing a stale socket file left by a previous run.
-pub fn bind_uds(path: &std::path::Path) -> Result<GrpcListener, String> {
+pub fn bind_uds(path: &std::path::Path) -> Result<GrpcListener, BindError> {
+    let shown = || path.display().to_string();
     if path.exists() {
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(|source| BindError::StaleSocket {
+            path: shown(),
+            source,
+        })?;
     }
-    let l = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path).map_err(|source| BindError::Listen {
+        addr: shown(),
+        source,
+    })?;
     Ok(GrpcListener::Unix(l, path.to_owned()))
 }
