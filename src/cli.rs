@@ -113,9 +113,6 @@ pub enum ServeError {
     /// `USE_STATSD` settings the StatsD sink refused (its own message).
     #[error("{0}")]
     Statsd(String),
-    /// A setting refused where it is interpreted (its own message, naming the setting).
-    #[error("{0}")]
-    Setting(String),
     #[error("cannot handle {0}: {1}")]
     Signal(&'static str, #[source] std::io::Error),
     #[error(transparent)]
@@ -199,7 +196,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
     if args.healthy_with_at_least_one_config_loaded {
         tracked.push(Component::Config);
     }
-    let backend = args.backend().map_err(ServeError::Setting)?;
+    let backend = args.backend();
     if args.redis_health_check_active_connection && backend == Backend::Redis {
         tracked.push(Component::Backend);
     }

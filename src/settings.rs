@@ -219,8 +219,8 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 
     /// redis or memory. Unset: redis when REDIS_URL is set, memory otherwise.
-    #[arg(long, env = "BACKEND_TYPE")]
-    pub backend_type: Option<String>,
+    #[arg(long, env = "BACKEND_TYPE", default_value = "", value_parser = parse_backend_type)]
+    pub backend_type: BackendChoice,
     #[arg(long, env = "REDIS_SOCKET_TYPE", default_value = "unix", value_parser = parse_socket_type)]
     pub redis_socket_type: SocketType,
     #[arg(long, env = "REDIS_URL")]
@@ -322,6 +322,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// `BACKEND_TYPE` as given: a backend, or none (unset or empty: `REDIS_URL` decides). A
+/// newtype, not an `Option` field, because clap gives `Option` fields a meaning of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendChoice(pub Option<Backend>);
+
+/// `BACKEND_TYPE`, any case.
+fn parse_backend_type(s: &str) -> Result<BackendChoice, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "" => Ok(BackendChoice(None)),
+        "redis" => Ok(BackendChoice(Some(Backend::Redis))),
+        "memory" => Ok(BackendChoice(Some(Backend::Memory))),
+        _ => Err(format!(
+            "BACKEND_TYPE '{s}' is not supported (expected redis or memory)"
+        )),
+    }
+}
+
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     match s.to_ascii_lowercase().as_str() {
         "text" | "" => Ok(LogFormat::Text),
@@ -342,20 +359,11 @@ fn parse_socket_type(s: &str) -> Result<SocketType, String> {
 
 impl ServeArgs {
     /// The backend, from `BACKEND_TYPE` or, when unset, from whether `REDIS_URL` is set.
-    pub fn backend(&self) -> Result<Backend, String> {
-        match self
-            .backend_type
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("") if self.redis_url.is_some() => Ok(Backend::Redis),
-            None | Some("") => Ok(Backend::Memory),
-            Some("redis") => Ok(Backend::Redis),
-            Some("memory") => Ok(Backend::Memory),
-            Some(other) => Err(format!(
-                "BACKEND_TYPE '{other}' is not supported (expected redis or memory)"
-            )),
+    pub fn backend(&self) -> Backend {
+        match (self.backend_type.0, &self.redis_url) {
+            (Some(chosen), _) => chosen,
+            (None, Some(_)) => Backend::Redis,
+            (None, None) => Backend::Memory,
         }
     }
 }
@@ -625,14 +633,17 @@ mod tests {
         };
         // The test environment may not set BACKEND_TYPE/REDIS_URL; check the rule directly.
         let mut a = *args;
-        a.backend_type = None;
+        a.backend_type = BackendChoice(None);
         a.redis_url = None;
-        assert_eq!(a.backend(), Ok(Backend::Memory));
+        assert_eq!(a.backend(), Backend::Memory);
         a.redis_url = Some("127.0.0.1:6379".into());
-        assert_eq!(a.backend(), Ok(Backend::Redis));
-        a.backend_type = Some("MEMORY".into());
-        assert_eq!(a.backend(), Ok(Backend::Memory));
-        a.backend_type = Some("memcache".into());
-        assert!(a.backend().is_err());
+        assert_eq!(a.backend(), Backend::Redis);
+        a.backend_type = parse_backend_type("MEMORY").unwrap();
+        assert_eq!(a.backend(), Backend::Memory);
+        assert_eq!(parse_backend_type(""), Ok(BackendChoice(None)));
+        assert_eq!(
+            parse_backend_type("memcache"),
+            Err("BACKEND_TYPE 'memcache' is not supported (expected redis or memory)".into())
+        );
     }
 }
