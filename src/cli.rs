@@ -142,22 +142,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
     }
     let prometheus = crate::metrics::install_prometheus()?;
     let _upkeep = crate::metrics::spawn_upkeep(prometheus.clone());
-    let statsd = if args.use_statsd {
-        let settings = crate::statsd::StatsdSettings {
-            host: args.statsd_host.clone(),
-            port: args.statsd_port,
-            flush_interval: args.stats_flush_interval,
-            extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)
-                .map_err(ServeError::Statsd)?,
-        };
-        let protocol = args.statsd_protocol;
-        let sink = crate::statsd::Statsd::start_with_protocol(settings, protocol)
-            .map_err(ServeError::Statsd)?;
-        tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = ?args.statsd_protocol, "sending stats to statsd");
-        Some(sink)
-    } else {
-        None
-    };
+    let statsd = start_statsd(&args)?;
     // Config loads, counted in Prometheus and (with USE_STATSD) under the reference's names.
     let count_load = {
         let statsd = statsd.clone();
@@ -275,51 +260,17 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
         );
     }
 
-    let settings = ServiceSettings {
-        cache_keys: keys.clone(),
-        global_shadow_mode: args.shadow_mode,
-        global_quota_mode: args.quota_mode,
-        response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
-            limit: args.limit_limit_header.clone(),
-            remaining: args.limit_remaining_header.clone(),
-            reset: args.limit_reset_header.clone(),
-        }),
-        expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
-        near_limit_ratio: args.near_limit_ratio,
-        rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
-        max_concurrent_calls: args.max_concurrent_calls,
-        metrics: crate::metrics::StatsSettings {
-            max_dynamic_keys: args.metrics_max_dynamic_keys,
-            idle_timeout: args.metrics_idle_timeout,
-        },
-    };
     let limiter = Arc::new(RateLimiter::new(
         rules.clone(),
         store,
         clock.clone(),
-        settings,
+        service_settings(&args, keys.clone()),
         statsd.clone(),
     ));
     let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
 
-    let grpc = match &args.grpc_uds {
-        Some(path) => server::bind_uds(path)?,
-        None => server::GrpcListener::Tcp(server::bind(&args.grpc_host, args.grpc_port).await?),
-    };
-    let grpc_addr = match &grpc {
-        server::GrpcListener::Tcp(l) => l.local_addr().map_err(ServeError::LocalAddr)?.to_string(),
-        server::GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
-    };
-    let http = server::bind(&args.host, args.port).await?;
-    let debug_listener = server::bind(&args.debug_host, args.debug_port).await?;
-    let prometheus_listener = if args.use_prometheus {
-        Some((
-            server::bind_addr(&args.prometheus_addr).await?,
-            args.prometheus_path.clone(),
-        ))
-    } else {
-        None
-    };
+    let (grpc, grpc_addr, http, debug_listener, prometheus_listener) =
+        bind_listeners(&args).await?;
     let local =
         |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     // WARN, as the reference logs "Listening for gRPC on": the one routine line that shows
@@ -360,6 +311,82 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
     }
     tracing::info!("ratelimitd stopped");
     Ok(())
+}
+
+/// `USE_STATSD`: the StatsD sink with the reference's stat names, or none.
+fn start_statsd(args: &ServeArgs) -> Result<Option<Arc<crate::statsd::Statsd>>, ServeError> {
+    if !args.use_statsd {
+        return Ok(None);
+    }
+    let settings = crate::statsd::StatsdSettings {
+        host: args.statsd_host.clone(),
+        port: args.statsd_port,
+        flush_interval: args.stats_flush_interval,
+        extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)
+            .map_err(ServeError::Statsd)?,
+    };
+    let sink = crate::statsd::Statsd::start_with_protocol(settings, args.statsd_protocol)
+        .map_err(ServeError::Statsd)?;
+    tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = ?args.statsd_protocol, "sending stats to statsd");
+    Ok(Some(sink))
+}
+
+/// The service's switches, from the settings.
+fn service_settings(
+    args: &ServeArgs,
+    cache_keys: crate::limiter::CacheKeyBuilder,
+) -> ServiceSettings {
+    ServiceSettings {
+        cache_keys,
+        global_shadow_mode: args.shadow_mode,
+        global_quota_mode: args.quota_mode,
+        response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
+            limit: args.limit_limit_header.clone(),
+            remaining: args.limit_remaining_header.clone(),
+            reset: args.limit_reset_header.clone(),
+        }),
+        expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
+        near_limit_ratio: args.near_limit_ratio,
+        rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
+        max_concurrent_calls: args.max_concurrent_calls,
+        metrics: crate::metrics::StatsSettings {
+            max_dynamic_keys: args.metrics_max_dynamic_keys,
+            idle_timeout: args.metrics_idle_timeout,
+        },
+    }
+}
+
+/// The listeners bound by `serve`: gRPC (and how it is reached, for the log), admin HTTP,
+/// debug HTTP, and the optional Prometheus listener with its path.
+type Bound = (
+    server::GrpcListener,
+    String,
+    tokio::net::TcpListener,
+    tokio::net::TcpListener,
+    Option<(tokio::net::TcpListener, String)>,
+);
+
+/// Binds every listener before anything is served, so a taken port stops start-up.
+async fn bind_listeners(args: &ServeArgs) -> Result<Bound, ServeError> {
+    let grpc = match &args.grpc_uds {
+        Some(path) => server::bind_uds(path)?,
+        None => server::GrpcListener::Tcp(server::bind(&args.grpc_host, args.grpc_port).await?),
+    };
+    let grpc_addr = match &grpc {
+        server::GrpcListener::Tcp(l) => l.local_addr().map_err(ServeError::LocalAddr)?.to_string(),
+        server::GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
+    let http = server::bind(&args.host, args.port).await?;
+    let debug_listener = server::bind(&args.debug_host, args.debug_port).await?;
+    let prometheus_listener = if args.use_prometheus {
+        Some((
+            server::bind_addr(&args.prometheus_addr).await?,
+            args.prometheus_path.clone(),
+        ))
+    } else {
+        None
+    };
+    Ok((grpc, grpc_addr, http, debug_listener, prometheus_listener))
 }
 
 /// Publishes the generation gauge and the hash info series of the config in force; the
