@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 mod support;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ratelimitd::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use support::*;
@@ -34,13 +34,6 @@ fn with_redis_timeout(timeout: &str) -> (tempfile::TempDir, RedisServer, Ratelim
     (dir, redis, rl)
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// Parses a RESP integer reply (`:42\r\n`).
 fn int(reply: &str) -> i64 {
     reply
@@ -67,7 +60,7 @@ async fn keys_and_ttls_are_the_references() {
     c.should_rate_limit(request("rd", &[&[("k", "v")]]))
         .await
         .unwrap();
-    let key = format!("pre:rd_k_v_{}", now() / 60 * 60);
+    let key = format!("pre:rd_k_v_{}", unix_now() / 60 * 60);
     assert_eq!(redis.command(&["GET", &key]), "$1\r\n2\r\n");
     let ttl = int(&redis.command(&["TTL", &key]));
     assert!(
@@ -81,7 +74,10 @@ async fn keys_and_ttls_are_the_references() {
             .await
             .unwrap();
     }
-    let shared = format!("pre:rd_files_/public/*_user_alice_{}", now() / 3600 * 3600);
+    let shared = format!(
+        "pre:rd_files_/public/*_user_alice_{}",
+        unix_now() / 3600 * 3600
+    );
     assert_eq!(redis.command(&["GET", &shared]), "$1\r\n2\r\n");
     let r = c
         .should_rate_limit(request(
@@ -130,7 +126,7 @@ async fn hashed_values_keep_secrets_out_of_redis_keys() {
 
     let key = format!(
         "pre:rd_k_693b4e4066a440e2bae1744c814b3c6d_{}",
-        now() / 60 * 60
+        unix_now() / 60 * 60
     );
     assert_eq!(
         redis.command(&["KEYS", "*"]),
@@ -176,7 +172,7 @@ async fn expiration_jitter_extends_ttl_by_at_most_the_setting() {
         c.should_rate_limit(request("rd", &[&[("k", &v.to_string())]]))
             .await
             .unwrap();
-        let key = format!("rd_k_{v}_{}", now() / 60 * 60);
+        let key = format!("rd_k_{v}_{}", unix_now() / 60 * 60);
         ttls.push(int(&redis.command(&["TTL", &key])));
     }
     assert!(ttls.iter().all(|t| (1..=360).contains(t)), "{ttls:?}");
@@ -278,7 +274,7 @@ async fn redis_killed_then_restarted() {
     );
     // The restarted Redis lost the counter (no persistence): counting starts again, once.
     assert_eq!(recovered.statuses[0].limit_remaining, 2);
-    let key = format!("rd_k_x_{}", now() / 60 * 60);
+    let key = format!("rd_k_x_{}", unix_now() / 60 * 60);
     assert_eq!(redis.command(&["GET", &key]), "$1\r\n1\r\n");
 }
 

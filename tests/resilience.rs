@@ -98,10 +98,7 @@ async fn uncountable_hits_saturate_in_redis_and_never_poison_the_counter() {
     let rl = Ratelimitd::builder(dir.path()).redis(&redis).start();
     ensure_window_room(3600, Duration::from_secs(10)).await;
     saturates(&rl).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = unix_now();
     let key = format!("res_a_x_{}", now / 3600 * 3600);
     assert_eq!(
         redis.command(&["GET", &key]),
@@ -118,10 +115,7 @@ async fn backend_error_text_stays_in_the_log() {
     let redis = RedisServer::start();
     let rl = Ratelimitd::builder(dir.path()).redis(&redis).start();
     ensure_window_room(3600, Duration::from_secs(10)).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = unix_now();
     // Someone else's list under our key: INCRBY answers WRONGTYPE.
     let key = format!("res_a_w_{}", now / 3600 * 3600);
     redis.command(&["LPUSH", &key, "x"]);

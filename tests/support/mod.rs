@@ -474,6 +474,14 @@ pub fn serve_expecting_refusal(config: &Path, env: &[(&str, &str)]) -> (Option<i
     (status.code(), fs::read_to_string(log.path()).unwrap())
 }
 
+/// The Unix time in seconds, as ratelimitd's windows see it (for expected counter keys).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// A request with one descriptor per slice of (key, value) entries.
 pub fn request(domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
     RateLimitRequest {
