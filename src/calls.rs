@@ -8,16 +8,13 @@
 //! store round trip.
 
 use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Instant,
 };
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
-use crate::{metrics as m, statsd::Statsd};
+use crate::metrics as m;
 
 /// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +56,11 @@ pub struct Calls {
     max_in_flight: u64,
     in_flight_gauge: Gauge,
     shed: Counter,
-    /// `USE_STATSD`: the reference's StatsD stats.
-    statsd: Option<Arc<Statsd>>,
 }
 
 impl Calls {
     /// `max_concurrent_calls`: 0 means no bound.
-    pub fn new(max_concurrent_calls: u64, statsd: Option<Arc<Statsd>>) -> Self {
+    pub fn new(max_concurrent_calls: u64) -> Self {
         Self {
             total_requests: counter!(m::TOTAL_REQUESTS, "grpc_method" => "ShouldRateLimit"),
             response_time: histogram!(m::RESPONSE_TIME, "grpc_method" => "ShouldRateLimit"),
@@ -78,7 +73,6 @@ impl Calls {
             },
             in_flight_gauge: gauge!(m::CALLS_IN_FLIGHT),
             shed: counter!(m::CALLS_SHED),
-            statsd,
         }
     }
 
@@ -113,25 +107,13 @@ impl Drop for CallGuard<'_> {
         let c = self.calls;
         c.in_flight.fetch_sub(1, Ordering::Relaxed);
         c.in_flight_gauge.decrement(1.0);
-        let elapsed = self.started.elapsed();
         c.total_requests.increment(1);
-        c.response_time.record(elapsed.as_secs_f64());
-        let err_type = self.outcome.err_index().and_then(|i| {
-            c.errors.get(i)?.increment(1);
-            Outcome::ERR_TYPES.get(i).copied()
-        });
+        c.response_time.record(self.started.elapsed().as_secs_f64());
+        if let Some(errors) = self.outcome.err_index().and_then(|i| c.errors.get(i)) {
+            errors.increment(1);
+        }
         if self.outcome == Outcome::Shed {
             c.shed.increment(1);
-        }
-        if let Some(s) = &c.statsd {
-            s.counter("ratelimit_server.ShouldRateLimit.total_requests", 1);
-            s.timer_ms(
-                "ratelimit_server.ShouldRateLimit.response_time",
-                elapsed.as_secs_f64() * 1000.0,
-            );
-            if let Some(t) = err_type {
-                s.counter(&format!("ratelimit.service.call.should_rate_limit.{t}"), 1);
-            }
         }
     }
 }

@@ -112,7 +112,7 @@ pub enum ServeError {
     Recorder(#[from] crate::metrics::RecorderError),
     /// `USE_STATSD` settings the StatsD sink refused (its own message).
     #[error("{0}")]
-    Statsd(String),
+    Statsd(#[from] crate::statsd::StatsdError),
     #[error("cannot handle {0}: {1}")]
     Signal(&'static str, #[source] std::io::Error),
     #[error(transparent)]
@@ -140,29 +140,19 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
             "setting is not supported yet and is ignored"
         );
     }
-    let prometheus = crate::metrics::install_prometheus()?;
-    let _upkeep = crate::metrics::spawn_upkeep(prometheus.clone());
     let statsd = start_statsd(&args)?;
-    // Config loads, counted in Prometheus and (with USE_STATSD) under the reference's names.
-    let count_load = {
-        let statsd = statsd.clone();
-        move |ok: bool| {
-            let (metric, stat) = if ok {
-                (
-                    crate::metrics::CONFIG_LOAD_SUCCESS,
-                    "ratelimit.service.config_load_success",
-                )
-            } else {
-                (
-                    crate::metrics::CONFIG_LOAD_ERROR,
-                    "ratelimit.service.config_load_error",
-                )
-            };
-            metrics::counter!(metric).increment(1);
-            if let Some(s) = &statsd {
-                s.counter(stat, 1);
-            }
-        }
+    let exporter = statsd.clone().map(|s| s as crate::metrics::Exporter);
+    let prometheus = crate::metrics::install(exporter.clone())?;
+    let _upkeep = crate::metrics::spawn_upkeep(prometheus.clone());
+    let service = service_settings(&args, keys.clone());
+    let stats = Arc::new(crate::metrics::Stats::new(exporter, service.metrics));
+    let count_load = |ok: bool| {
+        let metric = if ok {
+            crate::metrics::CONFIG_LOAD_SUCCESS
+        } else {
+            crate::metrics::CONFIG_LOAD_ERROR
+        };
+        metrics::counter!(metric).increment(1);
     };
     let source = args.config.source();
     // One read: the hash is of the bytes the tree is built from (see Reloader::with_hash).
@@ -264,8 +254,8 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
         rules.clone(),
         store,
         clock.clone(),
-        service_settings(&args, keys.clone()),
-        statsd.clone(),
+        service,
+        stats,
     ));
     let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
 
@@ -322,11 +312,9 @@ fn start_statsd(args: &ServeArgs) -> Result<Option<Arc<crate::statsd::Statsd>>, 
         host: args.statsd_host.clone(),
         port: args.statsd_port,
         flush_interval: args.stats_flush_interval,
-        extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)
-            .map_err(ServeError::Statsd)?,
+        extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)?,
     };
-    let sink = crate::statsd::Statsd::start_with_protocol(settings, args.statsd_protocol)
-        .map_err(ServeError::Statsd)?;
+    let sink = crate::statsd::Statsd::start_with_protocol(settings, args.statsd_protocol)?;
     tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = ?args.statsd_protocol, "sending stats to statsd");
     Ok(Some(sink))
 }

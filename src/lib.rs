@@ -10,7 +10,9 @@
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout).
 //! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
-//! - [`metrics`] and [`statsd`]: Prometheus metrics and the reference's StatsD stats.
+//! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
+//!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
+//!   StatsD names.
 //! - [`json`]: proto3 JSON for `POST /json`; [`explain`]: which rule matches and why.
 //! - [`settings`]: flags with the reference's environment variable names; [`cli`]: what the
 //!   subcommands do.

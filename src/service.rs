@@ -18,7 +18,7 @@ use crate::{
     limiter::{decide, CacheKeyBuilder, Clock, Unit},
     log_throttle::LogThrottle,
     matcher,
-    metrics::{self as m, HitOutcome, KeyOrigin, Stats, StatsSettings},
+    metrics::{self as m, HitOutcome, Stats, StatsSettings},
     proto::envoy::{
         config::core::v3::HeaderValue,
         service::ratelimit::v3::{
@@ -78,8 +78,6 @@ pub struct RateLimiter<S> {
     keys: CacheKeyBuilder,
     settings: ServiceSettings,
     stats: Arc<Stats>,
-    /// `USE_STATSD`: the reference's StatsD stats.
-    statsd: Option<Arc<crate::statsd::Statsd>>,
     /// Handles registered once (the recorder is installed before the service is built).
     global_shadow: Counter,
     backend_duration: Histogram,
@@ -108,22 +106,21 @@ enum Resolved<'a> {
 }
 
 impl<S: Store> RateLimiter<S> {
+    /// `stats` holds the per-rule metrics (the rules keep their own counters once counted).
     pub fn new(
         rules: Arc<ArcSwap<RuleTree>>,
         store: Arc<S>,
         clock: Arc<dyn Clock>,
         settings: ServiceSettings,
-        statsd: Option<Arc<crate::statsd::Statsd>>,
+        stats: Arc<Stats>,
     ) -> Self {
-        let stats = Arc::new(Stats::new(statsd.clone(), settings.metrics));
-        let calls = Calls::new(settings.max_concurrent_calls, statsd.clone());
+        let calls = Calls::new(settings.max_concurrent_calls);
         Self {
             keys: settings.cache_keys.clone(),
             rules,
             store,
             clock,
             stats,
-            statsd,
             global_shadow: counter!(m::GLOBAL_SHADOW_MODE),
             backend_duration: histogram!(m::BACKEND_DURATION),
             backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
@@ -281,24 +278,22 @@ impl<S: Store> RateLimiter<S> {
                     let d = decide(limit.requests_per_unit, after);
                     let shadow = rule.is_some_and(|r| r.shadow_mode);
                     let over = d.over_limit && !shadow;
-                    // `Resolved<'a>` borrows only from the rule tree, so a borrowed key is a
-                    // rule's own (bounded by the config); an owned one holds request data.
-                    let origin = match stats_key {
-                        Cow::Borrowed(_) => KeyOrigin::Config,
-                        Cow::Owned(_) => KeyOrigin::Traffic,
+                    let outcome = HitOutcome {
+                        requests_per_unit: limit.requests_per_unit,
+                        hits: hit,
+                        after,
+                        shadow_mode: shadow,
                     };
-                    self.stats.record(
-                        &req.domain,
-                        stats_key,
-                        origin,
-                        HitOutcome {
-                            requests_per_unit: limit.requests_per_unit,
-                            hits: hit,
-                            after,
-                            shadow_mode: shadow,
-                        },
-                        self.settings.near_limit_ratio,
-                    );
+                    let ratio = self.settings.near_limit_ratio;
+                    match (rule, stats_key) {
+                        // The rule's own key: its counters, registered with the config.
+                        (Some(rule), Cow::Borrowed(key)) => {
+                            self.stats
+                                .record_rule(&req.domain, key, &rule.counters, outcome, ratio)
+                        }
+                        // A key holding request data (bounded by the stats).
+                        _ => self.stats.record(&req.domain, stats_key, outcome, ratio),
+                    }
                     if over && fired.is_none() {
                         fired = Some(rule.map_or("limit override", |r| {
                             if r.name.is_empty() {
@@ -365,9 +360,6 @@ impl<S: Store> RateLimiter<S> {
         if overall == Code::OverLimit && self.settings.global_shadow_mode {
             overall = Code::Ok;
             self.global_shadow.increment(1);
-            if let Some(s) = &self.statsd {
-                s.counter("ratelimit.service.global_shadow_mode", 1);
-            }
         }
         if overall == Code::OverLimit {
             headers.push(header("Retry-After", retry_after.max(1).to_string()));
@@ -637,13 +629,17 @@ descriptors:
         fn limiter(clock: Arc<FakeClock>) -> RateLimiter<MemoryStore> {
             let raw = parse("rules.yaml", RULES).unwrap();
             let tree = compile(&[("rules.yaml".to_owned(), raw)], false).unwrap();
+            let stats = Arc::new(Stats::new(None, StatsSettings::default()));
             let store = MemoryStore::new(clock.clone(), NonZeroUsize::MIN.saturating_add(999));
             RateLimiter::new(
                 Arc::new(ArcSwap::from_pointee(tree)),
                 Arc::new(store),
                 clock,
-                ServiceSettings::default(),
-                None,
+                ServiceSettings {
+                    near_limit_ratio: 0.8,
+                    ..ServiceSettings::default()
+                },
+                stats,
             )
         }
 
@@ -717,6 +713,31 @@ descriptors:
             assert_eq!(ask(&l, 2).await, (OK, 1, 60, None));
             assert_eq!(ask(&l, 1).await, (OK, 0, 60, None));
             assert_eq!(ask(&l, 5).await, (OVER, 0, 60, Some("60".into())));
+        }
+
+        #[tokio::test]
+        async fn a_rule_counts_into_the_counters_registered_with_its_config() {
+            let clock = Arc::new(FakeClock(AtomicU64::new(600)));
+            let l = limiter(clock);
+            for hits in [2, 1, 5] {
+                ask(&l, hits).await;
+            }
+            let text = l.stats().render();
+            let value = |name: &str| {
+                let series = format!("{name}{{domain=\"d\",key1=\"k\"}} ");
+                text.lines()
+                    .find_map(|line| line.strip_prefix(&series))
+                    .unwrap_or_else(|| panic!("no {series}in\n{text}"))
+                    .to_owned()
+            };
+            // 8 hits against a limit of 3: 3 within, 5 over; near (above 80% of 3 = 2): the
+            // third hit.
+            assert_eq!(value(m::TOTAL_HITS), "8");
+            assert_eq!(value(m::WITHIN_LIMIT), "3");
+            assert_eq!(value(m::OVER_LIMIT), "5");
+            assert_eq!(value(m::NEAR_LIMIT), "1");
+            assert_eq!(value(m::SHADOW_MODE), "0");
+            assert_eq!(l.stats().dynamic_keys(), 0);
         }
     }
 }

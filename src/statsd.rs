@@ -32,18 +32,28 @@
 //! next flush. gostats' transport defaults to TCP (`STATSD_PROTOCOL`, gostats settings.go:33,
 //! used by runner.go:69); [`Statsd::start`] uses UDP and [`Statsd::start_with_protocol`] does
 //! either. Not emitted: Go runtime gauges (`ratelimit.go.*`) and gostats' `reserved_tag`.
-//! cadence formats the lines; counting on the request path is a map lookup and an atomic add,
-//! and all I/O happens in the flush, off the request path. A counter that has not changed for
-//! [`PRUNE_AFTER_IDLE_FLUSHES`] flushes is forgotten (its next increment starts it again, and
-//! the wire sees only deltas, so nothing changes there): per-rule stat names come from stats
-//! keys that expire (see `crate::metrics`), and the map must not keep every name ever used.
+//! How: [`Statsd`] is a `metrics` recorder (an exporter of the same events Prometheus sees,
+//! see `crate::metrics`), and the reference's naming rules live here, in [`counter_name`] and
+//! [`timer_name`]: events it does not send get no-op handles. Handles are registered once
+//! (per-rule ones when the config is compiled), so counting is an atomic add and a timing a
+//! lock-free push; cadence formats the lines, and all I/O happens in the flush, off the
+//! request path. A stat is forgotten once no handle can count into it and nothing is unsent
+//! (its next registration starts it again, and the wire sees only deltas, so nothing changes
+//! there): per-rule stat names come from stats keys that expire, and the map must not keep
+//! every name ever used.
+//!
+//! Why our own recorder rather than `metrics-exporter-statsd`: that crate sends each metric
+//! under its `metrics` name with labels as DogStatsD tags; the reference's names put label
+//! values into the name (`ratelimit.service.rate_limit.<stats key>.total_hits`), counters go
+//! out as deltas per flush, and `EXTRA_TAGS` are serialised gostats' way. cadence's buffered
+//! sink alone would put a map lookup by name on every event.
 
 use std::{
     collections::BTreeMap,
     io::{self, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket},
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, Weak,
     },
     time::Duration,
@@ -51,9 +61,11 @@ use std::{
 
 use cadence::{Counted, MetricSink, StatsdClient, Timed};
 use dashmap::DashMap;
+use metrics::{CounterFn, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_util::storage::AtomicBucket;
 
-/// Flushes in a row with no change after which a counter is forgotten.
-pub const PRUNE_AFTER_IDLE_FLUSHES: u32 = 6;
+use crate::metrics as m;
+
 /// Timings waiting for the next flush, at most; more are dropped and counted.
 const MAX_PENDING_TIMERS: usize = 65_536;
 /// gostats' UDP buffer: fits a 1500-byte MTU without fragmenting (net_sink.go:36).
@@ -91,10 +103,21 @@ impl std::str::FromStr for Protocol {
     }
 }
 
+/// Why the StatsD exporter could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsdError {
+    #[error("STATS_FLUSH_INTERVAL must be greater than zero")]
+    ZeroFlushInterval,
+    #[error("statsd needs a tokio runtime: {0}")]
+    NoRuntime(#[source] tokio::runtime::TryCurrentError),
+    #[error("EXTRA_TAGS: invalid map item: {0:?}")]
+    ExtraTags(String),
+}
+
 /// Parses `EXTRA_TAGS` as envconfig v1.4.0 parses a `map[string]string`: blank means none;
 /// otherwise split on `,`, each item must split on `:` into exactly two parts (no trimming),
 /// and a repeated key keeps its last value. Sorted by key.
-pub fn parse_extra_tags(s: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_extra_tags(s: &str) -> Result<Vec<(String, String)>, StatsdError> {
     let mut tags = BTreeMap::new();
     if s.trim().is_empty() {
         return Ok(Vec::new());
@@ -103,7 +126,7 @@ pub fn parse_extra_tags(s: &str) -> Result<Vec<(String, String)>, String> {
         let mut parts = item.split(':');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(k), Some(v), None) => tags.insert(k.to_owned(), v.to_owned()),
-            _ => return Err(format!("EXTRA_TAGS: invalid map item: {item:?}")),
+            _ => return Err(StatsdError::ExtraTags(item.to_owned())),
         };
     }
     Ok(tags.into_iter().collect())
@@ -119,13 +142,13 @@ fn tag_suffix(tags: &[(String, String)]) -> String {
     tags.iter().map(|(k, v)| format!(".__{k}={v}")).collect()
 }
 
-/// A StatsD client shared by the service (`Send + Sync`; share it in an `Arc`).
+/// The StatsD exporter: a `metrics` recorder that keeps the events the reference sends as
+/// stats, under the reference's names, and sends them at each flush. `Send + Sync`; share it
+/// in an `Arc` (an `Arc<Statsd>` is a recorder too).
 pub struct Statsd {
-    counters: DashMap<String, Counter>,
-    timers: DashMap<String, Mutex<Vec<u64>>>,
-    pending_timers: AtomicUsize,
-    dropped_timers: AtomicU64,
-    max_pending_timers: usize,
+    counters: DashMap<String, Arc<StatCounter>>,
+    timers: DashMap<String, Arc<StatTimer>>,
+    pending: Arc<Pending>,
     /// Serialised `EXTRA_TAGS`, appended to every name.
     suffix: String,
     client: StatsdClient,
@@ -134,19 +157,131 @@ pub struct Statsd {
     failing: AtomicBool,
 }
 
+/// A counter's running total and how much of it was sent.
 #[derive(Default)]
-struct Counter {
+struct StatCounter {
     total: AtomicU64,
     sent: AtomicU64,
-    /// Flushes in a row that found no change.
-    idle_flushes: AtomicU32,
+}
+
+impl CounterFn for StatCounter {
+    fn increment(&self, value: u64) {
+        self.total.fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn absolute(&self, value: u64) {
+        self.total.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+/// Timings waiting for the next flush, in whole milliseconds. Lock-free on the request path.
+struct StatTimer {
+    values: AtomicBucket<u64>,
+    pending: Arc<Pending>,
+}
+
+/// The bound on waiting timings, shared by every timer.
+struct Pending {
+    waiting: AtomicUsize,
+    dropped: AtomicU64,
+    max: usize,
+}
+
+impl HistogramFn for StatTimer {
+    /// `value` in seconds, sent as `name:N|ms` truncated to whole milliseconds as the
+    /// reference's `response_time` is. Dropped (and counted) when too many timings wait.
+    fn record(&self, value: f64) {
+        let p = &self.pending;
+        if p.waiting.fetch_add(1, Ordering::Relaxed) >= p.max {
+            p.waiting.fetch_sub(1, Ordering::Relaxed);
+            p.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Saturating float-to-int cast: NaN and negatives become 0, as in Go's Milliseconds().
+        self.values.push((value * 1000.0) as u64);
+    }
+}
+
+/// The reference's stat name for a counter event, or `None` for events it does not send.
+fn counter_name(key: &Key) -> Option<String> {
+    let label = |name: &str| key.labels().find(|l| l.key() == name).map(|l| l.value());
+    Some(match key.name() {
+        m::TOTAL_REQUESTS => format!("ratelimit_server.{}.total_requests", label("grpc_method")?),
+        m::SHOULD_RATE_LIMIT_ERROR => format!(
+            "ratelimit.service.call.should_rate_limit.{}",
+            label("err_type")?
+        ),
+        m::GLOBAL_SHADOW_MODE => "ratelimit.service.global_shadow_mode".to_owned(),
+        m::CONFIG_LOAD_SUCCESS => "ratelimit.service.config_load_success".to_owned(),
+        m::CONFIG_LOAD_ERROR => "ratelimit.service.config_load_error".to_owned(),
+        name => {
+            let stat = match name {
+                m::TOTAL_HITS => "total_hits",
+                m::OVER_LIMIT => "over_limit",
+                m::NEAR_LIMIT => "near_limit",
+                m::WITHIN_LIMIT => "within_limit",
+                m::SHADOW_MODE => "shadow_mode",
+                _ => return None,
+            };
+            format!(
+                "ratelimit.service.rate_limit.{}.{stat}",
+                label(m::STATS_KEY_LABEL)?
+            )
+        }
+    })
+}
+
+/// The reference's stat name for a timing (histogram) event, or `None`.
+fn timer_name(key: &Key) -> Option<String> {
+    let method = key.labels().find(|l| l.key() == "grpc_method")?;
+    (key.name() == m::RESPONSE_TIME)
+        .then(|| format!("ratelimit_server.{}.response_time", method.value()))
+}
+
+impl Recorder for Statsd {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    /// A handle on the named stat's running total: counting is an atomic add, never any I/O.
+    /// The clone is taken under the map's shard guard, which is what lets the flush prune
+    /// safely.
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> metrics::Counter {
+        let Some(name) = counter_name(key) else {
+            return metrics::Counter::noop();
+        };
+        let counter = self.counters.entry(name).or_default().clone();
+        metrics::Counter::from_arc(counter)
+    }
+
+    /// The reference sends no gauges.
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> metrics::Histogram {
+        let Some(name) = timer_name(key) else {
+            return metrics::Histogram::noop();
+        };
+        let timer = self
+            .timers
+            .entry(name)
+            .or_insert_with(|| {
+                Arc::new(StatTimer {
+                    values: AtomicBucket::new(),
+                    pending: self.pending.clone(),
+                })
+            })
+            .clone();
+        metrics::Histogram::from_arc(timer)
+    }
 }
 
 impl Statsd {
     /// Sends over UDP, from a socket bound to 127.0.0.1:0 for loopback hosts and 0.0.0.0:0
     /// otherwise (`[::1]:0`, `[::]:0` for IPv6), and starts the flush task on the current
     /// tokio runtime.
-    pub fn start(settings: StatsdSettings) -> Result<Arc<Self>, String> {
+    pub fn start(settings: StatsdSettings) -> Result<Arc<Self>, StatsdError> {
         Self::start_with_protocol(settings, Protocol::Udp)
     }
 
@@ -155,7 +290,7 @@ impl Statsd {
     pub fn start_with_protocol(
         settings: StatsdSettings,
         protocol: Protocol,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, StatsdError> {
         Self::start_inner(settings, protocol, MAX_PENDING_TIMERS)
     }
 
@@ -163,12 +298,11 @@ impl Statsd {
         settings: StatsdSettings,
         protocol: Protocol,
         max_pending_timers: usize,
-    ) -> Result<Arc<Self>, String> {
+    ) -> Result<Arc<Self>, StatsdError> {
         if settings.flush_interval.is_zero() {
-            return Err("STATS_FLUSH_INTERVAL must be greater than zero".to_owned());
+            return Err(StatsdError::ZeroFlushInterval);
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| format!("statsd needs a tokio runtime: {e}"))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(StatsdError::NoRuntime)?;
         let capacity = match protocol {
             Protocol::Udp => UDP_PACKET_BYTES,
             Protocol::Tcp => TCP_BUFFER_BYTES,
@@ -195,9 +329,11 @@ impl Statsd {
         let me = Arc::new(Self {
             counters: DashMap::new(),
             timers: DashMap::new(),
-            pending_timers: AtomicUsize::new(0),
-            dropped_timers: AtomicU64::new(0),
-            max_pending_timers,
+            pending: Arc::new(Pending {
+                waiting: AtomicUsize::new(0),
+                dropped: AtomicU64::new(0),
+                max: max_pending_timers,
+            }),
             suffix: tag_suffix(&settings.extra_tags),
             client,
             wire,
@@ -205,41 +341,6 @@ impl Statsd {
         });
         runtime.spawn(flush_loop(Arc::downgrade(&me), settings.flush_interval));
         Ok(me)
-    }
-
-    /// Adds `delta` to the counter `name` (a full stat name without the tags); the change is
-    /// sent at the next flush. No allocation once `name` exists, never any I/O. The add happens
-    /// while the map's shard guard is held (read guard, or the entry's write guard), which is
-    /// what lets the flush prune safely.
-    pub fn counter(&self, name: &str, delta: u64) {
-        if let Some(c) = self.counters.get(name) {
-            c.total.fetch_add(delta, Ordering::Relaxed);
-            return;
-        }
-        self.counters
-            .entry(name.to_owned())
-            .or_default()
-            .total
-            .fetch_add(delta, Ordering::Relaxed);
-    }
-
-    /// Records one timing, sent at the next flush as `name:N|ms`. `ms` is truncated to whole
-    /// milliseconds as the reference's `response_time` is. Dropped (and counted) when
-    /// too many timings already wait.
-    pub fn timer_ms(&self, name: &str, ms: f64) {
-        if self.pending_timers.fetch_add(1, Ordering::Relaxed) >= self.max_pending_timers {
-            self.pending_timers.fetch_sub(1, Ordering::Relaxed);
-            self.dropped_timers.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        // Saturating float-to-int cast: NaN and negatives become 0, as in Go's Milliseconds().
-        let ms = ms as u64;
-        if let Some(t) = self.timers.get(name) {
-            lock(&t).push(ms);
-            return;
-        }
-        let t = self.timers.entry(name.to_owned()).or_default();
-        lock(&t).push(ms);
     }
 
     /// Sends the counter deltas and the waiting timings now. Blocking I/O, bounded by the
@@ -252,25 +353,21 @@ impl Statsd {
             .filter_map(|c| {
                 let total = c.total.load(Ordering::Relaxed);
                 let delta = total.wrapping_sub(c.sent.swap(total, Ordering::Relaxed));
-                if delta == 0 {
-                    c.idle_flushes.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    c.idle_flushes.store(0, Ordering::Relaxed);
-                }
                 (delta != 0).then(|| (format!("{}{}", c.key(), self.suffix), delta))
             })
             .collect();
+        let mut timings: Vec<(String, Vec<u64>)> = Vec::new();
+        for t in self.timers.iter() {
+            let mut values = Vec::new();
+            t.values.clear_with(|block| values.extend_from_slice(block));
+            self.pending
+                .waiting
+                .fetch_sub(values.len(), Ordering::Relaxed);
+            if !values.is_empty() {
+                timings.push((format!("{}{}", t.key(), self.suffix), values));
+            }
+        }
         self.prune();
-        let timings: Vec<(String, Vec<u64>)> = self
-            .timers
-            .iter()
-            .filter_map(|t| {
-                let values = std::mem::take(&mut *lock(t.value()));
-                self.pending_timers
-                    .fetch_sub(values.len(), Ordering::Relaxed);
-                (!values.is_empty()).then(|| (format!("{}{}", t.key(), self.suffix), values))
-            })
-            .collect();
         let mut failed = 0usize;
         for (name, delta) in &counts {
             failed += usize::from(self.client.count(name, *delta).is_err());
@@ -288,7 +385,7 @@ impl Statsd {
                 wire.first_error.take(),
             )
         };
-        let dropped = self.dropped_timers.swap(0, Ordering::Relaxed);
+        let dropped = self.pending.dropped.swap(0, Ordering::Relaxed);
         // One line per flush at most; a lasting outage is reported when it starts.
         let newly_failing = failed > 0 && !self.failing.swap(true, Ordering::Relaxed);
         let recovered = failed == 0 && self.failing.swap(false, Ordering::Relaxed);
@@ -306,15 +403,18 @@ impl Statsd {
         }
     }
 
-    /// Forgets the counters idle for [`PRUNE_AFTER_IDLE_FLUSHES`] flushes. `retain` holds each
-    /// shard's write guard while it decides and [`Statsd::counter`] adds under a guard of the
-    /// same shard, so no add lands between the check and the removal; and a counter is removed
-    /// only with nothing unsent (`total == sent`), so no count is lost.
+    /// Forgets the stats nothing can count into any more: no handle left but the map's own
+    /// (per-rule handles go when their rule or request-built key does, see `crate::metrics`),
+    /// and nothing unsent. `retain` holds each shard's write guard while it decides and
+    /// handles are cloned under a guard of the same shard, so no handle appears between the
+    /// check and the removal; so no count is lost, and the map holds only live stats.
     fn prune(&self) {
         self.counters.retain(|_, c| {
-            c.idle_flushes.load(Ordering::Relaxed) < PRUNE_AFTER_IDLE_FLUSHES
+            Arc::strong_count(c) > 1
                 || c.total.load(Ordering::Relaxed) != c.sent.load(Ordering::Relaxed)
         });
+        self.timers
+            .retain(|_, t| Arc::strong_count(t) > 1 || !t.values.is_empty());
     }
 }
 
@@ -442,11 +542,13 @@ impl MetricSink for SharedWire {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metrics::Label;
     use tokio::time::{timeout_at, Instant};
 
     const HITS: &str = "ratelimit.service.rate_limit.d.k_v.total_hits";
     const TIME: &str = "ratelimit_server.ShouldRateLimit.response_time";
     const HOUR: Duration = Duration::from_secs(3600);
+    static META: Metadata<'static> = Metadata::new("test", metrics::Level::INFO, None);
 
     fn settings(port: u16, flush_interval: Duration, tags: &str) -> StatsdSettings {
         StatsdSettings {
@@ -455,6 +557,27 @@ mod tests {
             flush_interval,
             extra_tags: parse_extra_tags(tags).unwrap(),
         }
+    }
+
+    /// `total_hits` of a per-rule stats key, as the per-rule metrics register it.
+    fn hits(s: &Statsd, stats_key: &str) -> metrics::Counter {
+        let labels = vec![
+            Label::new("domain", "d"),
+            Label::new(m::STATS_KEY_LABEL, stats_key.to_owned()),
+        ];
+        s.register_counter(&Key::from_parts(m::TOTAL_HITS, labels), &META)
+    }
+
+    fn counter(s: &Statsd, name: &'static str) -> metrics::Counter {
+        s.register_counter(&Key::from_name(name), &META)
+    }
+
+    fn response_time(s: &Statsd) -> metrics::Histogram {
+        let key = Key::from_parts(
+            m::RESPONSE_TIME,
+            vec![Label::new("grpc_method", "ShouldRateLimit")],
+        );
+        s.register_histogram(&key, &META)
     }
 
     async fn udp_server() -> (tokio::net::UdpSocket, u16) {
@@ -488,16 +611,78 @@ mod tests {
         lines
     }
 
+    #[test]
+    fn events_get_the_reference_stat_names() {
+        let key = |name: &'static str, labels: &[(&'static str, &'static str)]| {
+            let labels: Vec<Label> = labels.iter().map(|&(k, v)| Label::new(k, v)).collect();
+            Key::from_parts(name, labels)
+        };
+        let rule = [
+            ("domain", "d"),
+            ("key1", "a_b"),
+            (m::STATS_KEY_LABEL, "d.a_b.c.e"),
+        ];
+        for (name, stat) in [
+            (m::TOTAL_HITS, "total_hits"),
+            (m::OVER_LIMIT, "over_limit"),
+            (m::NEAR_LIMIT, "near_limit"),
+            (m::WITHIN_LIMIT, "within_limit"),
+            (m::SHADOW_MODE, "shadow_mode"),
+        ] {
+            assert_eq!(
+                counter_name(&key(name, &rule)).as_deref(),
+                Some(&*format!("ratelimit.service.rate_limit.d.a_b.c.e.{stat}"))
+            );
+        }
+        let named =
+            |name, labels: &[(&'static str, &'static str)]| counter_name(&key(name, labels));
+        assert_eq!(
+            named(m::TOTAL_REQUESTS, &[("grpc_method", "ShouldRateLimit")]).as_deref(),
+            Some("ratelimit_server.ShouldRateLimit.total_requests")
+        );
+        for t in ["service_error", "redis_error", "overloaded", "cancelled"] {
+            assert_eq!(
+                named(m::SHOULD_RATE_LIMIT_ERROR, &[("err_type", t)]),
+                Some(format!("ratelimit.service.call.should_rate_limit.{t}"))
+            );
+        }
+        for (name, stat) in [
+            (m::GLOBAL_SHADOW_MODE, "global_shadow_mode"),
+            (m::CONFIG_LOAD_SUCCESS, "config_load_success"),
+            (m::CONFIG_LOAD_ERROR, "config_load_error"),
+        ] {
+            assert_eq!(named(name, &[]), Some(format!("ratelimit.service.{stat}")));
+        }
+        assert_eq!(
+            timer_name(&key(
+                m::RESPONSE_TIME,
+                &[("grpc_method", "ShouldRateLimit")]
+            ))
+            .as_deref(),
+            Some(TIME)
+        );
+        // Ours only, or missing the label the name needs: not sent.
+        assert_eq!(named(m::BACKEND_ERRORS, &[("kind", "timeout")]), None);
+        assert_eq!(named(m::CALLS_SHED, &[]), None);
+        assert_eq!(named(m::TOTAL_HITS, &[("domain", "d")]), None);
+        assert_eq!(named(m::TOTAL_REQUESTS, &[]), None);
+        assert_eq!(timer_name(&key(m::BACKEND_DURATION, &[])), None);
+    }
+
     #[tokio::test]
     async fn counters_send_deltas_once_and_timers_whole_milliseconds() {
         let (server, port) = udp_server().await;
         let s = Statsd::start(settings(port, HOUR, "")).unwrap();
-        s.counter(HITS, 2);
-        s.counter(HITS, 1);
-        s.counter("ratelimit.service.config_load_success", 1);
-        s.counter("ratelimit.service.config_load_error", 0);
-        s.timer_ms(TIME, 1.6);
-        s.timer_ms(TIME, 0.4);
+        let h = hits(&s, "d.k_v");
+        h.increment(2);
+        h.increment(1);
+        counter(&s, m::CONFIG_LOAD_SUCCESS).increment(1);
+        counter(&s, m::CONFIG_LOAD_ERROR).increment(0);
+        // Not a reference stat: nothing on the wire.
+        counter(&s, m::CALLS_SHED).increment(5);
+        let t = response_time(&s);
+        t.record(0.0016);
+        t.record(0.0004);
         s.flush_now();
         assert_eq!(
             lines(&server, 4).await,
@@ -510,74 +695,62 @@ mod tests {
         );
         // Nothing changed, so this flush sends nothing and the next datagram is the one after.
         s.flush_now();
-        s.counter(HITS, 4);
+        h.increment(4);
         s.flush_now();
         assert_eq!(packets(&server, 1).await, [format!("{HITS}:4|c\n")]);
     }
 
     #[tokio::test]
-    async fn counters_idle_for_several_flushes_are_forgotten_without_losing_counts() {
+    async fn stats_no_handle_can_count_into_are_forgotten_once_sent() {
         let (server, port) = udp_server().await;
         let s = Statsd::start(settings(port, HOUR, "")).unwrap();
-        let busy = "ratelimit.service.rate_limit.d.busy.total_hits";
-        s.counter(HITS, 2);
-        s.counter(busy, 1);
+        let held = hits(&s, "d.held");
+        let dropped = hits(&s, "d.k_v");
+        let timer = response_time(&s);
+        held.increment(1);
+        dropped.increment(2);
+        timer.record(0.003);
+        drop(dropped);
+        drop(timer);
+        // A handle held (by a rule, or the per-rule cache) keeps its stat, idle or not.
+        assert_eq!(s.counters.len(), 2);
         s.flush_now();
         assert_eq!(
-            lines(&server, 2).await,
-            [format!("{busy}:1|c"), format!("{HITS}:2|c")]
+            lines(&server, 3).await,
+            [
+                "ratelimit.service.rate_limit.d.held.total_hits:1|c".to_owned(),
+                format!("{HITS}:2|c"),
+                format!("{TIME}:3|ms"),
+            ]
         );
-        for _ in 0..PRUNE_AFTER_IDLE_FLUSHES - 1 {
-            s.counter(busy, 1);
+        let names: Vec<String> = s.counters.iter().map(|c| c.key().clone()).collect();
+        assert_eq!(names, ["ratelimit.service.rate_limit.d.held.total_hits"]);
+        assert!(s.timers.is_empty());
+        for _ in 0..10 {
             s.flush_now();
         }
-        assert!(
-            s.counters.contains_key(HITS),
-            "idle for one flush fewer than the bound"
-        );
-        s.counter(busy, 1);
-        s.flush_now();
-        assert!(!s.counters.contains_key(HITS));
-        assert!(s.counters.contains_key(busy), "changed at every flush");
-        assert_eq!(s.counters.len(), 1);
-        // Counted again from zero, and the wire sees the same deltas as without pruning.
-        s.counter(HITS, 3);
-        s.flush_now();
-        let got = lines(&server, 7).await;
-        assert_eq!(
-            got.iter().filter(|l| l.starts_with(busy)).count(),
-            6,
-            "{got:?}"
-        );
-        assert_eq!(
-            got.last().map(String::as_str),
-            Some(&*format!("{HITS}:3|c")),
-            "{got:?}"
-        );
-        // An add that lands after the flush looked, before the prune: kept (unsent counts).
-        for _ in 0..PRUNE_AFTER_IDLE_FLUSHES {
-            s.flush_now();
-        }
-        assert!(s.counters.is_empty());
-        s.counter(HITS, 1);
-        s.counters
-            .get(HITS)
-            .unwrap()
-            .idle_flushes
-            .store(PRUNE_AFTER_IDLE_FLUSHES, Ordering::Relaxed);
+        assert_eq!(s.counters.len(), 1, "held, though idle");
+        // Registered again: counted from zero, and the wire sees the same deltas as before.
+        let again = hits(&s, "d.k_v");
+        again.increment(3);
+        drop(again);
+        // A count not yet sent keeps its stat even with no handle left.
         s.prune();
         assert!(
             s.counters.contains_key(HITS),
             "an unsent count is never dropped"
         );
+        s.flush_now();
+        assert_eq!(packets(&server, 1).await, [format!("{HITS}:3|c\n")]);
+        assert!(!s.counters.contains_key(HITS));
     }
 
     #[tokio::test]
     async fn extra_tags_go_into_the_name_like_gostats() {
         let (server, port) = udp_server().await;
         let s = Statsd::start(settings(port, HOUR, "zone:us.east-1,app:rl,empty:")).unwrap();
-        s.counter(HITS, 3);
-        s.timer_ms(TIME, 7.0);
+        hits(&s, "d.k_v").increment(3);
+        response_time(&s).record(0.007);
         s.flush_now();
         assert_eq!(
             lines(&server, 2).await,
@@ -592,11 +765,12 @@ mod tests {
     async fn the_flush_task_sends_what_accumulated_in_each_interval() {
         let (server, port) = udp_server().await;
         let s = Statsd::start(settings(port, Duration::from_millis(50), "")).unwrap();
-        s.counter(HITS, 5);
+        let h = hits(&s, "d.k_v");
+        h.increment(5);
         assert_eq!(lines(&server, 1).await, [format!("{HITS}:5|c")]);
         // No await between the two: both land in the same interval, sent as one delta.
-        s.counter(HITS, 2);
-        s.counter(HITS, 3);
+        h.increment(2);
+        h.increment(3);
         assert_eq!(lines(&server, 1).await, [format!("{HITS}:5|c")]);
     }
 
@@ -605,10 +779,7 @@ mod tests {
         let (server, port) = udp_server().await;
         let s = Statsd::start(settings(port, HOUR, "")).unwrap();
         for i in 0..100 {
-            s.counter(
-                &format!("ratelimit.service.rate_limit.domain.key_{i:03}.total_hits"),
-                1,
-            );
+            hits(&s, &format!("domain.key_{i:03}")).increment(1);
         }
         s.flush_now();
         let packets = packets(&server, 100).await;
@@ -628,10 +799,11 @@ mod tests {
     async fn timings_beyond_the_bound_are_dropped_and_counted() {
         let (server, port) = udp_server().await;
         let s = Statsd::start_inner(settings(port, HOUR, ""), Protocol::Udp, 3).unwrap();
+        let t = response_time(&s);
         for ms in [1.0, 2.0, 3.0, 4.0, 5.0] {
-            s.timer_ms(TIME, ms);
+            t.record(ms / 1000.0);
         }
-        assert_eq!(s.dropped_timers.load(Ordering::Relaxed), 2);
+        assert_eq!(s.pending.dropped.load(Ordering::Relaxed), 2);
         s.flush_now();
         assert_eq!(
             lines(&server, 3).await,
@@ -641,9 +813,9 @@ mod tests {
                 format!("{TIME}:3|ms")
             ]
         );
-        assert_eq!(s.pending_timers.load(Ordering::Relaxed), 0);
-        assert_eq!(s.dropped_timers.load(Ordering::Relaxed), 0);
-        s.timer_ms(TIME, 6.0);
+        assert_eq!(s.pending.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(s.pending.dropped.load(Ordering::Relaxed), 0);
+        t.record(0.006);
         s.flush_now();
         assert_eq!(lines(&server, 1).await, [format!("{TIME}:6|ms")]);
     }
@@ -654,7 +826,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let s = Statsd::start_with_protocol(settings(port, HOUR, "a:b"), Protocol::Tcp).unwrap();
-        s.counter(HITS, 1);
+        hits(&s, "d.k_v").increment(1);
         s.flush_now();
         let deadline = Instant::now() + Duration::from_secs(5);
         let (mut conn, _) = timeout_at(deadline, listener.accept())
@@ -681,7 +853,7 @@ mod tests {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let s = Statsd::start_with_protocol(settings(port, HOUR, ""), Protocol::Tcp).unwrap();
-        s.counter(HITS, 1);
+        hits(&s, "d.k_v").increment(1);
         s.flush_now();
         assert!(s.failing.load(Ordering::Relaxed));
         // The delta was latched (dropped, as gostats drops it); nothing to send now.
@@ -691,13 +863,22 @@ mod tests {
 
     #[test]
     fn start_needs_a_runtime_and_an_interval() {
-        assert!(Statsd::start(settings(8125, HOUR, "")).is_err());
+        assert!(matches!(
+            Statsd::start(settings(8125, HOUR, "")),
+            Err(StatsdError::NoRuntime(_))
+        ));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let _guard = rt.enter();
-        assert!(Statsd::start(settings(8125, Duration::ZERO, "")).is_err());
+        let err = Statsd::start(settings(8125, Duration::ZERO, ""))
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "STATS_FLUSH_INTERVAL must be greater than zero"
+        );
     }
 
     #[test]
@@ -714,6 +895,10 @@ mod tests {
         for bad in ["novalue", "a:1,", "a:b:c", ",a:1"] {
             assert!(parse_extra_tags(bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            parse_extra_tags("a:b:c").unwrap_err().to_string(),
+            "EXTRA_TAGS: invalid map item: \"a:b:c\""
+        );
         assert_eq!(
             tag_suffix(&[
                 pair("z", "a|b:c.d"),

@@ -23,7 +23,7 @@ pub use load::{content_hash, load_dir_or_file, load_hashed, ConfigSource};
 pub use raw::{parse, parse_lenient, RawDescriptor, RawFile, RawRateLimit};
 pub use reload::{ReloadOutcome, Reloader};
 
-use crate::limiter::Unit;
+use crate::{limiter::Unit, metrics::RuleSlot};
 
 /// Every domain's rules. Lookups are hash lookups per descriptor level.
 #[derive(Debug, Default)]
@@ -96,7 +96,7 @@ impl Wildcard {
 }
 
 /// A configured limit and everything the service needs to answer with it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Rule {
     /// The reference's stats key: `domain.key_value.key`.
     pub full_key: String,
@@ -110,6 +110,9 @@ pub struct Rule {
     pub shadow_mode: bool,
     pub quota_mode: bool,
     pub detailed_metric: bool,
+    /// Its per-rule metrics under `full_key`, registered at its first hit: counting later
+    /// hits needs no lookup.
+    pub counters: RuleSlot,
 }
 
 /// A number of requests per window.
