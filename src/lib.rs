@@ -14,8 +14,8 @@
 //!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
 //!   StatsD names.
 //! - [`json`]: proto3 JSON for `POST /json`; [`explain`]: which rule matches and why.
-//! - [`settings`]: flags with the reference's environment variable names; [`cli`]: what the
-//!   subcommands do.
+//! - [`settings`]: flags with the reference's environment variable names; [`serve`]: builds
+//!   each part and wires them; [`cli`]: the other subcommands and logging.
 //! - [`log_throttle`]: one log line per stretch of repeated failures; [`stat_name`]: the
 //!   reference's stat-name sanitising.
 //! - [`proto`]: the generated Envoy RLS v3 types.
@@ -34,6 +34,7 @@ pub mod log_throttle;
 pub mod matcher;
 pub mod metrics;
 pub mod proto;
+pub mod serve;
 pub mod server;
 pub mod service;
 pub mod settings;

@@ -28,7 +28,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(ratelimitd::cli::serve(Arc::new(*args))) {
+            let served = runtime.block_on(async {
+                let shutdown = ratelimitd::serve::shutdown_signal()?;
+                ratelimitd::serve::serve(Arc::new(*args), shutdown).await
+            });
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -56,6 +56,15 @@ pub struct Listeners {
     pub header_read_timeout: Duration,
 }
 
+/// Why the servers stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
 /// Serves until `shutdown` resolves, then drains (see the module doc).
 pub async fn run(
     listeners: Listeners,
@@ -64,7 +73,7 @@ pub async fn run(
         impl tonic_health::pb::health_server::Health,
     >,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), ServerError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -18,7 +18,7 @@ use crate::{
     limiter::{decide, CacheKeyBuilder, Clock, Unit},
     log_throttle::LogThrottle,
     matcher,
-    metrics::{self as m, HitOutcome, Stats, StatsSettings},
+    metrics::{self as m, HitOutcome, Stats},
     proto::envoy::{
         config::core::v3::HeaderValue,
         service::ratelimit::v3::{
@@ -66,8 +66,6 @@ pub struct ServiceSettings {
     pub rule_header: Option<String>,
     /// `MAX_CONCURRENT_CALLS`: calls answered at once; 0 means no bound.
     pub max_concurrent_calls: u64,
-    /// `METRICS_MAX_DYNAMIC_KEYS`, `METRICS_IDLE_TIMEOUT`: bounds on the per-rule series.
-    pub metrics: StatsSettings,
 }
 
 /// The rate limit service over a store `S`.
@@ -609,6 +607,7 @@ mod tests {
         use super::*;
         use crate::{
             config::{compile, parse},
+            metrics::StatsSettings,
             store::MemoryStore,
         };
 

@@ -1,0 +1,442 @@
+//! `serve`: builds each part of the running service with its own constructor and wires them.
+//!
+//! Order matters and is the reason this module exists: the secret file and the config are
+//! read before anything listens (a bad one stops start-up with its own error), the metrics
+//! recorders exist before anything records, the store is connected before the limiter that
+//! uses it, and every listener is bound before any is served (a taken port stops start-up).
+//! Each constructor returns a typed error that [`ServeError`] wraps; `main` prints it and
+//! exits non-zero.
+
+use std::{future::Future, sync::Arc};
+
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinHandle;
+
+use crate::{
+    admin::State,
+    config::{ConfigSource, ReloadOutcome, Reloader, RuleTree},
+    health::{Component, Health},
+    limiter::{CacheKeyBuilder, Clock, SystemClock},
+    metrics::{Exporter, Stats, StatsSettings},
+    server,
+    service::{HeaderNames, RateLimiter, ServiceSettings},
+    settings::{ServeArgs, DEFAULT_REDIS_URL},
+    statsd::{Statsd, StatsdError, StatsdSettings},
+    store::{AnyStore, Backend, RedisSettings},
+};
+
+/// Why `serve` stopped before serving, or failed while serving. Each wraps the part that
+/// failed; `main` prints it and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid config in {path}; not starting\n{errors}")]
+    Config {
+        path: String,
+        errors: crate::config::ConfigErrors,
+    },
+    #[error(transparent)]
+    HashSecret(#[from] crate::settings::SecretFileError),
+    #[error(transparent)]
+    Recorder(#[from] crate::metrics::RecorderError),
+    #[error(transparent)]
+    Statsd(#[from] StatsdError),
+    #[error("cannot handle {0}: {1}")]
+    Signal(&'static str, #[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Bind(#[from] server::BindError),
+    #[error("cannot read the gRPC listener's address: {0}")]
+    LocalAddr(#[source] std::io::Error),
+    #[error("server failed: {0}")]
+    Server(#[from] server::ServerError),
+}
+
+/// Loads the rules (refusing to start on any error), connects the store, listens, and runs
+/// until `shutdown` resolves; reloads the rules on file changes and SIGHUP.
+pub async fn serve(
+    args: Arc<ServeArgs>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    // Read before anything else starts, so a bad secret file stops start-up at once.
+    let keys = cache_keys(&args)?;
+    for name in &args.unsupported_set {
+        tracing::warn!(
+            setting = name,
+            "setting is not supported yet and is ignored"
+        );
+    }
+    let telemetry = Telemetry::start(&args)?;
+    let config = LoadedConfig::load(&args)?;
+    let (health, health_service) = health(&args, &config.rules);
+    let _reload = watch_config(&args, &config, health.clone())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = connect_store(&args, clock.clone(), &health).await?;
+    let limiter = Arc::new(RateLimiter::new(
+        config.rules.clone(),
+        store,
+        clock.clone(),
+        service_settings(&args, keys.clone()),
+        telemetry.stats.clone(),
+    ));
+    let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
+    let listeners = bind_listeners(&args).await?;
+    let state = Arc::new(State {
+        rules: config.rules,
+        limiter,
+        health,
+        prometheus: Some(telemetry.prometheus.clone()),
+        keys,
+        clock,
+    });
+    server::run(listeners, state, health_service, shutdown).await?;
+    if let Some(s) = &telemetry.statsd {
+        s.flush_now();
+    }
+    tracing::info!("ratelimitd stopped");
+    Ok(())
+}
+
+/// `CACHE_KEY_PREFIX` and the `CACHE_KEY_HASH_SECRET_FILE` key, read now.
+fn cache_keys(args: &ServeArgs) -> Result<CacheKeyBuilder, ServeError> {
+    let keys = args.cache_key.builder()?;
+    if keys.hashes_values() {
+        tracing::warn!("counter keys hold keyed hashes of descriptor values (CACHE_KEY_HASH_SECRET_FILE); they differ from the reference's keys");
+    }
+    Ok(keys)
+}
+
+/// The metrics pipeline: the StatsD exporter (`USE_STATSD`), the global recorder fanning out
+/// to it, and the per-rule series.
+struct Telemetry {
+    prometheus: PrometheusHandle,
+    statsd: Option<Arc<Statsd>>,
+    stats: Arc<Stats>,
+    _upkeep: JoinHandle<()>,
+}
+
+impl Telemetry {
+    fn start(args: &ServeArgs) -> Result<Self, ServeError> {
+        let statsd = start_statsd(args)?;
+        let exporter = statsd.clone().map(|s| s as Exporter);
+        let prometheus = crate::metrics::install(exporter.clone())?;
+        let stats = StatsSettings {
+            max_dynamic_keys: args.metrics_max_dynamic_keys,
+            idle_timeout: args.metrics_idle_timeout,
+        };
+        Ok(Self {
+            _upkeep: crate::metrics::spawn_upkeep(prometheus.clone()),
+            prometheus,
+            statsd,
+            stats: Arc::new(Stats::new(exporter, stats)),
+        })
+    }
+}
+
+/// `USE_STATSD`: the StatsD exporter with the reference's stat names, or none.
+fn start_statsd(args: &ServeArgs) -> Result<Option<Arc<Statsd>>, StatsdError> {
+    if !args.use_statsd {
+        return Ok(None);
+    }
+    let settings = StatsdSettings {
+        host: args.statsd_host.clone(),
+        port: args.statsd_port,
+        flush_interval: args.stats_flush_interval,
+        extra_tags: crate::statsd::parse_extra_tags(&args.extra_tags)?,
+    };
+    let sink = Statsd::start_with_protocol(settings, args.statsd_protocol)?;
+    tracing::info!(host = %args.statsd_host, port = args.statsd_port, protocol = ?args.statsd_protocol, "sending stats to statsd");
+    Ok(Some(sink))
+}
+
+/// The config in force at start-up, and what a reload needs to compare against it.
+struct LoadedConfig {
+    source: ConfigSource,
+    /// Content hash of the bytes the tree was built from.
+    hash: u64,
+    rules: Arc<ArcSwap<RuleTree>>,
+}
+
+impl LoadedConfig {
+    /// Loads and validates every file; any error refuses the start.
+    fn load(args: &ServeArgs) -> Result<Self, ServeError> {
+        let source = args.config.source();
+        // One read: the hash is of the bytes the tree is built from (see Reloader::with_hash).
+        let (hash, loaded) = crate::config::load_hashed(&source);
+        let tree = loaded.map_err(|errors| ServeError::Config {
+            path: source.path.display().to_string(),
+            errors,
+        })?;
+        count_load(true);
+        tracing::info!(path = %source.path.display(), "{}", crate::cli::summary(&tree));
+        Ok(Self {
+            source,
+            hash,
+            rules: Arc::new(ArcSwap::from_pointee(tree)),
+        })
+    }
+}
+
+/// Counts a config load in `config_load_success` or `config_load_error`.
+fn count_load(ok: bool) {
+    let metric = if ok {
+        crate::metrics::CONFIG_LOAD_SUCCESS
+    } else {
+        crate::metrics::CONFIG_LOAD_ERROR
+    };
+    metrics::counter!(metric).increment(1);
+}
+
+/// The health state and the `grpc.health.v1` service mirroring it: the config component
+/// (`HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`) and the backend one
+/// (`REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`) are tracked when asked for.
+fn health(
+    args: &ServeArgs,
+    rules: &ArcSwap<RuleTree>,
+) -> (
+    Arc<Health>,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let mut tracked = Vec::new();
+    if args.healthy_with_at_least_one_config_loaded {
+        tracked.push(Component::Config);
+    }
+    if args.redis_health_check_active_connection && args.backend() == Backend::Redis {
+        tracked.push(Component::Backend);
+    }
+    let health = Arc::new(Health::new(
+        reporter,
+        &tracked,
+        vec!["", crate::server::RLS_SERVICE],
+    ));
+    health.set(Component::Config, !rules.load().domains.is_empty());
+    (health, service)
+}
+
+/// Hot reload: file changes (debounced) and SIGHUP; only a fully valid config is swapped in.
+/// The tasks run while the handles are held.
+fn watch_config(
+    args: &ServeArgs,
+    config: &LoadedConfig,
+    health: Arc<Health>,
+) -> Result<[JoinHandle<()>; 2], ServeError> {
+    let config_metrics = Arc::new(ConfigMetrics::default());
+    let observer_metrics = config_metrics.clone();
+    let reloader = Reloader::with_hash(
+        config.source.clone(),
+        config.rules.clone(),
+        Arc::new(move |outcome: &ReloadOutcome| match outcome {
+            ReloadOutcome::Loaded {
+                generation,
+                hash,
+                domains,
+                ..
+            } => {
+                count_load(true);
+                observer_metrics.publish(*generation, *hash);
+                health.set(Component::Config, *domains > 0);
+            }
+            ReloadOutcome::Failed(_) => count_load(false),
+            ReloadOutcome::Unchanged { .. } => {}
+        }),
+        config.hash,
+    );
+    config_metrics.publish(reloader.generation(), reloader.hash());
+    let watch = reloader.spawn_watch(args.reload_debounce);
+    let sighup = reloader
+        .spawn_sighup()
+        .map_err(|e| ServeError::Signal("SIGHUP", e))?;
+    Ok([watch, sighup])
+}
+
+/// The counter store: Redis (checked with a PING; not reachable yet is not fatal, calls
+/// answer UNAVAILABLE until it is) or the in-memory one.
+async fn connect_store(
+    args: &ServeArgs,
+    clock: Arc<dyn Clock>,
+    health: &Arc<Health>,
+) -> Result<Arc<AnyStore>, ServeError> {
+    let redis = RedisSettings {
+        url: args
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned()),
+        socket_type: args.redis_socket_type,
+        auth: args.redis_auth.clone(),
+        tls: args.redis_tls,
+        pool_size: args.redis_pool_size,
+        timeout: args.redis_timeout,
+    };
+    let store = Arc::new(AnyStore::new(
+        args.backend(),
+        &redis,
+        args.memory_max_counters,
+        clock,
+    )?);
+    if let AnyStore::Redis(r) = &*store {
+        metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(r.connections() as f64);
+        match r.ping().await {
+            Ok(()) => {
+                health.set(Component::Backend, true);
+                tracing::info!(url = %mask(&redis.url), connections = r.connections(), "connected to redis");
+            }
+            Err(e) => {
+                tracing::error!(url = %mask(&redis.url), error = %e, "redis not reachable yet; answering UNAVAILABLE until it is")
+            }
+        }
+        if args.redis_health_check_active_connection {
+            spawn_backend_probe(store.clone(), health.clone());
+        }
+    } else {
+        tracing::info!(
+            max_counters = args.memory_max_counters,
+            "using the in-memory backend (single instance; set REDIS_URL to share counters)"
+        );
+    }
+    Ok(store)
+}
+
+/// The service's switches, from the settings.
+fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSettings {
+    ServiceSettings {
+        cache_keys,
+        global_shadow_mode: args.shadow_mode,
+        global_quota_mode: args.quota_mode,
+        response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
+            limit: args.limit_limit_header.clone(),
+            remaining: args.limit_remaining_header.clone(),
+            reset: args.limit_reset_header.clone(),
+        }),
+        expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
+        near_limit_ratio: args.near_limit_ratio,
+        rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
+        max_concurrent_calls: args.max_concurrent_calls,
+    }
+}
+
+/// Binds every listener before anything is served, so a taken port stops start-up, and logs
+/// where the service listens.
+async fn bind_listeners(args: &ServeArgs) -> Result<server::Listeners, ServeError> {
+    let grpc = match &args.grpc_uds {
+        Some(path) => server::bind_uds(path)?,
+        None => server::GrpcListener::Tcp(server::bind(&args.grpc_host, args.grpc_port).await?),
+    };
+    let grpc_addr = match &grpc {
+        server::GrpcListener::Tcp(l) => l.local_addr().map_err(ServeError::LocalAddr)?.to_string(),
+        server::GrpcListener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
+    let http = server::bind(&args.host, args.port).await?;
+    let debug_listener = server::bind(&args.debug_host, args.debug_port).await?;
+    let prometheus = if args.use_prometheus {
+        Some((
+            server::bind_addr(&args.prometheus_addr).await?,
+            args.prometheus_path.clone(),
+        ))
+    } else {
+        None
+    };
+    let local =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // WARN, as the reference logs "Listening for gRPC on": the one routine line that shows
+    // at the default LOG_LEVEL (WARN), so an operator sees the service came up and where.
+    tracing::warn!(
+        grpc = %grpc_addr,
+        http = %local(&http),
+        debug = %local(&debug_listener),
+        prometheus = %prometheus.as_ref().map(|(l, p)| format!("{}{p}", local(l))).unwrap_or_default(),
+        backend = ?args.backend(),
+        "ratelimitd listening"
+    );
+    Ok(server::Listeners {
+        grpc,
+        http,
+        debug: debug_listener,
+        prometheus,
+        max_connection_age: args.grpc_max_connection_age,
+        max_connection_age_grace: args.grpc_max_connection_age_grace,
+        drain_timeout: args.drain_timeout,
+        max_concurrent_streams: args.grpc_max_concurrent_streams,
+        opening_timeout: args.connection_opening_timeout,
+        header_read_timeout: args.http_header_read_timeout,
+    })
+}
+
+/// Publishes the generation gauge and the hash info series of the config in force; the
+/// previous hash's series drops to 0.
+#[derive(Default)]
+struct ConfigMetrics {
+    /// A std Mutex: held for a swap, never across an await.
+    last_hash: std::sync::Mutex<Option<String>>,
+}
+
+impl ConfigMetrics {
+    fn publish(&self, generation: u64, hash: u64) {
+        metrics::gauge!(crate::metrics::CONFIG_GENERATION).set(generation as f64);
+        let hash = format!("{hash:016x}");
+        let mut last = match self.last_hash.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(old) = last.replace(hash.clone()) {
+            if old != hash {
+                metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => old).set(0.0);
+            }
+        }
+        metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
+    }
+}
+
+/// `REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`: PING every second; the backend component follows.
+fn spawn_backend_probe(store: Arc<AnyStore>, health: Arc<Health>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let AnyStore::Redis(r) = &*store {
+                health.set(Component::Backend, r.ping().await.is_ok());
+            }
+        }
+    });
+}
+
+/// Registers SIGTERM and SIGINT handlers now (so a signal arriving right after start-up is
+/// never fatal) and returns a future that resolves on either.
+pub fn shutdown_signal(
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, ServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Signal("SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Signal("SIGINT", e))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("shutdown signal received; draining");
+    })
+}
+
+/// Hides credentials in a Redis URL for logs.
+fn mask(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, rest)), Some((_, host))) if rest.contains('@') => {
+            format!("{scheme}://*****@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credentials_are_masked_in_logged_urls() {
+        assert_eq!(
+            super::mask("redis://:pw@h:6379/0"),
+            "redis://*****@h:6379/0"
+        );
+        assert_eq!(super::mask("redis://u:p@ss@h:1"), "redis://*****@h:1");
+        assert_eq!(super::mask("127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(super::mask("/var/run/redis.sock"), "/var/run/redis.sock");
+    }
+}
