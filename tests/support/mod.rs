@@ -74,24 +74,47 @@ impl RedisServer {
         s
     }
 
-    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`.
+    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`. A server that exits
+    /// before it answers (another process took the port first) is started again on a fresh
+    /// port, [`START_ATTEMPTS`] times in all.
     pub fn start_with(extra: &[&str]) -> Self {
         let mut s = Self {
             child: None,
-            port: free_port(),
+            port: 0,
             dir: TempDir::new().unwrap(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
         };
-        s.spawn();
-        s
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            s.port = free_port();
+            match s.try_spawn() {
+                Ok(()) => return s,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "redis-server exited before it answered, {START_ATTEMPTS} times:\n{}",
+            failures.join("\n")
+        );
     }
 
+    /// Starts it on its port, failing the test if it does not answer there.
     fn spawn(&mut self) {
+        if let Err(failure) = self.try_spawn() {
+            panic!("redis-server {failure}");
+        }
+    }
+
+    /// Starts it on its port and waits until it answers there as itself (its INFO gives its
+    /// pid: a PONG could come from another server that took the port first); or how it exited
+    /// before that, with its log.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let bin = find_binary(
             "redis-server",
             "apt-get update && apt-get install -y redis-server",
         );
-        let child = Command::new(bin)
+        let log = self.dir.path().join("redis.log");
+        let mut child = Command::new(bin)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -104,23 +127,38 @@ impl RedisServer {
                 "--dir",
             ])
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        self.child = Some(child);
+        let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.ping() {
-                return;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!(
+                    "on port {} exited with {status}; log:\n{}",
+                    self.port,
+                    fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            if self.answering_pid() == Some(pid) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "redis-server on port {} did not answer within 10 s; log:\n{}",
+                    self.port,
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "redis-server on port {} did not answer PING within 10 s",
-            self.port
-        );
     }
 
     /// `host:port`, the reference's REDIS_URL form.
@@ -130,9 +168,14 @@ impl RedisServer {
 
     /// Sends one RESP command and returns the raw reply.
     pub fn command(&self, args: &[&str]) -> String {
+        self.try_command(args).unwrap()
+    }
+
+    /// [`RedisServer::command`], with a refused connection or a failed read as an error.
+    fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
         use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut req = String::new();
         if let Some(pw) = self
             .extra
@@ -141,33 +184,29 @@ impl RedisServer {
             .and_then(|i| self.extra.get(i + 1))
         {
             req.push_str(&format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{pw}\r\n", pw.len()));
-            s.write_all(req.as_bytes()).unwrap();
+            s.write_all(req.as_bytes())?;
             let mut ok = [0u8; 5];
-            s.read_exact(&mut ok).unwrap();
+            s.read_exact(&mut ok)?;
             req.clear();
         }
         req.push_str(&format!("*{}\r\n", args.len()));
         for a in args {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
-        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(req.as_bytes())?;
         let mut buf = [0u8; 65536];
-        let n = s.read(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
-    fn ping(&self) -> bool {
-        use std::io::Write;
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        // "-NOAUTH" also means the server is up (started with --requirepass).
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
+    /// The process id of the server answering on the port, if one does.
+    fn answering_pid(&self) -> Option<u32> {
+        let info = self.try_command(&["INFO", "server"]).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -344,8 +383,8 @@ impl RatelimitdBuilder {
     }
 }
 
-/// Starts of a `ratelimitd` that exited before it was ready, each on fresh ports, before the
-/// test fails.
+/// Starts of a server that exited before it was ready, each on fresh ports, before the test
+/// fails.
 const START_ATTEMPTS: usize = 3;
 
 /// How waiting for a started `ratelimitd` ended.
