@@ -400,7 +400,7 @@ enum Startup {
 /// A running `ratelimitd serve`.
 pub struct Ratelimitd {
     child: Option<Child>,
-    /// `127.0.0.1:port` of the gRPC listener.
+    /// `127.0.0.1:port` of the gRPC listener, or `unix:PATH` with GRPC_UDS.
     pub grpc: String,
     /// `127.0.0.1:port` of the HTTP listener.
     pub http: String,
@@ -605,7 +605,8 @@ pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String)
     )
 }
 
-/// `serve --config CONFIG` with a clean environment and every listener on a free loopback port.
+/// `serve --config CONFIG` with a clean environment and every listener on loopback, on port 0
+/// (any free one; [`RatelimitdBuilder::start`] sets ports it picked, to know where to look).
 fn serve_on_loopback<'c>(cmd: &'c mut Command, config: &Path) -> &'c mut Command {
     cmd.arg("serve")
         .arg("--config")
