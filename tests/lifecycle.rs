@@ -148,22 +148,16 @@ async fn grpc_on_a_unix_socket_and_the_file_is_removed_at_shutdown() {
         .env("GRPC_UDS", sock.to_str().unwrap())
         .start();
     assert_eq!(rl.grpc, format!("unix:{}", sock.display()));
+    // The start-up line names the socket as the gRPC address.
+    assert!(
+        rl.log().contains(&format!("grpc=unix:{} ", sock.display())),
+        "{}",
+        rl.log()
+    );
     assert!(sock.exists());
 
-    let path = sock.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://uds.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap();
-    let r = RateLimitServiceClient::new(channel)
+    // rl.channel() dials the socket (a connector over tokio's UnixStream).
+    let r = RateLimitServiceClient::new(rl.channel().await)
         .should_rate_limit(request("lc", &[&[("k", "uds")]]))
         .await
         .unwrap()
@@ -329,10 +323,19 @@ async fn json_logs_and_no_descriptor_values_above_debug() {
             .is_some_and(|m| m.starts_with("config OK"))),
         "{log}"
     );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["fields"]["message"] == "ratelimitd listening"),
+    let listening = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "ratelimitd listening");
+    assert!(listening.is_some(), "{log}");
+    // Its fields name the addresses the listeners are on.
+    let fields = &listening.unwrap()["fields"];
+    assert_eq!(
+        (&fields["grpc"], &fields["http"], &fields["debug"]),
+        (
+            &serde_json::json!(rl.grpc),
+            &serde_json::json!(rl.http),
+            &serde_json::json!(rl.debug)
+        ),
         "{log}"
     );
     assert!(

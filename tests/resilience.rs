@@ -543,4 +543,10 @@ fn a_routine_start_writes_one_line_at_the_default_level() {
         lines[0].contains("WARN") && lines[0].contains("ratelimitd listening"),
         "{log}"
     );
+    // It names the addresses the listeners are on.
+    let (grpc, http, debug) = (&rl.grpc, &rl.http, &rl.debug);
+    assert!(
+        lines[0].contains(&format!(" grpc={grpc} http={http} debug={debug} ")),
+        "{log}"
+    );
 }

@@ -14,7 +14,9 @@
 //! found in rule files.) Where libyaml stops with an error the scan stops too and leaves the
 //! message to it. Each byte is read a bounded number of times and the stack never holds more
 //! than [`MAX_DEPTH`] + 1 entries, so the scan is linear; it reads the text only through
-//! `get`, so no input makes it panic.
+//! [`yaml_reader`](super::yaml_reader), so no input makes it panic.
+
+use super::yaml_reader::{is_alpha, is_tag_char, Mark, Reader};
 
 /// Deepest nesting accepted: the number of mappings and sequences enclosing a node.
 ///
@@ -43,11 +45,8 @@ pub fn check(text: &str) -> Result<(), TooDeep> {
 
 fn scan(text: &[u8], limit: usize) -> Result<(), TooDeep> {
     let mut s = Scanner {
-        text,
+        text: Reader::new(text),
         limit,
-        pos: 0,
-        line: 0,
-        column: 0,
         flow_level: 0,
         blocks: Vec::new(),
         simple_key_allowed: true,
@@ -71,14 +70,6 @@ enum Stop {
     Invalid,
 }
 
-/// A position: byte offset (libyaml's `index`), 0-based line and 0-based column in characters.
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    pos: usize,
-    line: usize,
-    column: usize,
-}
-
 /// An open block collection (an entry of libyaml's `indents` stack).
 struct Block {
     column: usize,
@@ -90,11 +81,8 @@ struct Block {
 
 /// The parts of libyaml's scanner state that decide where collections open and close.
 struct Scanner<'a> {
-    text: &'a [u8],
+    text: Reader<'a>,
     limit: usize,
-    pos: usize,
-    line: usize,
-    column: usize,
     flow_level: usize,
     blocks: Vec<Block>,
     simple_key_allowed: bool,
@@ -109,13 +97,13 @@ impl Scanner<'_> {
     fn run(&mut self) -> Result<(), Stop> {
         loop {
             self.skip_to_next_token();
-            self.unroll(Some(self.column));
-            if self.is_z(0) {
+            self.unroll(Some(self.text.column()));
+            if self.text.is_z(0) {
                 return Ok(());
             }
-            let start = self.pos;
+            let start = self.text.mark().pos;
             self.next_token()?;
-            if self.pos == start {
+            if self.text.mark().pos == start {
                 // Every token consumes input; stopping here guarantees termination regardless.
                 return Err(Stop::Invalid);
             }
@@ -123,10 +111,10 @@ impl Scanner<'_> {
     }
 
     fn next_token(&mut self) -> Result<(), Stop> {
-        let mark = self.mark();
+        let mark = self.text.mark();
         let flow = self.flow_level > 0;
-        let c = self.at(0);
-        let block_entry = c == b'-' && self.is_blankz(1);
+        let c = self.text.at(0);
+        let block_entry = c == b'-' && self.text.is_blankz(1);
         if !(flow || block_entry) {
             self.end_indentless_sequence(mark.column);
         }
@@ -134,10 +122,10 @@ impl Scanner<'_> {
             self.unroll(None);
             self.remove_simple_key();
             self.simple_key_allowed = false;
-            while !self.is_breakz(0) {
-                self.bump();
+            while !self.text.is_breakz(0) {
+                self.text.bump();
             }
-            self.bump();
+            self.text.bump();
             return Ok(());
         }
         if mark.column == 0 && self.document_indicator() {
@@ -145,7 +133,7 @@ impl Scanner<'_> {
             self.remove_simple_key();
             self.simple_key_allowed = false;
             for _ in 0..3 {
-                self.bump();
+                self.text.bump();
             }
             return Ok(());
         }
@@ -155,18 +143,18 @@ impl Scanner<'_> {
                 self.flow_level += 1;
                 self.open(mark)?;
                 self.simple_key_allowed = true;
-                self.bump();
+                self.text.bump();
             }
             b']' | b'}' => {
                 self.remove_simple_key();
                 self.flow_level = self.flow_level.saturating_sub(1);
                 self.simple_key_allowed = false;
-                self.bump();
+                self.text.bump();
             }
             b',' => {
                 self.remove_simple_key();
                 self.simple_key_allowed = true;
-                self.bump();
+                self.text.bump();
             }
             b'-' if block_entry => {
                 if !flow {
@@ -175,18 +163,18 @@ impl Scanner<'_> {
                 }
                 self.remove_simple_key();
                 self.simple_key_allowed = true;
-                self.bump();
+                self.text.bump();
             }
-            b'?' if flow || self.is_blankz(1) => {
+            b'?' if flow || self.text.is_blankz(1) => {
                 if !flow {
                     self.block_allowed()?;
                     self.roll(mark, true)?;
                 }
                 self.remove_simple_key();
                 self.simple_key_allowed = !flow;
-                self.bump();
+                self.text.bump();
             }
-            b':' if flow || self.is_blankz(1) => {
+            b':' if flow || self.text.is_blankz(1) => {
                 if !flow {
                     // A mapping opens at the implicit key, or at the `:` after an explicit
                     // `?` key. libyaml forgets a key on a new line or 1024 bytes on.
@@ -205,14 +193,14 @@ impl Scanner<'_> {
                 } else {
                     self.simple_key_allowed = false;
                 }
-                self.bump();
+                self.text.bump();
             }
             b'*' | b'&' => {
                 self.save_simple_key(mark);
                 self.simple_key_allowed = false;
-                self.bump();
-                while is_alpha(self.at(0)) {
-                    self.bump();
+                self.text.bump();
+                while is_alpha(self.text.at(0)) {
+                    self.text.bump();
                 }
             }
             b'!' => {
@@ -336,23 +324,23 @@ impl Scanner<'_> {
     /// order mark at the start of a line.
     fn skip_to_next_token(&mut self) {
         loop {
-            if self.column == 0 && self.starts_with(b"\xEF\xBB\xBF") {
-                self.bump();
+            if self.text.column() == 0 && self.text.starts_with(b"\xEF\xBB\xBF") {
+                self.text.bump();
             }
-            while self.at(0) == b' '
-                || ((self.flow_level > 0 || !self.simple_key_allowed) && self.at(0) == b'\t')
+            while self.text.at(0) == b' '
+                || ((self.flow_level > 0 || !self.simple_key_allowed) && self.text.at(0) == b'\t')
             {
-                self.bump();
+                self.text.bump();
             }
-            if self.at(0) == b'#' {
-                while !self.is_breakz(0) {
-                    self.bump();
+            if self.text.at(0) == b'#' {
+                while !self.text.is_breakz(0) {
+                    self.text.bump();
                 }
             }
-            if !self.is_break(0) {
+            if !self.text.is_break(0) {
                 return;
             }
-            self.bump();
+            self.text.bump();
             if self.flow_level == 0 {
                 self.simple_key_allowed = true;
             }
@@ -361,31 +349,31 @@ impl Scanner<'_> {
 
     /// `---` or `...` followed by a blank or the end (the caller checks the column).
     fn document_indicator(&self) -> bool {
-        (self.starts_with(b"---") || self.starts_with(b"...")) && self.is_blankz(3)
+        (self.text.starts_with(b"---") || self.text.starts_with(b"...")) && self.text.is_blankz(3)
     }
 
     /// libyaml's test for the start of a plain scalar, after every other token was ruled out.
     fn plain_start(&self, flow: bool) -> bool {
-        let c = self.at(0);
-        !(self.is_blankz(0) || b"-?:,[]{}#&*!|>'\"%@`".contains(&c))
-            || (c == b'-' && !self.is_blank(1))
-            || (!flow && (c == b'?' || c == b':') && !self.is_blankz(1))
+        let c = self.text.at(0);
+        !(self.text.is_blankz(0) || b"-?:,[]{}#&*!|>'\"%@`".contains(&c))
+            || (c == b'-' && !self.text.is_blank(1))
+            || (!flow && (c == b'?' || c == b':') && !self.text.is_blankz(1))
     }
 
     /// libyaml's `yaml_parser_scan_tag`: `!`, then tag characters, or `!<...>`.
     fn tag(&mut self) {
-        self.bump();
-        if self.at(0) == b'<' {
-            self.bump();
-            while is_tag_char(self.at(0)) || matches!(self.at(0), b',' | b'[' | b']') {
-                self.bump();
+        self.text.bump();
+        if self.text.at(0) == b'<' {
+            self.text.bump();
+            while is_tag_char(self.text.at(0)) || matches!(self.text.at(0), b',' | b'[' | b']') {
+                self.text.bump();
             }
-            if self.at(0) == b'>' {
-                self.bump();
+            if self.text.at(0) == b'>' {
+                self.text.bump();
             }
         } else {
-            while is_tag_char(self.at(0)) {
-                self.bump();
+            while is_tag_char(self.text.at(0)) {
+                self.text.bump();
             }
         }
     }
@@ -393,35 +381,35 @@ impl Scanner<'_> {
     /// libyaml's `yaml_parser_scan_block_scalar`: the header line, then every line indented
     /// at least as deep as the first non-empty one.
     fn block_scalar(&mut self) -> Result<(), Stop> {
-        self.bump();
+        self.text.bump();
         // Chomping (`+`/`-`) and indentation (1-9) indicators, in either order.
         let mut increment = 0;
-        let chomping_first = matches!(self.at(0), b'+' | b'-');
+        let chomping_first = matches!(self.text.at(0), b'+' | b'-');
         if chomping_first {
-            self.bump();
+            self.text.bump();
         }
-        if self.at(0) == b'0' {
+        if self.text.at(0) == b'0' {
             return Err(Stop::Invalid);
         }
-        if self.at(0).is_ascii_digit() {
-            increment = usize::from(self.at(0) - b'0');
-            self.bump();
-            if !chomping_first && matches!(self.at(0), b'+' | b'-') {
-                self.bump();
+        if self.text.at(0).is_ascii_digit() {
+            increment = usize::from(self.text.at(0) - b'0');
+            self.text.bump();
+            if !chomping_first && matches!(self.text.at(0), b'+' | b'-') {
+                self.text.bump();
             }
         }
-        while self.is_blank(0) {
-            self.bump();
+        while self.text.is_blank(0) {
+            self.text.bump();
         }
-        if self.at(0) == b'#' {
-            while !self.is_breakz(0) {
-                self.bump();
+        if self.text.at(0) == b'#' {
+            while !self.text.is_breakz(0) {
+                self.text.bump();
             }
         }
-        if !self.is_breakz(0) {
+        if !self.text.is_breakz(0) {
             return Err(Stop::Invalid);
         }
-        self.bump();
+        self.text.bump();
         let parent = self.indent();
         let mut indent = match (increment, parent) {
             (0, _) => 0,
@@ -429,11 +417,11 @@ impl Scanner<'_> {
             (n, None) => n,
         };
         self.block_scalar_breaks(&mut indent, parent)?;
-        while self.column == indent && !self.is_z(0) {
-            while !self.is_breakz(0) {
-                self.bump();
+        while self.text.column() == indent && !self.text.is_z(0) {
+            while !self.text.is_breakz(0) {
+                self.text.bump();
             }
-            self.bump();
+            self.text.bump();
             self.block_scalar_breaks(&mut indent, parent)?;
         }
         Ok(())
@@ -448,17 +436,17 @@ impl Scanner<'_> {
     ) -> Result<(), Stop> {
         let mut max_indent = 0;
         loop {
-            while (*indent == 0 || self.column < *indent) && self.at(0) == b' ' {
-                self.bump();
+            while (*indent == 0 || self.text.column() < *indent) && self.text.at(0) == b' ' {
+                self.text.bump();
             }
-            max_indent = max_indent.max(self.column);
-            if (*indent == 0 || self.column < *indent) && self.at(0) == b'\t' {
+            max_indent = max_indent.max(self.text.column());
+            if (*indent == 0 || self.text.column() < *indent) && self.text.at(0) == b'\t' {
                 return Err(Stop::Invalid);
             }
-            if !self.is_break(0) {
+            if !self.text.is_break(0) {
                 break;
             }
-            self.bump();
+            self.text.bump();
         }
         if *indent == 0 {
             *indent = max_indent.max(parent.map_or(0, |p| p + 1)).max(1);
@@ -470,35 +458,35 @@ impl Scanner<'_> {
     /// takes.
     fn quoted(&mut self, single: bool) -> Result<(), Stop> {
         let quote = if single { b'\'' } else { b'"' };
-        self.bump();
+        self.text.bump();
         loop {
-            if (self.column == 0 && self.document_indicator()) || self.is_z(0) {
+            if (self.text.column() == 0 && self.document_indicator()) || self.text.is_z(0) {
                 return Err(Stop::Invalid);
             }
-            while !self.is_blankz(0) {
-                let c = self.at(0);
-                if single && c == b'\'' && self.at(1) == b'\'' {
-                    self.bump();
-                    self.bump();
+            while !self.text.is_blankz(0) {
+                let c = self.text.at(0);
+                if single && c == b'\'' && self.text.at(1) == b'\'' {
+                    self.text.bump();
+                    self.text.bump();
                 } else if c == quote {
                     break;
-                } else if !single && c == b'\\' && self.is_break(1) {
-                    self.bump();
-                    self.bump();
+                } else if !single && c == b'\\' && self.text.is_break(1) {
+                    self.text.bump();
+                    self.text.bump();
                     break;
                 } else if !single && c == b'\\' {
-                    self.bump();
-                    self.bump();
+                    self.text.bump();
+                    self.text.bump();
                 } else {
-                    self.bump();
+                    self.text.bump();
                 }
             }
-            if self.at(0) == quote {
-                self.bump();
+            if self.text.at(0) == quote {
+                self.text.bump();
                 return Ok(());
             }
-            while self.is_blank(0) || self.is_break(0) {
-                self.bump();
+            while self.text.is_blank(0) || self.text.is_break(0) {
+                self.text.bump();
             }
         }
     }
@@ -510,31 +498,32 @@ impl Scanner<'_> {
         let indent = self.indent().map_or(0, |i| i + 1);
         let mut leading_blanks = false;
         loop {
-            if (self.column == 0 && self.document_indicator()) || self.at(0) == b'#' {
+            if (self.text.column() == 0 && self.document_indicator()) || self.text.at(0) == b'#' {
                 break;
             }
-            while !self.is_blankz(0) {
-                let c = self.at(0);
-                if flow && c == b':' && b",?[]{}".contains(&self.at(1)) {
+            while !self.text.is_blankz(0) {
+                let c = self.text.at(0);
+                if flow && c == b':' && b",?[]{}".contains(&self.text.at(1)) {
                     return Err(Stop::Invalid);
                 }
-                if (c == b':' && self.is_blankz(1)) || (flow && b",[]{}".contains(&c)) {
+                if (c == b':' && self.text.is_blankz(1)) || (flow && b",[]{}".contains(&c)) {
                     break;
                 }
-                self.bump();
+                self.text.bump();
             }
-            if !(self.is_blank(0) || self.is_break(0)) {
+            if !(self.text.is_blank(0) || self.text.is_break(0)) {
                 break;
             }
-            while self.is_blank(0) || self.is_break(0) {
-                if self.is_break(0) {
+            while self.text.is_blank(0) || self.text.is_break(0) {
+                if self.text.is_break(0) {
                     leading_blanks = true;
-                } else if leading_blanks && self.column < indent && self.at(0) == b'\t' {
+                } else if leading_blanks && self.text.column() < indent && self.text.at(0) == b'\t'
+                {
                     return Err(Stop::Invalid);
                 }
-                self.bump();
+                self.text.bump();
             }
-            if !flow && self.column < indent {
+            if !flow && self.text.column() < indent {
                 break;
             }
         }
@@ -543,83 +532,6 @@ impl Scanner<'_> {
         }
         Ok(())
     }
-
-    fn mark(&self) -> Mark {
-        Mark {
-            pos: self.pos,
-            line: self.line,
-            column: self.column,
-        }
-    }
-
-    /// The byte `k` bytes on; 0 past the end, which libyaml reads as the end too.
-    fn at(&self, k: usize) -> u8 {
-        self.pos
-            .checked_add(k)
-            .and_then(|i| self.text.get(i))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn starts_with(&self, s: &[u8]) -> bool {
-        self.text.get(self.pos..).is_some_and(|t| t.starts_with(s))
-    }
-
-    /// One character on: a line break (CR LF counting as one) starts a new line.
-    fn bump(&mut self) {
-        let width = match self.at(0) {
-            b'\r' if self.at(1) == b'\n' => 2,
-            b if b < 0x80 => 1,
-            b if b & 0xE0 == 0xC0 => 2,
-            b if b & 0xF0 == 0xE0 => 3,
-            b if b & 0xF8 == 0xF0 => 4,
-            _ => 1,
-        };
-        if self.is_break(0) {
-            self.line += 1;
-            self.column = 0;
-        } else {
-            self.column += 1;
-        }
-        self.pos = self.pos.saturating_add(width).min(self.text.len());
-    }
-
-    /// The end, or a NUL (which libyaml's reader refuses).
-    fn is_z(&self, k: usize) -> bool {
-        self.at(k) == 0
-    }
-
-    fn is_blank(&self, k: usize) -> bool {
-        matches!(self.at(k), b' ' | b'\t')
-    }
-
-    /// CR, LF, NEL, LS or PS, as libyaml reads line breaks.
-    fn is_break(&self, k: usize) -> bool {
-        match self.at(k) {
-            b'\r' | b'\n' => true,
-            0xC2 => self.at(k + 1) == 0x85,
-            0xE2 => self.at(k + 1) == 0x80 && matches!(self.at(k + 2), 0xA8 | 0xA9),
-            _ => false,
-        }
-    }
-
-    fn is_breakz(&self, k: usize) -> bool {
-        self.is_break(k) || self.is_z(k)
-    }
-
-    fn is_blankz(&self, k: usize) -> bool {
-        self.is_blank(k) || self.is_breakz(k)
-    }
-}
-
-/// libyaml's `IS_ALPHA`: the characters of anchor names.
-fn is_alpha(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
-}
-
-/// Characters of a tag outside `!<...>`: libyaml's handle and URI characters.
-fn is_tag_char(b: u8) -> bool {
-    is_alpha(b) || b";/?:@&=+$.%!~*'()".contains(&b)
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! Rate limit rules: the reference's YAML format, validated and compiled into an immutable tree.
 //!
 //! `raw` reads files into plain structs (after `depth` has refused pathologically nested
-//! ones), `compile` validates them and builds the [`RuleTree`] the matcher walks, `load`
-//! finds and reads the files, `reload` swaps in a new tree, `watch` decides when. A tree is never mutated after it is built; a
-//! reload builds a new one and swaps it in whole.
+//! ones, reading the text through `yaml_reader` as libyaml does), `compile` validates them
+//! and builds the [`RuleTree`] the matcher walks, `error` says what is wrong and where,
+//! `load` finds and reads the files, `reload` swaps in a new tree, `watch` decides when. A
+//! tree is never mutated after it is built; a reload builds a new one and swaps it in whole.
 
 mod compile;
 mod depth;
@@ -14,6 +15,7 @@ mod reload;
 #[cfg(test)]
 mod test_support;
 mod watch;
+mod yaml_reader;
 
 use std::{collections::HashMap, sync::Arc};
 

@@ -1,6 +1,7 @@
 //! Test harness: real `redis-server` and real `ratelimitd` processes on loopback, each killed
 //! on drop. A missing binary fails the test with the command that installs it; nothing is
-//! skipped or mocked.
+//! skipped or mocked. Each process listens on free ports picked here and is ready when those
+//! ports answer (PING, the health endpoints), never when a log line says so.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -8,7 +9,7 @@ use std::{
     io::Read,
     net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,15 +18,24 @@ use ratelimitd::proto::envoy::{
     service::ratelimit::v3::{rate_limit_service_client::RateLimitServiceClient, RateLimitRequest},
 };
 use tempfile::TempDir;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
-/// A port nobody listens on right now (for servers that cannot report the port they bound).
+/// A port nobody listens on right now, for a server told which port to bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports: all are held open together while picked, so none is handed out
+/// twice. Another process can still take one before our server binds it; the server then
+/// fails to start, and [`RatelimitdBuilder::start`] tries again with fresh ports.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 fn find_binary(name: &str, install: &str) -> PathBuf {
@@ -64,24 +74,47 @@ impl RedisServer {
         s
     }
 
-    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`.
+    /// With extra `redis-server` arguments, e.g. `["--requirepass", "pw"]`. A server that exits
+    /// before it answers (another process took the port first) is started again on a fresh
+    /// port, [`START_ATTEMPTS`] times in all.
     pub fn start_with(extra: &[&str]) -> Self {
         let mut s = Self {
             child: None,
-            port: free_port(),
+            port: 0,
             dir: TempDir::new().unwrap(),
             extra: extra.iter().map(|a| a.to_string()).collect(),
         };
-        s.spawn();
-        s
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            s.port = free_port();
+            match s.try_spawn() {
+                Ok(()) => return s,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "redis-server exited before it answered, {START_ATTEMPTS} times:\n{}",
+            failures.join("\n")
+        );
     }
 
+    /// Starts it on its port, failing the test if it does not answer there.
     fn spawn(&mut self) {
+        if let Err(failure) = self.try_spawn() {
+            panic!("redis-server {failure}");
+        }
+    }
+
+    /// Starts it on its port and waits until it answers there as itself (its INFO gives its
+    /// pid: a PONG could come from another server that took the port first); or how it exited
+    /// before that, with its log.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let bin = find_binary(
             "redis-server",
             "apt-get update && apt-get install -y redis-server",
         );
-        let child = Command::new(bin)
+        let log = self.dir.path().join("redis.log");
+        let mut child = Command::new(bin)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -94,23 +127,38 @@ impl RedisServer {
                 "--dir",
             ])
             .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        self.child = Some(child);
+        let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.ping() {
-                return;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!(
+                    "on port {} exited with {status}; log:\n{}",
+                    self.port,
+                    fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            if self.answering_pid() == Some(pid) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "redis-server on port {} did not answer within 10 s; log:\n{}",
+                    self.port,
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "redis-server on port {} did not answer PING within 10 s",
-            self.port
-        );
     }
 
     /// `host:port`, the reference's REDIS_URL form.
@@ -120,9 +168,14 @@ impl RedisServer {
 
     /// Sends one RESP command and returns the raw reply.
     pub fn command(&self, args: &[&str]) -> String {
+        self.try_command(args).unwrap()
+    }
+
+    /// [`RedisServer::command`], with a refused connection or a failed read as an error.
+    fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
         use std::io::Write;
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut req = String::new();
         if let Some(pw) = self
             .extra
@@ -131,33 +184,29 @@ impl RedisServer {
             .and_then(|i| self.extra.get(i + 1))
         {
             req.push_str(&format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{pw}\r\n", pw.len()));
-            s.write_all(req.as_bytes()).unwrap();
+            s.write_all(req.as_bytes())?;
             let mut ok = [0u8; 5];
-            s.read_exact(&mut ok).unwrap();
+            s.read_exact(&mut ok)?;
             req.clear();
         }
         req.push_str(&format!("*{}\r\n", args.len()));
         for a in args {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
-        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(req.as_bytes())?;
         let mut buf = [0u8; 65536];
-        let n = s.read(&mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 
-    fn ping(&self) -> bool {
-        use std::io::Write;
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        // "-NOAUTH" also means the server is up (started with --requirepass).
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
+    /// The process id of the server answering on the port, if one does.
+    fn answering_pid(&self) -> Option<u32> {
+        let info = self.try_command(&["INFO", "server"]).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -243,7 +292,27 @@ impl RatelimitdBuilder {
             .env("REDIS_URL", &redis.addr())
     }
 
+    /// Starts it on free loopback ports and waits until it is ready (see
+    /// [`Ratelimitd::wait_ready`]). A start whose process exits first (e.g. another process took
+    /// a port between picking and binding) is retried with fresh ports, [`START_ATTEMPTS`] times
+    /// in all; then, or if it is not ready within 20 s, the test fails with the log.
     pub fn start(self) -> Ratelimitd {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match self.start_once() {
+                Ok(rl) => return rl,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "ratelimitd exited before it was ready, {START_ATTEMPTS} times:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// One start on fresh ports: the running server, or how the process exited before it was
+    /// ready, with its log.
+    fn start_once(&self) -> Result<Ratelimitd, String> {
         let log_dir = TempDir::new().unwrap();
         let log_path = log_dir.path().join("ratelimitd.log");
         let log = fs::File::create(&log_path).unwrap();
@@ -259,63 +328,79 @@ impl RatelimitdBuilder {
                 sh
             }
         };
+        let [grpc_port, http_port, debug_port] = free_ports();
         serve_on_loopback(&mut cmd, &self.config)
+            .env("GRPC_PORT", grpc_port.to_string())
+            .env("PORT", http_port.to_string())
+            .env("DEBUG_PORT", debug_port.to_string())
             .env("LOG_LEVEL", "info")
             .stdout(Stdio::null())
             .stderr(log);
+        // The test's own settings last: they may move a listener, e.g. to a fixed port.
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start ratelimitd");
+        let addr = |host: &str, port: &str, picked: u16| {
+            let host = self.env_value(host).unwrap_or("127.0.0.1");
+            match self.env_value(port) {
+                Some(port) => format!("{host}:{port}"),
+                None => format!("{host}:{picked}"),
+            }
+        };
+        let grpc = match self.env_value("GRPC_UDS") {
+            Some(path) => format!("unix:{path}"),
+            None => addr("GRPC_HOST", "GRPC_PORT", grpc_port),
+        };
         let mut rl = Ratelimitd {
-            child: Some(child),
-            grpc: String::new(),
-            http: String::new(),
-            debug: String::new(),
+            child: Some(cmd.spawn().expect("start ratelimitd")),
+            grpc,
+            http: addr("HOST", "PORT", http_port),
+            debug: addr("DEBUG_HOST", "DEBUG_PORT", debug_port),
             log_path,
             _log_dir: log_dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = rl.log();
-            if let Some(line) = log.lines().find(|l| l.contains("ratelimitd listening")) {
-                rl.grpc = field(line, "grpc=");
-                rl.http = field(line, "http=");
-                rl.debug = field(line, "debug=");
-                return rl;
-            }
-            if let Some(status) = rl.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("ratelimitd exited with {status} before listening; log:\n{log}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ratelimitd did not start within 20 s; log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let listeners = format!("grpc {}, http {}, debug {}", rl.grpc, rl.http, rl.debug);
+        match rl.wait_ready(Duration::from_secs(20)) {
+            Startup::Ready => Ok(rl),
+            Startup::Exited(status) => Err(format!(
+                "exited with {status} ({listeners}); log:\n{}",
+                rl.log()
+            )),
+            Startup::TimedOut => panic!(
+                "ratelimitd not ready within 20 s ({listeners}); log:\n{}",
+                rl.log()
+            ),
         }
+    }
+
+    /// The last value the test gave `name`, if any.
+    fn env_value(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
-fn field(line: &str, name: &str) -> String {
-    // LOG_FORMAT=json: {"fields":{"message":"ratelimitd listening","grpc":"127.0.0.1:1234",...}}
-    if line.trim_start().starts_with('{') {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let key = name.trim_end_matches('=');
-        return v["fields"][key].as_str().unwrap_or_default().to_owned();
-    }
-    let start = line.find(name).unwrap() + name.len();
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .trim_matches('"')
-        .to_owned()
+/// Starts of a server that exited before it was ready, each on fresh ports, before the test
+/// fails.
+const START_ATTEMPTS: usize = 3;
+
+/// How waiting for a started `ratelimitd` ended.
+enum Startup {
+    /// Every listener answered, and the process is still running.
+    Ready,
+    /// The process exited first.
+    Exited(ExitStatus),
+    /// Neither within the deadline.
+    TimedOut,
 }
 
 /// A running `ratelimitd serve`.
 pub struct Ratelimitd {
     child: Option<Child>,
-    /// `127.0.0.1:port` of the gRPC listener.
+    /// `127.0.0.1:port` of the gRPC listener, or `unix:PATH` with GRPC_UDS.
     pub grpc: String,
     /// `127.0.0.1:port` of the HTTP listener.
     pub http: String,
@@ -332,6 +417,53 @@ impl Ratelimitd {
             env: Vec::new(),
             nofile: None,
         }
+    }
+
+    /// Waits until every listener answers: the admin `/healthcheck` with 200 or 500, the debug
+    /// index with 200, and the gRPC health service with SERVING or NOT_SERVING. Answering is
+    /// being ready; being healthy is for the test to check (some start unhealthy on purpose).
+    /// The process binds every listener before it serves any, and exits if one bind fails, so
+    /// when all answer and it still runs, they are its own (not another process's on a port
+    /// it failed to take).
+    fn wait_ready(&mut self, limit: Duration) -> Startup {
+        let deadline = Instant::now() + limit;
+        let Self {
+            child,
+            grpc,
+            http,
+            debug,
+            ..
+        } = self;
+        let child = child.as_mut().expect("just started");
+        // gRPC needs a runtime, and the test calling us may run in one (where `block_on`
+        // panics): poll from a thread with its own.
+        std::thread::scope(|scope| {
+            let poll = scope.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    loop {
+                        if let Some(status) = child.try_wait().unwrap() {
+                            return Startup::Exited(status);
+                        }
+                        if answers(grpc, http, debug).await {
+                            return match child.try_wait().unwrap() {
+                                Some(status) => Startup::Exited(status),
+                                None => Startup::Ready,
+                            };
+                        }
+                        if Instant::now() > deadline {
+                            return Startup::TimedOut;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            });
+            poll.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// The process id (for signals).
@@ -369,19 +501,15 @@ impl Ratelimitd {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// A gRPC channel to the server, for any client type.
+    /// A gRPC channel to the server (TCP or its Unix socket), for any client type.
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
+        grpc_connect(&self.grpc)
             .await
             .expect("connect to ratelimitd")
     }
 
     pub async fn client(&self) -> RateLimitServiceClient<Channel> {
-        RateLimitServiceClient::connect(format!("http://{}", self.grpc))
-            .await
-            .expect("connect to ratelimitd")
+        RateLimitServiceClient::new(self.channel().await)
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -402,6 +530,57 @@ impl Drop for Ratelimitd {
             let _ = c.wait();
         }
     }
+}
+
+/// Whether every listener of a `ratelimitd` answers (see [`Ratelimitd::wait_ready`]), each
+/// within 1 s (a port another process holds may accept and never answer).
+async fn answers(grpc: &str, http: &str, debug: &str) -> bool {
+    let get = |addr, path| try_http_get(addr, path, Duration::from_secs(1));
+    matches!(get(http, "/healthcheck"), Ok((200 | 500, _)))
+        && matches!(get(debug, "/"), Ok((200, _)))
+        && matches!(
+            grpc_health(grpc).await,
+            Some(ServingStatus::Serving | ServingStatus::NotServing)
+        )
+}
+
+/// The overall status from the gRPC health service at `addr`, if it answers within 1 s.
+async fn grpc_health(addr: &str) -> Option<ServingStatus> {
+    let check = async {
+        let channel = grpc_connect(addr).await.ok()?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(reply.into_inner().status())
+    };
+    tokio::time::timeout(Duration::from_secs(1), check)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A gRPC channel to `addr`: `host:port`, or `unix:PATH` for a Unix socket (GRPC_UDS).
+async fn grpc_connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let Some(path) = addr.strip_prefix("unix:") else {
+        return Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await;
+    };
+    let path = PathBuf::from(path);
+    // The URI is required and unused: the connector dials the socket.
+    Endpoint::from_static("http://uds.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
 }
 
 /// Runs `ratelimitd ARGS` to completion: (exit code, stdout, stderr).
@@ -426,7 +605,8 @@ pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String)
     )
 }
 
-/// `serve --config CONFIG` with a clean environment and every listener on a free loopback port.
+/// `serve --config CONFIG` with a clean environment and every listener on loopback, on port 0
+/// (any free one; [`RatelimitdBuilder::start`] sets ports it picked, to know where to look).
 fn serve_on_loopback<'c>(cmd: &'c mut Command, config: &Path) -> &'c mut Command {
     cmd.arg("serve")
         .arg("--config")
@@ -530,17 +710,22 @@ pub async fn ensure_window_room(secs: u64, need: Duration) {
 
 /// A minimal HTTP/1.1 GET over loopback: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// [`http_get`] with a read timeout, and a refused connection or a failed read as an error.
+fn try_http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
     use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    status_and_body(&raw)
+    s.read_to_end(&mut raw)?;
+    Ok(status_and_body(&raw))
 }
 
 /// Splits a raw HTTP/1.1 response into (status code, body); status 0 if there was none.
@@ -595,7 +780,7 @@ impl Envoy {
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
                 .unwrap();
         let rls_port = rls.rsplit_once(':').unwrap().1;
-        let (ingress, upstream, admin) = (free_port(), free_port(), free_port());
+        let [ingress, upstream, admin] = free_ports();
         let config = shipped
             .replace("port_value: 10000", &format!("port_value: {ingress}"))
             .replace("port_value: 10001", &format!("port_value: {upstream}"))
