@@ -110,7 +110,7 @@ pub fn explain(
             );
             continue;
         }
-        let Some(limit) = rule.limit else {
+        let Some(&limit) = rule.limits.first() else {
             let _ = writeln!(out, "  unlimited: always OK, no counter\n");
             continue;
         };

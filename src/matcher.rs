@@ -400,7 +400,7 @@ descriptors:
     rate_limit: {unit: day, requests_per_unit: 1, name: shadowed, replaces: [{name: other}]}
 "#]);
         let u = find(&t, "d", &[("u", "1")], &mut String::new()).unwrap();
-        assert_eq!(u.rule.limit, None);
+        assert!(u.rule.limits.is_empty());
         let s = find(&t, "d", &[("s", "1")], &mut String::new()).unwrap();
         assert!(s.rule.shadow_mode);
         assert_eq!(s.rule.name, "shadowed");

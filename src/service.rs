@@ -457,7 +457,7 @@ fn resolve<'a>(
                 Some(m) => {
                     let rule: &'a Rule = m.rule;
                     replaced.extend(rule.replaces.iter().map(String::as_str));
-                    match rule.limit {
+                    match rule.limits.first().copied() {
                         None => Resolved::Unlimited,
                         Some(limit) => Resolved::Limited {
                             limit,
@@ -497,10 +497,7 @@ fn override_limit<'a>(
 ) -> Result<Resolved<'a>, ServiceError> {
     match Unit::from_wire(unit) {
         Some(unit) => Ok(Resolved::Limited {
-            limit: Limit {
-                requests_per_unit,
-                unit,
-            },
+            limit: Limit::fixed(requests_per_unit, unit),
             rule: None,
             shared: Vec::new(),
             stats_key: Cow::Owned(d.entries.iter().fold(domain.to_owned(), |mut k, e| {

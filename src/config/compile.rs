@@ -167,10 +167,9 @@ impl Compiler<'_> {
             None
         } else {
             match (unit, rl.requests_per_unit) {
-                (Some(unit), Some(requests_per_unit)) => Some(Limit {
-                    requests_per_unit,
-                    unit,
-                }),
+                (Some(unit), Some(requests_per_unit)) => {
+                    Some(Limit::fixed(requests_per_unit, unit))
+                }
                 _ if rl.had_errors => return None,
                 (None, _) => {
                     self.err(
@@ -193,7 +192,7 @@ impl Compiler<'_> {
         ok.then(|| Rule {
             full_key,
             path: path.clone(),
-            limit,
+            limits: limit.into_iter().collect(),
             name,
             replaces: rl.replaces.clone(),
             shadow_mode: d.shadow_mode,

@@ -25,7 +25,10 @@ pub use load::{content_hash, load_dir_or_file, load_hashed, ConfigSource};
 pub use raw::{parse, parse_lenient, RawDescriptor, RawFile, RawRateLimit};
 pub use reload::{ReloadOutcome, Reloader};
 
-use crate::{limiter::Unit, metrics::RuleSlot};
+use crate::{
+    limiter::{algorithm::Quota, Algorithm, Unit},
+    metrics::RuleSlot,
+};
 
 /// Every domain's rules. Lookups are hash lookups per descriptor level.
 #[derive(Debug, Default)]
@@ -104,8 +107,9 @@ pub struct Rule {
     pub full_key: String,
     /// Human path: `domain > key=value > key`.
     pub path: String,
-    /// `None` for `unlimited: true`.
-    pub limit: Option<Limit>,
+    /// `rate_limit` (one) or `rate_limits` (several, all checked and charged together); none
+    /// for `unlimited: true`.
+    pub limits: Vec<Limit>,
     /// `rate_limit.name`, empty when unset (as the reference reports it).
     pub name: String,
     pub replaces: Vec<String>,
@@ -117,17 +121,51 @@ pub struct Rule {
     pub counters: RuleSlot,
 }
 
-/// A number of requests per window.
+/// A number of requests per window, and how they are counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
     pub requests_per_unit: u32,
     pub unit: Unit,
+    /// `unit_multiplier`: windows of this many units (1 in the reference's format).
+    pub multiplier: u32,
+    pub algorithm: Algorithm,
+    /// `burst`: the token bucket's capacity; `None` means `requests_per_unit`.
+    pub burst: Option<u32>,
+}
+
+impl Limit {
+    /// A reference limit: a fixed window of one unit.
+    pub fn fixed(requests_per_unit: u32, unit: Unit) -> Self {
+        Limit {
+            requests_per_unit,
+            unit,
+            multiplier: 1,
+            algorithm: Algorithm::FixedWindow,
+            burst: None,
+        }
+    }
+
+    /// The window in seconds (`unit × unit_multiplier`).
+    pub fn window_secs(&self) -> u64 {
+        self.unit.seconds() * u64::from(self.multiplier.max(1))
+    }
+
+    /// The numbers the counting algorithms need.
+    pub fn quota(&self) -> Quota {
+        Quota::new(
+            self.algorithm,
+            self.requests_per_unit,
+            self.unit,
+            self.multiplier,
+            self.burst,
+        )
+    }
 }
 
 impl Rule {
     /// One line, exactly as the reference dumps its config (`/rlconfig`, `check-config`).
     pub fn dump_line(&self) -> String {
-        let (unit, requests) = match self.limit {
+        let (unit, requests) = match self.limits.first() {
             Some(l) => (l.unit.name().to_uppercase(), l.requests_per_unit),
             None => ("UNKNOWN".to_owned(), 0),
         };

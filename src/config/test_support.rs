@@ -23,7 +23,7 @@ pub(super) fn rules_yaml(domain: &str, limit: u32) -> String {
 pub(super) fn limit(rules: &ArcSwap<RuleTree>, domain: &str) -> Option<u32> {
     let tree = rules.load();
     let rule = tree.domains.get(domain)?.children.get("k")?.rule.clone()?;
-    Some(rule.limit?.requests_per_unit)
+    Some(rule.limits.first()?.requests_per_unit)
 }
 
 pub(super) struct Setup {

@@ -3,13 +3,20 @@
 //! Windows are aligned to the Unix epoch exactly as envoyproxy/ratelimit aligns them
 //! (`now / divider * divider`), so a key written by either service names the same window.
 
+pub mod algorithm;
 mod decision;
 mod key;
 
+pub use algorithm::Algorithm;
 pub use decision::{decide, Decision};
 pub use key::{CacheKeyBuilder, SecretError, ValueHasher};
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Largest value a counter holds: Redis counters are signed 64-bit integers. Both stores
+/// saturate here instead of failing (an addend this large, or a counter pushed this far, is
+/// over any limit, which is what the answer says), so no request can make a counter unusable.
+pub const MAX_COUNT: u64 = i64::MAX as u64;
 
 /// Time unit of a limit. Discriminants are the wire values of
 /// `RateLimitResponse.RateLimit.Unit` (WEEK is 7 there, after YEAR).

@@ -11,10 +11,7 @@ use std::future::Future;
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisSettings, RedisStore, SocketType};
 
-/// Largest value a counter holds: Redis counters are signed 64-bit integers. Both stores
-/// saturate here instead of failing (an addend this large, or a counter pushed this far, is
-/// over any limit, which is what the answer says), so no request can make a counter unusable.
-pub const MAX_COUNT: u64 = i64::MAX as u64;
+pub use crate::limiter::MAX_COUNT;
 
 /// One counter to bump.
 #[derive(Debug, Clone, PartialEq, Eq)]
