@@ -96,12 +96,16 @@ async fn json(AxumState(s): Shared, body: axum::body::Bytes) -> Response {
             } else {
                 StatusCode::OK
             };
-            (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                crate::json::render_response(&resp),
-            )
-                .into_response()
+            match crate::json::render_response(&resp) {
+                Ok(json) => {
+                    (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+                }
+                // As the reference: a response protojson cannot marshal is a 500.
+                Err(e) => {
+                    tracing::warn!(error = %e, "POST /json: response not written");
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+                }
+            }
         }
         Err(e @ crate::error::ServiceError::InvalidArgument(_)) => {
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
