@@ -290,6 +290,7 @@ pub async fn serve(args: Arc<ServeArgs>) -> Result<(), ServeError> {
         prometheus: Some(prometheus),
         keys,
         clock,
+        json: crate::json::Codec::new(),
     });
     let listeners = server::Listeners {
         grpc,

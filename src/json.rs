@@ -16,8 +16,6 @@
 
 mod reader;
 
-use std::sync::LazyLock;
-
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use serde::Serialize as _;
 
@@ -46,31 +44,59 @@ pub enum JsonError {
 #[error("cannot write the response as proto3 JSON: {0}")]
 pub struct RenderError(String);
 
-/// The two messages of this endpoint. Decoded once: the pool is immutable and built from
-/// bytes compiled into the binary.
-struct Schema {
+/// The proto3 JSON codec of `/json`: the descriptors of its two messages, decoded once at
+/// start-up from the descriptor set compiled into the binary.
+#[derive(Debug, Clone)]
+pub struct Codec {
     request: MessageDescriptor,
     response: MessageDescriptor,
 }
 
-static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-    let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
-        .expect("build.rs writes the descriptor set protox compiled");
-    let message = |name: &str| {
-        pool.get_message_by_name(name)
-            .expect("proto/ defines the RLS v3 messages")
-    };
-    Schema {
-        request: message("envoy.service.ratelimit.v3.RateLimitRequest"),
-        response: message("envoy.service.ratelimit.v3.RateLimitResponse"),
+impl Default for Codec {
+    fn default() -> Self {
+        Self::new()
     }
-});
+}
 
-/// Parses a `RateLimitRequest` from proto3 JSON as Go's `protojson.Unmarshal` accepts it.
-pub fn parse_request(body: &[u8]) -> Result<RateLimitRequest, JsonError> {
-    let msg = reader::message(body, &SCHEMA.request)?;
-    msg.transcode_to()
-        .map_err(|e| invalid("", format!("not a RateLimitRequest: {e}")))
+impl Codec {
+    pub fn new() -> Self {
+        let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("build.rs writes the descriptor set protox compiled from proto/");
+        let message = |name: &str| {
+            pool.get_message_by_name(name)
+                .expect("proto/ defines the RLS v3 messages")
+        };
+        Self {
+            request: message("envoy.service.ratelimit.v3.RateLimitRequest"),
+            response: message("envoy.service.ratelimit.v3.RateLimitResponse"),
+        }
+    }
+
+    /// Parses a `RateLimitRequest` from proto3 JSON as Go's `protojson.Unmarshal` accepts it.
+    pub fn parse_request(&self, body: &[u8]) -> Result<RateLimitRequest, JsonError> {
+        let msg = reader::message(body, &self.request)?;
+        msg.transcode_to()
+            .map_err(|e| invalid("", format!("not a RateLimitRequest: {e}")))
+    }
+
+    /// Renders a `RateLimitResponse` as proto3 JSON as Go's `protojson.Marshal` writes it:
+    /// lowerCamelCase names in declaration order, default values left out, compact.
+    pub fn render_response(&self, resp: &RateLimitResponse) -> Result<String, RenderError> {
+        let finite = resp.dynamic_metadata.as_ref().map(|m| RateLimitResponse {
+            dynamic_metadata: Some(null_for_non_finite(m.clone())),
+            ..resp.clone()
+        });
+        let mut msg = DynamicMessage::new(self.response.clone());
+        msg.transcode_from(finite.as_ref().unwrap_or(resp))
+            .map_err(|e| RenderError(e.to_string()))?;
+        let error = |e: serde_json::Error| RenderError(e.to_string());
+        let json = msg
+            .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
+            .map_err(error)?;
+        let mut out = Vec::with_capacity(256);
+        write_ordered(&mut out, &json, Some(&self.response)).map_err(error)?;
+        String::from_utf8(out).map_err(|e| RenderError(e.to_string()))
+    }
 }
 
 fn invalid(path: &str, reason: String) -> JsonError {
@@ -86,25 +112,6 @@ fn short_name(m: &MessageDescriptor) -> &str {
     full.strip_prefix(m.package_name())
         .and_then(|s| s.strip_prefix('.'))
         .unwrap_or(full)
-}
-
-/// Renders a `RateLimitResponse` as proto3 JSON as Go's `protojson.Marshal` writes it:
-/// lowerCamelCase names in declaration order, default values left out, compact.
-pub fn render_response(resp: &RateLimitResponse) -> Result<String, RenderError> {
-    let finite = resp.dynamic_metadata.as_ref().map(|m| RateLimitResponse {
-        dynamic_metadata: Some(null_for_non_finite(m.clone())),
-        ..resp.clone()
-    });
-    let mut msg = DynamicMessage::new(SCHEMA.response.clone());
-    msg.transcode_from(finite.as_ref().unwrap_or(resp))
-        .map_err(|e| RenderError(e.to_string()))?;
-    let error = |e: serde_json::Error| RenderError(e.to_string());
-    let json = msg
-        .serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new())
-        .map_err(error)?;
-    let mut out = Vec::with_capacity(256);
-    write_ordered(&mut out, &json, Some(&SCHEMA.response)).map_err(error)?;
-    String::from_utf8(out).map_err(|e| RenderError(e.to_string()))
 }
 
 /// Writes prost-reflect's JSON for a message of `msg` (or for a list of them) with each
@@ -205,8 +212,12 @@ mod tests {
 
     type Result<T> = std::result::Result<T, JsonError>;
 
+    fn parse_request(body: &[u8]) -> Result<RateLimitRequest> {
+        Codec::new().parse_request(body)
+    }
+
     fn render_response(resp: &RateLimitResponse) -> String {
-        match super::render_response(resp) {
+        match Codec::new().render_response(resp) {
             Ok(json) => json,
             Err(e) => panic!("{e}"),
         }
