@@ -74,7 +74,8 @@ enum Expect {
     Enum,
     /// An integer kind (or its wrapper message), in words for errors.
     Integer(&'static str),
-    /// Any other kind (the request has none): its token is passed on as it is.
+    /// Any other kind (the request has none): a string, number or boolean is passed on as
+    /// it is, an object or array refused.
     Other(Kind),
 }
 
@@ -82,6 +83,8 @@ impl Expect {
     fn field(f: &FieldDescriptor) -> Self {
         if f.is_list() {
             Self::Array(f.clone())
+        } else if f.is_map() {
+            Self::Other(f.kind())
         } else {
             Self::kind(f.kind())
         }
@@ -118,6 +121,7 @@ impl Expect {
             Self::String => "a string".to_owned(),
             Self::Enum => "an enum name or a 32-bit integer".to_owned(),
             Self::Integer(words) => (*words).to_owned(),
+            Self::Other(Kind::Message(m)) => format!("a {}", m.full_name()),
             Self::Other(kind) => format!("a value of type {kind:?}"),
         }
     }
