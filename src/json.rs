@@ -742,6 +742,23 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_times_are_refused_as_protojson_refuses_them() {
+        let status = DescriptorStatus {
+            duration_until_reset: Some(prost_types::Duration {
+                seconds: 315_576_000_001,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let resp = RateLimitResponse {
+            statuses: vec![status],
+            ..Default::default()
+        };
+        let e = Codec::new().render_response(&resp).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
+
+    #[test]
     fn doubles_like_go() {
         for (n, want) in [
             (0.1, "0.1"),

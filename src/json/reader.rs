@@ -344,7 +344,7 @@ fn mismatch(path: &str, expected: &Expect, got: &Token<'_>) -> JsonError {
 }
 
 /// A JSON-quoted copy of `s`, cut to 40 characters for messages.
-pub(super) fn quoted(s: &str) -> String {
+fn quoted(s: &str) -> String {
     serde_json::to_string(&truncated(s)).unwrap_or_default()
 }
 
