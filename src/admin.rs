@@ -35,6 +35,8 @@ pub struct State {
     /// For `/explain`.
     pub keys: CacheKeyBuilder,
     pub clock: Arc<dyn Clock>,
+    /// For `/json`.
+    pub json: crate::json::Codec,
 }
 
 /// Largest accepted request body (`POST /json`).
@@ -80,9 +82,10 @@ async fn healthcheck(AxumState(s): Shared) -> Response {
 
 /// `ShouldRateLimit` over HTTP with proto3 JSON, like the reference's `/json`: 200 with the
 /// response when OK, 429 when OVER_LIMIT, 400 for a malformed body or an invalid request,
-/// 503 when the backend failed (the reference answers 400 there too).
+/// 503 when the backend failed (the reference answers 400 there too), 500 for a response
+/// with no proto3 JSON form (as the reference).
 async fn json(AxumState(s): Shared, body: axum::body::Bytes) -> Response {
-    let req = match crate::json::parse_request(&body) {
+    let req = match s.json.parse_request(&body) {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
@@ -96,12 +99,16 @@ async fn json(AxumState(s): Shared, body: axum::body::Bytes) -> Response {
             } else {
                 StatusCode::OK
             };
-            (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                crate::json::render_response(&resp),
-            )
-                .into_response()
+            match s.json.render_response(&resp) {
+                Ok(json) => {
+                    (status, [(header::CONTENT_TYPE, "application/json")], json).into_response()
+                }
+                // As the reference: a response protojson cannot marshal is a 500.
+                Err(e) => {
+                    tracing::warn!(error = %e, "POST /json: response not written");
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+                }
+            }
         }
         Err(e @ crate::error::ServiceError::InvalidArgument(_)) => {
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()

@@ -89,6 +89,7 @@ pub async fn serve(
         prometheus: Some(telemetry.prometheus.clone()),
         keys,
         clock,
+        json: crate::json::Codec::new(),
     });
     server::run(listeners, state, health_service, shutdown).await?;
     if let Some(s) = &telemetry.statsd {

@@ -115,7 +115,8 @@ fn every_ghz_scenario_is_valid_and_sends_a_valid_request() {
             !filled.contains("{{"),
             "{name}: only placeholders this test knows"
         );
-        let req = ratelimitd::json::parse_request(filled.as_bytes())
+        let req = ratelimitd::json::Codec::new()
+            .parse_request(filled.as_bytes())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(req.domain, "example");
         for d in &req.descriptors {
