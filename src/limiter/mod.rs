@@ -5,6 +5,7 @@
 
 pub mod algorithm;
 mod decision;
+pub mod engine;
 mod key;
 
 pub use algorithm::Algorithm;

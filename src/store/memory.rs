@@ -57,7 +57,11 @@ use std::{
 use hashbrown::HashTable;
 
 use super::{Hit, Store, StoreError, MAX_COUNT};
-use crate::limiter::Clock;
+use crate::limiter::{
+    algorithm::State,
+    engine::{self, Batch, Decided},
+    Clock,
+};
 
 /// How long after its window ends a counter is kept by the sweeper. A request reads the clock
 /// once and reaches the store a little later (microseconds, but a second boundary can fall in
@@ -80,10 +84,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// One counter.
+/// One counter (or a token bucket's TAT, with its remainder in `extra`).
 struct Slot {
     key: Box<str>,
     value: u64,
+    extra: u64,
+    /// When it may go (Unix seconds): its window's end, or when its bucket is full again.
+    /// A bucket's grows as it is charged; the sweeper then keeps it (see [`MemoryStore::sweep`]).
+    expires: u64,
 }
 
 /// One shard of the counters, on its own cache lines so shards do not share them.
@@ -194,8 +202,8 @@ impl MemoryStore {
                         .first_end()
                         .is_some_and(|end| end.saturating_add(GRACE_SECS) <= now)
                 {
-                    if let Some((_, hash)) = order.pop_first() {
-                        batch.push(hash);
+                    if let Some(entry) = order.pop_first() {
+                        batch.push(entry);
                     }
                 }
                 self.inner.counters_metric.set(order.len as f64);
@@ -203,10 +211,19 @@ impl MemoryStore {
             if batch.is_empty() {
                 return removed;
             }
-            removed += batch.len();
             let full = batch.len() == SWEEP_BATCH;
-            for hash in batch.drain(..) {
-                self.remove(hash);
+            let taken = batch.len();
+            // A token bucket charged since it was ordered ends later: it goes back in order.
+            let extended: Vec<(u64, u64)> = batch
+                .drain(..)
+                .filter_map(|(end, hash)| self.remove_ended(hash, end).map(|later| (later, hash)))
+                .collect();
+            removed += taken - extended.len();
+            if !extended.is_empty() {
+                let mut order = lock(&self.inner.order);
+                for (later, hash) in extended {
+                    order.push(later, hash);
+                }
             }
             if !full {
                 return removed;
@@ -266,6 +283,19 @@ impl MemoryStore {
         }
     }
 
+    /// Removes the counter with this hash ordered to end at `end`, unless it now ends later
+    /// (a charged token bucket): then returns when.
+    fn remove_ended(&self, hash: u64, end: u64) -> Option<u64> {
+        let mut table = lock(self.shard(hash));
+        let slot = table.find_entry(hash, |s| self.hash(&s.key) == hash).ok()?;
+        let expires = slot.get().expires;
+        if expires > end {
+            return Some(expires);
+        }
+        slot.remove();
+        None
+    }
+
     fn add(&self, hit: &Hit) -> u64 {
         let hash = self.hash(&hit.key);
         {
@@ -281,6 +311,8 @@ impl MemoryStore {
                 Slot {
                     key: hit.key.as_str().into(),
                     value: hit.hits.min(MAX_COUNT),
+                    extra: 0,
+                    expires: hit.window_start.saturating_add(hit.window_secs.max(1)),
                 },
                 |s| self.hash(&s.key),
             );
@@ -288,6 +320,13 @@ impl MemoryStore {
         // A new counter. The shard lock is released: `order` is never taken while one is
         // held.
         let end = hit.window_start.saturating_add(hit.window_secs.max(1));
+        self.track(end, hash);
+        hit.hits.min(MAX_COUNT)
+    }
+
+    /// Puts a new counter in the removal order, first removing one when the store is full.
+    /// Called with no shard lock held.
+    fn track(&self, end: u64, hash: u64) {
         let victim = {
             let mut order = lock(&self.inner.order);
             let victim = if order.len >= self.inner.max {
@@ -306,13 +345,98 @@ impl MemoryStore {
                 self.inner.evictions_metric.increment(1);
             }
         }
-        hit.hits.min(MAX_COUNT)
+    }
+
+    /// Decides `batch` under the locks of every shard its keys live in (taken in index order,
+    /// so two requests never wait on each other in a cycle): the states are read, decided and
+    /// the charged ones written with no other request in between on those keys.
+    fn decide_locked(&self, batch: &Batch<'_>) -> Vec<Decided> {
+        let hashes: Vec<(u64, Option<u64>)> = batch
+            .checks
+            .iter()
+            .map(|c| {
+                (
+                    self.hash(&c.key),
+                    c.previous.as_deref().map(|p| self.hash(p)),
+                )
+            })
+            .collect();
+        let mask = self.inner.shards.len() - 1;
+        let shard_of = |hash: u64| (hash >> 32) as usize & mask;
+        let mut wanted: Vec<usize> = hashes
+            .iter()
+            .flat_map(|(h, p)| std::iter::once(*h).chain(*p))
+            .map(shard_of)
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut guards: Vec<(usize, MutexGuard<'_, HashTable<Slot>>)> = wanted
+            .iter()
+            .filter_map(|&i| Some((i, lock(&self.inner.shards.get(i)?.0))))
+            .collect();
+        let find = |guards: &[(usize, MutexGuard<'_, HashTable<Slot>>)], hash: u64, key: &str| {
+            guards
+                .iter()
+                .find(|(i, _)| *i == shard_of(hash))
+                .and_then(|(_, t)| t.find(hash, |s| *s.key == *key))
+                .map(|s| (s.value, s.extra))
+        };
+        let states: Vec<State> = batch
+            .checks
+            .iter()
+            .zip(&hashes)
+            .map(|(c, (h, p))| {
+                let (a, extra) = find(&guards, *h, &c.key).unwrap_or_default();
+                let b = match (&c.previous, p) {
+                    (Some(prev), Some(p)) => find(&guards, *p, prev).map_or(0, |(v, _)| v),
+                    _ => extra,
+                };
+                State { a, b }
+            })
+            .collect();
+        let decided = engine::decide(batch, &states);
+        let mut created = Vec::new();
+        for ((c, (hash, _)), d) in batch.checks.iter().zip(&hashes).zip(&decided) {
+            let Some(charge) = d.charge else { continue };
+            let expires = c.expires_ms(batch.now_ms, &charge).div_ceil(1000);
+            let extra = if c.previous.is_some() { 0 } else { charge.b };
+            let Some((_, table)) = guards.iter_mut().find(|(i, _)| *i == shard_of(*hash)) else {
+                continue;
+            };
+            if let Some(slot) = table.find_mut(*hash, |s| *s.key == *c.key) {
+                slot.value = charge.a;
+                slot.extra = extra;
+                slot.expires = expires;
+                continue;
+            }
+            table.insert_unique(
+                *hash,
+                Slot {
+                    key: c.key.as_str().into(),
+                    value: charge.a,
+                    extra,
+                    expires,
+                },
+                |s| self.hash(&s.key),
+            );
+            created.push((expires, *hash));
+        }
+        // `order` is never taken while a shard lock is held.
+        drop(guards);
+        for (expires, hash) in created {
+            self.track(expires, hash);
+        }
+        decided
     }
 }
 
 impl Store for MemoryStore {
     async fn increment(&self, hits: &[Hit]) -> Result<Vec<u64>, StoreError> {
         Ok(hits.iter().map(|h| self.add(h)).collect())
+    }
+
+    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+        Ok(self.decide_locked(batch))
     }
 }
 
@@ -527,5 +651,114 @@ mod tests {
         }
         assert_eq!(store.len(), MAX);
         assert_eq!(store.evictions(), 8_000 - MAX as u64);
+    }
+
+    mod engine {
+        use super::*;
+        use crate::limiter::{
+            algorithm::Quota,
+            engine::{Charging, Check, Role},
+            Algorithm, Unit,
+        };
+
+        const NOW_S: u64 = 1_700_000_040;
+
+        fn check(key: &str, algorithm: Algorithm, limit: u32, burst: Option<u32>) -> Check {
+            Check {
+                descriptor: 0,
+                quota: Quota::new(algorithm, limit, Unit::Minute, 1, burst),
+                key: key.to_owned(),
+                previous: None,
+                cost: 1,
+                jitter_secs: 0,
+            }
+        }
+
+        fn run(store: &MemoryStore, checks: &[Check], now_ms: u64) -> Vec<Decided> {
+            let roles = [Role::default()];
+            store.decide_locked(&Batch {
+                checks,
+                roles: &roles,
+                quota_total: 0,
+                charging: Charging::Always,
+                never_refuse: false,
+                now_ms,
+            })
+        }
+
+        #[test]
+        fn a_token_bucket_keeps_its_state_and_outlives_its_first_expiry() {
+            let clock = clock_at(NOW_S);
+            let store = MemoryStore::new(clock.clone(), NonZeroUsize::MIN.saturating_add(99));
+            let tb = [check("tb", Algorithm::TokenBucket, 3, Some(2))];
+            let now = NOW_S * 1000;
+            let allowed: Vec<bool> = (0..3)
+                .map(|_| run(&store, &tb, now)[0].verdict.allowed)
+                .collect();
+            assert_eq!(allowed, [true, true, false]);
+            // Charged again 30 s later (one token back after 20 s): the bucket ends later than
+            // first ordered, so the sweeper at its first end keeps it.
+            let d = run(&store, &tb, now + 30_000);
+            assert!(d[0].verdict.allowed);
+            assert_eq!(d[0].verdict.remaining, 0);
+            clock.0.store(NOW_S + 41 + GRACE_SECS, Ordering::SeqCst);
+            assert_eq!(store.sweep(), 0);
+            assert_eq!(store.len(), 1);
+            // Full again 40 s after the last charge (+ 1 s of grace): gone.
+            clock.0.store(NOW_S + 71 + GRACE_SECS, Ordering::SeqCst);
+            assert_eq!(store.sweep(), 1);
+            assert!(store.is_empty());
+        }
+
+        #[test]
+        fn a_sliding_window_reads_the_previous_window_and_writes_the_current_one() {
+            let store = MemoryStore::new(clock_at(NOW_S), NonZeroUsize::MIN.saturating_add(99));
+            let now = NOW_S * 1000;
+            let prev = check("w0", Algorithm::SlidingWindow, 4, None);
+            for _ in 0..4 {
+                assert!(
+                    run(&store, std::slice::from_ref(&prev), now)[0]
+                        .verdict
+                        .allowed
+                );
+            }
+            // Half-way through the next window, 2 of the 4 still count.
+            let mut cur = check("w1", Algorithm::SlidingWindow, 4, None);
+            cur.previous = Some("w0".to_owned());
+            let at = now + 90_000;
+            let got: Vec<(bool, u64)> = (0..3)
+                .map(|_| {
+                    let d = run(&store, std::slice::from_ref(&cur), at)[0];
+                    (d.verdict.allowed, d.verdict.remaining)
+                })
+                .collect();
+            assert_eq!(got, [(true, 1), (true, 0), (false, 0)]);
+        }
+
+        #[test]
+        fn concurrent_requests_on_shared_keys_are_decided_one_at_a_time() {
+            let store = MemoryStore::new(clock_at(NOW_S), NonZeroUsize::MIN.saturating_add(99));
+            let now = NOW_S * 1000;
+            // Two keys per request, in both orders across threads: no deadlock, exact counts.
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        let bucket = check("bucket", Algorithm::TokenBucket, 100, None);
+                        let window = check("window", Algorithm::FixedWindow, 1000, None);
+                        let (checks, at) = if t % 2 == 0 {
+                            ([bucket, window], 0)
+                        } else {
+                            ([window, bucket], 1)
+                        };
+                        (0..50)
+                            .filter(|_| run(&store, &checks, now)[at].verdict.allowed)
+                            .count()
+                    })
+                })
+                .collect();
+            let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert_eq!(allowed, 100, "exactly the bucket's capacity");
+        }
     }
 }

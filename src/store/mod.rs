@@ -11,6 +11,7 @@ use std::future::Future;
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisSettings, RedisStore, SocketType};
 
+use crate::limiter::engine::{Batch, Decided};
 pub use crate::limiter::MAX_COUNT;
 
 /// One counter to bump.
@@ -110,6 +111,14 @@ pub trait Store: Send + Sync + 'static {
     /// values after the addition, in order. Never retried by the caller: a retry after an
     /// ambiguous failure could count the same request twice.
     fn increment(&self, hits: &[Hit]) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+
+    /// Decides every check of `batch` atomically, as [`crate::limiter::engine::decide`] does from the keys'
+    /// states at one instant, stores the charged states, and returns the decisions in order.
+    /// Never retried by the caller: a retry after an ambiguous failure could charge twice.
+    fn decide(
+        &self,
+        batch: &Batch<'_>,
+    ) -> impl Future<Output = Result<Vec<Decided>, StoreError>> + Send;
 }
 
 /// Which counter store to run (`BACKEND_TYPE`).
@@ -158,6 +167,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.increment(hits).await,
             AnyStore::Redis(s) => s.increment(hits).await,
+        }
+    }
+
+    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.decide(batch).await,
+            AnyStore::Redis(s) => s.decide(batch).await,
         }
     }
 }

@@ -1,0 +1,328 @@
+//! One request's checks decided together: every limit of every limited descriptor is
+//! evaluated against the state its keys held at one instant, then the charging policy picks
+//! which to charge. The in-memory store runs [`decide`] under the locks of every key it
+//! touches; the Redis script does the same steps in the same order, so both stores decide
+//! alike (property tests compare them).
+
+use super::algorithm::{evaluate, Algorithm, Quota, State, Verdict};
+
+/// Which checks a request charges (`STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`, `STRICT_CHARGING`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Charging {
+    /// The reference's default: every fitting check is charged, and a fixed window is charged
+    /// even when over its limit. A refused sliding-window or token-bucket check is not (its
+    /// Retry-After would otherwise be wrong the moment it is sent).
+    #[default]
+    Always,
+    /// The reference's `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT=true`: when any check would be
+    /// over, only the checks that would be over are charged (fixed windows; the reference
+    /// increments exactly those keys); otherwise all are. Decided atomically, in one round trip.
+    StopWhenOver,
+    /// `STRICT_CHARGING=true`: a request is charged to all its checks or to none. One refused
+    /// by the answer charges nothing anywhere.
+    AllOrNothing,
+}
+
+/// How one limited descriptor's refusal counts toward refusing the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Role {
+    /// The rule's `shadow_mode`: never refuses.
+    pub shadow: bool,
+    /// A quota descriptor (`quota_mode`, `QUOTA_MODE`): refuses only with all the others.
+    pub quota: bool,
+}
+
+/// One limit of one limited descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Index of its descriptor among the request's limited descriptors (into
+    /// [`Batch::roles`]).
+    pub descriptor: usize,
+    pub quota: Quota,
+    /// The state's key: the current window's counter, or the bucket.
+    pub key: String,
+    /// Sliding window: the previous window's counter.
+    pub previous: Option<String>,
+    /// `hits_addend`; 0 checks without charging.
+    pub cost: u64,
+    /// Extra seconds of life for the keys (`EXPIRATION_JITTER_MAX_SECONDS`), so keys written
+    /// together do not all expire together.
+    pub jitter_secs: u64,
+}
+
+impl Check {
+    /// When a charged key may go (Unix ms): the end of its window (of the next one for a
+    /// sliding window, whose count is read then as the previous one), or when the bucket is
+    /// full again; plus the jitter.
+    pub fn expires_ms(&self, now_ms: u64, charged: &State) -> u64 {
+        let w = self.quota.window_ms.max(1);
+        let end = match self.quota.algorithm {
+            Algorithm::FixedWindow => super::algorithm::window_start_ms(w, now_ms) + w,
+            Algorithm::SlidingWindow => super::algorithm::window_start_ms(w, now_ms) + 2 * w,
+            Algorithm::TokenBucket => charged.a + 1,
+        };
+        end.saturating_add(self.jitter_secs.saturating_mul(1000))
+    }
+}
+
+/// Everything a store needs to decide one request.
+#[derive(Debug, Clone)]
+pub struct Batch<'a> {
+    pub checks: &'a [Check],
+    /// Per limited descriptor.
+    pub roles: &'a [Role],
+    /// Quota descriptors in the request, including those with no rule under `QUOTA_MODE`:
+    /// the request is refused when that many are.
+    pub quota_total: usize,
+    pub charging: Charging,
+    /// `SHADOW_MODE`: the answer is never a refusal, so strict charging charges.
+    pub never_refuse: bool,
+    pub now_ms: u64,
+}
+
+/// One check's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decided {
+    pub verdict: Verdict,
+    /// The state to store, when charged.
+    pub charge: Option<State>,
+}
+
+/// Decides every check of `batch` from `states` (one per check, read at one instant; absent
+/// keys are `State::default()`), in order.
+pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
+    let now = batch.now_ms;
+    let outcomes: Vec<_> = batch
+        .checks
+        .iter()
+        .zip(states)
+        .map(|(c, s)| evaluate(&c.quota, *s, c.cost, now))
+        .collect();
+    let fits = |c: &Check| c.cost <= c.quota.capacity;
+    let charged: Vec<bool> = match batch.charging {
+        Charging::Always => batch
+            .checks
+            .iter()
+            .zip(&outcomes)
+            .map(|(c, o)| {
+                fits(c) && (o.verdict.allowed || c.quota.algorithm == Algorithm::FixedWindow)
+            })
+            .collect(),
+        Charging::StopWhenOver => {
+            let any_over = outcomes.iter().any(|o| !o.verdict.allowed);
+            batch
+                .checks
+                .iter()
+                .zip(&outcomes)
+                .map(|(c, o)| {
+                    fits(c)
+                        && if any_over {
+                            !o.verdict.allowed && c.quota.algorithm == Algorithm::FixedWindow
+                        } else {
+                            true
+                        }
+                })
+                .collect()
+        }
+        Charging::AllOrNothing => {
+            let all = !refused(batch, &outcomes);
+            vec![all; outcomes.len()]
+        }
+    };
+    batch
+        .checks
+        .iter()
+        .zip(states)
+        .zip(outcomes.iter().zip(charged))
+        .map(|((c, s), (o, charged))| {
+            if charged {
+                Decided {
+                    verdict: o.verdict,
+                    charge: Some(o.charged),
+                }
+            } else if o.verdict.allowed {
+                // Fits but not charged: the limit as it stands, without this request.
+                let mut verdict = evaluate(&c.quota, *s, 0, now).verdict;
+                verdict.allowed = true;
+                Decided {
+                    verdict,
+                    charge: None,
+                }
+            } else {
+                Decided {
+                    verdict: o.verdict,
+                    charge: None,
+                }
+            }
+        })
+        .collect()
+}
+
+/// Whether the answer to the request will be a refusal, as the service computes it: a
+/// refused descriptor that is neither shadowed nor a quota descriptor, or every quota
+/// descriptor refused.
+fn refused(batch: &Batch<'_>, outcomes: &[super::algorithm::Outcome]) -> bool {
+    if batch.never_refuse {
+        return false;
+    }
+    let mut over = vec![false; batch.roles.len()];
+    for (c, o) in batch.checks.iter().zip(outcomes) {
+        if !o.verdict.allowed {
+            if let Some(d) = over.get_mut(c.descriptor) {
+                *d = true;
+            }
+        }
+    }
+    let mut failed_quota = 0;
+    for (role, over) in batch.roles.iter().zip(over) {
+        if over && !role.shadow {
+            if role.quota {
+                failed_quota += 1;
+            } else {
+                return true;
+            }
+        }
+    }
+    batch.quota_total > 0 && failed_quota == batch.quota_total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::Unit;
+
+    const NOW: u64 = 1_700_000_040_000;
+
+    fn check(descriptor: usize, algorithm: Algorithm, limit: u32, cost: u64) -> Check {
+        Check {
+            descriptor,
+            quota: Quota::new(algorithm, limit, Unit::Minute, 1, None),
+            key: format!("k{descriptor}"),
+            previous: None,
+            cost,
+            jitter_secs: 0,
+        }
+    }
+
+    fn batch<'a>(checks: &'a [Check], roles: &'a [Role], charging: Charging) -> Batch<'a> {
+        Batch {
+            checks,
+            roles,
+            quota_total: roles.iter().filter(|r| r.quota).count(),
+            charging,
+            never_refuse: false,
+            now_ms: NOW,
+        }
+    }
+
+    fn count(n: u64) -> State {
+        State { a: n, b: 0 }
+    }
+
+    #[test]
+    fn by_default_fixed_windows_count_even_when_over_and_other_algorithms_do_not() {
+        let checks = [
+            check(0, Algorithm::FixedWindow, 5, 1),
+            check(1, Algorithm::SlidingWindow, 5, 1),
+            check(2, Algorithm::FixedWindow, 5, 1),
+        ];
+        let roles = [Role::default(); 3];
+        let d = decide(
+            &batch(&checks, &roles, Charging::Always),
+            &[count(5), count(5), count(1)],
+        );
+        assert_eq!(
+            d[0].charge,
+            Some(count(6)),
+            "over, counted as the reference does"
+        );
+        assert!(!d[0].verdict.allowed);
+        assert_eq!(d[1].charge, None, "a refused sliding window is not charged");
+        assert_eq!(d[2].charge, Some(count(2)));
+    }
+
+    #[test]
+    fn stop_when_over_charges_only_the_checks_that_would_be_over() {
+        let checks = [
+            check(0, Algorithm::FixedWindow, 5, 1),
+            check(1, Algorithm::FixedWindow, 5, 1),
+        ];
+        let roles = [Role::default(); 2];
+        let b = batch(&checks, &roles, Charging::StopWhenOver);
+        let d = decide(&b, &[count(5), count(1)]);
+        assert_eq!(d[0].charge, Some(count(6)));
+        assert_eq!(d[1].charge, None);
+        // The uncharged one reports its count as it stands: 4 left.
+        assert!(d[1].verdict.allowed);
+        assert_eq!(d[1].verdict.remaining, 4);
+        // Nothing over: everything charged.
+        let d = decide(&b, &[count(1), count(1)]);
+        assert_eq!((d[0].charge, d[1].charge), (Some(count(2)), Some(count(2))));
+    }
+
+    #[test]
+    fn strict_charging_charges_everything_or_nothing() {
+        let checks = [
+            check(0, Algorithm::FixedWindow, 5, 1),
+            check(1, Algorithm::TokenBucket, 5, 1),
+        ];
+        let roles = [Role::default(); 2];
+        let b = batch(&checks, &roles, Charging::AllOrNothing);
+        let d = decide(&b, &[count(5), State::default()]);
+        assert!(d.iter().all(|d| d.charge.is_none()));
+        assert!(d[1].verdict.allowed);
+        assert_eq!(d[1].verdict.remaining, 5, "the bucket untouched");
+        let d = decide(&b, &[count(1), State::default()]);
+        assert!(d.iter().all(|d| d.charge.is_some()));
+        assert_eq!(d[1].verdict.remaining, 4);
+    }
+
+    #[test]
+    fn strict_charging_follows_shadow_and_quota_roles() {
+        let checks = [
+            check(0, Algorithm::FixedWindow, 5, 1),
+            check(1, Algorithm::FixedWindow, 5, 1),
+        ];
+        // A shadowed descriptor over its limit does not refuse the request: both charged.
+        let roles = [
+            Role {
+                shadow: true,
+                quota: false,
+            },
+            Role::default(),
+        ];
+        let d = decide(
+            &batch(&checks, &roles, Charging::AllOrNothing),
+            &[count(5), count(0)],
+        );
+        assert!(d.iter().all(|d| d.charge.is_some()));
+        // One of two quota descriptors over: the request passes, so both are charged.
+        let roles = [Role {
+            shadow: false,
+            quota: true,
+        }; 2];
+        let b = batch(&checks, &roles, Charging::AllOrNothing);
+        assert!(decide(&b, &[count(5), count(0)])
+            .iter()
+            .all(|d| d.charge.is_some()));
+        // Both over: refused, nothing charged.
+        assert!(decide(&b, &[count(5), count(5)])
+            .iter()
+            .all(|d| d.charge.is_none()));
+    }
+
+    #[test]
+    fn a_cost_above_the_capacity_is_never_charged() {
+        let checks = [check(0, Algorithm::FixedWindow, 5, 6)];
+        let roles = [Role::default()];
+        for charging in [
+            Charging::Always,
+            Charging::StopWhenOver,
+            Charging::AllOrNothing,
+        ] {
+            let d = decide(&batch(&checks, &roles, charging), &[count(0)]);
+            assert_eq!(d[0].charge, None, "{charging:?}");
+            assert!(!d[0].verdict.allowed);
+        }
+    }
+}
