@@ -5,7 +5,8 @@
 //! - [`matcher`]: descriptor to rule, level by level, pure.
 //! - [`limiter`]: fixed windows, counter keys and the OK/OVER_LIMIT decision, clock injected.
 //! - [`store`]: counters in Redis or in memory behind one async trait.
-//! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`calls`] counts each call once.
+//! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
+//!   the store's decisions; [`calls`] counts each call once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout).
@@ -21,6 +22,7 @@
 //! - [`proto`]: the generated Envoy RLS v3 types.
 
 pub mod admin;
+pub mod answer;
 pub mod calls;
 pub mod cli;
 pub mod config;

@@ -17,7 +17,7 @@ use crate::{
     admin::State,
     config::{ConfigSource, ReloadOutcome, Reloader, RuleTree},
     health::{Component, Health},
-    limiter::{CacheKeyBuilder, Clock, SystemClock},
+    limiter::{engine::Charging, CacheKeyBuilder, Clock, SystemClock},
     metrics::{Exporter, Stats, StatsSettings},
     server,
     service::{HeaderNames, RateLimiter, ServiceSettings},
@@ -314,6 +314,14 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
         near_limit_ratio: args.near_limit_ratio,
         rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
         max_concurrent_calls: args.max_concurrent_calls,
+        charging: if args.strict_charging {
+            Charging::AllOrNothing
+        } else if args.stop_cache_key_increment_when_overlimit {
+            Charging::StopWhenOver
+        } else {
+            Charging::Always
+        },
+        default_algorithm: Default::default(),
     }
 }
 

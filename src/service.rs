@@ -1,10 +1,9 @@
-//! `ShouldRateLimit`: request in, rules matched, counters bumped in one store call, answer out.
+//! `ShouldRateLimit`: request in, rules matched, every limit decided in one store call,
+//! answer out ([`crate::answer`]).
 //!
-//! The answer follows envoyproxy/ratelimit field for field (statuses in request order, the
-//! same `limit_remaining`, `duration_until_reset`, RateLimit-* headers and shadow/quota
-//! rules); where we differ it is on purpose and listed in the README's migration notes:
-//! `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for bad requests and
-//! `UNAVAILABLE` for backend failures.
+//! Where we differ from envoyproxy/ratelimit it is on purpose and listed in the README's
+//! migration notes: `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for
+//! bad requests and `UNAVAILABLE` for backend failures.
 
 use std::{borrow::Cow, collections::HashSet, sync::Arc};
 
@@ -12,24 +11,23 @@ use arc_swap::ArcSwap;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use crate::{
+    answer::{self, Resolved},
     calls::{BackendCall, Calls, Outcome},
     config::{Limit, Rule, RuleTree},
     error::ServiceError,
-    limiter::{decide, CacheKeyBuilder, Clock, Unit},
+    limiter::{
+        algorithm::window_start_ms,
+        bucket_key,
+        engine::{Batch, Charging, Check, Role},
+        window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
+    },
     log_throttle::LogThrottle,
     matcher,
-    metrics::{self as m, HitOutcome, Stats},
-    proto::envoy::{
-        config::core::v3::HeaderValue,
-        service::ratelimit::v3::{
-            rate_limit_response::{
-                rate_limit::Unit as WireUnit, Code, DescriptorStatus, RateLimit,
-            },
-            rate_limit_service_server::RateLimitService,
-            RateLimitRequest, RateLimitResponse,
-        },
+    metrics::{self as m, Stats},
+    proto::envoy::service::ratelimit::v3::{
+        rate_limit_service_server::RateLimitService, RateLimitRequest, RateLimitResponse,
     },
-    store::{Hit, Store, MAX_COUNT},
+    store::{Store, MAX_COUNT},
 };
 
 /// Most descriptors one request may carry (Envoy sends a handful).
@@ -66,6 +64,11 @@ pub struct ServiceSettings {
     pub rule_header: Option<String>,
     /// `MAX_CONCURRENT_CALLS`: calls answered at once; 0 means no bound.
     pub max_concurrent_calls: u64,
+    /// `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`, `STRICT_CHARGING`: which checks a request
+    /// charges.
+    pub charging: Charging,
+    /// `DEFAULT_ALGORITHM`, for limits sent by Envoy (rules get it when compiled).
+    pub default_algorithm: Algorithm,
 }
 
 /// The rate limit service over a store `S`.
@@ -85,22 +88,6 @@ pub struct RateLimiter<S> {
     calls: Calls,
     /// Backend failures are logged once per stretch, not once per call.
     backend_log: LogThrottle,
-}
-
-/// What applies to one descriptor.
-enum Resolved<'a> {
-    /// No rule (or replaced, or unknown domain): OK, no current limit.
-    Nothing,
-    /// `unlimited: true`: OK, remaining u32::MAX, store untouched.
-    Unlimited,
-    Limited {
-        limit: Limit,
-        /// `None` for a limit override sent by Envoy.
-        rule: Option<&'a Rule>,
-        shared: Vec<(usize, &'a str)>,
-        /// Key of the per-rule metrics.
-        stats_key: Cow<'a, str>,
-    },
 }
 
 impl<S: Store> RateLimiter<S> {
@@ -195,40 +182,108 @@ impl<S: Store> RateLimiter<S> {
         validate(req)?;
         // One atomic load: the whole request sees one rule set even if a reload lands now.
         let tree = self.rules.load_full();
-        let now = self.clock.now_unix();
-        let resolved = resolve(&tree, req)?;
+        // One clock read: every key and every decision of the request uses it.
+        let now_ms = self.clock.now_millis();
+        let resolved = resolve(&tree, req, self.settings.default_algorithm)?;
 
-        let request_hits = u64::from(req.hits_addend.max(1));
-        let mut hits = Vec::new();
+        let mut checks = Vec::new();
+        let mut roles = Vec::new();
+        let mut quota_total = 0;
         for (d, r) in req.descriptors.iter().zip(&resolved) {
-            if let Resolved::Limited { limit, shared, .. } = r {
-                let entries =
-                    d.entries.iter().enumerate().map(|(i, e)| {
+            match r {
+                Resolved::Limited {
+                    limits,
+                    rule,
+                    shared,
+                    cost,
+                    ..
+                } => {
+                    let entries = d.entries.iter().enumerate().map(|(i, e)| {
                         (e.key.as_str(), matcher::counter_value(shared, i, &e.value))
                     });
-                hits.push(Hit {
-                    key: self.keys.build(&req.domain, entries, limit.unit, now),
-                    // Counters saturate at MAX_COUNT on both backends: a larger addend is
-                    // counted as MAX_COUNT (over any limit) instead of failing the counter.
-                    hits: d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT),
-                    window_secs: limit.unit.seconds(),
-                    window_start: limit.unit.window_start(now),
-                    ttl_secs: limit.unit.seconds() + self.jitter(),
-                });
+                    let base = self.keys.base(&req.domain, entries);
+                    let quota =
+                        self.settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
+                    quota_total += usize::from(quota);
+                    let descriptor = roles.len();
+                    roles.push(Role {
+                        shadow: rule.is_some_and(|r| r.shadow_mode),
+                        quota,
+                    });
+                    let single = limits.len() == 1;
+                    for limit in limits.iter() {
+                        checks.push(self.check(descriptor, &base, limit, single, *cost, now_ms));
+                    }
+                }
+                Resolved::Nothing => {
+                    quota_total += usize::from(self.settings.global_quota_mode);
+                }
+                Resolved::Unlimited => {}
             }
         }
-        let counts = if hits.is_empty() {
+        let decided = if checks.is_empty() {
             Vec::new()
         } else {
+            let batch = Batch {
+                checks: &checks,
+                roles: &roles,
+                quota_total,
+                charging: self.settings.charging,
+                never_refuse: self.settings.global_shadow_mode,
+                now_ms,
+            };
             let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
-            let result = self.store.increment(&hits).await;
+            let result = self.store.decide(&batch).await;
             if let Err(e) = &result {
                 counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
             }
             result?
         };
-        tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), counters = hits.len(), "should_rate_limit");
-        Ok(self.respond(req, &resolved, &hits, &counts, now))
+        tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), checks = checks.len(), "should_rate_limit");
+        Ok(answer::respond(
+            &self.settings,
+            &self.stats,
+            req,
+            &resolved,
+            &decided,
+            &self.global_shadow,
+        ))
+    }
+
+    /// One limit's check: its keys (the reference's for a rule's single one-unit fixed
+    /// window, tagged with the window otherwise, see `limiter::key`), quota and cost.
+    fn check(
+        &self,
+        descriptor: usize,
+        base: &str,
+        limit: &Limit,
+        single: bool,
+        cost: u64,
+        now_ms: u64,
+    ) -> Check {
+        let quota = limit.quota();
+        let tag = (!single || limit.multiplier != 1).then_some((limit.multiplier, limit.unit));
+        let start_ms = window_start_ms(quota.window_ms, now_ms);
+        let window = |start_ms: u64| window_key(base, start_ms / 1000, tag);
+        let (key, previous) = match limit.algorithm {
+            Algorithm::FixedWindow => (window(start_ms), None),
+            Algorithm::SlidingWindow => (
+                window(start_ms),
+                Some(window(start_ms.saturating_sub(quota.window_ms))),
+            ),
+            Algorithm::TokenBucket => (
+                bucket_key(base, limit.multiplier, limit.unit, limit.requests_per_unit),
+                None,
+            ),
+        };
+        Check {
+            descriptor,
+            quota,
+            key,
+            previous,
+            cost,
+            jitter_secs: self.jitter(),
+        }
     }
 
     fn jitter(&self) -> u64 {
@@ -236,162 +291,6 @@ impl<S: Store> RateLimiter<S> {
             0 => 0,
             max => fastrand::u64(0..max),
         }
-    }
-
-    fn respond(
-        &self,
-        req: &RateLimitRequest,
-        resolved: &[Resolved<'_>],
-        hits: &[Hit],
-        counts: &[u64],
-        now: u64,
-    ) -> RateLimitResponse {
-        let mut counts = counts.iter().zip(hits);
-        // The first over-limit descriptor's rule, for LIMIT_RULE_HEADER.
-        let mut fired: Option<&str> = None;
-        let mut statuses = Vec::with_capacity(resolved.len());
-        let (mut failed, mut failed_quota, mut total_quota) = (0usize, 0usize, 0usize);
-        // The descriptor closest to its limit, for the RateLimit-* headers (as the reference
-        // picks it: lowest remaining, and any non-quota OVER_LIMIT wins).
-        let (mut header_source, mut min_remaining): (Option<Limit>, u32) = (None, u32::MAX);
-        let mut retry_after = 0u64;
-        for r in resolved {
-            let status = match r {
-                Resolved::Nothing => DescriptorStatus {
-                    code: Code::Ok as i32,
-                    ..Default::default()
-                },
-                Resolved::Unlimited => DescriptorStatus {
-                    code: Code::Ok as i32,
-                    limit_remaining: u32::MAX,
-                    ..Default::default()
-                },
-                Resolved::Limited {
-                    limit,
-                    rule,
-                    stats_key,
-                    ..
-                } => {
-                    let (after, hit) = counts.next().map_or((0, 0), |(c, h)| (*c, h.hits));
-                    let d = decide(limit.requests_per_unit, after);
-                    let shadow = rule.is_some_and(|r| r.shadow_mode);
-                    let over = d.over_limit && !shadow;
-                    let outcome = HitOutcome {
-                        requests_per_unit: limit.requests_per_unit,
-                        hits: hit,
-                        after,
-                        shadow_mode: shadow,
-                    };
-                    let ratio = self.settings.near_limit_ratio;
-                    match (rule, stats_key) {
-                        // The rule's own key: its counters, registered with the config.
-                        (Some(rule), Cow::Borrowed(key)) => {
-                            self.stats
-                                .record_rule(&req.domain, key, &rule.counters, outcome, ratio)
-                        }
-                        // A key holding request data (bounded by the stats).
-                        _ => self.stats.record(&req.domain, stats_key, outcome, ratio),
-                    }
-                    if over && fired.is_none() {
-                        fired = Some(rule.map_or("limit override", |r| {
-                            if r.name.is_empty() {
-                                &r.path
-                            } else {
-                                &r.name
-                            }
-                        }));
-                    }
-                    let reset = limit.unit.until_reset(now);
-                    DescriptorStatus {
-                        code: if over { Code::OverLimit } else { Code::Ok } as i32,
-                        current_limit: Some(RateLimit {
-                            name: rule.map(|r| r.name.clone()).unwrap_or_default(),
-                            requests_per_unit: limit.requests_per_unit,
-                            unit: wire_unit(limit.unit) as i32,
-                        }),
-                        limit_remaining: d.remaining,
-                        duration_until_reset: Some(prost_types::Duration {
-                            seconds: i64::try_from(reset).unwrap_or(i64::MAX),
-                            nanos: 0,
-                        }),
-                        quota: None,
-                    }
-                }
-            };
-            if let Resolved::Limited { limit, rule, .. } = r {
-                let quota = self.settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
-                if status.limit_remaining < min_remaining {
-                    header_source = Some(*limit);
-                    min_remaining = status.limit_remaining;
-                }
-                if status.code == Code::OverLimit as i32 {
-                    retry_after = retry_after.max(limit.unit.until_reset(now));
-                    if quota {
-                        failed_quota += 1;
-                    } else {
-                        failed += 1;
-                        header_source = Some(*limit);
-                        min_remaining = 0;
-                    }
-                }
-                total_quota += usize::from(quota);
-            } else if matches!(r, Resolved::Nothing) && self.settings.global_quota_mode {
-                total_quota += 1;
-            }
-            statuses.push(status);
-        }
-
-        let mut overall = if failed > 0 || (total_quota > 0 && total_quota == failed_quota) {
-            Code::OverLimit
-        } else {
-            Code::Ok
-        };
-        let mut headers = Vec::new();
-        if let (Some(names), Some(limit)) = (&self.settings.response_headers, header_source) {
-            headers.push(header(&names.limit, limit.requests_per_unit.to_string()));
-            headers.push(header(&names.remaining, min_remaining.to_string()));
-            headers.push(header(
-                &names.reset,
-                limit.unit.until_reset(now).to_string(),
-            ));
-        }
-        if overall == Code::OverLimit && self.settings.global_shadow_mode {
-            overall = Code::Ok;
-            self.global_shadow.increment(1);
-        }
-        if overall == Code::OverLimit {
-            headers.push(header("Retry-After", retry_after.max(1).to_string()));
-            if let (Some(name), Some(rule)) = (&self.settings.rule_header, fired) {
-                tracing::debug!(domain = %req.domain, rule, "over limit");
-                headers.push(header(name, rule.to_owned()));
-            }
-        }
-        RateLimitResponse {
-            overall_code: overall as i32,
-            statuses,
-            response_headers_to_add: headers,
-            ..Default::default()
-        }
-    }
-}
-
-fn header(key: &str, value: String) -> HeaderValue {
-    HeaderValue {
-        key: key.to_owned(),
-        value,
-        raw_value: Vec::new(),
-    }
-}
-
-fn wire_unit(u: Unit) -> WireUnit {
-    match u {
-        Unit::Second => WireUnit::Second,
-        Unit::Minute => WireUnit::Minute,
-        Unit::Hour => WireUnit::Hour,
-        Unit::Day => WireUnit::Day,
-        Unit::Week => WireUnit::Week,
-        Unit::Month => WireUnit::Month,
-        Unit::Year => WireUnit::Year,
     }
 }
 
@@ -441,30 +340,43 @@ fn validate(req: &RateLimitRequest) -> Result<(), ServiceError> {
 fn resolve<'a>(
     tree: &'a RuleTree,
     req: &RateLimitRequest,
+    default_algorithm: Algorithm,
 ) -> Result<Vec<Resolved<'a>>, ServiceError> {
     let known_domain = tree.domains.contains_key(&req.domain);
+    // The reference's rules: a request addend of 0 means 1; a descriptor's own addend, 0
+    // included (check without charging), wins. Counters saturate at MAX_COUNT on both
+    // backends, so a larger addend is counted as MAX_COUNT (over any limit).
+    let request_hits = u64::from(req.hits_addend.max(1));
     let mut scratch = String::new();
     let mut replaced: Vec<&'a str> = Vec::new();
     let mut out = Vec::with_capacity(req.descriptors.len());
     for (i, d) in req.descriptors.iter().enumerate() {
+        let cost = d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT);
         out.push(if !known_domain {
             Resolved::Nothing
         } else if let Some(o) = &d.limit {
-            override_limit(i, &req.domain, d, o.requests_per_unit, o.unit)?
+            let limit = OverrideLimit {
+                requests_per_unit: o.requests_per_unit,
+                unit: o.unit,
+                algorithm: default_algorithm,
+            };
+            override_limit(i, &req.domain, d, limit, cost)?
         } else {
             match matcher::find(tree, &req.domain, &d.entries, &mut scratch) {
                 None => Resolved::Nothing,
                 Some(m) => {
                     let rule: &'a Rule = m.rule;
                     replaced.extend(rule.replaces.iter().map(String::as_str));
-                    match rule.limits.first().copied() {
-                        None => Resolved::Unlimited,
-                        Some(limit) => Resolved::Limited {
-                            limit,
+                    if rule.limits.is_empty() {
+                        Resolved::Unlimited
+                    } else {
+                        Resolved::Limited {
+                            limits: Cow::Borrowed(&rule.limits),
                             rule: Some(rule),
                             shared: m.shared,
                             stats_key: m.stats_key,
-                        },
+                            cost,
+                        }
                     }
                 }
             }
@@ -485,6 +397,14 @@ fn resolve<'a>(
     Ok(out)
 }
 
+/// A limit sent by Envoy in a descriptor, counted with `DEFAULT_ALGORITHM`.
+struct OverrideLimit {
+    requests_per_unit: u32,
+    /// The wire value of its unit.
+    unit: i32,
+    algorithm: Algorithm,
+}
+
 /// A limit sent by Envoy in the descriptor. Its metrics go under the descriptor's keys only
 /// (`domain.key1.key2`), not their values; Envoy chooses the keys too, so the stats key counts
 /// against `METRICS_MAX_DYNAMIC_KEYS` (see [`crate::metrics`]).
@@ -492,12 +412,15 @@ fn override_limit<'a>(
     i: usize,
     domain: &str,
     d: &crate::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor,
-    requests_per_unit: u32,
-    unit: i32,
+    o: OverrideLimit,
+    cost: u64,
 ) -> Result<Resolved<'a>, ServiceError> {
-    match Unit::from_wire(unit) {
+    match Unit::from_wire(o.unit) {
         Some(unit) => Ok(Resolved::Limited {
-            limit: Limit::fixed(requests_per_unit, unit),
+            limits: Cow::Owned(vec![Limit {
+                algorithm: o.algorithm,
+                ..Limit::fixed(o.requests_per_unit, unit)
+            }]),
             rule: None,
             shared: Vec::new(),
             stats_key: Cow::Owned(d.entries.iter().fold(domain.to_owned(), |mut k, e| {
@@ -505,9 +428,11 @@ fn override_limit<'a>(
                 k.push_str(&e.key);
                 k
             })),
+            cost,
         }),
         None => Err(ServiceError::InvalidArgument(format!(
-            "descriptor {i} has a limit override with unknown unit {unit}"
+            "descriptor {i} has a limit override with unknown unit {}",
+            o.unit
         ))),
     }
 }
@@ -591,7 +516,15 @@ mod tests {
 
         // A limit override with an unknown unit, found while resolving.
         let d = descriptor(&[("k", secret)]);
-        let e = override_limit(0, "d", &d, 1, 99).err().unwrap().to_string();
+        let bad = OverrideLimit {
+            requests_per_unit: 1,
+            unit: 99,
+            algorithm: Algorithm::FixedWindow,
+        };
+        let e = override_limit(0, "d", &d, bad, 1)
+            .err()
+            .unwrap()
+            .to_string();
         assert_eq!(e, "descriptor 0 has a limit override with unknown unit 99");
     }
 
@@ -662,6 +595,7 @@ descriptors:
             (s.code, s.limit_remaining, reset.seconds, retry)
         }
 
+        use crate::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
         const OK: i32 = Code::Ok as i32;
         const OVER: i32 = Code::OverLimit as i32;
 

@@ -248,6 +248,13 @@ pub struct ServeArgs {
     pub shadow_mode: bool,
     #[arg(long, env = "QUOTA_MODE", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub quota_mode: bool,
+    /// When a request would take a limit over, charge only the limits it would take over
+    /// (the reference's semantics, decided atomically in one round trip).
+    #[arg(long, env = "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub stop_cache_key_increment_when_overlimit: bool,
+    /// Charge a request to all its limits or to none: a refused request charges nothing.
+    #[arg(long, env = "STRICT_CHARGING", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(), conflicts_with = "stop_cache_key_increment_when_overlimit")]
+    pub strict_charging: bool,
     #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub limit_response_headers_enabled: bool,
     #[arg(long, env = "LIMIT_LIMIT_HEADER", default_value = "RateLimit-Limit")]
@@ -385,7 +392,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "FORCE_START_WITHOUT_INITIAL_CONFIG",
     "RUNTIME_WATCH_ROOT",
     "LOCAL_CACHE_SIZE_IN_BYTES",
-    "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
     "REDIS_TYPE",
     "REDIS_TLS_CLIENT_CERT",
     "REDIS_TLS_CLIENT_KEY",

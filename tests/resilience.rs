@@ -49,7 +49,7 @@ fn wait_metric(rl: &Ratelimitd, name: &str, labels: &[(&str, &str)], want: f64) 
 
 const SRL: &str = "ShouldRateLimit";
 
-async fn saturates(rl: &Ratelimitd) {
+async fn oversized_costs(rl: &Ratelimitd) {
     let mut c = rl.client().await;
     let mut req = request("res", &[&[("a", "x")], &[("b", "y")]]);
     // 2^63 + 5: more than a Redis counter can hold.
@@ -59,16 +59,18 @@ async fn saturates(rl: &Ratelimitd) {
     assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
     assert_eq!(r.statuses[1].code, Code::Ok as i32);
     assert_eq!(r.statuses[1].limit_remaining, 4);
-    // The counter is saturated, not broken: every later call is answered, over the limit.
-    for _ in 0..3 {
+    // A cost above the limit is refused and consumes nothing: the counter is untouched and
+    // every later call is answered from it.
+    for remaining in [4, 3, 2] {
         let r = c
             .should_rate_limit(request("res", &[&[("a", "x")]]))
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.overall_code, Code::OverLimit as i32);
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].limit_remaining, remaining);
     }
-    // Pushed past the top by ordinary addends: still answered.
+    // Addends near the top: refused every time, never failing the key.
     let mut req = request("res", &[&[("b", "z")]]);
     req.descriptors[0].hits_addend = Some(i64::MAX as u64 - 1);
     for _ in 0..3 {
@@ -84,29 +86,27 @@ async fn saturates(rl: &Ratelimitd) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncountable_hits_saturate_in_memory() {
+async fn oversized_costs_are_refused_without_charging_in_memory() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let rl = Ratelimitd::builder(dir.path()).start();
     ensure_window_room(3600, Duration::from_secs(10)).await;
-    saturates(&rl).await;
+    oversized_costs(&rl).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncountable_hits_saturate_in_redis_and_never_poison_the_counter() {
+async fn oversized_costs_are_refused_without_charging_in_redis() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let redis = RedisServer::start();
     let rl = Ratelimitd::builder(dir.path()).redis(&redis).start();
     ensure_window_room(3600, Duration::from_secs(10)).await;
-    saturates(&rl).await;
+    oversized_costs(&rl).await;
     let now = unix_now();
     let key = format!("res_a_x_{}", now / 3600 * 3600);
-    assert_eq!(
-        redis.command(&["GET", &key]),
-        "$19\r\n9223372036854775807\r\n"
-    );
+    // Only the three ordinary hits: the oversized cost was never added.
+    assert_eq!(redis.command(&["GET", &key]), "$1\r\n3\r\n");
     let ttl = redis.command(&["TTL", &key]);
     let ttl: i64 = ttl.trim_start_matches(':').trim().parse().unwrap();
-    assert!(ttl > 0, "the saturated counter still expires (TTL {ttl})");
+    assert!(ttl > 0, "the counter expires (TTL {ttl})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

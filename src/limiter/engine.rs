@@ -51,17 +51,22 @@ pub struct Check {
 }
 
 impl Check {
-    /// When a charged key may go (Unix ms): the end of its window (of the next one for a
-    /// sliding window, whose count is read then as the previous one), or when the bucket is
-    /// full again; plus the jitter.
-    pub fn expires_ms(&self, now_ms: u64, charged: &State) -> u64 {
+    /// When a charged key is no longer needed (Unix ms): the end of its window (of the next
+    /// one for a sliding window, whose count is read then as the previous one), or when the
+    /// bucket is full again.
+    pub fn ends_ms(&self, now_ms: u64, charged: &State) -> u64 {
         let w = self.quota.window_ms.max(1);
-        let end = match self.quota.algorithm {
+        match self.quota.algorithm {
             Algorithm::FixedWindow => super::algorithm::window_start_ms(w, now_ms) + w,
             Algorithm::SlidingWindow => super::algorithm::window_start_ms(w, now_ms) + 2 * w,
             Algorithm::TokenBucket => charged.a + 1,
-        };
-        end.saturating_add(self.jitter_secs.saturating_mul(1000))
+        }
+    }
+
+    /// [`Check::ends_ms`] plus the jitter: when Redis may expire the key.
+    pub fn expires_ms(&self, now_ms: u64, charged: &State) -> u64 {
+        self.ends_ms(now_ms, charged)
+            .saturating_add(self.jitter_secs.saturating_mul(1000))
     }
 }
 
@@ -89,85 +94,111 @@ pub struct Decided {
 }
 
 /// Decides every check of `batch` from `states` (one per check, read at one instant; absent
-/// keys are `State::default()`), in order.
+/// keys are `State::default()`), in order. Checks are decided one after another, each seeing
+/// what the checks before it charged to the same keys (two descriptors sharing a counter
+/// through `share_threshold` count one after the other, as the reference's pipeline does).
 pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
     let now = batch.now_ms;
-    let outcomes: Vec<_> = batch
-        .checks
-        .iter()
-        .zip(states)
-        .map(|(c, s)| evaluate(&c.quota, *s, c.cost, now))
-        .collect();
+    let checks = batch.checks;
     let fits = |c: &Check| c.cost <= c.quota.capacity;
-    let charged: Vec<bool> = match batch.charging {
-        Charging::Always => batch
-            .checks
+    // The reference reads every counter first and judges each against what it read.
+    let would_over: Vec<bool> = match batch.charging {
+        Charging::StopWhenOver => checks
             .iter()
-            .zip(&outcomes)
-            .map(|(c, o)| {
-                fits(c) && (o.verdict.allowed || c.quota.algorithm == Algorithm::FixedWindow)
-            })
+            .zip(states)
+            .map(|(c, s)| !evaluate(&c.quota, *s, c.cost, now).verdict.allowed)
             .collect(),
-        Charging::StopWhenOver => {
-            let any_over = outcomes.iter().any(|o| !o.verdict.allowed);
-            batch
-                .checks
-                .iter()
-                .zip(&outcomes)
-                .map(|(c, o)| {
-                    fits(c)
-                        && if any_over {
-                            !o.verdict.allowed && c.quota.algorithm == Algorithm::FixedWindow
-                        } else {
-                            true
-                        }
-                })
-                .collect()
-        }
-        Charging::AllOrNothing => {
-            let all = !refused(batch, &outcomes);
-            vec![all; outcomes.len()]
-        }
+        _ => Vec::new(),
     };
-    batch
-        .checks
-        .iter()
-        .zip(states)
-        .zip(outcomes.iter().zip(charged))
-        .map(|((c, s), (o, charged))| {
-            if charged {
-                Decided {
-                    verdict: o.verdict,
-                    charge: Some(o.charged),
+    let any_over = would_over.iter().any(|&o| o);
+    let mut charged: Vec<Option<State>> = Vec::with_capacity(checks.len());
+    let mut out = Vec::with_capacity(checks.len());
+    for (i, c) in checks.iter().enumerate() {
+        let state = current(checks, states, &charged, i);
+        let o = evaluate(&c.quota, state, c.cost, now);
+        let fixed = c.quota.algorithm == Algorithm::FixedWindow;
+        let charge = fits(c)
+            && match batch.charging {
+                Charging::Always => o.verdict.allowed || fixed,
+                Charging::StopWhenOver => {
+                    !any_over || (would_over.get(i).copied().unwrap_or(false) && fixed)
                 }
-            } else if o.verdict.allowed {
-                // Fits but not charged: the limit as it stands, without this request.
-                let mut verdict = evaluate(&c.quota, *s, 0, now).verdict;
-                verdict.allowed = true;
-                Decided {
-                    verdict,
-                    charge: None,
-                }
+                // Tentatively; undone below if the request is refused.
+                Charging::AllOrNothing => true,
+            };
+        charged.push(charge.then_some(o.charged));
+        out.push(Decided {
+            verdict: if charge || !o.verdict.allowed {
+                o.verdict
             } else {
-                Decided {
-                    verdict: o.verdict,
-                    charge: None,
-                }
-            }
-        })
-        .collect()
+                standing(c, state, now)
+            },
+            charge: charge.then_some(o.charged),
+        });
+    }
+    if batch.charging == Charging::AllOrNothing && refused(batch, &out) {
+        // Nothing is charged: every check as it stands without this request.
+        for ((c, s), d) in checks.iter().zip(states).zip(&mut out) {
+            let o = evaluate(&c.quota, *s, c.cost, now);
+            *d = Decided {
+                verdict: if o.verdict.allowed {
+                    standing(c, *s, now)
+                } else {
+                    o.verdict
+                },
+                charge: None,
+            };
+        }
+    }
+    out
+}
+
+/// A check that fits but is not charged: its limit as it stands, without this request.
+fn standing(c: &Check, state: State, now: u64) -> Verdict {
+    let mut verdict = evaluate(&c.quota, state, 0, now).verdict;
+    verdict.allowed = true;
+    verdict
+}
+
+/// Check `i`'s state: as read, unless an earlier check of the batch charged its key (or, for
+/// a sliding window, its previous window's key).
+fn current(checks: &[Check], states: &[State], charged: &[Option<State>], i: usize) -> State {
+    let (Some(c), Some(read)) = (checks.get(i), states.get(i)) else {
+        return State::default();
+    };
+    let latest = |key: &str| {
+        checks
+            .iter()
+            .zip(charged)
+            .take(i)
+            .rev()
+            .find_map(|(other, ch)| ch.filter(|_| other.key == key))
+    };
+    let mut state = *read;
+    if let Some(s) = latest(&c.key) {
+        state.a = s.a;
+        if c.previous.is_none() {
+            state.b = s.b;
+        }
+    }
+    if let Some(prev) = &c.previous {
+        if let Some(s) = latest(prev) {
+            state.b = s.a;
+        }
+    }
+    state
 }
 
 /// Whether the answer to the request will be a refusal, as the service computes it: a
 /// refused descriptor that is neither shadowed nor a quota descriptor, or every quota
 /// descriptor refused.
-fn refused(batch: &Batch<'_>, outcomes: &[super::algorithm::Outcome]) -> bool {
+fn refused(batch: &Batch<'_>, decided: &[Decided]) -> bool {
     if batch.never_refuse {
         return false;
     }
     let mut over = vec![false; batch.roles.len()];
-    for (c, o) in batch.checks.iter().zip(outcomes) {
-        if !o.verdict.allowed {
+    for (c, d) in batch.checks.iter().zip(decided) {
+        if !d.verdict.allowed {
             if let Some(d) = over.get_mut(c.descriptor) {
                 *d = true;
             }
@@ -323,6 +354,27 @@ mod tests {
             let d = decide(&batch(&checks, &roles, charging), &[count(0)]);
             assert_eq!(d[0].charge, None, "{charging:?}");
             assert!(!d[0].verdict.allowed);
+        }
+    }
+
+    #[test]
+    fn checks_sharing_a_key_count_one_after_the_other() {
+        let mut second = check(1, Algorithm::FixedWindow, 60, 1);
+        second.key = "k0".to_owned();
+        let checks = [check(0, Algorithm::FixedWindow, 60, 1), second];
+        let roles = [Role::default(); 2];
+        for charging in [
+            Charging::Always,
+            Charging::StopWhenOver,
+            Charging::AllOrNothing,
+        ] {
+            let d = decide(&batch(&checks, &roles, charging), &[count(1), count(1)]);
+            let got: Vec<_> = d.iter().map(|d| (d.verdict.remaining, d.charge)).collect();
+            assert_eq!(
+                got,
+                [(58, Some(count(2))), (57, Some(count(3)))],
+                "{charging:?}"
+            );
         }
     }
 }

@@ -38,11 +38,9 @@ impl CacheKeyBuilder {
         self.hasher.is_some()
     }
 
-    /// Key for one descriptor. `entries` yields (key, value) where the value is already the
+    /// Key for one descriptor's fixed window of `unit` containing `now` (seconds): the
+    /// reference's key. `entries` yields (key, value) where the value is already the
     /// `share_threshold` wildcard pattern for entries that share one counter.
-    ///
-    /// One allocation: the capacity is computed first and every part, hex digits included, is
-    /// written straight into the key.
     pub fn build<'a>(
         &self,
         domain: &str,
@@ -50,7 +48,20 @@ impl CacheKeyBuilder {
         unit: Unit,
         now: u64,
     ) -> String {
-        let window = unit.window_start(now);
+        let mut key = self.base(domain, entries);
+        use std::fmt::Write;
+        let _ = write!(key, "{}", unit.window_start(now));
+        key
+    }
+
+    /// Everything of a descriptor's keys before the window: `PREFIX + domain + "_" + (key +
+    /// "_" + value + "_")*`. One allocation: the capacity is computed first (with room for
+    /// the longest suffix) and every part, hex digits included, is written straight in.
+    pub fn base<'a>(
+        &self,
+        domain: &str,
+        entries: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> String {
         let value_len = |v: &str| match self.hasher {
             Some(_) => ValueHasher::HEX_LEN,
             None => v.len(),
@@ -59,8 +70,7 @@ impl CacheKeyBuilder {
             .clone()
             .map(|(k, v)| k.len() + value_len(v) + 2)
             .sum();
-        // 20 digits: the longest u64.
-        let mut key = String::with_capacity(self.prefix.len() + domain.len() + body + 21);
+        let mut key = String::with_capacity(self.prefix.len() + domain.len() + body + SUFFIX_ROOM);
         key.push_str(&self.prefix);
         key.push_str(domain);
         key.push('_');
@@ -73,11 +83,31 @@ impl CacheKeyBuilder {
             }
             key.push('_');
         }
-        // Writing a u64 into a String cannot fail.
-        use std::fmt::Write;
-        let _ = write!(key, "{window}");
         key
     }
+}
+
+/// Room reserved after a base for the longest suffix: a 20-digit window start plus a tag.
+const SUFFIX_ROOM: usize = 48;
+
+/// A window counter's key: the base, the window's start in seconds and, for a limit that is
+/// not the reference's single one-unit window, a tag naming the window (`_5minute`), so the
+/// limits of one rule never share a counter.
+pub fn window_key(base: &str, start_secs: u64, tag: Option<(u32, Unit)>) -> String {
+    use std::fmt::Write;
+    let mut key = String::with_capacity(base.len() + SUFFIX_ROOM);
+    key.push_str(base);
+    let _ = write!(key, "{start_secs}");
+    if let Some((multiplier, unit)) = tag {
+        let _ = write!(key, "_{multiplier}{}", unit.name());
+    }
+    key
+}
+
+/// A token bucket's key: the base, `bucket_`, the window and the limit (`bucket_1minute_100`).
+/// The state is measured in the limit's refill steps, so another limit means another bucket.
+pub fn bucket_key(base: &str, multiplier: u32, unit: Unit, limit: u32) -> String {
+    format!("{base}bucket_{multiplier}{}_{limit}", unit.name())
 }
 
 /// Keyed BLAKE3 of descriptor values, truncated to 128 bits.
@@ -260,7 +290,7 @@ mod tests {
         ];
         let key = b.build("dom", entries.iter().copied(), Unit::Second, u64::MAX);
         // Any growth past the computed capacity would at least double it.
-        let computed = "prefix:".len() + "dom".len() + (2 + 32 + 2) * 2 + 21;
+        let computed = "prefix:".len() + "dom".len() + (2 + 32 + 2) * 2 + SUFFIX_ROOM;
         assert_eq!(key.capacity(), computed);
         assert!(key.ends_with(&format!("_{}", u64::MAX)), "{key}");
     }

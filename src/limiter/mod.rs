@@ -10,7 +10,7 @@ mod key;
 
 pub use algorithm::Algorithm;
 pub use decision::{decide, Decision};
-pub use key::{CacheKeyBuilder, SecretError, ValueHasher};
+pub use key::{bucket_key, window_key, CacheKeyBuilder, SecretError, ValueHasher};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -96,6 +96,12 @@ impl Unit {
 /// Source of the current Unix time in seconds; injected so tests can pin it.
 pub trait Clock: Send + Sync + 'static {
     fn now_unix(&self) -> u64;
+
+    /// The same clock in milliseconds (sliding windows and token buckets need them). A clock
+    /// that only keeps seconds reports whole seconds.
+    fn now_millis(&self) -> u64 {
+        self.now_unix().saturating_mul(1000)
+    }
 }
 
 /// The real clock.
@@ -108,6 +114,13 @@ impl Clock for SystemClock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    fn now_millis(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0)
     }
 }

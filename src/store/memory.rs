@@ -398,7 +398,8 @@ impl MemoryStore {
         let mut created = Vec::new();
         for ((c, (hash, _)), d) in batch.checks.iter().zip(&hashes).zip(&decided) {
             let Some(charge) = d.charge else { continue };
-            let expires = c.expires_ms(batch.now_ms, &charge).div_ceil(1000);
+            // No jitter: it spreads Redis expiries; here it would only blur the eviction order.
+            let expires = c.ends_ms(batch.now_ms, &charge).div_ceil(1000);
             let extra = if c.previous.is_some() { 0 } else { charge.b };
             let Some((_, table)) = guards.iter_mut().find(|(i, _)| *i == shard_of(*hash)) else {
                 continue;

@@ -140,11 +140,58 @@ impl Store for RedisStore {
         }
     }
 
-    // Interim while the Lua script is written (issue 9): the service does not call this yet.
-    async fn decide(&self, _batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
-        Err(StoreError::Reply(
-            "the counting engine has no Redis script yet".to_owned(),
-        ))
+    // Interim while the Lua script is written (issue 9): fixed windows charged always, over
+    // the INCRBY pipeline; anything else is refused as unsupported.
+    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+        use crate::limiter::{
+            algorithm::{evaluate, Algorithm, State},
+            engine::Charging,
+        };
+        let supported = batch.charging == Charging::Always
+            && batch
+                .checks
+                .iter()
+                .all(|c| c.quota.algorithm == Algorithm::FixedWindow);
+        if !supported {
+            return Err(StoreError::Reply(
+                "only fixed windows charged always are supported on Redis yet".to_owned(),
+            ));
+        }
+        let hits: Vec<Hit> = batch
+            .checks
+            .iter()
+            .map(|c| {
+                let window_secs = c.quota.window_ms / 1000;
+                Hit {
+                    key: c.key.clone(),
+                    hits: if c.cost <= c.quota.capacity {
+                        c.cost
+                    } else {
+                        0
+                    },
+                    window_secs,
+                    window_start: 0,
+                    ttl_secs: window_secs + c.jitter_secs,
+                }
+            })
+            .collect();
+        let counts = self.increment(&hits).await?;
+        Ok(batch
+            .checks
+            .iter()
+            .zip(hits.iter().zip(counts))
+            .map(|(c, (h, after))| {
+                let before = State {
+                    a: after.saturating_sub(h.hits),
+                    b: 0,
+                };
+                let o = evaluate(&c.quota, before, c.cost, batch.now_ms);
+                Decided {
+                    verdict: o.verdict,
+                    charge: (h.hits > 0).then_some(o.charged),
+                }
+            })
+            .collect())
     }
 }
 

@@ -1,0 +1,276 @@
+//! The `RateLimitResponse` for one request, from what the store decided for each limit.
+//!
+//! Field for field as envoyproxy/ratelimit answers (statuses in request order, the same
+//! `limit_remaining`, `duration_until_reset`, RateLimit-* headers and shadow/quota rules);
+//! where we differ it is on purpose and listed in the README's migration notes. For a rule
+//! with several limits the descriptor's status reports the most restrictive one (an
+//! over-limit one first, else the one with the fewest requests left), and its wait is the
+//! longest among the limits it is over.
+
+use std::borrow::Cow;
+
+use crate::{
+    config::{Limit, Rule},
+    limiter::{algorithm::Verdict, engine::Decided},
+    metrics::{HitOutcome, Stats},
+    proto::envoy::{
+        config::core::v3::HeaderValue,
+        service::ratelimit::v3::{
+            rate_limit_response::{
+                rate_limit::Unit as WireUnit, Code, DescriptorStatus, RateLimit,
+            },
+            RateLimitRequest, RateLimitResponse,
+        },
+    },
+    service::ServiceSettings,
+};
+
+/// What applies to one descriptor.
+pub enum Resolved<'a> {
+    /// No rule (or replaced, or unknown domain): OK, no current limit.
+    Nothing,
+    /// `unlimited: true`: OK, remaining u32::MAX, store untouched.
+    Unlimited,
+    Limited {
+        /// The rule's limits, or the one limit override sent by Envoy.
+        limits: Cow<'a, [Limit]>,
+        /// `None` for a limit override sent by Envoy.
+        rule: Option<&'a Rule>,
+        shared: Vec<(usize, &'a str)>,
+        /// Key of the per-rule metrics.
+        stats_key: Cow<'a, str>,
+        /// `hits_addend`: what the request costs this descriptor.
+        cost: u64,
+    },
+}
+
+/// Builds the response; counts each limited descriptor in the per-rule metrics. `decided`
+/// holds one decision per limit of every limited descriptor, in request order.
+pub fn respond(
+    settings: &ServiceSettings,
+    stats: &Stats,
+    req: &RateLimitRequest,
+    resolved: &[Resolved<'_>],
+    decided: &[Decided],
+    global_shadow: &metrics::Counter,
+) -> RateLimitResponse {
+    let mut decided = decided.iter();
+    // The first over-limit descriptor's rule, for LIMIT_RULE_HEADER.
+    let mut fired: Option<&str> = None;
+    let mut statuses = Vec::with_capacity(resolved.len());
+    let (mut failed, mut failed_quota, mut total_quota) = (0usize, 0usize, 0usize);
+    // The descriptor closest to its limit, for the RateLimit-* headers (as the reference
+    // picks it: lowest remaining, and any non-quota OVER_LIMIT wins).
+    let mut header_source: Option<HeaderSource<'_>> = None;
+    let mut min_remaining = u32::MAX;
+    let mut retry_after_ms = 0u64;
+    for r in resolved {
+        let (limits, rule, stats_key, cost) = match r {
+            Resolved::Nothing => {
+                total_quota += usize::from(settings.global_quota_mode);
+                statuses.push(DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..Default::default()
+                });
+                continue;
+            }
+            Resolved::Unlimited => {
+                statuses.push(DescriptorStatus {
+                    code: Code::Ok as i32,
+                    limit_remaining: u32::MAX,
+                    ..Default::default()
+                });
+                continue;
+            }
+            Resolved::Limited {
+                limits,
+                rule,
+                stats_key,
+                cost,
+                ..
+            } => (limits, *rule, stats_key, *cost),
+        };
+        let verdicts: Vec<Verdict> = decided
+            .by_ref()
+            .take(limits.len())
+            .map(|d| d.verdict)
+            .collect();
+        let Some(shown) = reported(&verdicts) else {
+            continue;
+        };
+        let (limit, verdict) = match (limits.get(shown), verdicts.get(shown)) {
+            (Some(l), Some(v)) => (*l, *v),
+            _ => continue,
+        };
+        let over_any = verdicts.iter().any(|v| !v.allowed);
+        let shadow = rule.is_some_and(|r| r.shadow_mode);
+        let over = over_any && !shadow;
+        let outcome = HitOutcome {
+            requests_per_unit: limit.requests_per_unit,
+            hits: cost,
+            after: verdict.used,
+            shadow_mode: shadow,
+        };
+        let ratio = settings.near_limit_ratio;
+        match (rule, stats_key) {
+            // The rule's own key (borrowed from the rule): the counters it keeps.
+            (Some(rule), Cow::Borrowed(key)) => {
+                stats.record_rule(&req.domain, key, &rule.counters, outcome, ratio)
+            }
+            // A key holding request data: through the bounded map.
+            _ => stats.record(&req.domain, stats_key, outcome, ratio),
+        }
+        if over && fired.is_none() {
+            fired = Some(rule.map_or("limit override", |r| {
+                if r.name.is_empty() {
+                    &r.path
+                } else {
+                    &r.name
+                }
+            }));
+        }
+        // The longest wait among the limits it is over; else when the shown one resets.
+        let wait_ms = verdicts
+            .iter()
+            .filter(|v| !v.allowed)
+            .map(|v| v.retry_ms)
+            .max();
+        let remaining = u32::try_from(verdict.remaining).unwrap_or(u32::MAX);
+        let status = DescriptorStatus {
+            code: if over { Code::OverLimit } else { Code::Ok } as i32,
+            current_limit: Some(RateLimit {
+                name: rule.map(|r| r.name.clone()).unwrap_or_default(),
+                requests_per_unit: limit.requests_per_unit,
+                unit: wire_unit(limit) as i32,
+            }),
+            limit_remaining: remaining,
+            duration_until_reset: Some(duration(wait_ms.unwrap_or(verdict.reset_ms))),
+            quota: None,
+        };
+        let quota = settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
+        let source = HeaderSource {
+            limits,
+            shown: limit,
+            reset_ms: verdict.reset_ms,
+        };
+        if remaining < min_remaining {
+            header_source = Some(source.clone());
+            min_remaining = remaining;
+        }
+        if over {
+            retry_after_ms = retry_after_ms.max(wait_ms.unwrap_or(verdict.reset_ms));
+            if quota {
+                failed_quota += 1;
+            } else {
+                failed += 1;
+                header_source = Some(source);
+                min_remaining = 0;
+            }
+        }
+        total_quota += usize::from(quota);
+        statuses.push(status);
+    }
+
+    let mut overall = if failed > 0 || (total_quota > 0 && total_quota == failed_quota) {
+        Code::OverLimit
+    } else {
+        Code::Ok
+    };
+    let mut headers = Vec::new();
+    if let (Some(names), Some(source)) = (&settings.response_headers, &header_source) {
+        headers.push(header(&names.limit, source.limit_header()));
+        headers.push(header(&names.remaining, min_remaining.to_string()));
+        headers.push(header(
+            &names.reset,
+            source.reset_ms.div_ceil(1000).to_string(),
+        ));
+    }
+    if overall == Code::OverLimit && settings.global_shadow_mode {
+        overall = Code::Ok;
+        global_shadow.increment(1);
+    }
+    if overall == Code::OverLimit {
+        headers.push(header(
+            "Retry-After",
+            retry_after_ms.div_ceil(1000).max(1).to_string(),
+        ));
+        if let (Some(name), Some(rule)) = (&settings.rule_header, fired) {
+            tracing::debug!(domain = %req.domain, rule, "over limit");
+            headers.push(header(name, rule.to_owned()));
+        }
+    }
+    RateLimitResponse {
+        overall_code: overall as i32,
+        statuses,
+        response_headers_to_add: headers,
+        ..Default::default()
+    }
+}
+
+/// Which limit a descriptor's status shows: the first one it is over, else the one with the
+/// fewest requests left (the first of equals).
+fn reported(verdicts: &[Verdict]) -> Option<usize> {
+    verdicts.iter().position(|v| !v.allowed).or_else(|| {
+        verdicts
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, v)| v.remaining)
+            .map(|(i, _)| i)
+    })
+}
+
+/// The descriptor the RateLimit-* headers describe.
+#[derive(Clone)]
+struct HeaderSource<'a> {
+    limits: &'a [Limit],
+    shown: Limit,
+    reset_ms: u64,
+}
+
+impl HeaderSource<'_> {
+    /// The shown limit's requests, then, when the rule has several limits or a window of
+    /// several units, every limit with its window (`10, 10;w=60, 100;w=3600`), which Envoy's
+    /// own headers cannot carry.
+    fn limit_header(&self) -> String {
+        let shown = self.shown.requests_per_unit.to_string();
+        if self.limits.len() == 1 && self.shown.multiplier == 1 {
+            return shown;
+        }
+        let policies: Vec<String> = self
+            .limits
+            .iter()
+            .map(|l| format!("{};w={}", l.requests_per_unit, l.window_secs()))
+            .collect();
+        format!("{shown}, {}", policies.join(", "))
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue {
+        key: key.to_owned(),
+        value,
+        raw_value: Vec::new(),
+    }
+}
+
+fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        // Below 10^9: (ms % 1000) × 10^6.
+        nanos: i32::try_from(ms % 1000 * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// Envoy's `current_limit` has no multiplier: a window of several units reports its unit.
+fn wire_unit(limit: Limit) -> WireUnit {
+    use crate::limiter::Unit;
+    match limit.unit {
+        Unit::Second => WireUnit::Second,
+        Unit::Minute => WireUnit::Minute,
+        Unit::Hour => WireUnit::Hour,
+        Unit::Day => WireUnit::Day,
+        Unit::Week => WireUnit::Week,
+        Unit::Month => WireUnit::Month,
+        Unit::Year => WireUnit::Year,
+    }
+}
