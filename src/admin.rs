@@ -51,6 +51,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/json", post(json))
         .route("/metrics", get(metrics))
         .route("/rlconfig", get(rlconfig))
+        .route("/usage", get(usage))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -172,6 +173,42 @@ async fn explain(AxumState(s): Shared, Query(params): Query<Vec<(String, String)
     let tree = s.rules.load();
     crate::explain::explain(&tree, &s.keys, domain, &descriptors, s.clock.now_unix())
         .into_response()
+}
+
+/// `GET /usage?domain=D&descriptor=k1=v1,k2=v2[&descriptor=...]`: every limit of each
+/// descriptor as it stands, charging nothing (see `crate::usage`). 400 for a bad request, 503
+/// when the backend failed.
+async fn usage(AxumState(s): Shared, Query(params): Query<Vec<(String, String)>>) -> Response {
+    let domain = params
+        .iter()
+        .find(|(k, _)| k == "domain")
+        .map(|(_, v)| v.as_str());
+    let descriptors: Vec<Vec<(String, String)>> = params
+        .iter()
+        .filter(|(k, _)| k == "descriptor")
+        .map(|(_, d)| crate::usage::parse_descriptor(d))
+        .collect();
+    let Some(domain) = domain.filter(|_| !descriptors.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "usage: /usage?domain=D&descriptor=k1=v1,k2=v2[&descriptor=...]\n",
+        )
+            .into_response();
+    };
+    match s.limiter.usage(domain, &descriptors).await {
+        Ok(usage) => {
+            let body = crate::usage::to_json(domain, &descriptors, &usage);
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                format!("{body:#}\n"),
+            )
+                .into_response()
+        }
+        Err(e @ crate::error::ServiceError::InvalidArgument(_)) => {
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn debug_index() -> &'static str {

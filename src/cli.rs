@@ -57,6 +57,50 @@ pub fn explain(args: &crate::settings::ExplainArgs) -> ExitCode {
     }
 }
 
+/// `usage`: asks a running instance for its usage view and prints it.
+pub fn usage(args: &crate::settings::UsageArgs) -> ExitCode {
+    let descriptors: Vec<String> = crate::settings::parse_descriptors(&args.entries)
+        .iter()
+        .map(|d| {
+            d.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ratelimitd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fetched = runtime.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            crate::usage::fetch(&args.admin, &args.domain, &descriptors),
+        )
+        .await
+    });
+    match fetched {
+        Ok(Ok(body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("ratelimitd: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("ratelimitd: {} did not answer within 10 s", args.admin);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// One line: files, domains and rules of a tree (`check-config`, and `serve` at start-up).
 pub fn summary(tree: &RuleTree) -> String {
     let mut domains: Vec<&str> = tree.domains.keys().map(String::as_str).collect();

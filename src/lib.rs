@@ -14,7 +14,8 @@
 //! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
 //!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
 //!   StatsD names.
-//! - [`json`]: proto3 JSON for `POST /json`; [`explain`]: which rule matches and why.
+//! - [`json`]: proto3 JSON for `POST /json`; [`explain`]: which rule matches and why;
+//!   [`usage`]: every limit of a descriptor as it stands (`/usage`, `ratelimitd usage`).
 //! - [`settings`]: flags with the reference's environment variable names; [`serve`]: builds
 //!   each part and wires them; [`cli`]: the other subcommands and logging.
 //! - [`log_throttle`]: one log line per stretch of repeated failures; [`stat_name`]: the
@@ -43,3 +44,4 @@ pub mod settings;
 pub mod stat_name;
 pub mod statsd;
 pub mod store;
+pub mod usage;

@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig(args) => ratelimitd::cli::check_config(&args.source()),
         Command::Explain(args) => ratelimitd::cli::explain(&args),
+        Command::Usage(args) => ratelimitd::cli::usage(&args),
         Command::Serve(mut args) => {
             args.unsupported_set = ratelimitd::settings::UNSUPPORTED_ENV
                 .iter()

@@ -17,8 +17,9 @@ use crate::{
     error::ServiceError,
     limiter::{
         algorithm::window_start_ms,
+        algorithm::Verdict,
         bucket_key,
-        engine::{Batch, Charging, Check, Role},
+        engine::{Batch, Charging, Check, Decided, Role},
         window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
     },
     log_throttle::LogThrottle,
@@ -29,6 +30,29 @@ use crate::{
     },
     store::{Store, MAX_COUNT},
 };
+
+/// One request's checks, before the store decides them.
+#[derive(Default)]
+struct Plan {
+    checks: Vec<Check>,
+    roles: Vec<Role>,
+    quota_total: usize,
+}
+
+/// One descriptor's limits as they stand (`/usage`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Usage {
+    /// No rule matches (or the domain is unknown).
+    NoRule,
+    /// `unlimited: true`.
+    Unlimited,
+    Limited {
+        /// The rule's path (`domain > key=value`).
+        rule: String,
+        /// Each limit with its verdict for a cost of 0.
+        limits: Vec<(Limit, Verdict)>,
+    },
+}
 
 /// Most descriptors one request may carry (Envoy sends a handful).
 pub const MAX_DESCRIPTORS: usize = 256;
@@ -186,10 +210,76 @@ impl<S: Store> RateLimiter<S> {
         let now_ms = self.clock.now_millis();
         let resolved = resolve(&tree, req, self.settings.default_algorithm)?;
 
-        let mut checks = Vec::new();
-        let mut roles = Vec::new();
-        let mut quota_total = 0;
-        for (d, r) in req.descriptors.iter().zip(&resolved) {
+        let plan = self.plan(req, &resolved, now_ms);
+        let decided = self.run(&plan, self.settings.charging, now_ms).await?;
+        tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), checks = plan.checks.len(), "should_rate_limit");
+        Ok(answer::respond(
+            &self.settings,
+            &self.stats,
+            req,
+            &resolved,
+            &decided,
+            &self.global_shadow,
+        ))
+    }
+
+    /// Every limit of `descriptors` in `domain` as it stands, charging nothing: for each
+    /// descriptor, the matched rule (if any) and each limit's verdict for a cost of 0.
+    pub async fn usage(
+        &self,
+        domain: &str,
+        descriptors: &[Vec<(String, String)>],
+    ) -> Result<Vec<Usage>, ServiceError> {
+        use crate::proto::envoy::extensions::common::ratelimit::v3::{
+            rate_limit_descriptor::Entry, RateLimitDescriptor,
+        };
+        let req = RateLimitRequest {
+            domain: domain.to_owned(),
+            descriptors: descriptors
+                .iter()
+                .map(|d| RateLimitDescriptor {
+                    entries: d
+                        .iter()
+                        .map(|(key, value)| Entry {
+                            key: key.clone(),
+                            value: value.clone(),
+                        })
+                        .collect(),
+                    limit: None,
+                    hits_addend: Some(0),
+                })
+                .collect(),
+            hits_addend: 0,
+        };
+        validate(&req)?;
+        let tree = self.rules.load_full();
+        let now_ms = self.clock.now_millis();
+        let resolved = resolve(&tree, &req, self.settings.default_algorithm)?;
+        let plan = self.plan(&req, &resolved, now_ms);
+        let decided = self.run(&plan, Charging::Never, now_ms).await?;
+        let mut decided = decided.iter();
+        Ok(resolved
+            .iter()
+            .map(|r| match r {
+                Resolved::Nothing => Usage::NoRule,
+                Resolved::Unlimited => Usage::Unlimited,
+                Resolved::Limited { limits, rule, .. } => Usage::Limited {
+                    rule: rule.map_or_else(|| "limit override".to_owned(), |r| r.path.clone()),
+                    limits: limits
+                        .iter()
+                        .zip(decided.by_ref())
+                        .map(|(limit, d)| (*limit, d.verdict))
+                        .collect(),
+                },
+            })
+            .collect())
+    }
+
+    /// The checks of a request's limited descriptors, each descriptor's role, and how many
+    /// quota descriptors the request has.
+    fn plan(&self, req: &RateLimitRequest, resolved: &[Resolved<'_>], now_ms: u64) -> Plan {
+        let mut plan = Plan::default();
+        for (d, r) in req.descriptors.iter().zip(resolved) {
             match r {
                 Resolved::Limited {
                     limits,
@@ -204,50 +294,51 @@ impl<S: Store> RateLimiter<S> {
                     let base = self.keys.base(&req.domain, entries);
                     let quota =
                         self.settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
-                    quota_total += usize::from(quota);
-                    let descriptor = roles.len();
-                    roles.push(Role {
+                    plan.quota_total += usize::from(quota);
+                    let descriptor = plan.roles.len();
+                    plan.roles.push(Role {
                         shadow: rule.is_some_and(|r| r.shadow_mode),
                         quota,
                     });
                     let single = limits.len() == 1;
                     for limit in limits.iter() {
-                        checks.push(self.check(descriptor, &base, limit, single, *cost, now_ms));
+                        let check = self.check(descriptor, &base, limit, single, *cost, now_ms);
+                        plan.checks.push(check);
                     }
                 }
                 Resolved::Nothing => {
-                    quota_total += usize::from(self.settings.global_quota_mode);
+                    plan.quota_total += usize::from(self.settings.global_quota_mode);
                 }
                 Resolved::Unlimited => {}
             }
         }
-        let decided = if checks.is_empty() {
-            Vec::new()
-        } else {
-            let batch = Batch {
-                checks: &checks,
-                roles: &roles,
-                quota_total,
-                charging: self.settings.charging,
-                never_refuse: self.settings.global_shadow_mode,
-                now_ms,
-            };
-            let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
-            let result = self.store.decide(&batch).await;
-            if let Err(e) = &result {
-                counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
-            }
-            result?
+        plan
+    }
+
+    /// Decides `plan` in one store call (none when nothing is limited).
+    async fn run(
+        &self,
+        plan: &Plan,
+        charging: Charging,
+        now_ms: u64,
+    ) -> Result<Vec<Decided>, ServiceError> {
+        if plan.checks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = Batch {
+            checks: &plan.checks,
+            roles: &plan.roles,
+            quota_total: plan.quota_total,
+            charging,
+            never_refuse: self.settings.global_shadow_mode,
+            now_ms,
         };
-        tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), checks = checks.len(), "should_rate_limit");
-        Ok(answer::respond(
-            &self.settings,
-            &self.stats,
-            req,
-            &resolved,
-            &decided,
-            &self.global_shadow,
-        ))
+        let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
+        let result = self.store.decide(&batch).await;
+        if let Err(e) = &result {
+            counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
+        }
+        Ok(result?)
     }
 
     /// One limit's check: its keys (the reference's for a rule's single one-unit fixed

@@ -32,6 +32,23 @@ pub enum Command {
     /// Show which rule each descriptor matches and why, its counter key and metric labels.
     /// Entries are KEY=VALUE; a lone `/` starts the next descriptor of the same request.
     Explain(ExplainArgs),
+    /// Show every limit of the descriptors as they stand on a running instance (used,
+    /// remaining, reset), charging nothing: asks its admin listener's `/usage`.
+    /// Entries are KEY=VALUE; a lone `/` starts the next descriptor.
+    Usage(UsageArgs),
+}
+
+/// `usage` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct UsageArgs {
+    /// The instance's admin listener (`HOST:PORT`).
+    #[arg(long, env = "RATELIMITD_ADMIN", default_value = "127.0.0.1:8080")]
+    pub admin: String,
+    #[arg(long)]
+    pub domain: String,
+    /// KEY=VALUE entries (KEY alone means an empty value); `/` separates descriptors.
+    #[arg(required = true)]
+    pub entries: Vec<String>,
 }
 
 /// `explain` arguments.

@@ -21,6 +21,8 @@ pub enum Charging {
     /// `STRICT_CHARGING=true`: a request is charged to all its checks or to none. One refused
     /// by the answer charges nothing anywhere.
     AllOrNothing,
+    /// Nothing is charged or written: the usage view (`/usage`, `ratelimitd usage`).
+    Never,
 }
 
 /// How one limited descriptor's refusal counts toward refusing the request.
@@ -125,6 +127,7 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
                 }
                 // Tentatively; undone below if the request is refused.
                 Charging::AllOrNothing => true,
+                Charging::Never => false,
             };
         charged.push(charge.then_some(o.charged));
         out.push(Decided {
