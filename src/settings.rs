@@ -636,6 +636,30 @@ mod tests {
     }
 
     #[test]
+    fn default_algorithm_is_a_config_name_and_reaches_the_config_source() {
+        assert_eq!(
+            parse_default_algorithm("token_bucket"),
+            Ok(Algorithm::TokenBucket)
+        );
+        assert_eq!(
+            parse_default_algorithm("Token_Bucket"),
+            Err("DEFAULT_ALGORITHM: unknown algorithm 'Token_Bucket' (fixed_window, sliding_window or token_bucket)".into())
+        );
+        let cli = Cli::parse_from([
+            "ratelimitd",
+            "check-config",
+            "--config",
+            "x",
+            "--default-algorithm",
+            "sliding_window",
+        ]);
+        let Command::CheckConfig(args) = cli.command else {
+            panic!("check-config expected")
+        };
+        assert_eq!(args.source().default_algorithm, Algorithm::SlidingWindow);
+    }
+
+    #[test]
     fn backend_defaults_to_memory_without_redis_url() {
         let cli = Cli::parse_from(["ratelimitd", "serve", "--config", "x"]);
         let Command::Serve(args) = cli.command else {

@@ -17,7 +17,7 @@ mod test_support;
 mod watch;
 mod yaml_reader;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, fmt::Write, sync::Arc};
 
 pub use compile::{compile, compile_with, MAX_WINDOW_SECS};
 pub use error::{ConfigError, ConfigErrors};
@@ -164,11 +164,11 @@ impl Limit {
             self.requests_per_unit
         );
         if self.multiplier != 1 {
-            out.push_str(&format!(" unit_multiplier={}", self.multiplier));
+            let _ = write!(out, " unit_multiplier={}", self.multiplier);
         }
-        out.push_str(&format!(" algorithm={}", self.algorithm.name()));
+        let _ = write!(out, " algorithm={}", self.algorithm.name());
         if let Some(burst) = self.burst {
-            out.push_str(&format!(" burst={burst}"));
+            let _ = write!(out, " burst={burst}");
         }
         out
     }
