@@ -7,7 +7,7 @@
 use std::fmt::Write;
 
 use crate::{
-    config::RuleTree,
+    config::{Limit, RuleTree},
     limiter::CacheKeyBuilder,
     matcher::{self, MatchKind},
 };
@@ -114,11 +114,8 @@ pub fn explain(
             let _ = writeln!(out, "  unlimited: always OK, no counter\n");
             continue;
         };
-        let _ = writeln!(
-            out,
-            "  limit: {} per {}{}{}",
-            limit.requests_per_unit,
-            limit.unit.name(),
+        let named = format!(
+            "{}{}",
             if rule.name.is_empty() {
                 String::new()
             } else {
@@ -130,6 +127,18 @@ pub fn explain(
                 format!(", replaces {}", rule.replaces.join(", "))
             }
         );
+        if let [only] = rule.limits.as_slice() {
+            let _ = writeln!(out, "  limit: {}{named}", describe(only, !only.is_plain()));
+        } else {
+            let _ = writeln!(
+                out,
+                "  limits: {}, all checked and charged together{named}",
+                rule.limits.len()
+            );
+            for l in &rule.limits {
+                let _ = writeln!(out, "    {}", describe(l, true));
+            }
+        }
         if rule.shadow_mode {
             let _ = writeln!(out, "  shadow_mode: counted, but always reported OK");
         }
@@ -159,6 +168,25 @@ pub fn explain(
             "  metrics: ratelimit_service_rate_limit_*{{{}}}\n",
             shown.join(",")
         );
+    }
+    out
+}
+
+/// `10 per minute`, `3 per 5 minutes`; `with_algorithm` adds the algorithm and any burst:
+/// `100 per minute (token_bucket, burst 20)`. Only a rule of one limit the reference could
+/// have written is shown without them, as before limits had algorithms.
+fn describe(limit: &Limit, with_algorithm: bool) -> String {
+    let window = match limit.multiplier {
+        1 => limit.unit.name().to_owned(),
+        n => format!("{n} {}s", limit.unit.name()),
+    };
+    let mut out = format!("{} per {window}", limit.requests_per_unit);
+    if with_algorithm {
+        let _ = write!(out, " ({}", limit.algorithm.name());
+        if let Some(burst) = limit.burst {
+            let _ = write!(out, ", burst {burst}");
+        }
+        out.push(')');
     }
     out
 }

@@ -8,7 +8,7 @@ use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
 
 use crate::{
     config::ConfigSource,
-    limiter::{CacheKeyBuilder, SecretError, ValueHasher},
+    limiter::{Algorithm, CacheKeyBuilder, SecretError, ValueHasher},
     store::{Backend, SocketType},
 };
 
@@ -156,6 +156,15 @@ pub struct ConfigArgs {
     pub runtime_ignoredotfiles: bool,
     #[arg(long, env = "MERGE_DOMAIN_CONFIG", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub merge_domain_config: bool,
+    /// Algorithm of the limits that name none: fixed_window (the reference's), sliding_window
+    /// or token_bucket.
+    #[arg(long, env = "DEFAULT_ALGORITHM", default_value = "fixed_window", value_parser = parse_default_algorithm)]
+    pub default_algorithm: Algorithm,
+}
+
+/// `DEFAULT_ALGORITHM`: a config name, exactly as rule files spell it.
+fn parse_default_algorithm(s: &str) -> Result<Algorithm, String> {
+    s.parse().map_err(|e| format!("DEFAULT_ALGORITHM: {e}"))
 }
 
 impl ConfigArgs {
@@ -171,6 +180,7 @@ impl ConfigArgs {
             path,
             ignore_dotfiles: self.runtime_ignoredotfiles,
             merge_domains: self.merge_domain_config,
+            default_algorithm: self.default_algorithm,
         }
     }
 }
@@ -646,6 +656,30 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn default_algorithm_is_a_config_name_and_reaches_the_config_source() {
+        assert_eq!(
+            parse_default_algorithm("token_bucket"),
+            Ok(Algorithm::TokenBucket)
+        );
+        assert_eq!(
+            parse_default_algorithm("Token_Bucket"),
+            Err("DEFAULT_ALGORITHM: unknown algorithm 'Token_Bucket' (fixed_window, sliding_window or token_bucket)".into())
+        );
+        let cli = Cli::parse_from([
+            "ratelimitd",
+            "check-config",
+            "--config",
+            "x",
+            "--default-algorithm",
+            "sliding_window",
+        ]);
+        let Command::CheckConfig(args) = cli.command else {
+            panic!("check-config expected")
+        };
+        assert_eq!(args.source().default_algorithm, Algorithm::SlidingWindow);
     }
 
     #[test]

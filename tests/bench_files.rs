@@ -59,6 +59,7 @@ fn every_ghz_scenario_is_valid_and_sends_a_valid_request() {
         path: root.join("config"),
         ignore_dotfiles: false,
         merge_domains: false,
+        default_algorithm: ratelimitd::limiter::Algorithm::FixedWindow,
     })
     .unwrap();
     for path in files {

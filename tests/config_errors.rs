@@ -4,7 +4,10 @@
 #![allow(clippy::unwrap_used)]
 mod support;
 
-use ratelimitd::config::{load_dir_or_file, ConfigSource};
+use ratelimitd::{
+    config::{load_dir_or_file, ConfigSource},
+    limiter::Algorithm,
+};
 
 /// (fixture, every expected error line)
 const CASES: &[(&str, &[&str])] = &[
@@ -78,7 +81,7 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/several_errors.yaml",
-        &["tests/config/bad/several_errors.yaml: d > b: rate_limit.requests_per_unit: must not be negative, found -1", "tests/config/bad/several_errors.yaml: d > b > c: typo: unknown field (expected one of: key, value, rate_limit, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)", "tests/config/bad/several_errors.yaml: d > a: rate_limit.unit: invalid rate limit unit 'eon' (expected one of: second, minute, hour, day, week, month, year)"],
+        &["tests/config/bad/several_errors.yaml: d > b: rate_limit.requests_per_unit: must not be negative, found -1", "tests/config/bad/several_errors.yaml: d > b > c: typo: unknown field (expected one of: key, value, rate_limit, rate_limits, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)", "tests/config/bad/several_errors.yaml: d > a: rate_limit.unit: invalid rate limit unit 'eon' (expected one of: second, minute, hour, day, week, month, year)"],
     ),
     (
         "tests/config/bad/share_threshold_without_wildcard.yaml",
@@ -98,11 +101,11 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/unknown_descriptor_field.yaml",
-        &["tests/config/bad/unknown_descriptor_field.yaml: d > k: shadowmode: unknown field (expected one of: key, value, rate_limit, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)"],
+        &["tests/config/bad/unknown_descriptor_field.yaml: d > k: shadowmode: unknown field (expected one of: key, value, rate_limit, rate_limits, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)"],
     ),
     (
         "tests/config/bad/unknown_field.yaml",
-        &["tests/config/bad/unknown_field.yaml: d > k: rate_limit.request_per_unit: unknown field (expected one of: unit, requests_per_unit, unlimited, name, replaces)"],
+        &["tests/config/bad/unknown_field.yaml: d > k: rate_limit.request_per_unit: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst, unlimited, name, replaces)"],
     ),
     (
         "tests/config/bad/unknown_root_field.yaml",
@@ -116,6 +119,83 @@ const CASES: &[(&str, &[&str])] = &[
         "tests/config/bad/unlimited_with_unit.yaml",
         &["tests/config/bad/unlimited_with_unit.yaml: d > k: rate_limit.unit: should not specify rate limit unit when unlimited"],
     ),
+    // Issue 9: algorithms, rate_limits, unit_multiplier.
+    (
+        "tests/config/bad/rate_limit_and_rate_limits.yaml",
+        &["tests/config/bad/rate_limit_and_rate_limits.yaml: d > k: rate_limits: a descriptor has rate_limit or rate_limits, not both (put every limit in rate_limits)"],
+    ),
+    (
+        "tests/config/bad/empty_rate_limits.yaml",
+        &["tests/config/bad/empty_rate_limits.yaml: d > k: rate_limits: the list is empty; give at least one limit (or rate_limit: {unlimited: true} for none)"],
+    ),
+    (
+        "tests/config/bad/rate_limits_not_a_list.yaml",
+        &["tests/config/bad/rate_limits_not_a_list.yaml: d > k: rate_limits: expected a list of limits, found a mapping"],
+    ),
+    (
+        "tests/config/bad/rate_limits_item_not_a_mapping.yaml",
+        &["tests/config/bad/rate_limits_item_not_a_mapping.yaml: d > k: rate_limits[1]: expected a mapping, found a string"],
+    ),
+    (
+        "tests/config/bad/rate_limits_item_name.yaml",
+        &["tests/config/bad/rate_limits_item_name.yaml: d > k: rate_limits[0].name: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)"],
+    ),
+    (
+        "tests/config/bad/rate_limits_missing_limit.yaml",
+        &["tests/config/bad/rate_limits_missing_limit.yaml: d > k: rate_limits[1].requests_per_unit: missing; each rate_limits item needs requests_per_unit"],
+    ),
+    (
+        "tests/config/bad/string_burst.yaml",
+        &["tests/config/bad/string_burst.yaml: d > k: rate_limits[1].burst: expected a whole number, found a string"],
+    ),
+    (
+        "tests/config/bad/burst_with_window.yaml",
+        &["tests/config/bad/burst_with_window.yaml: d > k: rate_limit.burst: burst applies only to algorithm token_bucket, not sliding_window"],
+    ),
+    (
+        "tests/config/bad/burst_with_default_algorithm.yaml",
+        &["tests/config/bad/burst_with_default_algorithm.yaml: d > k: rate_limit.burst: burst applies only to algorithm token_bucket; this limit names no algorithm and DEFAULT_ALGORITHM is fixed_window (add algorithm: token_bucket)"],
+    ),
+    (
+        "tests/config/bad/zero_burst.yaml",
+        &["tests/config/bad/zero_burst.yaml: d > k: rate_limit.burst: must be at least 1 (the token bucket's capacity)"],
+    ),
+    (
+        "tests/config/bad/zero_unit_multiplier.yaml",
+        &["tests/config/bad/zero_unit_multiplier.yaml: d > k: rate_limit.unit_multiplier: must be at least 1 (a window of 0 units)"],
+    ),
+    (
+        "tests/config/bad/window_too_long.yaml",
+        &["tests/config/bad/window_too_long.yaml: d > k: rate_limit.unit_multiplier: a window of 101 years is longer than 100 years"],
+    ),
+    (
+        "tests/config/bad/bucket_too_large.yaml",
+        &["tests/config/bad/bucket_too_large.yaml: d > k: rate_limit.burst: burst × window is too large for exact refills: burst 200000 × 31536000000 ms is above 2^52 (4503599627370496); use a smaller burst or a shorter window"],
+    ),
+    (
+        "tests/config/bad/bucket_too_large_without_burst.yaml",
+        &["tests/config/bad/bucket_too_large_without_burst.yaml: d > k: rate_limits[0].requests_per_unit: burst × window is too large for exact refills: burst 200000 (requests_per_unit, as burst is unset) × 31536000000 ms is above 2^52 (4503599627370496); use a smaller burst or a shorter window"],
+    ),
+    (
+        "tests/config/bad/duplicate_window.yaml",
+        &["tests/config/bad/duplicate_window.yaml: d > user: rate_limits[2]: same unit and unit_multiplier as rate_limits[0] (minute × 1); the limits of a rule need different windows"],
+    ),
+    (
+        "tests/config/bad/unlimited_with_algorithm.yaml",
+        &["tests/config/bad/unlimited_with_algorithm.yaml: d > k: rate_limit.algorithm: should not specify algorithm when unlimited"],
+    ),
+    (
+        "tests/config/bad/unlimited_with_burst.yaml",
+        &["tests/config/bad/unlimited_with_burst.yaml: d > k: rate_limit.burst: should not specify burst when unlimited"],
+    ),
+    (
+        "tests/config/bad/unlimited_with_unit_multiplier.yaml",
+        &["tests/config/bad/unlimited_with_unit_multiplier.yaml: d > k: rate_limit.unit_multiplier: should not specify unit_multiplier when unlimited"],
+    ),
+    (
+        "tests/config/bad/unknown_algorithm.yaml",
+        &["tests/config/bad/unknown_algorithm.yaml: d > k: rate_limit.algorithm: invalid algorithm 'leaky_bucket' (expected one of: fixed_window, sliding_window, token_bucket)"],
+    ),
     (
         "tests/config/bad_dirs/duplicate_domain",
         &["tests/config/bad_dirs/duplicate_domain/b.yaml: d: domain: duplicate domain 'd' (also in tests/config/bad_dirs/duplicate_domain/a.yaml; set MERGE_DOMAIN_CONFIG=true to merge)"],
@@ -127,6 +207,7 @@ fn load(path: &str) -> Result<ratelimitd::config::RuleTree, Vec<String>> {
         path: path.into(),
         ignore_dotfiles: false,
         merge_domains: false,
+        default_algorithm: Algorithm::FixedWindow,
     })
     .map_err(|e| e.0.iter().map(ToString::to_string).collect())
 }
@@ -168,6 +249,7 @@ fn merging_accepts_a_domain_split_across_files() {
         path: "tests/config/bad_dirs/duplicate_domain".into(),
         ignore_dotfiles: false,
         merge_domains: true,
+        default_algorithm: Algorithm::FixedWindow,
     })
     .unwrap();
     assert_eq!(tree.rule_count(), 2);
@@ -324,4 +406,124 @@ fn runtime_root_settings_locate_the_config_like_the_reference() {
         stdout.starts_with("config OK: 1 file(s), 1 domain(s) [a], 1 rule(s)"),
         "{stdout}"
     );
+}
+
+/// Issue 9's example, plus a reference rule and an unlimited one.
+const ALGORITHMS_YAML: &str = "domain: d
+descriptors:
+  - key: api_key
+    rate_limit:
+      unit: minute
+      requests_per_unit: 100
+      algorithm: token_bucket
+      burst: 20
+  - key: user
+    rate_limits:
+      - {unit: minute, requests_per_unit: 10}
+      - {unit: hour, requests_per_unit: 100}
+      - {unit: day, requests_per_unit: 500, algorithm: sliding_window}
+  - key: report
+    rate_limit: {unit: minute, unit_multiplier: 5, requests_per_unit: 3}
+  - key: plain
+    rate_limit: {unit: second, requests_per_unit: 10}
+  - key: free
+    rate_limit: {unlimited: true}
+";
+
+#[test]
+fn check_config_shows_algorithms_and_every_limit() {
+    let dir = support::config_dir(&[("r.yaml", ALGORITHMS_YAML)]);
+    let dir_arg = dir.path().to_str().unwrap();
+    let (code, out, err) = support::run_cli(&["check-config", "--config", dir_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out,
+        "config OK: 1 file(s), 1 domain(s) [d], 5 rule(s)
+  d.api_key: unit=MINUTE requests_per_unit=100 algorithm=token_bucket burst=20, shadow_mode: false, quota_mode: false
+  d.free: unit=UNKNOWN requests_per_unit=0, shadow_mode: false, quota_mode: false
+  d.plain: unit=SECOND requests_per_unit=10, shadow_mode: false, quota_mode: false
+  d.report: unit=MINUTE requests_per_unit=3 unit_multiplier=5 algorithm=fixed_window, shadow_mode: false, quota_mode: false
+  d.user: unit=MINUTE requests_per_unit=10 algorithm=fixed_window; unit=HOUR requests_per_unit=100 algorithm=fixed_window; unit=DAY requests_per_unit=500 algorithm=sliding_window, shadow_mode: false, quota_mode: false
+"
+    );
+
+    // DEFAULT_ALGORITHM (environment or flag) reaches the limits that name none.
+    let (code, out, err) = support::run_cli_env(
+        &["check-config", "--config", dir_arg],
+        &[("DEFAULT_ALGORITHM", "token_bucket")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("  d.plain: unit=SECOND requests_per_unit=10 algorithm=token_bucket, shadow_mode: false, quota_mode: false\n"), "{out}");
+    assert!(out.contains("  d.user: unit=MINUTE requests_per_unit=10 algorithm=token_bucket; unit=HOUR requests_per_unit=100 algorithm=token_bucket; unit=DAY requests_per_unit=500 algorithm=sliding_window, "), "{out}");
+    let (code, out, err) = support::run_cli(&[
+        "check-config",
+        "--config",
+        dir_arg,
+        "--default-algorithm",
+        "sliding_window",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("  d.plain: unit=SECOND requests_per_unit=10 algorithm=sliding_window, "),
+        "{out}"
+    );
+
+    // A burst without an algorithm is refused under a window default, naming the setting.
+    let burst = support::config_dir(&[(
+        "r.yaml",
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 10, burst: 20}\n",
+    )]);
+    let burst_arg = burst.path().to_str().unwrap();
+    let (code, out, _) = support::run_cli(&["check-config", "--config", burst_arg]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(": d > k: rate_limit.burst: burst applies only to algorithm token_bucket; this limit names no algorithm and DEFAULT_ALGORITHM is fixed_window (add algorithm: token_bucket)\n"), "{out}");
+    let (code, out, _) = support::run_cli_env(
+        &["check-config", "--config", burst_arg],
+        &[("DEFAULT_ALGORITHM", "token_bucket")],
+    );
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn an_unknown_default_algorithm_is_refused_naming_the_setting() {
+    for cmd in ["check-config", "serve"] {
+        let (code, out, err) = support::run_cli_env(
+            &[cmd, "--config", "config"],
+            &[("DEFAULT_ALGORITHM", "leaky_bucket")],
+        );
+        assert_eq!(code, 2, "{cmd}: {out}{err}");
+        assert!(
+            err.contains("DEFAULT_ALGORITHM: unknown algorithm 'leaky_bucket' (fixed_window, sliding_window or token_bucket)"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+#[test]
+fn explain_lists_every_limit_with_its_algorithm() {
+    let dir = support::config_dir(&[("r.yaml", ALGORITHMS_YAML)]);
+    let dir_arg = dir.path().to_str().unwrap();
+    let explain = |entry: &str| {
+        let (code, out, err) =
+            support::run_cli(&["explain", "--config", dir_arg, "--domain", "d", entry]);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let out = explain("user=u1");
+    assert!(
+        out.contains("  rule: d > user (d.user)\n  limits: 3, all checked and charged together\n    10 per minute (fixed_window)\n    100 per hour (fixed_window)\n    500 per day (sliding_window)\n  counter key: d_user_u1_"),
+        "{out}"
+    );
+    let out = explain("api_key=k");
+    assert!(
+        out.contains("\n  limit: 100 per minute (token_bucket, burst 20)\n"),
+        "{out}"
+    );
+    let out = explain("report=r");
+    assert!(
+        out.contains("\n  limit: 3 per 5 minutes (fixed_window)\n"),
+        "{out}"
+    );
+    let out = explain("plain=p");
+    assert!(out.contains("\n  limit: 10 per second\n"), "{out}");
 }

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{compile, parse_lenient, ConfigError, ConfigErrors, RuleTree};
+use super::{compile_with, parse_lenient, ConfigError, ConfigErrors, RuleTree};
+use crate::limiter::Algorithm;
 
 /// Where rules come from and how to read them.
 #[derive(Debug, Clone)]
@@ -14,6 +15,8 @@ pub struct ConfigSource {
     pub ignore_dotfiles: bool,
     /// Merge files that name the same domain (`MERGE_DOMAIN_CONFIG`).
     pub merge_domains: bool,
+    /// The algorithm of limits that name none (`DEFAULT_ALGORITHM`).
+    pub default_algorithm: Algorithm,
 }
 
 /// The rule files at `source`, in load order: every `*.yaml`/`*.yml` under a directory
@@ -122,7 +125,7 @@ impl Snapshot {
                 Err(e) => errors.push(ConfigError::new(&name, "", "", format!("cannot read: {e}"))),
             }
         }
-        match compile(&parsed, source.merge_domains) {
+        match compile_with(&parsed, source.merge_domains, source.default_algorithm) {
             Ok(tree) if errors.is_empty() => Ok(tree),
             Ok(_) => Err(ConfigErrors(errors)),
             Err(ConfigErrors(mut more)) => {
@@ -201,6 +204,7 @@ mod tests {
             path: d.path().to_owned(),
             ignore_dotfiles: false,
             merge_domains: false,
+            default_algorithm: Algorithm::FixedWindow,
         };
         let a = dir_with(&[("r.yaml", rules_yaml("d", 1))]);
         let b = dir_with(&[("r.yaml", rules_yaml("d", 1))]);
@@ -226,6 +230,7 @@ mod tests {
             path: dir.path().to_owned(),
             ignore_dotfiles: false,
             merge_domains: false,
+            default_algorithm: Algorithm::FixedWindow,
         };
         let errors = load_dir_or_file(&source).expect_err("invalid UTF-8");
         let std_error = fs::read_to_string(&file).expect_err("invalid UTF-8");
@@ -239,6 +244,7 @@ mod tests {
             path: dir.path().to_owned(),
             ignore_dotfiles: false,
             merge_domains: false,
+            default_algorithm: Algorithm::FixedWindow,
         };
         let (hash, tree) = load_hashed(&source);
         assert_eq!(hash, content_hash(&source));

@@ -17,9 +17,9 @@ mod test_support;
 mod watch;
 mod yaml_reader;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, fmt::Write, sync::Arc};
 
-pub use compile::compile;
+pub use compile::{compile, compile_with, MAX_WINDOW_SECS};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{content_hash, load_dir_or_file, load_hashed, ConfigSource};
 pub use raw::{parse, parse_lenient, RawDescriptor, RawFile, RawRateLimit};
@@ -150,6 +150,29 @@ impl Limit {
         self.unit.seconds() * u64::from(self.multiplier.max(1))
     }
 
+    /// Whether the reference could have written this limit: a fixed window of one unit.
+    pub fn is_plain(&self) -> bool {
+        self.algorithm == Algorithm::FixedWindow && self.multiplier == 1 && self.burst.is_none()
+    }
+
+    /// `unit=MINUTE requests_per_unit=10`, then ` unit_multiplier=N` when not 1, then
+    /// ` algorithm=NAME`, then ` burst=N` when set: one limit in a [`Rule::dump_line`].
+    fn dump(&self) -> String {
+        let mut out = format!(
+            "unit={} requests_per_unit={}",
+            self.unit.name().to_uppercase(),
+            self.requests_per_unit
+        );
+        if self.multiplier != 1 {
+            let _ = write!(out, " unit_multiplier={}", self.multiplier);
+        }
+        let _ = write!(out, " algorithm={}", self.algorithm.name());
+        if let Some(burst) = self.burst {
+            let _ = write!(out, " burst={burst}");
+        }
+        out
+    }
+
     /// The numbers the counting algorithms need.
     pub fn quota(&self) -> Quota {
         Quota::new(
@@ -163,14 +186,29 @@ impl Limit {
 }
 
 impl Rule {
-    /// One line, exactly as the reference dumps its config (`/rlconfig`, `check-config`).
+    /// One line for `/rlconfig` and `check-config`. A rule the reference could have written
+    /// (one fixed window of one unit, or `unlimited`) is dumped exactly as the reference dumps
+    /// it: `KEY: unit=MINUTE requests_per_unit=10, shadow_mode: false, quota_mode: false`.
+    /// Any other rule lists every limit in config order, separated by `; `, each as
+    /// [`Limit::dump`] writes it (always with its algorithm):
+    /// `KEY: unit=MINUTE requests_per_unit=10 algorithm=token_bucket burst=20; unit=HOUR
+    /// requests_per_unit=100 algorithm=fixed_window, shadow_mode: false, quota_mode: false`.
     pub fn dump_line(&self) -> String {
-        let (unit, requests) = match self.limits.first() {
-            Some(l) => (l.unit.name().to_uppercase(), l.requests_per_unit),
-            None => ("UNKNOWN".to_owned(), 0),
+        let limits = match self.limits.as_slice() {
+            [] => "unit=UNKNOWN requests_per_unit=0".to_owned(),
+            [l] if l.is_plain() => format!(
+                "unit={} requests_per_unit={}",
+                l.unit.name().to_uppercase(),
+                l.requests_per_unit
+            ),
+            several => several
+                .iter()
+                .map(Limit::dump)
+                .collect::<Vec<_>>()
+                .join("; "),
         };
         format!(
-            "{}: unit={unit} requests_per_unit={requests}, shadow_mode: {}, quota_mode: {}",
+            "{}: {limits}, shadow_mode: {}, quota_mode: {}",
             self.full_key, self.shadow_mode, self.quota_mode
         )
     }

@@ -22,6 +22,9 @@ pub struct RawDescriptor {
     /// `None` when absent or empty (the reference treats both as key-only).
     pub value: Option<String>,
     pub rate_limit: Option<RawRateLimit>,
+    /// A `rate_limits:` list (ours, not the reference's): `None` when absent, empty when
+    /// written as `[]` (refused when compiled).
+    pub rate_limits: Option<Vec<RawRateLimit>>,
     pub shadow_mode: bool,
     pub quota_mode: bool,
     pub detailed_metric: bool,
@@ -32,12 +35,19 @@ pub struct RawDescriptor {
     pub path: String,
 }
 
-/// A `rate_limit:` block.
+/// A `rate_limit:` block, or one item of a `rate_limits:` list (which has no `unlimited`,
+/// `name` or `replaces`: those stay false and empty).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RawRateLimit {
     /// `None` when absent.
     pub unit: Option<String>,
     pub requests_per_unit: Option<u32>,
+    /// `unit_multiplier`: `None` when absent (one unit).
+    pub unit_multiplier: Option<u32>,
+    /// `algorithm`, as written: `None` when absent (`DEFAULT_ALGORITHM` applies).
+    pub algorithm: Option<String>,
+    /// `burst`: `None` when absent.
+    pub burst: Option<u32>,
     pub unlimited: bool,
     pub name: Option<String>,
     pub replaces: Vec<String>,
@@ -51,6 +61,7 @@ const DESCRIPTOR_FIELDS: &[&str] = &[
     "key",
     "value",
     "rate_limit",
+    "rate_limits",
     "descriptors",
     "shadow_mode",
     "quota_mode",
@@ -59,7 +70,25 @@ const DESCRIPTOR_FIELDS: &[&str] = &[
     "share_threshold",
     "metadata",
 ];
-const RATE_LIMIT_FIELDS: &[&str] = &["unit", "requests_per_unit", "unlimited", "name", "replaces"];
+const RATE_LIMIT_FIELDS: &[&str] = &[
+    "unit",
+    "requests_per_unit",
+    "unit_multiplier",
+    "algorithm",
+    "burst",
+    "unlimited",
+    "name",
+    "replaces",
+];
+/// An item of `rate_limits`: a limit only; naming, replacing and `unlimited` belong to a
+/// descriptor's single `rate_limit`.
+const LIMIT_ITEM_FIELDS: &[&str] = &[
+    "unit",
+    "requests_per_unit",
+    "unit_multiplier",
+    "algorithm",
+    "burst",
+];
 const REPLACES_FIELDS: &[&str] = &["name"];
 
 /// Parses `text` (the contents of `file`); returns the file or every error found in it.
@@ -222,6 +251,18 @@ impl Parser<'_> {
                 None
             }
         };
+        let rate_limits = match m.get("rate_limits") {
+            None | Some(Value::Null) => None,
+            Some(Value::Sequence(items)) => Some(self.rate_limits(items, &path)),
+            Some(other) => {
+                self.err(
+                    &path,
+                    "rate_limits",
+                    format!("expected a list of limits, found {}", kind(other)),
+                );
+                None
+            }
+        };
         let descriptors = self.descriptor_list(m.get("descriptors"), &path, "descriptors");
         RawDescriptor {
             shadow_mode: self.flag(m, &path, "shadow_mode", "shadow_mode"),
@@ -232,28 +273,46 @@ impl Parser<'_> {
             key,
             value,
             rate_limit,
+            rate_limits,
             descriptors,
             path,
         }
     }
 
+    /// The items of a `rate_limits:` list; an item that is not a mapping is reported and
+    /// left out.
+    fn rate_limits(&mut self, items: &[Value], path: &str) -> Vec<RawRateLimit> {
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("rate_limits[{i}]");
+            match item {
+                Value::Mapping(m) => {
+                    let errors_before = self.errors.len();
+                    self.check_fields(m, LIMIT_ITEM_FIELDS, path, &format!("{field}."));
+                    let mut rl = self.limit_fields(m, path, &field);
+                    rl.had_errors = self.errors.len() > errors_before;
+                    out.push(rl);
+                }
+                other => self.err(
+                    path,
+                    &field,
+                    format!("expected a mapping, found {}", kind(other)),
+                ),
+            }
+        }
+        out
+    }
+
     fn rate_limit(&mut self, m: &Mapping, path: &str) -> RawRateLimit {
         let errors_before = self.errors.len();
         self.check_fields(m, RATE_LIMIT_FIELDS, path, "rate_limit.");
-        let unit = match m.get("unit") {
-            None | Some(Value::Null) => None,
-            Some(v) => self.scalar_string(v, path, "rate_limit.unit"),
-        };
-        let requests_per_unit = match m.get("requests_per_unit") {
-            None | Some(Value::Null) => None,
-            Some(v) => self.limit(v, path),
-        };
-        let name = match m.get("name") {
+        let mut rl = self.limit_fields(m, path, "rate_limit");
+        rl.name = match m.get("name") {
             None | Some(Value::Null) => None,
             Some(v) => self.scalar_string(v, path, "rate_limit.name"),
         };
-        let unlimited = self.flag(m, path, "unlimited", "rate_limit.unlimited");
-        let replaces = match m.get("replaces") {
+        rl.unlimited = self.flag(m, path, "unlimited", "rate_limit.unlimited");
+        rl.replaces = match m.get("replaces") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Sequence(items)) => items
                 .iter()
@@ -269,13 +328,28 @@ impl Parser<'_> {
                 Vec::new()
             }
         };
+        rl.had_errors = self.errors.len() > errors_before;
+        rl
+    }
+
+    /// The fields a `rate_limit` block and a `rate_limits` item share; `field` (`rate_limit`
+    /// or `rate_limits[i]`) prefixes their names in errors.
+    fn limit_fields(&mut self, m: &Mapping, path: &str, field: &str) -> RawRateLimit {
+        let string = |p: &mut Self, name: &str| match m.get(name) {
+            None | Some(Value::Null) => None,
+            Some(v) => p.scalar_string(v, path, &format!("{field}.{name}")),
+        };
+        let number = |p: &mut Self, name: &str| match m.get(name) {
+            None | Some(Value::Null) => None,
+            Some(v) => p.whole_number(v, path, &format!("{field}.{name}")),
+        };
         RawRateLimit {
-            unit,
-            requests_per_unit,
-            unlimited,
-            name,
-            replaces,
-            had_errors: self.errors.len() > errors_before,
+            unit: string(self, "unit"),
+            requests_per_unit: number(self, "requests_per_unit"),
+            unit_multiplier: number(self, "unit_multiplier"),
+            algorithm: string(self, "algorithm"),
+            burst: number(self, "burst"),
+            ..RawRateLimit::default()
         }
     }
 
@@ -302,8 +376,8 @@ impl Parser<'_> {
         }
     }
 
-    fn limit(&mut self, v: &Value, path: &str) -> Option<u32> {
-        let field = "rate_limit.requests_per_unit";
+    /// A whole number from 0 to `u32::MAX` (`requests_per_unit`, `unit_multiplier`, `burst`).
+    fn whole_number(&mut self, v: &Value, path: &str, field: &str) -> Option<u32> {
         let n = match v {
             Value::Number(n) => n,
             other => {
@@ -408,7 +482,102 @@ fn describe_key(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_lenient;
+    use super::{parse, parse_lenient, RawRateLimit};
+
+    fn messages(text: &str) -> Vec<String> {
+        parse("t.yaml", text)
+            .expect_err("errors")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn algorithm_burst_unit_multiplier_and_rate_limits_are_read() {
+        let raw = parse(
+            "t.yaml",
+            "domain: d
+descriptors:
+  - key: a
+    rate_limit: {unit: minute, requests_per_unit: 100, algorithm: token_bucket, burst: 20, unit_multiplier: 2}
+  - key: b
+    rate_limits:
+      - {unit: minute, requests_per_unit: 10}
+      - {unit: day, requests_per_unit: 500, algorithm: sliding_window, unit_multiplier: 7}
+  - key: c
+    rate_limits: []
+  - key: e
+    rate_limits: ~
+",
+        )
+        .unwrap();
+        let d = &raw.descriptors;
+        assert_eq!(
+            d[0].rate_limit,
+            Some(RawRateLimit {
+                unit: Some("minute".into()),
+                requests_per_unit: Some(100),
+                unit_multiplier: Some(2),
+                algorithm: Some("token_bucket".into()),
+                burst: Some(20),
+                ..RawRateLimit::default()
+            })
+        );
+        assert_eq!(d[0].rate_limits, None);
+        assert_eq!(d[1].rate_limit, None);
+        assert_eq!(
+            d[1].rate_limits,
+            Some(vec![
+                RawRateLimit {
+                    unit: Some("minute".into()),
+                    requests_per_unit: Some(10),
+                    ..RawRateLimit::default()
+                },
+                RawRateLimit {
+                    unit: Some("day".into()),
+                    requests_per_unit: Some(500),
+                    unit_multiplier: Some(7),
+                    algorithm: Some("sliding_window".into()),
+                    ..RawRateLimit::default()
+                },
+            ])
+        );
+        assert_eq!(
+            d[2].rate_limits,
+            Some(vec![]),
+            "an empty list is kept, to be refused"
+        );
+        assert_eq!(d[3].rate_limits, None, "null is absent, as for rate_limit");
+    }
+
+    #[test]
+    fn the_new_fields_report_type_errors_with_their_paths() {
+        assert_eq!(
+            messages(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: {unit: minute, requests_per_unit: 1, unit_multiplier: -1, algorithm: [x], burst: 4294967296}
+  - key: b
+    rate_limits:
+      - {unit: minute, requests_per_unit: 1, burst: 1.5, unit_multiplier: two}
+      - {unit: hour, requests_per_unit: 1, unlimited: true, name: n, replaces: []}
+      - 7
+"
+            ),
+            [
+                "t.yaml: d > a: rate_limit.unit_multiplier: must not be negative, found -1",
+                "t.yaml: d > a: rate_limit.algorithm: expected a string, found a list",
+                "t.yaml: d > a: rate_limit.burst: 4294967296 is larger than 4294967295",
+                "t.yaml: d > b: rate_limits[0].unit_multiplier: expected a whole number, found a string",
+                "t.yaml: d > b: rate_limits[0].burst: must be a whole number, found 1.5",
+                "t.yaml: d > b: rate_limits[1].unlimited: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
+                "t.yaml: d > b: rate_limits[1].name: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
+                "t.yaml: d > b: rate_limits[1].replaces: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
+                "t.yaml: d > b: rate_limits[2]: expected a mapping, found a number",
+            ]
+        );
+    }
 
     /// Hot reload no longer wraps loading in `catch_unwind`; this is the evidence that the
     /// YAML parser (serde_norway) and our walk of its tree answer every input with errors,
@@ -422,8 +591,13 @@ mod tests {
             "key",
             "value",
             "rate_limit",
+            "rate_limits",
             "unit",
             "requests_per_unit",
+            "unit_multiplier",
+            "algorithm",
+            "token_bucket",
+            "burst",
             "unlimited",
             "shadow_mode",
             "replaces",

@@ -488,6 +488,7 @@ mod tests {
             path: dir.path().to_owned(),
             ignore_dotfiles: false,
             merge_domains: false,
+            default_algorithm: crate::limiter::Algorithm::FixedWindow,
         };
         assert_eq!(
             opens_of(&file, || drop(crate::config::load_hashed(&source))),

@@ -37,6 +37,7 @@ pub(super) fn setup(path: &Path, ignore_dotfiles: bool) -> Setup {
         path: path.to_owned(),
         ignore_dotfiles,
         merge_domains: false,
+        default_algorithm: crate::limiter::Algorithm::FixedWindow,
     };
     let tree = load_dir_or_file(&source).expect("initial config is valid");
     let rules = Arc::new(ArcSwap::from_pointee(tree));

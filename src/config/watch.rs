@@ -250,6 +250,7 @@ mod tests {
             path: dir.path().to_owned(),
             ignore_dotfiles: false,
             merge_domains: false,
+            default_algorithm: crate::limiter::Algorithm::FixedWindow,
         };
         let first = fingerprint_of(&source);
         assert_eq!(first, fingerprint_of(&source));
