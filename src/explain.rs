@@ -110,10 +110,10 @@ pub fn explain(
             );
             continue;
         }
-        let Some(&limit) = rule.limits.first() else {
+        if rule.limits.is_empty() {
             let _ = writeln!(out, "  unlimited: always OK, no counter\n");
             continue;
-        };
+        }
         let named = format!(
             "{}{}",
             if rule.name.is_empty() {
@@ -152,12 +152,29 @@ pub fn explain(
             .iter()
             .enumerate()
             .map(|(i, (k, v))| (k.as_str(), matcher::counter_value(&m.shared, i, v)));
-        let key = keys.build(domain, key_entries, limit.unit, now);
-        let _ = writeln!(
-            out,
-            "  counter key: {key} (window of {} s)",
-            limit.unit.seconds()
-        );
+        let base = keys.base(domain, key_entries);
+        let single = rule.limits.len() == 1;
+        for limit in &rule.limits {
+            let (key, previous) =
+                crate::service::limit_keys(&base, limit, single, now.saturating_mul(1000));
+            let _ = match (limit.algorithm, previous) {
+                (crate::limiter::Algorithm::TokenBucket, _) => writeln!(
+                    out,
+                    "  counter key: {key} (token bucket, refilled over {} s)",
+                    limit.window_secs()
+                ),
+                (_, Some(previous)) => writeln!(
+                    out,
+                    "  counter key: {key} (window of {} s; previous window: {previous})",
+                    limit.window_secs()
+                ),
+                (_, None) => writeln!(
+                    out,
+                    "  counter key: {key} (window of {} s)",
+                    limit.window_secs()
+                ),
+            };
+        }
         let labels = crate::metrics::labels(domain, &m.stats_key);
         let shown: Vec<String> = labels
             .iter()

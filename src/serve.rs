@@ -321,7 +321,7 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
         } else {
             Charging::Always
         },
-        default_algorithm: Default::default(),
+        default_algorithm: args.config.default_algorithm,
     }
 }
 

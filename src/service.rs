@@ -352,24 +352,10 @@ impl<S: Store> RateLimiter<S> {
         cost: u64,
         now_ms: u64,
     ) -> Check {
-        let quota = limit.quota();
-        let tag = (!single || limit.multiplier != 1).then_some((limit.multiplier, limit.unit));
-        let start_ms = window_start_ms(quota.window_ms, now_ms);
-        let window = |start_ms: u64| window_key(base, start_ms / 1000, tag);
-        let (key, previous) = match limit.algorithm {
-            Algorithm::FixedWindow => (window(start_ms), None),
-            Algorithm::SlidingWindow => (
-                window(start_ms),
-                Some(window(start_ms.saturating_sub(quota.window_ms))),
-            ),
-            Algorithm::TokenBucket => (
-                bucket_key(base, limit.multiplier, limit.unit, limit.requests_per_unit),
-                None,
-            ),
-        };
+        let (key, previous) = limit_keys(base, limit, single, now_ms);
         Check {
             descriptor,
-            quota,
+            quota: limit.quota(),
             key,
             previous,
             cost,
@@ -382,6 +368,32 @@ impl<S: Store> RateLimiter<S> {
             0 => 0,
             max => fastrand::u64(0..max),
         }
+    }
+}
+
+/// A limit's keys at `now_ms` for a descriptor whose keys start with `base`: the state's key
+/// and, for a sliding window, the previous window's. The reference's key for a rule's
+/// `single` one-unit fixed window; the window appended as a tag otherwise; a bucket's own key.
+pub fn limit_keys(
+    base: &str,
+    limit: &Limit,
+    single: bool,
+    now_ms: u64,
+) -> (String, Option<String>) {
+    let window_ms = limit.quota().window_ms;
+    let tag = (!single || limit.multiplier != 1).then_some((limit.multiplier, limit.unit));
+    let start_ms = window_start_ms(window_ms, now_ms);
+    let window = |start_ms: u64| window_key(base, start_ms / 1000, tag);
+    match limit.algorithm {
+        Algorithm::FixedWindow => (window(start_ms), None),
+        Algorithm::SlidingWindow => (
+            window(start_ms),
+            Some(window(start_ms.saturating_sub(window_ms))),
+        ),
+        Algorithm::TokenBucket => (
+            bucket_key(base, limit.multiplier, limit.unit, limit.requests_per_unit),
+            None,
+        ),
     }
 }
 
