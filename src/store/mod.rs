@@ -5,6 +5,7 @@
 
 mod memory;
 mod redis;
+mod script;
 
 use std::future::Future;
 
