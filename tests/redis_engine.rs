@@ -187,7 +187,7 @@ fn checks(id: u64, case: &Case, step: &Step, now: u64) -> Vec<Check> {
             .max()
             .unwrap_or(0);
         let seed = step.cost_seeds[d];
-        let cost = if seed % 2 == 0 {
+        let cost = if seed.is_multiple_of(2) {
             1
         } else {
             (seed >> 1) % (max_capacity + 3)
