@@ -101,10 +101,12 @@ fn limit() -> impl Strategy<Value = Limit> {
             Just(Algorithm::SlidingWindow),
             Just(Algorithm::TokenBucket)
         ],
-        prop_oneof![1 => Just(0u32), 8 => 1..=8u32],
+        // Mostly small limits, where costs reach past them; some large ones, where a sliding
+        // window's estimate has fractions that need rounding.
+        prop_oneof![1 => Just(0u32), 8 => 1..=8u32, 2 => 9..=100_000u32],
         prop_oneof![Just(Unit::Second), Just(Unit::Minute), Just(Unit::Hour)],
         1..=5u32,
-        proptest::option::of(1..=10u32),
+        proptest::option::of(prop_oneof![4 => 1..=10u32, 1 => 11..=100_000u32]),
     )
         .prop_map(|(algorithm, limit, unit, multiplier, burst)| Limit {
             algorithm,
@@ -264,6 +266,120 @@ fn model_and_redis_decide_alike() {
         }
         Ok(())
     });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// A count for [`large_counts_round_alike`]: small, around a double's 2^53, or anything up
+/// to 2^63 - 1.
+fn count() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        0..=1_000u64,
+        (1u64 << 53) - 8..=(1u64 << 53) + 8,
+        0..=MAX_COUNT,
+    ]
+}
+
+/// Windows with random (also huge) counts, limits up to `u32::MAX` and costs up to 2^64 - 1,
+/// seeded into both stores: the sliding window's floating-point estimate, the counts' exact
+/// sums and the `used` values beyond 2^53 come out alike.
+#[test]
+fn large_counts_round_alike() {
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(async { redis_store(&redis) });
+    let ids = AtomicU64::new(0);
+    let strategy = (
+        count(),
+        count(),
+        prop_oneof![0..=10u32, 0..=u32::MAX],
+        prop_oneof![
+            Just(Unit::Second),
+            Just(Unit::Minute),
+            Just(Unit::Hour),
+            Just(Unit::Day)
+        ],
+        1..=5u32,
+        0..86_400_000u64,
+        prop_oneof![0..=20u64, any::<u64>(), Just(u64::MAX)],
+        prop_oneof![
+            Just(Charging::Always),
+            Just(Charging::StopWhenOver),
+            Just(Charging::AllOrNothing)
+        ],
+    );
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(
+        &strategy,
+        |(current, previous, limit, unit, multiplier, offset, cost, charging)| {
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            let memory = memory_store();
+            let now = T0 + offset;
+            let (cur, prev, fixed) = (
+                format!("big{id}:cur"),
+                format!("big{id}:prev"),
+                format!("big{id}:fixed"),
+            );
+            let seeds: Vec<Hit> = [(&cur, current), (&prev, previous), (&fixed, current)]
+                .into_iter()
+                .map(|(key, value)| {
+                    redis.command(&["SET", key, &value.to_string()]);
+                    Hit {
+                        key: key.clone(),
+                        hits: value,
+                        window_secs: 86_400,
+                        window_start: now / 1000,
+                        ttl_secs: 86_400,
+                    }
+                })
+                .collect();
+            let quota = |a| Quota::new(a, limit, unit, multiplier, None);
+            let checks = [
+                Check {
+                    descriptor: 0,
+                    quota: quota(Algorithm::SlidingWindow),
+                    key: cur,
+                    previous: Some(prev),
+                    cost,
+                    jitter_secs: 1,
+                },
+                Check {
+                    descriptor: 0,
+                    quota: quota(Algorithm::FixedWindow),
+                    key: fixed,
+                    previous: None,
+                    cost,
+                    jitter_secs: 1,
+                },
+            ];
+            let batch = Batch {
+                checks: &checks,
+                roles: &[Role::default()],
+                quota_total: 0,
+                charging,
+                never_refuse: false,
+                now_ms: now,
+            };
+            let (want, got) = rt.block_on(async {
+                memory.increment(&seeds).await.unwrap();
+                (
+                    memory.decide(&batch).await.unwrap(),
+                    store.decide(&batch).await,
+                )
+            });
+            let got = got.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(got, want);
+            Ok(())
+        },
+    );
     if let Err(e) = result {
         panic!("{e}");
     }
@@ -520,6 +636,44 @@ async fn a_flushed_script_is_sent_again_and_counts_continue() {
     assert_eq!(d[0].verdict.remaining, 3, "charged once, not twice");
     assert_eq!(redis.command(&["SCRIPT", "EXISTS", &sha]), "*1\r\n:1\r\n");
     assert_eq!(redis.command(&["GET", "ns:fixed"]), "$1\r\n2\r\n");
+}
+
+/// A restarted Redis has lost its script cache (and, without persistence, its counters): once
+/// the connection is back, calls succeed again through EVAL, with no error from NOSCRIPT.
+#[tokio::test]
+async fn a_restarted_redis_gets_the_script_again() {
+    let mut redis = RedisServer::start();
+    let store = redis_store(&redis);
+    let checks = [one_check(
+        "rs:bucket",
+        None,
+        Quota::new(Algorithm::TokenBucket, 5, Unit::Hour, 1, None),
+    )];
+    let d = store.decide(&fixed_batch(&checks, T0)).await.unwrap();
+    assert_eq!(d[0].verdict.remaining, 4);
+    redis.restart();
+    // The first calls may meet the dropped connection (a transient error, never retried by
+    // the store); the connection comes back within about a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let d = loop {
+        match store.decide(&fixed_batch(&checks, T0)).await {
+            Ok(d) => break d,
+            Err(e) => {
+                assert!(
+                    e.is_transient(),
+                    "only connection errors while it restarts: {e}"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not back in 10 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(d[0].verdict.remaining, 4, "a fresh Redis: a full bucket");
+    let d = store.decide(&fixed_batch(&checks, T0)).await.unwrap();
+    assert_eq!(d[0].verdict.remaining, 3);
 }
 
 /// Milliseconds to live of `key`.
