@@ -11,8 +11,9 @@
 //!   the same answer for the same inputs.
 //! - `token_bucket`: GCRA. The state is the theoretical arrival time (TAT) in milliseconds
 //!   plus a remainder in 1/limit milliseconds, so refills are exact: every quantity below is
-//!   an integer of at most 2^52 ("scaled" units are 1/limit ms), which also keeps it exact in
-//!   the doubles of Redis' Lua.
+//!   an integer of at most 2^53 ("scaled" units are 1/limit ms; the debt and a cost are each
+//!   at most 2^52, config validation sees to it), which also keeps it exact in the doubles of
+//!   Redis' Lua.
 
 use super::Unit;
 
@@ -277,9 +278,11 @@ fn bucket(q: &Quota, s: State, cost: u64, now_ms: u64) -> Outcome {
                 q.capacity + 1
             },
         },
+        // Never charged below empty (a refused bucket is charged only under strict charging,
+        // when the request passes anyway: a shadowed rule, say).
         charged: State {
-            a: now_ms + after / limit,
-            b: after % limit,
+            a: now_ms + after.min(tolerance) / limit,
+            b: after.min(tolerance) % limit,
         },
     }
 }

@@ -1,10 +1,13 @@
 //! Counter storage behind one async trait: Redis for fleets, memory for a single instance.
 //!
-//! A request's counters go to the store in one call (one Redis round trip). The store only
-//! adds and reports; deciding OK or OVER_LIMIT happens in the service.
+//! A request's counters go to the store in one call (one Redis round trip). With
+//! [`Store::increment`] the store only adds and reports, and the service decides OK or
+//! OVER_LIMIT; with [`Store::decide`] the store runs the counting engine itself, atomically
+//! (Redis: one Lua script, `engine.lua`).
 
 mod memory;
 mod redis;
+mod script;
 
 use std::future::Future;
 

@@ -1,9 +1,16 @@
-//! Redis counters: INCRBY + EXPIRE per key, all keys of a request in one MULTI/EXEC pipeline
-//! (one round trip), over a few multiplexed connections shared by every concurrent RPC.
+//! Redis counters, two ways, each in one round trip over a few multiplexed connections
+//! shared by every concurrent RPC:
 //!
-//! Why MULTI/EXEC and not a bare pipeline (the reference's choice): the key's TTL is then set
-//! with its increment or not at all, so a dropped connection cannot leave a counter without
-//! expiry. Why not Lua: it buys nothing more here and needs script loading on every new node.
+//! - [`Store::increment`]: INCRBY + EXPIRE per key, all keys of a request in one MULTI/EXEC
+//!   pipeline. Why MULTI/EXEC and not a bare pipeline (the reference's choice): the key's TTL
+//!   is then set with its increment or not at all, so a dropped connection cannot leave a
+//!   counter without expiry.
+//! - [`Store::decide`]: the counting engine as one Lua script (`engine.lua`, called through
+//!   `script.rs`). A script and not MULTI because what is written depends on what is read: a
+//!   transaction cannot branch on a value it has not returned yet, and WATCH would turn every
+//!   contended key into retries. Called with EVALSHA; on NOSCRIPT (Redis restarted, `SCRIPT
+//!   FLUSH`) with EVAL, which runs and caches it in one more round trip. redis-rs's own
+//!   `Script::invoke_async` would send SCRIPT LOAD and then EVALSHA again: two more.
 //!
 //! Why `ConnectionManager` (redis-rs) and no bb8 pool: a multiplexed connection already
 //! pipelines concurrent commands, so a pool would add a checkout per request for nothing;
@@ -18,10 +25,13 @@ use std::{
 
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    ConnectionAddr, IntoConnectionInfo, RedisError, Value,
+    ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind, Value,
 };
 
-use super::{Hit, Store, StoreError, MAX_COUNT};
+use super::{
+    script::{self, EngineScript},
+    Hit, Store, StoreError, MAX_COUNT,
+};
 use crate::limiter::engine::{Batch, Decided};
 
 /// How to reach Redis (the reference's `REDIS_*` settings).
@@ -55,6 +65,8 @@ pub struct RedisStore {
     conns: Vec<ConnectionManager>,
     next: AtomicUsize,
     timeout: Duration,
+    /// The counting engine's script (`engine.lua`) and its SHA1.
+    engine: EngineScript,
 }
 
 impl RedisStore {
@@ -84,6 +96,7 @@ impl RedisStore {
             conns,
             next: AtomicUsize::new(0),
             timeout: settings.timeout,
+            engine: EngineScript::default(),
         })
     }
 
@@ -140,58 +153,35 @@ impl Store for RedisStore {
         }
     }
 
-    // Interim while the Lua script is written (issue 9): fixed windows charged always, over
-    // the INCRBY pipeline; anything else is refused as unsupported.
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
-        use crate::limiter::{
-            algorithm::{evaluate, Algorithm, State},
-            engine::Charging,
-        };
-        let supported = batch.charging == Charging::Always
-            && batch
-                .checks
-                .iter()
-                .all(|c| c.quota.algorithm == Algorithm::FixedWindow);
-        if !supported {
-            return Err(StoreError::Reply(
-                "only fixed windows charged always are supported on Redis yet".to_owned(),
-            ));
+        if batch.checks.is_empty() {
+            return Ok(Vec::new());
         }
-        let hits: Vec<Hit> = batch
-            .checks
-            .iter()
-            .map(|c| {
-                let window_secs = c.quota.window_ms / 1000;
-                Hit {
-                    key: c.key.clone(),
-                    hits: if c.cost <= c.quota.capacity {
-                        c.cost
-                    } else {
-                        0
-                    },
-                    window_secs,
-                    window_start: 0,
-                    ttl_secs: window_secs + c.jitter_secs,
+        let mut conn = self.conn();
+        // One bound for the call, the EVAL after a NOSCRIPT included.
+        let call = async {
+            match self
+                .engine
+                .evalsha(batch)
+                .query_async::<Value>(&mut conn)
+                .await
+            {
+                // Nothing ran: Redis does not know the script (restarted, or SCRIPT FLUSH).
+                // EVAL runs it and caches it again; no charge can be counted twice.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    self.engine
+                        .eval(batch)
+                        .query_async::<Value>(&mut conn)
+                        .await
                 }
-            })
-            .collect();
-        let counts = self.increment(&hits).await?;
-        Ok(batch
-            .checks
-            .iter()
-            .zip(hits.iter().zip(counts))
-            .map(|(c, (h, after))| {
-                let before = State {
-                    a: after.saturating_sub(h.hits),
-                    b: 0,
-                };
-                let o = evaluate(&c.quota, before, c.cost, batch.now_ms);
-                Decided {
-                    verdict: o.verdict,
-                    charge: (h.hits > 0).then_some(o.charged),
-                }
-            })
-            .collect())
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(reply)) => script::decisions(batch, reply),
+            Ok(Err(e)) => Err(from_redis(e, self.timeout)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
     }
 }
 
