@@ -95,12 +95,15 @@ pub fn respond(
             .take(limits.len())
             .map(|d| d.verdict)
             .collect();
-        let Some(shown) = reported(&verdicts) else {
+        // One decision per limit, so both are there; were one missing, the descriptor would
+        // still get its status (OK, nothing known), keeping statuses in request order.
+        let shown = reported(&verdicts).and_then(|i| Some((*limits.get(i)?, *verdicts.get(i)?)));
+        let Some((limit, verdict)) = shown else {
+            statuses.push(DescriptorStatus {
+                code: Code::Ok as i32,
+                ..Default::default()
+            });
             continue;
-        };
-        let (limit, verdict) = match (limits.get(shown), verdicts.get(shown)) {
-            (Some(l), Some(v)) => (*l, *v),
-            _ => continue,
         };
         let over_any = verdicts.iter().any(|v| !v.allowed);
         let shadow = rule.is_some_and(|r| r.shadow_mode);

@@ -659,7 +659,15 @@ descriptors:
 ";
 
         fn limiter(clock: Arc<FakeClock>) -> RateLimiter<MemoryStore> {
-            let raw = parse("rules.yaml", RULES).unwrap();
+            limiter_with(clock, RULES, ServiceSettings::default())
+        }
+
+        fn limiter_with(
+            clock: Arc<FakeClock>,
+            rules: &str,
+            settings: ServiceSettings,
+        ) -> RateLimiter<MemoryStore> {
+            let raw = parse("rules.yaml", rules).unwrap();
             let tree = compile(&[("rules.yaml".to_owned(), raw)], false).unwrap();
             let stats = Arc::new(Stats::new(None, StatsSettings::default()));
             let store = MemoryStore::new(clock.clone(), NonZeroUsize::MIN.saturating_add(999));
@@ -669,7 +677,7 @@ descriptors:
                 clock,
                 ServiceSettings {
                     near_limit_ratio: 0.8,
-                    ..ServiceSettings::default()
+                    ..settings
                 },
                 stats,
             )
@@ -771,6 +779,54 @@ descriptors:
             assert_eq!(value(m::NEAR_LIMIT), "1");
             assert_eq!(value(m::SHADOW_MODE), "0");
             assert_eq!(l.stats().dynamic_keys(), 0);
+        }
+
+        const SEVERAL: &str = "
+domain: d
+descriptors:
+  - key: k
+    rate_limits:
+      - {unit: second, requests_per_unit: 3}
+      - {unit: minute, requests_per_unit: 5}
+";
+
+        #[tokio::test]
+        async fn several_limits_show_the_most_restrictive_and_wait_for_the_longest() {
+            let clock = Arc::new(FakeClock(AtomicU64::new(1_000_020)));
+            let settings = ServiceSettings {
+                response_headers: Some(HeaderNames {
+                    limit: "RateLimit-Limit".into(),
+                    remaining: "RateLimit-Remaining".into(),
+                    reset: "RateLimit-Reset".into(),
+                }),
+                ..ServiceSettings::default()
+            };
+            let l = limiter_with(clock.clone(), SEVERAL, settings);
+            // Within both: the per-second limit has the fewest left.
+            assert_eq!(ask(&l, 1).await, (OK, 2, 1, None));
+            assert_eq!(ask(&l, 2).await, (OK, 0, 1, None));
+            // Over the per-second limit: shown, and its wait; counted in both (fixed windows).
+            assert_eq!(ask(&l, 1).await, (OVER, 0, 1, Some("1".into())));
+            clock.0.store(1_000_021, Ordering::SeqCst);
+            // A new second; the minute has 5 − 4 = 1 left, the fewest.
+            let r = l.should_rate_limit(&request(1)).await.unwrap();
+            let s = &r.statuses[0];
+            assert_eq!((s.code, s.limit_remaining), (OK, 0));
+            assert_eq!(s.current_limit.as_ref().unwrap().requests_per_unit, 5);
+            let header = |name: &str| {
+                r.response_headers_to_add
+                    .iter()
+                    .find(|h| h.key == name)
+                    .map(|h| h.value.clone())
+            };
+            assert_eq!(
+                header("RateLimit-Limit").as_deref(),
+                Some("5, 3;w=1, 5;w=60")
+            );
+            assert_eq!(header("RateLimit-Remaining").as_deref(), Some("0"));
+            assert_eq!(header("RateLimit-Reset").as_deref(), Some("59"));
+            // Over the minute (and not the second): the minute's 59 s is the wait.
+            assert_eq!(ask(&l, 1).await, (OVER, 0, 59, Some("59".into())));
         }
     }
 }
