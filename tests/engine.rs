@@ -327,7 +327,8 @@ async fn token_bucket_burst_then_exact_retry_after_then_one_per_refill(backend: 
     assert_eq!(header(&r.r, "RateLimit-Reset"), Some("6"));
     if let Some(redis) = &s.redis {
         let state = redis_get(redis, "eng_tb_v_bucket_1minute_30").unwrap();
-        let (tat, _) = state.split_once(':').unwrap();
+        let (tat, rest) = state.split_once(':').unwrap();
+        assert_eq!(rest, "0", "2 s per token: no fraction of a millisecond");
         let tat: u64 = tat.parse().unwrap();
         // Three tokens taken from a full bucket: the TAT is three intervals after the first
         // request (the refused fourth charged nothing).
@@ -637,8 +638,15 @@ async fn cost_budgets_and_costs_above_the_capacity(backend: &'static str) {
         if let Some(redis) = &s.redis {
             let hour = r.before_ms / 3_600_000 * 3600;
             match key {
+                // 4 tokens of 6 minutes from a full bucket: the TAT is 24 minutes after the
+                // first request, the refused 11 added nothing.
                 "bucket_budget" => {
-                    assert!(redis_get(redis, "eng_bucket_budget_x_bucket_1hour_10").is_some())
+                    let state = redis_get(redis, "eng_bucket_budget_x_bucket_1hour_10").unwrap();
+                    let (tat, rest) = state.split_once(':').unwrap();
+                    let tat: u64 = tat.parse().unwrap();
+                    let span = first + 1_440_000..=r.before_ms + 1_440_000;
+                    assert!(span.contains(&tat), "TAT {tat}, expected in {span:?}");
+                    assert_eq!(rest, "0");
                 }
                 _ => assert_eq!(
                     redis_get(redis, &format!("eng_{key}_x_{hour}")).as_deref(),
@@ -825,7 +833,8 @@ async fn concurrent_clients_are_admitted_exactly(backend: &'static str) {
             clients.push(instances[i % instances.len()].client().await);
         }
         ensure_window_room(window, Duration::from_secs(8)).await;
-        let start = unix_now();
+        let start_ms = now_ms();
+        let start = start_ms / 1000;
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|mut client| {
@@ -847,6 +856,7 @@ async fn concurrent_clients_are_admitted_exactly(backend: &'static str) {
         for t in tasks {
             admitted += t.await.unwrap();
         }
+        let end_ms = now_ms();
         assert_eq!(unix_now() / window, start / window, "{key}: one window");
         assert_eq!(
             admitted,
@@ -867,7 +877,16 @@ async fn concurrent_clients_are_admitted_exactly(backend: &'static str) {
                     redis_get(r, &format!("eng_race_sliding_shared_{window_start}")),
                     Some(allowed.to_string())
                 ),
-                _ => assert!(redis_get(r, "eng_race_bucket_shared_bucket_1hour_40").is_some()),
+                // 25 tokens of 90 s taken from a full bucket: the TAT is 25 intervals after
+                // the first admitted request, with no remainder.
+                _ => {
+                    let state = redis_get(r, "eng_race_bucket_shared_bucket_1hour_40").unwrap();
+                    let (tat, rest) = state.split_once(':').unwrap();
+                    let tat: u64 = tat.parse().unwrap();
+                    let span = start_ms + 2_250_000..=end_ms + 2_250_000;
+                    assert!(span.contains(&tat), "TAT {tat}, expected in {span:?}");
+                    assert_eq!(rest, "0");
+                }
             }
         }
     }
