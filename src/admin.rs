@@ -207,7 +207,15 @@ async fn usage(AxumState(s): Shared, Query(params): Query<Vec<(String, String)>>
         Err(e @ crate::error::ServiceError::InvalidArgument(_)) => {
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        // As /json and gRPC answer: the kind of failure only; Redis's own text goes to the log.
+        Err(e) => {
+            tracing::warn!(error = %e, "GET /usage: backend failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{}\n", e.client_message()),
+            )
+                .into_response()
+        }
     }
 }
 

@@ -30,6 +30,10 @@ use crate::{
 /// failed; `main` prints it and exits non-zero.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// Checked on the values, not in clap (`conflicts_with`), which refuses the two settings
+    /// whenever both are *set*, even `STRICT_CHARGING=false` beside the other.
+    #[error("STRICT_CHARGING and STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT cannot both be true; set one of them")]
+    ChargingConflict,
     #[error("invalid config in {path}; not starting\n{errors}")]
     Config {
         path: String,
@@ -59,6 +63,9 @@ pub async fn serve(
     args: Arc<ServeArgs>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    if args.strict_charging && args.stop_cache_key_increment_when_overlimit {
+        return Err(ServeError::ChargingConflict);
+    }
     // Read before anything else starts, so a bad secret file stops start-up at once.
     let keys = cache_keys(&args)?;
     for name in &args.unsupported_set {

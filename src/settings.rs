@@ -280,7 +280,7 @@ pub struct ServeArgs {
     #[arg(long, env = "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub stop_cache_key_increment_when_overlimit: bool,
     /// Charge a request to all its limits or to none: a refused request charges nothing.
-    #[arg(long, env = "STRICT_CHARGING", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new(), conflicts_with = "stop_cache_key_increment_when_overlimit")]
+    #[arg(long, env = "STRICT_CHARGING", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub strict_charging: bool,
     #[arg(long, env = "LIMIT_RESPONSE_HEADERS_ENABLED", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub limit_response_headers_enabled: bool,
