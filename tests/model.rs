@@ -53,9 +53,14 @@ impl Limit {
         self.unit.seconds() * u64::from(self.multiplier) * 1000
     }
 
-    /// Most a single request may cost: the bucket's size, or the window's limit.
+    /// Most a single request may cost: the bucket's size, or the window's limit. A limit of 0
+    /// refuses every request with a cost (the reference's meaning), a bucket's too: refilling
+    /// nothing, it holds nothing, whatever its `burst`.
     fn capacity(&self) -> u64 {
-        u64::from(self.burst.unwrap_or(self.limit))
+        match self.limit {
+            0 => 0,
+            limit => u64::from(self.burst.unwrap_or(limit)),
+        }
     }
 }
 
@@ -286,10 +291,7 @@ fn limit() -> impl Strategy<Value = Limit> {
             limit,
             unit,
             multiplier,
-            // `requests_per_unit: 0` with a `burst` is left out: by the definition such a bucket
-            // never refills, which a TAT cannot hold; `algorithm.rs` refills it at one token
-            // per window (`limit.max(1)`) instead, and config validation accepts it.
-            burst: burst.filter(|_| algorithm == Algorithm::TokenBucket && limit > 0),
+            burst: burst.filter(|_| algorithm == Algorithm::TokenBucket),
         })
 }
 
