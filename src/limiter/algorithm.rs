@@ -244,8 +244,9 @@ fn sliding_retry(q: &Quota, s: State, cost: u64, w: u64, elapsed: u64) -> u64 {
 fn bucket(q: &Quota, s: State, cost: u64, now_ms: u64) -> Outcome {
     let limit = q.limit.max(1);
     let w = q.window_ms;
-    let tolerance = q.capacity.saturating_mul(w); // burst × T, scaled
-                                                  // Debt: how far the TAT is ahead of now, in 1/limit ms.
+    // burst × T, scaled.
+    let tolerance = q.capacity.saturating_mul(w);
+    // Debt: how far the TAT is ahead of now, in 1/limit ms.
     let debt = if s.a < now_ms || (s.a == now_ms && s.b == 0) {
         0
     } else {

@@ -19,13 +19,13 @@
 //! exact.
 //!
 //! **Windows come from the caller.** The service reads the clock once per request: that
-//! instant ([`Batch::now_ms`]) names the window in each [`engine::Check`]'s key and is the instant the
-//! engine decides at. A charged key ends at [`engine::Check::ends_ms`] of that instant, rounded up to
-//! the second: the end of its window (of the next one for a sliding window, whose count is
-//! read then as the previous one), or when its bucket is full again. The store never re-reads
-//! the clock to decide whether a counter is current, so a request computed just before a
-//! window boundary and counted just after it adds to its own window's counter instead of
-//! resetting it.
+//! instant ([`Batch::now_ms`]) names the window in each [`engine::Check`]'s key and is the
+//! instant the engine decides at. A charged key ends at [`engine::Check::ends_ms`] of that
+//! instant, rounded up to the second: the end of its window (of the next one for a sliding
+//! window, whose count is read then as the previous one), or when its bucket is full again.
+//! The store never re-reads the clock to decide whether a counter is current, so a request
+//! computed just before a window boundary and counted just after it adds to its own window's
+//! counter instead of resetting it.
 //!
 //! **Full store.** Creating a counter when `max` exist first removes the counter that comes
 //! first in `order`: one whose window has already ended if there is one (a plain drop), else

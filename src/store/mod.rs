@@ -90,9 +90,10 @@ impl std::fmt::Display for StoreErrorKind {
 
 /// Counter storage.
 pub trait Store: Send + Sync + 'static {
-    /// Decides every check of `batch` atomically, as [`crate::limiter::engine::decide`] does from the keys'
-    /// states at one instant, stores the charged states, and returns the decisions in order.
-    /// Never retried by the caller: a retry after an ambiguous failure could charge twice.
+    /// Decides every check of `batch` atomically, as [`crate::limiter::engine::decide`] does
+    /// from the keys' states at one instant, stores the charged states, and returns the
+    /// decisions in order. Never retried by the caller: a retry after an ambiguous failure
+    /// could charge twice.
     fn decide(
         &self,
         batch: &Batch<'_>,
