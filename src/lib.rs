@@ -3,8 +3,10 @@
 //!
 //! - [`config`]: the reference's YAML rules, validated and compiled into an immutable tree.
 //! - [`matcher`]: descriptor to rule, level by level, pure.
-//! - [`limiter`]: fixed windows, counter keys and the OK/OVER_LIMIT decision, clock injected.
-//! - [`store`]: counters in Redis or in memory behind one async trait.
+//! - [`limiter`]: the counting algorithms, the engine deciding a request's checks, counter
+//!   keys; pure, clock injected.
+//! - [`store`]: the engine run atomically on counters in Redis or in memory, behind one async
+//!   trait.
 //! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
 //!   the store's decisions; [`calls`] counts each call once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.

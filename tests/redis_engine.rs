@@ -21,7 +21,7 @@ use ratelimitd::{
         engine::{Batch, Charging, Check, Role},
         SystemClock, Unit, MAX_COUNT,
     },
-    store::{Hit, MemoryStore, RedisSettings, RedisStore, SocketType, Store},
+    store::{MemoryStore, RedisSettings, RedisStore, SocketType, Store},
 };
 use support::RedisServer;
 
@@ -43,6 +43,35 @@ fn redis_store(redis: &RedisServer) -> RedisStore {
 
 fn memory_store() -> MemoryStore {
     MemoryStore::new(Arc::new(SystemClock), NonZeroUsize::new(1_000_000).unwrap())
+}
+
+/// Stores `count` in `memory`'s `key`, as `SET key count` stores it in Redis: charged in one
+/// request to a day-long fixed window as large as a count can be (every key's state is read
+/// alike, whatever algorithm later reads it).
+async fn seed_memory(memory: &MemoryStore, key: &str, count: u64, now_ms: u64) {
+    let checks = [Check {
+        descriptor: 0,
+        quota: Quota {
+            algorithm: Algorithm::FixedWindow,
+            limit: MAX_COUNT,
+            window_ms: 86_400_000,
+            capacity: MAX_COUNT,
+        },
+        key: key.to_owned(),
+        previous: None,
+        cost: count,
+        jitter_secs: 0,
+    }];
+    let batch = Batch {
+        checks: &checks,
+        roles: &[Role::default()],
+        quota_total: 0,
+        charging: Charging::Always,
+        never_refuse: false,
+        now_ms,
+    };
+    let d = memory.decide(&batch).await.unwrap();
+    assert_eq!(d[0].charge, Some(State { a: count, b: 0 }), "{key}");
 }
 
 /// One limit of a generated rule.
@@ -343,19 +372,14 @@ fn large_counts_round_alike() {
                 format!("big{id}:prev"),
                 format!("big{id}:fixed"),
             );
-            let seeds: Vec<Hit> = [(&cur, current), (&prev, previous), (&fixed, current)]
-                .into_iter()
-                .map(|(key, value)| {
-                    redis.command(&["SET", key, &value.to_string()]);
-                    Hit {
-                        key: key.clone(),
-                        hits: value,
-                        window_secs: 86_400,
-                        window_start: now / 1000,
-                        ttl_secs: 86_400,
-                    }
-                })
-                .collect();
+            let seeds = [
+                (cur.clone(), current),
+                (prev.clone(), previous),
+                (fixed.clone(), current),
+            ];
+            for (key, value) in &seeds {
+                redis.command(&["SET", key, &value.to_string()]);
+            }
             let quota = |a| Quota::new(a, limit, unit, multiplier, None);
             let checks = [
                 Check {
@@ -384,7 +408,9 @@ fn large_counts_round_alike() {
                 now_ms: now,
             };
             let (want, got) = rt.block_on(async {
-                memory.increment(&seeds).await.unwrap();
+                for (key, value) in &seeds {
+                    seed_memory(&memory, key, *value, now).await;
+                }
                 (
                     memory.decide(&batch).await.unwrap(),
                     store.decide(&batch).await,
@@ -408,23 +434,15 @@ async fn counts_saturate_at_the_largest_redis_integer_alike() {
     let store = redis_store(&redis);
     let memory = memory_store();
     let now = T0 + 1_234;
-    let seed = |key: &str, value: u64| {
+    for (key, value) in [
+        ("sat:fixed", MAX_COUNT - 3),
+        ("sat:odd", (1 << 53) + 1),
+        ("sat:cur", MAX_COUNT - 1),
+        ("sat:prev", MAX_COUNT),
+    ] {
         redis.command(&["SET", key, &value.to_string()]);
-        Hit {
-            key: key.to_owned(),
-            hits: value,
-            window_secs: 3_600,
-            window_start: window_start_ms(3_600_000, now) / 1000,
-            ttl_secs: 3_600,
-        }
-    };
-    let seeds = [
-        seed("sat:fixed", MAX_COUNT - 3),
-        seed("sat:odd", (1 << 53) + 1),
-        seed("sat:cur", MAX_COUNT - 1),
-        seed("sat:prev", MAX_COUNT),
-    ];
-    memory.increment(&seeds).await.unwrap();
+        seed_memory(&memory, key, value, now).await;
+    }
     let quota = |a| Quota::new(a, 5, Unit::Hour, 1, None);
     let check = |key: &str, previous: Option<&str>, algorithm, cost| Check {
         descriptor: 0,

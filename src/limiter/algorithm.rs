@@ -72,12 +72,18 @@ pub struct Quota {
     pub limit: u64,
     /// The window (`unit × unit_multiplier`) in milliseconds.
     pub window_ms: u64,
-    /// Token bucket capacity; the limit for window algorithms.
+    /// Token bucket capacity; the limit for window algorithms. A request costing more never
+    /// fits.
     pub capacity: u64,
 }
 
 impl Quota {
     /// A window algorithm's quota, or a token bucket's with `burst` (default: the limit).
+    ///
+    /// A limit of 0 means every request (with a cost) is over it, as in the reference, for a
+    /// token bucket too: one that refills 0 tokens per window holds none, whatever its
+    /// `burst` (otherwise it would admit a burst, then refill at the arithmetic's floor of
+    /// one token per window).
     pub fn new(
         algorithm: Algorithm,
         limit: u32,
@@ -91,7 +97,7 @@ impl Quota {
             limit,
             window_ms: unit.seconds() * u64::from(multiplier.max(1)) * 1000,
             capacity: match algorithm {
-                Algorithm::TokenBucket => burst.map_or(limit, u64::from),
+                Algorithm::TokenBucket if limit > 0 => burst.map_or(limit, u64::from),
                 _ => limit,
             },
         }
@@ -238,8 +244,9 @@ fn sliding_retry(q: &Quota, s: State, cost: u64, w: u64, elapsed: u64) -> u64 {
 fn bucket(q: &Quota, s: State, cost: u64, now_ms: u64) -> Outcome {
     let limit = q.limit.max(1);
     let w = q.window_ms;
-    let tolerance = q.capacity.saturating_mul(w); // burst × T, scaled
-                                                  // Debt: how far the TAT is ahead of now, in 1/limit ms.
+    // burst × T, scaled.
+    let tolerance = q.capacity.saturating_mul(w);
+    // Debt: how far the TAT is ahead of now, in 1/limit ms.
     let debt = if s.a < now_ms || (s.a == now_ms && s.b == 0) {
         0
     } else {
@@ -349,6 +356,30 @@ mod tests {
             let q = q(a, 5, Unit::Second, None);
             let o = evaluate(&q, State::default(), 6, T0);
             assert!(!o.verdict.allowed, "{a:?}");
+        }
+    }
+
+    #[test]
+    fn a_zero_limit_refuses_every_request_with_a_cost_even_with_a_burst() {
+        for burst in [None, Some(5)] {
+            for a in Algorithm::ALL {
+                let q = q(
+                    a,
+                    0,
+                    Unit::Minute,
+                    burst.filter(|_| a == Algorithm::TokenBucket),
+                );
+                assert_eq!(q.capacity, 0, "{a:?}");
+                let mut s = State::default();
+                for t in [T0, T0 + 60_000, T0 + 3_600_000] {
+                    let o = evaluate(&q, s, 1, t);
+                    assert!(!o.verdict.allowed, "{a:?} {burst:?} at {t}");
+                    let o = evaluate(&q, s, 0, t);
+                    assert!(o.verdict.allowed, "a check without a cost passes");
+                    assert_eq!(o.verdict.remaining, 0);
+                    s = o.charged;
+                }
+            }
         }
     }
 

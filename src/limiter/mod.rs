@@ -1,15 +1,14 @@
-//! Fixed-window arithmetic and the per-descriptor decision, pure and clock-injected.
+//! The counting algorithms, the engine that decides a request's checks, window and key math:
+//! pure, with the clock injected.
 //!
 //! Windows are aligned to the Unix epoch exactly as envoyproxy/ratelimit aligns them
 //! (`now / divider * divider`), so a key written by either service names the same window.
 
 pub mod algorithm;
-mod decision;
 pub mod engine;
 mod key;
 
 pub use algorithm::Algorithm;
-pub use decision::{decide, Decision};
 pub use key::{bucket_key, window_key, CacheKeyBuilder, SecretError, ValueHasher};
 
 use std::time::{SystemTime, UNIX_EPOCH};

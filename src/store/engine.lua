@@ -20,7 +20,7 @@
 --       algorithm       'fixed' | 'sliding' | 'bucket'
 --       limit           requests_per_unit
 --       window_ms       unit x multiplier, in ms
---       capacity        the bucket's burst; the limit for windows
+--       capacity        the bucket's burst (0 when limit is 0); the limit for windows
 --       cost            hits_addend, up to 2^64-1
 --       jitter_secs     extra life for the keys written
 --       previous        1 when the check has a previous key in KEYS (sliding windows), else 0

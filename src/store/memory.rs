@@ -1,13 +1,16 @@
 //! In-memory counters for a single instance, bounded by `MEMORY_MAX_COUNTERS`.
 //!
 //! Two structures:
-//! - `shards`: the counters in hash tables, each behind its own lock, chosen by the key's
-//!   hash. A hit on an existing counter hashes the key once and adds to it under that shard's
-//!   lock (a few instructions, never across an await): no allocation and no other lock, and
-//!   concurrent increments of one key are exact.
-//! - `order`: the key hash of every counter, sorted by the end of its window and then by
-//!   creation, behind one lock. Only creating or removing a counter takes it, for O(log w)
-//!   work with w distinct window ends (a handful per rule), never a scan.
+//! - `shards`: the keys' states (a window's count, a bucket's TAT and remainder) in hash
+//!   tables, each behind its own lock, chosen by the key's hash. A request takes the locks of
+//!   every shard its checks' keys live in (in index order, so requests never wait on each
+//!   other in a cycle), reads the states, decides with [`engine::decide`] and writes the
+//!   charged states before letting go (a few instructions, never across an await): requests
+//!   on one key are decided one at a time, so counts are exact under concurrency, and
+//!   charging an existing key allocates nothing.
+//! - `order`: the key hash of every counter, sorted by when it ends and then by creation,
+//!   behind one lock. Only creating or removing a counter takes it, for O(log w) work with w
+//!   distinct ends (a handful per rule), never a scan.
 //!
 //! `order` holds 8-byte hashes rather than a second copy of each key; removing by hash takes
 //! any counter with that hash from its shard. Two live keys sharing a 64-bit hash (about one
@@ -15,11 +18,14 @@
 //! worse: each `order` entry stands for exactly one counter with its hash, so the count stays
 //! exact.
 //!
-//! **Windows come from the caller.** The service reads the clock once, names the window in the
-//! key and passes its start in [`Hit::window_start`]; a counter ends at that start plus the
-//! window length. The store never re-reads the clock to decide whether a counter is current,
-//! so a request computed just before a window boundary and counted just after it adds to its
-//! own window's counter instead of resetting it.
+//! **Windows come from the caller.** The service reads the clock once per request: that
+//! instant ([`Batch::now_ms`]) names the window in each [`engine::Check`]'s key and is the
+//! instant the engine decides at. A charged key ends at [`engine::Check::ends_ms`] of that
+//! instant, rounded up to the second: the end of its window (of the next one for a sliding
+//! window, whose count is read then as the previous one), or when its bucket is full again.
+//! The store never re-reads the clock to decide whether a counter is current, so a request
+//! computed just before a window boundary and counted just after it adds to its own window's
+//! counter instead of resetting it.
 //!
 //! **Full store.** Creating a counter when `max` exist first removes the counter that comes
 //! first in `order`: one whose window has already ended if there is one (a plain drop), else
@@ -34,8 +40,8 @@
 //! exceed `max` by at most the number of threads creating counters at that instant (the tokio
 //! worker threads, one per core), and never once they are done.
 //!
-//! **Sweeping.** Every second [`MemoryStore::sweep`] removes counters whose window ended at
-//! least [`GRACE_SECS`] ago, so memory follows the number of live windows.
+//! **Sweeping.** Every second [`MemoryStore::sweep`] removes counters that ended at least
+//! [`GRACE_SECS`] ago, so memory follows the number of live windows and buckets.
 //!
 //! Why not `dashmap` (used elsewhere) or `moka`: with `dashmap` the eviction order needs its
 //! own copy of every key, since its map cannot be searched by hash alone (a shared `Arc<str>`
@@ -56,7 +62,7 @@ use std::{
 
 use hashbrown::HashTable;
 
-use super::{Hit, Store, StoreError, MAX_COUNT};
+use super::{Store, StoreError};
 use crate::limiter::{
     algorithm::State,
     engine::{self, Batch, Decided},
@@ -296,34 +302,6 @@ impl MemoryStore {
         None
     }
 
-    fn add(&self, hit: &Hit) -> u64 {
-        let hash = self.hash(&hit.key);
-        {
-            let mut table = lock(self.shard(hash));
-            // The hot path: a live counter, found by hash and compared by reference, so
-            // nothing is allocated.
-            if let Some(slot) = table.find_mut(hash, |s| *s.key == *hit.key) {
-                slot.value = slot.value.saturating_add(hit.hits).min(MAX_COUNT);
-                return slot.value;
-            }
-            table.insert_unique(
-                hash,
-                Slot {
-                    key: hit.key.as_str().into(),
-                    value: hit.hits.min(MAX_COUNT),
-                    extra: 0,
-                    expires: hit.window_start.saturating_add(hit.window_secs.max(1)),
-                },
-                |s| self.hash(&s.key),
-            );
-        }
-        // A new counter. The shard lock is released: `order` is never taken while one is
-        // held.
-        let end = hit.window_start.saturating_add(hit.window_secs.max(1));
-        self.track(end, hash);
-        hit.hits.min(MAX_COUNT)
-    }
-
     /// Puts a new counter in the removal order, first removing one when the store is full.
     /// Called with no shard lock held.
     fn track(&self, end: u64, hash: u64) {
@@ -432,10 +410,6 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn increment(&self, hits: &[Hit]) -> Result<Vec<u64>, StoreError> {
-        Ok(hits.iter().map(|h| self.add(h)).collect())
-    }
-
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
         Ok(self.decide_locked(batch))
     }
@@ -444,6 +418,11 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limiter::{
+        algorithm::{Algorithm, Quota},
+        engine::{Charging, Check, Role},
+        MAX_COUNT,
+    };
 
     struct FakeClock(AtomicU64);
     impl Clock for FakeClock {
@@ -464,24 +443,56 @@ mod tests {
         MemoryStore::new(clock, NonZeroUsize::new(max).unwrap())
     }
 
-    /// A hit on the window of `window` seconds that contains `now`, keyed as the service keys
-    /// it (`name_` + window start).
-    fn hit(name: &str, hits: u64, window: u64, now: u64) -> Hit {
-        let window_start = now / window * window;
-        Hit {
-            key: format!("{name}_{window_start}"),
-            hits,
-            window_secs: window,
-            window_start,
-            ttl_secs: window + 300,
+    /// `cost` hits on the fixed window of `window` seconds that contains `now` (Unix seconds),
+    /// keyed as the service keys it (`name_` + window start). Its limit is the largest count,
+    /// so every hit is allowed and charged: the store works as a plain counter.
+    fn hit(name: &str, cost: u64, window: u64, now: u64) -> Check {
+        counter(&format!("{name}_{}", now / window * window), cost, window)
+    }
+
+    /// `cost` hits on the counter `key` of a fixed window of `window` seconds.
+    fn counter(key: &str, cost: u64, window: u64) -> Check {
+        Check {
+            descriptor: 0,
+            quota: Quota {
+                algorithm: Algorithm::FixedWindow,
+                limit: MAX_COUNT,
+                window_ms: window * 1000,
+                capacity: MAX_COUNT,
+            },
+            key: key.to_owned(),
+            previous: None,
+            cost,
+            jitter_secs: 0,
         }
     }
 
-    async fn add(s: &MemoryStore, h: Hit) -> u64 {
-        s.increment(&[h]).await.unwrap()[0]
+    /// Decides `checks` at `now` (Unix seconds) through [`Store::decide`] and returns the
+    /// counts they bring their counters to.
+    async fn count(s: &MemoryStore, checks: &[Check], now: u64) -> Vec<u64> {
+        let batch = Batch {
+            checks,
+            roles: &[Role::default()],
+            quota_total: 0,
+            charging: Charging::Always,
+            never_refuse: false,
+            now_ms: now * 1000,
+        };
+        let decided = s.decide(&batch).await.unwrap();
+        decided
+            .iter()
+            .map(|d| {
+                assert!(d.verdict.allowed, "{d:?}");
+                d.charge.expect("allowed, so charged").a
+            })
+            .collect()
     }
 
-    /// A counter's value without touching it (a hit of 0 would create it).
+    async fn add(s: &MemoryStore, c: Check, now: u64) -> u64 {
+        count(s, &[c], now).await[0]
+    }
+
+    /// A counter's value without touching it (a check of cost 0 would create it).
     fn value(s: &MemoryStore, key: &str) -> Option<u64> {
         let hash = s.hash(key);
         lock(s.shard(hash))
@@ -493,18 +504,22 @@ mod tests {
     async fn counts_adds_reads_and_sweeps_ended_windows_after_the_grace() {
         let clock = clock_at(1_000);
         let store = store(clock.clone(), 100);
-        let got = store
-            .increment(&[hit("a", 1, 60, 1_000), hit("b", 5, 1, 1_000)])
-            .await
-            .unwrap();
+        let got = count(
+            &store,
+            &[hit("a", 1, 60, 1_000), hit("b", 5, 1, 1_000)],
+            1_000,
+        )
+        .await;
         assert_eq!(got, vec![1, 5]);
-        assert_eq!(add(&store, hit("a", 0, 60, 1_000)).await, 1);
-        assert_eq!(add(&store, hit("a", 2, 60, 1_000)).await, 3);
+        assert_eq!(add(&store, hit("a", 0, 60, 1_000), 1_000).await, 1);
+        assert_eq!(add(&store, hit("a", 2, 60, 1_000), 1_000).await, 3);
+        assert_eq!(value(&store, "a_960"), Some(3));
         clock.0.store(1_001, Ordering::SeqCst);
         assert_eq!(store.sweep(), 0, "b's window (1000..1001) is in its grace");
         clock.0.store(1_002, Ordering::SeqCst);
         assert_eq!(store.sweep(), 1, "b is gone a second after its window");
         assert_eq!(store.len(), 1, "a's minute (960..1020) lives");
+        assert_eq!(value(&store, "b_1000"), None);
         clock.0.store(1_020, Ordering::SeqCst);
         assert_eq!(
             store.sweep(),
@@ -523,18 +538,18 @@ mod tests {
         let clock = clock_at(1_019);
         let store = store(clock.clone(), 100);
         for i in 1..=5 {
-            assert_eq!(add(&store, hit("k", 1, 60, 1_019)).await, i);
+            assert_eq!(add(&store, hit("k", 1, 60, 1_019), 1_019).await, i);
         }
         clock.0.store(1_020, Ordering::SeqCst);
         assert_eq!(
-            add(&store, hit("k", 1, 60, 1_019)).await,
+            add(&store, hit("k", 1, 60, 1_019), 1_019).await,
             6,
             "window 960's counter goes on, it is not reset to 1"
         );
         assert_eq!(store.sweep(), 0, "and the sweeper keeps it for the grace");
-        assert_eq!(add(&store, hit("k", 1, 60, 1_019)).await, 7);
+        assert_eq!(add(&store, hit("k", 1, 60, 1_019), 1_019).await, 7);
         assert_eq!(
-            add(&store, hit("k", 1, 60, 1_020)).await,
+            add(&store, hit("k", 1, 60, 1_020), 1_020).await,
             1,
             "window 1020 has its own counter"
         );
@@ -546,22 +561,17 @@ mod tests {
         const K: u64 = 37;
         let clock = clock_at(1_000);
         let store = store(clock.clone(), N as usize);
-        // N counters with distinct window ends 2000..2000+N, created in a shuffled order.
+        // N counters with distinct window ends 2000..2000+N, created in a shuffled order:
+        // each a one-second window, counted in its last second.
         let end = |i: u64| 2_000 + (i * 53) % N;
-        let at = |name: &str, end: u64| Hit {
-            key: name.to_owned(),
-            hits: 1,
-            window_secs: 10,
-            window_start: end - 10,
-            ttl_secs: 310,
-        };
+        let at = |name: &str| counter(name, 1, 1);
         for i in 0..N {
-            assert_eq!(add(&store, at(&format!("old{i}"), end(i))).await, 1);
+            assert_eq!(add(&store, at(&format!("old{i}")), end(i) - 1).await, 1);
         }
         assert_eq!((store.len(), store.evictions()), (N as usize, 0));
         // K more, all ending after every existing one.
         for i in 0..K {
-            assert_eq!(add(&store, at(&format!("new{i}"), 5_000 + i)).await, 1);
+            assert_eq!(add(&store, at(&format!("new{i}")), 4_999 + i).await, 1);
         }
         assert_eq!(store.len(), N as usize, "never above the cap once settled");
         assert_eq!(store.evictions(), K, "one eviction per creation when full");
@@ -584,11 +594,11 @@ mod tests {
     async fn ended_windows_are_dropped_before_live_counters_are_evicted() {
         let clock = clock_at(1_000);
         let store = store(clock.clone(), 3);
-        add(&store, hit("second", 1, 1, 1_000)).await; // ends 1001
-        add(&store, hit("minute", 1, 60, 1_000)).await; // ends 1020
-        add(&store, hit("day", 1, 86_400, 1_000)).await; // ends 86400
+        add(&store, hit("second", 1, 1, 1_000), 1_000).await; // ends 1001
+        add(&store, hit("minute", 1, 60, 1_000), 1_000).await; // ends 1020
+        add(&store, hit("day", 1, 86_400, 1_000), 1_000).await; // ends 86400
         clock.0.store(1_005, Ordering::SeqCst); // no sweep has run
-        add(&store, hit("day2", 1, 86_400, 1_005)).await;
+        add(&store, hit("day2", 1, 86_400, 1_005), 1_005).await;
         assert_eq!(store.len(), 3);
         assert_eq!(
             store.evictions(),
@@ -601,7 +611,7 @@ mod tests {
             "the ended second went first"
         );
         assert_eq!(value(&store, "minute_960"), Some(1));
-        add(&store, hit("day3", 1, 86_400, 1_005)).await;
+        add(&store, hit("day3", 1, 86_400, 1_005), 1_005).await;
         assert_eq!(store.len(), 3);
         assert_eq!(store.evictions(), 1, "then the live minute, ending first");
         assert_eq!(value(&store, "minute_960"), None);
@@ -618,7 +628,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut seen = Vec::new();
                 for _ in 0..500 {
-                    seen.push(s.increment(&[hit("k", 1, 60, now)]).await.unwrap()[0]);
+                    seen.push(add(&s, hit("k", 1, 60, now), now).await);
                 }
                 seen
             }));
@@ -641,9 +651,7 @@ mod tests {
             let s = store.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..1_000 {
-                    s.increment(&[hit(&format!("t{t}-{i}"), 1, 86_400, 1_000)])
-                        .await
-                        .unwrap();
+                    add(&s, hit(&format!("t{t}-{i}"), 1, 86_400, 1_000), 1_000).await;
                 }
             }));
         }
@@ -656,11 +664,7 @@ mod tests {
 
     mod engine {
         use super::*;
-        use crate::limiter::{
-            algorithm::Quota,
-            engine::{Charging, Check, Role},
-            Algorithm, Unit,
-        };
+        use crate::limiter::Unit;
 
         const NOW_S: u64 = 1_700_000_040;
 

@@ -1,9 +1,8 @@
 //! Counter storage behind one async trait: Redis for fleets, memory for a single instance.
 //!
-//! A request's counters go to the store in one call (one Redis round trip). With
-//! [`Store::increment`] the store only adds and reports, and the service decides OK or
-//! OVER_LIMIT; with [`Store::decide`] the store runs the counting engine itself, atomically
-//! (Redis: one Lua script, `engine.lua`).
+//! A request's checks go to the store in one call, [`Store::decide`] (one Redis round trip):
+//! the store runs the counting engine on them atomically (memory: under the locks of every
+//! key they touch; Redis: one Lua script, `engine.lua`) and returns every check's decision.
 
 mod memory;
 mod redis;
@@ -16,25 +15,6 @@ pub use self::redis::{RedisSettings, RedisStore, SocketType};
 
 use crate::limiter::engine::{Batch, Decided};
 pub use crate::limiter::MAX_COUNT;
-
-/// One counter to bump.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hit {
-    /// Full counter key (prefix, domain, entries, window start).
-    pub key: String,
-    /// Amount to add, at most [`MAX_COUNT`]; 0 reads the counter without changing it.
-    pub hits: u64,
-    /// Length of the counter's window in seconds; the key names the window, so the counter
-    /// is never used after the window ends.
-    pub window_secs: u64,
-    /// Start of the counter's window (Unix seconds), from the same clock read that named the
-    /// key. The memory store ends the counter at `window_start + window_secs` and never reads
-    /// the clock again to decide which window a hit belongs to; Redis ignores it (the key
-    /// carries its TTL).
-    pub window_start: u64,
-    /// Redis TTL: the window plus expiration jitter, so keys do not all expire at once.
-    pub ttl_secs: u64,
-}
 
 /// Why the store could not answer. Every store error fails the RPC with `UNAVAILABLE`; the
 /// client learns only the [`StoreErrorKind`], the log gets the whole text. A source's text is
@@ -110,14 +90,10 @@ impl std::fmt::Display for StoreErrorKind {
 
 /// Counter storage.
 pub trait Store: Send + Sync + 'static {
-    /// Adds each hit to its counter (creating it with its TTL) and returns the counters'
-    /// values after the addition, in order. Never retried by the caller: a retry after an
-    /// ambiguous failure could count the same request twice.
-    fn increment(&self, hits: &[Hit]) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
-
-    /// Decides every check of `batch` atomically, as [`crate::limiter::engine::decide`] does from the keys'
-    /// states at one instant, stores the charged states, and returns the decisions in order.
-    /// Never retried by the caller: a retry after an ambiguous failure could charge twice.
+    /// Decides every check of `batch` atomically, as [`crate::limiter::engine::decide`] does
+    /// from the keys' states at one instant, stores the charged states, and returns the
+    /// decisions in order. Never retried by the caller: a retry after an ambiguous failure
+    /// could charge twice.
     fn decide(
         &self,
         batch: &Batch<'_>,
@@ -166,13 +142,6 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn increment(&self, hits: &[Hit]) -> Result<Vec<u64>, StoreError> {
-        match self {
-            AnyStore::Memory(s) => s.increment(hits).await,
-            AnyStore::Redis(s) => s.increment(hits).await,
-        }
-    }
-
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
         match self {
             AnyStore::Memory(s) => s.decide(batch).await,

@@ -1,16 +1,11 @@
-//! Redis counters, two ways, each in one round trip over a few multiplexed connections
-//! shared by every concurrent RPC:
+//! Redis counters: the counting engine as one Lua script per request (`engine.lua`, called
+//! through `script.rs`), over a few multiplexed connections shared by every concurrent RPC.
 //!
-//! - [`Store::increment`]: INCRBY + EXPIRE per key, all keys of a request in one MULTI/EXEC
-//!   pipeline. Why MULTI/EXEC and not a bare pipeline (the reference's choice): the key's TTL
-//!   is then set with its increment or not at all, so a dropped connection cannot leave a
-//!   counter without expiry.
-//! - [`Store::decide`]: the counting engine as one Lua script (`engine.lua`, called through
-//!   `script.rs`). A script and not MULTI because what is written depends on what is read: a
-//!   transaction cannot branch on a value it has not returned yet, and WATCH would turn every
-//!   contended key into retries. Called with EVALSHA; on NOSCRIPT (Redis restarted, `SCRIPT
-//!   FLUSH`) with EVAL, which runs and caches it in one more round trip. redis-rs's own
-//!   `Script::invoke_async` would send SCRIPT LOAD and then EVALSHA again: two more.
+//! A script and not MULTI because what is written depends on what is read: a transaction
+//! cannot branch on a value it has not returned yet, and WATCH would turn every contended key
+//! into retries. Called with EVALSHA; on NOSCRIPT (Redis restarted, `SCRIPT FLUSH`) with EVAL,
+//! which runs and caches it in one more round trip. redis-rs's own `Script::invoke_async`
+//! would send SCRIPT LOAD and then EVALSHA again: two more.
 //!
 //! Why `ConnectionManager` (redis-rs) and no bb8 pool: a multiplexed connection already
 //! pipelines concurrent commands, so a pool would add a checkout per request for nothing;
@@ -30,7 +25,7 @@ use redis::{
 
 use super::{
     script::{self, EngineScript},
-    Hit, Store, StoreError, MAX_COUNT,
+    Store, StoreError,
 };
 use crate::limiter::engine::{Batch, Decided};
 
@@ -127,32 +122,6 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    async fn increment(&self, hits: &[Hit]) -> Result<Vec<u64>, StoreError> {
-        if hits.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        // Per-command results: one INCRBY that overflows must not fail the others' answers.
-        pipe.atomic().ignore_errors();
-        for h in hits {
-            pipe.cmd("INCRBY").arg(&h.key).arg(h.hits.min(MAX_COUNT));
-            pipe.cmd("EXPIRE").arg(&h.key).arg(h.ttl_secs).ignore();
-        }
-        let mut conn = self.conn();
-        match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
-            Ok(Ok(values)) if values.len() == hits.len() => {
-                values.into_iter().map(counter_value).collect()
-            }
-            Ok(Ok(values)) => Err(StoreError::Reply(format!(
-                "expected {} counters, got {}",
-                hits.len(),
-                values.len()
-            ))),
-            Ok(Err(e)) => Err(from_redis(e, self.timeout)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
-    }
-
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
         if batch.checks.is_empty() {
             return Ok(Vec::new());
@@ -192,18 +161,6 @@ impl Store for RedisStore {
 pub fn connection_count(pool_size: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     pool_size.clamp(1, cores.max(1))
-}
-
-/// One INCRBY result. An overflow means the counter already holds nearly `MAX_COUNT`: it is
-/// saturated, as the memory store saturates, and stays usable (over any limit) until its
-/// window ends. Redis left it unchanged, and its EXPIRE in the same transaction still ran.
-fn counter_value(v: Value) -> Result<u64, StoreError> {
-    match v {
-        Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
-        Value::ServerError(e) if e.to_string().contains("overflow") => Ok(MAX_COUNT),
-        Value::ServerError(e) => Err(StoreError::Reply(format!("INCRBY: {e}"))),
-        other => Err(StoreError::Reply(format!("INCRBY: {other:?}"))),
-    }
 }
 
 /// Sorts a redis-rs error; `timeout` is `REDIS_TIMEOUT`, which redis-rs's own response
