@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The cost of each counting algorithm against fixed_window, measured in one session
+# (docs/benchmarks.md, "Algorithms against fixed_window"). Release builds, loopback only.
+#
+# Starts its own redis-server and two ratelimitd (one in memory, one on that Redis) on free
+# 127.0.0.1 ports, with one rule per algorithm plus two three-limit rules, all at limits no
+# answer reaches, so every call does the full work (match, count, answer). After one short
+# warm-up per rule, each run measures every rule on both backends, rotating the rules' order
+# from run to run (and alternating which backend goes first), so drift in the machine's load
+# falls on all rules alike. Each rule's figures are divided by fixed_window's from the same run
+# and backend; the medians and ranges of those ratios are reported, with the raw medians.
+# Besides throughput and latency (from examples/loadgen.rs), it reads each server's CPU time
+# (/proc/PID/stat) around every run, and for Redis the script's own cost from
+# `INFO commandstats` (usec_per_call of EVALSHA, reset before each run).
+# It stops only what it started (by PID) at exit.
+#
+# Usage: [CONCURRENCY=64] [KEYS=1] [OUT=file.tsv] bench/algorithms.sh [RUNS] [REQUESTS]
+#   RUNS      measured runs (default 5); REQUESTS calls per rule, backend and run (default 40000)
+#   KEYS      distinct descriptor values per rule (1 = one hot key)
+#   OUT       also keep the raw per-run figures (tab-separated)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-5}
+REQUESTS=${2:-40000}
+CONCURRENCY=${CONCURRENCY:-64}
+KEYS=${KEYS:-1}
+summarize() { # $1 raw file, $2 what was measured
+python3 - "$1" "$2" <<'PY'
+import csv, statistics, sys
+raw, what = sys.argv[1:]
+rows = list(csv.DictReader(open(raw), delimiter="\t"))
+rules = [r for r in ("fixed", "sliding", "token", "three_fixed", "three_mixed") if any(x["rule"] == r for x in rows)]
+by = {(r["run"], r["backend"], r["rule"]): r for r in rows}
+med = statistics.median
+def rng(v, f): return f"{f(min(v))}–{f(max(v))}"
+def cell(vals, f): return f"{f(med(vals))} ({rng(vals, f)})"
+i0 = lambda x: f"{x:,.0f}"; f1 = lambda x: f"{x:.1f}"; f2 = lambda x: f"{x:.2f}"
+print(f"{what}; median (range over runs); ratios are against fixed_window in the same run and backend")
+print()
+print("| backend | rule | rps | rps ÷ fixed | p50 µs | p50 ÷ fixed | p99 µs | p99 ÷ fixed "
+      "| server CPU µs/call | ÷ fixed | EVALSHA µs/call | ÷ fixed | redis-server CPU µs/call | ÷ fixed |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for b in ("memory", "redis"):
+    for rule in rules:
+        mine = [r for r in rows if r["backend"] == b and r["rule"] == rule]
+        cols = []
+        for k, f in (("rps", i0), ("p50_us", i0), ("p99_us", i0), ("server_cpu_us_per_call", f1)):
+            v = [float(r[k]) for r in mine]
+            ratio = [float(r[k]) / float(by[(r["run"], b, "fixed")][k]) for r in mine
+                     if float(by[(r["run"], b, "fixed")][k]) > 0]
+            cols += [cell(v, f), "1" if rule == "fixed" else cell(ratio, f2)]
+        for k, f in (("evalsha_us_per_call", f1), ("redis_cpu_us_per_call", f1)):
+            if b != "redis":
+                cols += ["–", "–"]
+                continue
+            v = [float(r[k]) for r in mine]
+            ratio = [float(r[k]) / float(by[(r["run"], b, "fixed")][k]) for r in mine]
+            cols += [cell(v, f), "1" if rule == "fixed" else cell(ratio, f2)]
+        print(f"| {b} | {rule} | " + " | ".join(cols) + " |")
+la = [float(r["loadavg1"]) for r in rows]
+print()
+print(f"1-minute load average during the runs: {min(la):.2f}–{max(la):.2f}")
+PY
+}
+if [ -n "${SUMMARIZE:-}" ]; then summarize "$SUMMARIZE" "from $SUMMARIZE"; exit; fi
+cargo build --release --quiet --bin ratelimitd --example loadgen
+BIN=target/release/ratelimitd
+LOAD=target/release/examples/loadgen
+WORK=$(mktemp -d)
+PIDS=()
+# (each kill may find its process gone already; under set -e that must not end the trap early)
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# One rule per algorithm, and two with three limits. 4,000,000,000 per second is never reached.
+# token_bucket: capacity × window in ms must stay ≤ 2^52 (4e9 × 1000 = 4e12 is); the hour
+# bucket holds 1e9 (× 3.6e6 ms = 3.6e15 ≤ 4.5e15) and refills 1e9 per hour, far more than
+# the calls a session sends.
+cat > "$WORK/bench.yaml" <<'YAML'
+domain: bench
+descriptors:
+  - key: fixed
+    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: fixed_window}
+  - key: sliding
+    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: sliding_window}
+  - key: token
+    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: token_bucket, burst: 4000000000}
+  - key: three_fixed
+    rate_limits:
+      - {unit: second, requests_per_unit: 4000000000}
+      - {unit: minute, requests_per_unit: 4000000000}
+      - {unit: hour, requests_per_unit: 4000000000}
+  - key: three_mixed
+    rate_limits:
+      - {unit: second, requests_per_unit: 4000000000, algorithm: fixed_window}
+      - {unit: minute, requests_per_unit: 4000000000, algorithm: sliding_window}
+      - {unit: hour, requests_per_unit: 1000000000, algorithm: token_bucket, burst: 1000000000}
+YAML
+RULES=(fixed sliding token three_fixed three_mixed)
+"$BIN" check-config --config "$WORK/bench.yaml" >/dev/null
+
+RPORT=$(free_port)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+for _ in $(seq 200); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2; exit 1; }
+
+declare -A ADDR SPID
+start_rl() { # $1 backend name, rest: env assignments
+  local name=$1; shift
+  env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 DEBUG_HOST=127.0.0.1 \
+    DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn "$@" \
+    "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 600); do
+    grep -qs "ratelimitd listening" "$WORK/$name.log" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  grep -qs "ratelimitd listening" "$WORK/$name.log" ||
+    { echo "ratelimitd ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
+  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
+  SPID[$name]=$pid
+}
+start_rl memory BACKEND_TYPE=memory
+start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT"
+
+cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; } # utime + stime
+field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
+load() { # $1 backend, $2 rule, $3 requests
+  "$LOAD" --target "${ADDR[$1]}" --domain bench --key "$2" --keys "$KEYS" --requests "$3" \
+    --concurrency "$CONCURRENCY" --connections 4 --max-seconds 30
+}
+
+echo "load average at start: $(cat /proc/loadavg)" >&2
+for b in memory redis; do for r in "${RULES[@]}"; do load "$b" "$r" $((REQUESTS / 4)) >/dev/null; done; done
+
+RAW=$WORK/raw.tsv
+printf 'run\tbackend\trule\trps\tp50_us\tp99_us\tserver_cpu_us_per_call\tredis_cpu_us_per_call\tevalsha_us_per_call\tevalsha_calls\tloadavg1\n' >"$RAW"
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+n=${#RULES[@]}
+for run in $(seq "$RUNS"); do
+  if ((run % 2)); then order=(memory redis); else order=(redis memory); fi
+  for b in "${order[@]}"; do
+    for i in $(seq 0 $((n - 1))); do
+      r=${RULES[$(((i + run) % n))]}
+      redis-cli -p "$RPORT" config resetstat >/dev/null
+      s0=$(cpu_ticks "${SPID[$b]}"); d0=$(cpu_ticks "$REDIS_PID")
+      out=$(load "$b" "$r" "$REQUESTS")
+      s1=$(cpu_ticks "${SPID[$b]}"); d1=$(cpu_ticks "$REDIS_PID")
+      grep -q " over_limit=0 errors=0 " <<<"$out" || { echo "$b $r: not every call OK: $out" >&2; exit 1; }
+      calls=$(sed -E 's/^requests=([0-9]+).*/\1/' <<<"$out")
+      stats=$(redis-cli -p "$RPORT" info commandstats | tr -d '\r' | grep '^cmdstat_evalsha:' || true)
+      eu=-; ec=0
+      if [ -n "$stats" ]; then
+        eu=$(sed -E 's/.*[:,]usec_per_call=([0-9.]+).*/\1/' <<<"$stats")
+        ec=$(sed -E 's/.*[:,]calls=([0-9]+).*/\1/' <<<"$stats")
+      fi
+      [ "$b" = memory ] || [ "$ec" = "$calls" ] || echo "note: $r: $ec EVALSHA for $calls calls" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$b" "$r" "$(field rps "$out")" \
+        "$(field p50_us "$out")" "$(field p99_us "$out")" \
+        "$(awk -v t=$((s1 - s0)) -v u="$TICK_US" -v c="$calls" 'BEGIN{printf "%.2f", t*u/c}')" \
+        "$(awk -v t=$((d1 - d0)) -v u="$TICK_US" -v c="$calls" 'BEGIN{printf "%.2f", t*u/c}')" \
+        "$eu" "$ec" "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
+    done
+  done
+  echo "run $run of $RUNS done, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+done
+echo "load average at end: $(cat /proc/loadavg)" >&2
+[ -z "${OUT:-}" ] || cp "$RAW" "$OUT"
+
+summarize "$RAW" "$RUNS runs x $REQUESTS calls per rule and backend, $CONCURRENCY in flight, $KEYS key(s)"
