@@ -371,12 +371,18 @@ async fn a_user_with_three_limits_is_refused_by_any_and_waits_for_the_longest() 
         Some(wait.to_string().as_str()),
         "Envoy's reset is the descriptor's longest wait too: {headers:?}"
     );
-    // Reported: the first limit it is over, the per-second one.
+    // Reported: the first limit it is over, the per-second one; its reset is the
+    // descriptor's, the longest wait (as the reference takes it from the status).
     assert_eq!(
         header(&headers, "ratelimit-limit"),
         Some(format!("2, {every_limit}").as_str())
     );
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
+    assert_eq!(
+        header(&headers, "ratelimit-reset"),
+        Some(wait.to_string().as_str()),
+        "{headers:?}"
+    );
 
     // Another user has budgets of their own.
     let (status, _, _) = http_request(
