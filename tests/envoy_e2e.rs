@@ -212,6 +212,10 @@ async fn envoy_follows_connection_rotation_without_failed_calls() {
     assert_eq!(sum("ratelimit.ok"), sent, "{stats:?}");
 }
 
+/// The rate limit call timeout for tests that count every request: long enough that no call
+/// fails open on a loaded machine (the shipped 20 ms can be too short there).
+const PATIENT: Duration = Duration::from_secs(2);
+
 /// Seconds until the current minute ends, as a fixed window's `Retry-After` counts them.
 fn secs_to_minute_end() -> u64 {
     60 - unix_now() % 60
@@ -229,7 +233,7 @@ fn retry_after(headers: &[(String, String)]) -> u64 {
 async fn a_token_bucket_passes_a_burst_then_admits_one_request_per_refill() {
     // client_id: a token bucket of 3, refilled with one token every 2 s (30 per minute).
     let rl = Ratelimitd::builder(&config()).start();
-    let envoy = Envoy::start(&rl.grpc);
+    let envoy = Envoy::start_patient(&rl.grpc, PATIENT);
     let client = [
         ("x-client-id", "device-7"),
         ("x-forwarded-for", "203.0.113.10"),
@@ -293,7 +297,7 @@ async fn a_user_with_three_limits_is_refused_by_any_and_waits_for_the_longest() 
     let rl = Ratelimitd::builder(&config())
         .env("LIMIT_RESPONSE_HEADERS_ENABLED", "true")
         .start();
-    let envoy = Envoy::start(&rl.grpc);
+    let envoy = Envoy::start_patient(&rl.grpc, PATIENT);
     let user = [("x-user-id", "alice"), ("x-forwarded-for", "203.0.113.20")];
     let get = || http_request(&envoy.ingress, "GET", "/", &user);
     // Our RateLimit-Limit: the reported limit, then every limit with its window.
@@ -401,7 +405,7 @@ async fn a_cost_budget_refuses_a_cost_that_does_not_fit_and_charges_nothing_for_
     let rl = Ratelimitd::builder(&config())
         .env("STRICT_CHARGING", "true")
         .start();
-    let envoy = Envoy::start(&rl.grpc);
+    let envoy = Envoy::start_patient(&rl.grpc, PATIENT);
     let report = |cost: &str| {
         http_request(
             &envoy.ingress,
@@ -440,4 +444,18 @@ async fn a_cost_budget_refuses_a_cost_that_does_not_fit_and_charges_nothing_for_
     assert_eq!(header(&headers, "x-ratelimit-remaining"), Some("0"));
     let (status, _, _) = report("1");
     assert_eq!(status, 429, "the budget of 10 is spent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_refused_cost_is_still_counted_as_the_reference_counts_it() {
+    // The same budget without STRICT_CHARGING: the refused 3 is counted (9 + 3 = 12 of 10),
+    // so a cost of 1 is refused after it.
+    let rl = Ratelimitd::builder(&config()).start();
+    let envoy = Envoy::start_patient(&rl.grpc, PATIENT);
+    ensure_window_room(60, Duration::from_secs(15)).await;
+    let statuses = ["3", "3", "3", "3", "1"].map(|cost| {
+        let headers = [("x-cost", cost), ("x-forwarded-for", "203.0.113.31")];
+        http_request(&envoy.ingress, "GET", "/reports/q4", &headers).0
+    });
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
