@@ -154,7 +154,9 @@ pub fn respond(
         let source = HeaderSource {
             limits,
             shown: limit,
-            reset_ms: verdict.reset_ms,
+            // The status' duration, as the reference takes RateLimit-Reset from it: when
+            // over, the longest wait, not when the reported limit alone resets.
+            reset_ms: wait_ms.unwrap_or(verdict.reset_ms),
         };
         if remaining < min_remaining {
             header_source = Some(source.clone());

@@ -276,7 +276,7 @@ fn check_config_exits_1_with_every_error_and_0_with_a_summary() {
     let (code, out, _) = support::run_cli(&["check-config", "--config", "config"]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.starts_with("config OK: 1 file(s), 1 domain(s) [example], 9 rule(s)\n"),
+        out.starts_with("config OK: 1 file(s), 1 domain(s) [example], 11 rule(s)\n"),
         "{out}"
     );
     assert!(out.contains("  example.api_key: unit=SECOND requests_per_unit=10, shadow_mode: false, quota_mode: false\n"), "{out}");

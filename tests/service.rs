@@ -31,6 +31,10 @@ descriptors:
   - key: quota
     quota_mode: true
     rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: several
+    rate_limits:
+      - {unit: second, requests_per_unit: 1}
+      - {unit: minute, requests_per_unit: 1}
 "#;
 
 /// A running service for one backend (the Redis server, if any, lives as long as it).
@@ -343,6 +347,23 @@ async fn rate_limit_headers_when_enabled(backend: &'static str) {
     assert_eq!(header(&r, "X-Left"), Some("0"));
 }
 
+async fn rate_limit_reset_is_the_longest_wait_when_several_limits_are_over(backend: &'static str) {
+    let s = start(backend, &[("LIMIT_RESPONSE_HEADERS_ENABLED", "true")]);
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    let req = || request("svc", &[&[("several", "r")]]);
+    assert_eq!(call(&s, req()).await.overall_code, Code::Ok as i32);
+    // Over the minute, and the second too unless a second boundary passed between calls.
+    let r = call(&s, req()).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    let wait = r.statuses[0].duration_until_reset.as_ref().unwrap().seconds;
+    assert!(wait > 1, "the minute's wait, not the second's: {wait}");
+    let wait = wait.to_string();
+    assert_eq!(header(&r, "Retry-After"), Some(wait.as_str()));
+    // The header describes the descriptor's status, as in the reference: the longest wait,
+    // not the reported limit's own reset.
+    assert_eq!(header(&r, "RateLimit-Reset"), Some(wait.as_str()), "{r:?}");
+}
+
 async fn invalid_requests_are_invalid_argument_with_a_message(backend: &'static str) {
     let s = start(backend, &[]);
     let cases: Vec<(RateLimitRequest, &str)> = vec![
@@ -461,6 +482,7 @@ both_backends! {
     global_shadow_mode => global_shadow_mode_answers_ok_overall_and_keeps_statuses;
     quota_mode => quota_mode_fails_only_when_every_quota_descriptor_fails;
     rate_limit_headers => rate_limit_headers_when_enabled;
+    rate_limit_reset_several => rate_limit_reset_is_the_longest_wait_when_several_limits_are_over;
     invalid_requests => invalid_requests_are_invalid_argument_with_a_message;
     concurrent_exact => concurrent_clients_get_exactly_the_limit;
 }

@@ -775,10 +775,29 @@ pub struct Envoy {
 impl Envoy {
     /// Starts envoy/envoy.yaml pointed at ratelimitd's gRPC address `rls` (`127.0.0.1:port`).
     pub fn start(rls: &str) -> Self {
+        Self::start_with_call_timeout(rls, None)
+    }
+
+    /// [`Envoy::start`] with the rate limit filter's call timeout at `timeout` instead of the
+    /// shipped 20 ms, for tests that need every call answered on a loaded machine: a call that
+    /// times out fails open (200, without the X-RateLimit-* headers), and is not counted.
+    pub fn start_patient(rls: &str, timeout: Duration) -> Self {
+        Self::start_with_call_timeout(rls, Some(timeout))
+    }
+
+    fn start_with_call_timeout(rls: &str, timeout: Option<Duration>) -> Self {
         let bin = envoy_binary();
-        let shipped =
+        let mut shipped =
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
                 .unwrap();
+        if let Some(timeout) = timeout {
+            const SHIPPED: &str = "timeout: 0.02s";
+            assert!(
+                shipped.contains(SHIPPED),
+                "envoy/envoy.yaml has no `{SHIPPED}`"
+            );
+            shipped = shipped.replace(SHIPPED, &format!("timeout: {}s", timeout.as_secs_f64()));
+        }
         let rls_port = rls.rsplit_once(':').unwrap().1;
         let [ingress, upstream, admin] = free_ports();
         let config = shipped
