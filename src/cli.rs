@@ -1,7 +1,22 @@
 //! What `check-config` and `explain` do, and logging set-up, kept out of `main` so `main` only
 //! dispatches and exits (`serve` has its own module).
 
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
+
+/// `print!` that stops quietly when stdout is gone (`ratelimitd check-config | head`): a
+/// closed pipe is the reader's choice, not an error worth a panic and a backtrace.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `println!`, quietly as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 
 use crate::{
     config::{load_dir_or_file, ConfigSource, RuleTree},
@@ -12,17 +27,17 @@ use crate::{
 pub fn check_config(source: &ConfigSource) -> ExitCode {
     match load_dir_or_file(source) {
         Ok(tree) => {
-            println!("{}", summary(&tree));
+            outln!("{}", summary(&tree));
             for rule in tree.rules() {
-                println!("  {}", rule.dump_line());
+                outln!("  {}", rule.dump_line());
             }
             ExitCode::SUCCESS
         }
         Err(errors) => {
             for e in &errors.0 {
-                println!("error: {e}");
+                outln!("error: {e}");
             }
-            println!("{} error(s) in {}", errors.0.len(), source.path.display());
+            outln!("{} error(s) in {}", errors.0.len(), source.path.display());
             ExitCode::FAILURE
         }
     }
@@ -42,7 +57,7 @@ pub fn explain(args: &crate::settings::ExplainArgs) -> ExitCode {
         Ok(tree) => {
             let descriptors = crate::settings::parse_descriptors(&args.entries);
             let now = crate::limiter::Clock::now_unix(&SystemClock);
-            print!(
+            out!(
                 "{}",
                 crate::explain::explain(&tree, &keys, &args.domain, &descriptors, now)
             );
@@ -50,7 +65,7 @@ pub fn explain(args: &crate::settings::ExplainArgs) -> ExitCode {
         }
         Err(errors) => {
             for e in &errors.0 {
-                println!("error: {e}");
+                outln!("error: {e}");
             }
             ExitCode::FAILURE
         }
@@ -87,7 +102,7 @@ pub fn usage(args: &crate::settings::UsageArgs) -> ExitCode {
     });
     match fetched {
         Ok(Ok(body)) => {
-            print!("{body}");
+            out!("{body}");
             ExitCode::SUCCESS
         }
         Ok(Err(e)) => {
