@@ -64,28 +64,9 @@ descriptors:
 const OK: i32 = Code::Ok as i32;
 const OVER: i32 = Code::OverLimit as i32;
 
-/// A running service for one backend (the Redis server, if any, lives as long as it).
-struct Setup {
-    rl: Ratelimitd,
-    redis: Option<RedisServer>,
-    dir: tempfile::TempDir,
-}
-
-fn start(backend: &str, env: &[(&str, &str)]) -> Setup {
-    let dir = config_dir(&[("rules.yaml", RULES)]);
-    let redis = (backend == "redis").then(RedisServer::start);
-    let mut b = Ratelimitd::builder(dir.path());
-    if let Some(r) = &redis {
-        b = b.redis(r);
-    }
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    Setup {
-        rl: b.start(),
-        redis,
-        dir,
-    }
+/// A running service for one backend with this file's rules.
+fn start(backend: &str, env: &[(&str, &str)]) -> Service {
+    start_service(backend, RULES, env)
 }
 
 /// Unix time in milliseconds, the clock the service decides by.
@@ -228,7 +209,7 @@ fn usage(rl: &Ratelimitd, descriptor: &str) -> Value {
 
 /// What a fixed window's counter holds, read through the usage view (either backend) and,
 /// with Redis, from the key itself: both must agree.
-fn fixed_count(s: &Setup, entry: (&str, &str), hour_start: u64) -> u64 {
+fn fixed_count(s: &Service, entry: (&str, &str), hour_start: u64) -> u64 {
     let (k, v) = entry;
     let view = usage(&s.rl, &format!("{k}={v}"));
     let used = view["descriptors"][0]["limits"][0]["used"]
@@ -985,7 +966,6 @@ async fn usage_view_over_http_and_the_cli(backend: &'static str) {
             )
         );
     }
-    let _ = &s.dir;
 }
 
 both_backends! {

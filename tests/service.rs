@@ -37,31 +37,12 @@ descriptors:
       - {unit: minute, requests_per_unit: 1}
 "#;
 
-/// A running service for one backend (the Redis server, if any, lives as long as it).
-struct Setup {
-    rl: Ratelimitd,
-    _redis: Option<RedisServer>,
-    _dir: tempfile::TempDir,
+/// A running service for one backend with this file's rules.
+fn start(backend: &str, env: &[(&str, &str)]) -> Service {
+    start_service(backend, RULES, env)
 }
 
-fn start(backend: &str, env: &[(&str, &str)]) -> Setup {
-    let dir = config_dir(&[("rules.yaml", RULES)]);
-    let redis = (backend == "redis").then(RedisServer::start);
-    let mut b = Ratelimitd::builder(dir.path());
-    if let Some(r) = &redis {
-        b = b.redis(r);
-    }
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    Setup {
-        rl: b.start(),
-        _redis: redis,
-        _dir: dir,
-    }
-}
-
-async fn call(s: &Setup, req: RateLimitRequest) -> RateLimitResponse {
+async fn call(s: &Service, req: RateLimitRequest) -> RateLimitResponse {
     s.rl.client()
         .await
         .should_rate_limit(req)
@@ -70,7 +51,7 @@ async fn call(s: &Setup, req: RateLimitRequest) -> RateLimitResponse {
         .into_inner()
 }
 
-async fn call_err(s: &Setup, req: RateLimitRequest) -> tonic::Status {
+async fn call_err(s: &Service, req: RateLimitRequest) -> tonic::Status {
     s.rl.client()
         .await
         .should_rate_limit(req)

@@ -935,3 +935,29 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             (got == want).then(|| value.parse().unwrap())
         })
 }
+
+/// A `ratelimitd serve` of `rules` on one backend (`"memory"` or `"redis"`, with its own
+/// redis-server); the Redis server and the rule directory live as long as it.
+pub struct Service {
+    pub rl: Ratelimitd,
+    pub redis: Option<RedisServer>,
+    pub dir: TempDir,
+}
+
+/// Starts a [`Service`] with `env` set.
+pub fn start_service(backend: &str, rules: &str, env: &[(&str, &str)]) -> Service {
+    let dir = config_dir(&[("rules.yaml", rules)]);
+    let redis = (backend == "redis").then(RedisServer::start);
+    let mut b = Ratelimitd::builder(dir.path());
+    if let Some(r) = &redis {
+        b = b.redis(r);
+    }
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    Service {
+        rl: b.start(),
+        redis,
+        dir,
+    }
+}
