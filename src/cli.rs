@@ -130,7 +130,7 @@ pub fn summary(tree: &RuleTree) -> String {
 }
 
 /// Sets up `tracing` from `LOG_LEVEL` (the reference's DEBUG/INFO/WARN/ERROR, or a filter)
-/// and `LOG_FORMAT` (text or json).
+/// and `LOG_FORMAT` (text, or json with the reference's keys: see [`crate::log_json`]).
 pub fn init_logging(level: &str, format: crate::settings::LogFormat) -> Result<(), String> {
     let directive = match level.to_ascii_lowercase().as_str() {
         "warning" => "warn".to_owned(),
@@ -144,7 +144,9 @@ pub fn init_logging(level: &str, format: crate::settings::LogFormat) -> Result<(
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
-        crate::settings::LogFormat::Json => builder.json().init(),
+        crate::settings::LogFormat::Json => {
+            builder.event_format(crate::log_json::LogrusJson).init()
+        }
         crate::settings::LogFormat::Text => builder.init(),
     }
     Ok(())

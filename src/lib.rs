@@ -20,8 +20,8 @@
 //!   [`usage`]: every limit of a descriptor as it stands (`/usage`, `ratelimitd usage`).
 //! - [`settings`]: flags with the reference's environment variable names; [`serve`]: builds
 //!   each part and wires them; [`cli`]: the other subcommands and logging.
-//! - [`log_throttle`]: one log line per stretch of repeated failures; [`stat_name`]: the
-//!   reference's stat-name sanitising.
+//! - [`log_throttle`]: one log line per stretch of repeated failures; [`log_json`]: the
+//!   reference's JSON log lines; [`stat_name`]: the reference's stat-name sanitising.
 //! - [`proto`]: the generated Envoy RLS v3 types.
 
 pub mod admin;
@@ -35,6 +35,7 @@ pub mod explain;
 pub mod health;
 pub mod json;
 pub mod limiter;
+pub mod log_json;
 pub mod log_throttle;
 pub mod matcher;
 pub mod metrics;

@@ -318,19 +318,36 @@ async fn json_logs_and_no_descriptor_values_above_debug() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(
-        lines.iter().any(|l| l["fields"]["message"]
+        lines.iter().any(|l| l["@message"]
             .as_str()
             .is_some_and(|m| m.starts_with("config OK"))),
         "{log}"
     );
     let listening = lines
         .iter()
-        .find(|l| l["fields"]["message"] == "ratelimitd listening");
+        .find(|l| l["@message"] == "ratelimitd listening");
     assert!(listening.is_some(), "{log}");
-    // Its fields name the addresses the listeners are on.
-    let fields = &listening.unwrap()["fields"];
+    // The reference's keys (logrus' JSONFormatter as its runner sets it up), sorted as Go
+    // writes a map, with the event's fields at the top level naming the listeners' addresses.
+    let listening = listening.unwrap().as_object().unwrap();
+    let keys: Vec<&str> = listening.keys().map(String::as_str).collect();
     assert_eq!(
-        (&fields["grpc"], &fields["http"], &fields["debug"]),
+        keys,
+        [
+            "@message",
+            "@timestamp",
+            "backend",
+            "debug",
+            "grpc",
+            "http",
+            "level",
+            "prometheus"
+        ],
+        "{log}"
+    );
+    assert_eq!(listening["level"], "warning", "{log}");
+    assert_eq!(
+        (&listening["grpc"], &listening["http"], &listening["debug"]),
         (
             &serde_json::json!(rl.grpc),
             &serde_json::json!(rl.http),
@@ -338,8 +355,57 @@ async fn json_logs_and_no_descriptor_values_above_debug() {
         ),
         "{log}"
     );
+    // Go's time.RFC3339Nano, in UTC: 2026-11-29T15:52:07.123456789Z, trailing zeros dropped.
+    let ts = listening["@timestamp"].as_str().unwrap();
+    let (whole, fraction) = ts.strip_suffix('Z').unwrap().split_at(19);
+    assert!(
+        whole.len() == 19
+            && whole.bytes().enumerate().all(|(i, b)| match i {
+                4 | 7 => b == b'-',
+                10 => b == b'T',
+                13 | 16 => b == b':',
+                _ => b.is_ascii_digit(),
+            })
+            && (fraction.is_empty()
+                || (fraction.len() <= 10
+                    && fraction.starts_with('.')
+                    && fraction[1..].bytes().all(|b| b.is_ascii_digit())
+                    && !fraction.ends_with('0'))),
+        "{ts}"
+    );
+    let now = unix_now();
+    let logged = unix_of(whole);
+    assert!(logged.abs_diff(now) < 120, "{ts} vs now {now}");
+    // Every line carries the same three keys, and levels in logrus' names.
+    for line in &lines {
+        assert!(
+            line["@timestamp"].is_string() && line["@message"].is_string(),
+            "{line}"
+        );
+        assert!(
+            ["debug", "info", "warning", "error"].contains(&line["level"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(
+            line.get("fields").is_none() && line.get("timestamp").is_none(),
+            "{line}"
+        );
+    }
     assert!(
         !log.contains("alice@example.com") && !log.contains("bob@example.com"),
         "{log}"
     );
+}
+
+/// Seconds since the epoch of a UTC `YYYY-MM-DDTHH:MM:SS` (Howard Hinnant's
+/// `days_from_civil`), to check a logged time against the clock.
+fn unix_of(datetime: &str) -> u64 {
+    let n = |range: std::ops::Range<usize>| datetime[range].parse::<u64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    let y = if m <= 2 { y - 1 } else { y };
+    let (era, yoe) = (y / 400, y % 400);
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(11..13) * 3_600 + n(14..16) * 60 + n(17..19)
 }
