@@ -252,6 +252,11 @@ fn watch_config(
         config.hash,
     );
     config_metrics.publish(reloader.generation(), reloader.hash());
+    // Both RUNTIME_WATCH_ROOT values are served by the one watcher: see its setting.
+    tracing::debug!(
+        runtime_watch_root = args.runtime_watch_root,
+        "watching the config for symlink swaps and edits"
+    );
     let watch = reloader.spawn_watch(args.reload_debounce);
     let sighup = reloader
         .spawn_sighup()

@@ -238,6 +238,14 @@ pub struct ServeArgs {
     /// Quiet time after a config file change before reloading (Go duration).
     #[arg(long, env = "RELOAD_DEBOUNCE", default_value = "200ms", value_parser = duration("RELOAD_DEBOUNCE", Bound::Zero, HOUR))]
     pub reload_debounce: Duration,
+    /// The reference's choice of how to follow `RUNTIME_ROOT`: `true` watches the root for
+    /// symlink swaps (a new release behind `current`), `false` watches the subdirectory for
+    /// edits. The config watcher does both whatever the value (it watches the config directory
+    /// and every symlink on its way to it, and compares a fingerprint of the files every few
+    /// seconds), so either value reloads on both kinds of change; accepted so a reference
+    /// deployment's setting is honoured rather than warned about.
+    #[arg(long, env = "RUNTIME_WATCH_ROOT", default_value = "true", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub runtime_watch_root: bool,
     /// trace, debug, info, warn or error (case-insensitive), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "WARN")]
     pub log_level: String,
@@ -417,7 +425,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "GRPC_CLIENT_TLS_SAN",
     "CONFIG_TYPE",
     "FORCE_START_WITHOUT_INITIAL_CONFIG",
-    "RUNTIME_WATCH_ROOT",
     "LOCAL_CACHE_SIZE_IN_BYTES",
     "REDIS_TYPE",
     "REDIS_TLS_CLIENT_CERT",
@@ -680,6 +687,26 @@ mod tests {
             panic!("check-config expected")
         };
         assert_eq!(args.source().default_algorithm, Algorithm::SlidingWindow);
+    }
+
+    #[test]
+    fn runtime_watch_root_is_a_bool_defaulting_to_true_and_no_longer_unsupported() {
+        let watch_root = |extra: &[&str]| {
+            let mut argv = vec!["ratelimitd", "serve", "--config", "x"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Serve(args) => args.runtime_watch_root,
+                _ => panic!("serve expected"),
+            })
+        };
+        // The reference's default (assuming the test environment leaves it unset).
+        if std::env::var_os("RUNTIME_WATCH_ROOT").is_none() {
+            assert!(watch_root(&[]).unwrap());
+        }
+        assert!(!watch_root(&["--runtime-watch-root", "false"]).unwrap());
+        assert!(watch_root(&["--runtime-watch-root", "1"]).unwrap());
+        assert!(watch_root(&["--runtime-watch-root", "maybe"]).is_err());
+        assert!(!UNSUPPORTED_ENV.contains(&"RUNTIME_WATCH_ROOT"));
     }
 
     #[test]

@@ -264,6 +264,60 @@ async fn a_runtime_root_symlink_swap() {
     load.finish().await;
 }
 
+/// The reference's layout, found through `RUNTIME_ROOT` (a `current` symlink to a release),
+/// `RUNTIME_SUBDIRECTORY` and `RUNTIME_APPDIRECTORY`, with `RUNTIME_WATCH_ROOT=watch_root`:
+/// whatever the value, a swap of the root and an in-place edit in the subdirectory are both
+/// followed (the reference follows only the swaps with `true` and only the edits with
+/// `false`), and the setting is accepted without a warning.
+async fn runtime_root_follows_swaps_and_edits(watch_root: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let app = |version: &str| root.path().join(version).join("ratelimit/config");
+    let release = |version: &str, limit: u32| {
+        fs::create_dir_all(app(version)).unwrap();
+        fs::write(app(version).join("rules.yaml"), rules("rl", limit)).unwrap();
+        symlink(version, root.path().join("current_tmp")).unwrap();
+        fs::rename(root.path().join("current_tmp"), root.path().join("current")).unwrap();
+    };
+    release("v1", 10);
+    let rl = Ratelimitd::from_runtime_root()
+        .env(
+            "RUNTIME_ROOT",
+            root.path().join("current").to_str().unwrap(),
+        )
+        .env("RUNTIME_SUBDIRECTORY", "ratelimit")
+        .env("RUNTIME_APPDIRECTORY", "config")
+        .env("RUNTIME_WATCH_ROOT", watch_root)
+        .start();
+    let load = Load::start(&rl, ab("rl")).await;
+    load.wait_limit(Some(10)).await;
+    // A swap of the root.
+    release("v2", 20);
+    load.wait_limit(Some(20)).await;
+    // An in-place edit in the subdirectory the root now points to.
+    fs::write(app("v2").join("rules.yaml"), rules("rl", 30)).unwrap();
+    load.wait_limit(Some(30)).await;
+    // And a swap again: the watches followed both.
+    release("v3", 40);
+    load.wait_limit(Some(40)).await;
+    let seen = load.finish().await;
+    assert_eq!(
+        seen.limits,
+        BTreeSet::from([Some(10), Some(20), Some(30), Some(40)])
+    );
+    let log = rl.log();
+    assert!(!log.contains("not supported"), "{log}");
+}
+
+#[tokio::test]
+async fn runtime_watch_root_true_follows_root_swaps_and_subdirectory_edits() {
+    runtime_root_follows_swaps_and_edits("true").await;
+}
+
+#[tokio::test]
+async fn runtime_watch_root_false_follows_root_swaps_and_subdirectory_edits() {
+    runtime_root_follows_swaps_and_edits("false").await;
+}
+
 #[tokio::test]
 async fn a_broken_file_keeps_the_last_good_config_until_fixed() {
     let dir = config_dir(&[("rules.yaml", &rules("rl", 10))]);

@@ -267,7 +267,8 @@ pub fn config_dir(files: &[(&str, &str)]) -> TempDir {
 
 /// How to start a `ratelimitd serve`.
 pub struct RatelimitdBuilder {
-    config: PathBuf,
+    /// `--config`; `None` leaves the rules to the reference's `RUNTIME_*` settings.
+    config: Option<PathBuf>,
     env: Vec<(String, String)>,
     /// `ulimit -n` for the process.
     nofile: Option<u32>,
@@ -329,7 +330,7 @@ impl RatelimitdBuilder {
             }
         };
         let [grpc_port, http_port, debug_port] = free_ports();
-        serve_on_loopback(&mut cmd, &self.config)
+        serve_on_loopback(&mut cmd, self.config.as_deref())
             .env("GRPC_PORT", grpc_port.to_string())
             .env("PORT", http_port.to_string())
             .env("DEBUG_PORT", debug_port.to_string())
@@ -413,7 +414,17 @@ pub struct Ratelimitd {
 impl Ratelimitd {
     pub fn builder(config: &Path) -> RatelimitdBuilder {
         RatelimitdBuilder {
-            config: config.to_owned(),
+            config: Some(config.to_owned()),
+            env: Vec::new(),
+            nofile: None,
+        }
+    }
+
+    /// A start without `--config`: the rules are where the test's `RUNTIME_ROOT`,
+    /// `RUNTIME_SUBDIRECTORY` and `RUNTIME_APPDIRECTORY` say, as the reference finds them.
+    pub fn from_runtime_root() -> RatelimitdBuilder {
+        RatelimitdBuilder {
+            config: None,
             env: Vec::new(),
             nofile: None,
         }
@@ -605,13 +616,14 @@ pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String)
     )
 }
 
-/// `serve --config CONFIG` with a clean environment and every listener on loopback, on port 0
+/// `serve [--config CONFIG]` with a clean environment and every listener on loopback, on port 0
 /// (any free one; [`RatelimitdBuilder::start`] sets ports it picked, to know where to look).
-fn serve_on_loopback<'c>(cmd: &'c mut Command, config: &Path) -> &'c mut Command {
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(config)
-        .env_clear()
+fn serve_on_loopback<'c>(cmd: &'c mut Command, config: Option<&Path>) -> &'c mut Command {
+    cmd.arg("serve");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("GRPC_HOST", "127.0.0.1")
         .env("GRPC_PORT", "0")
@@ -629,7 +641,7 @@ fn serve_on_loopback<'c>(cmd: &'c mut Command, config: &Path) -> &'c mut Command
 pub fn serve_expecting_refusal(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ratelimitd"));
-    let mut child = serve_on_loopback(&mut cmd, config)
+    let mut child = serve_on_loopback(&mut cmd, Some(config))
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
