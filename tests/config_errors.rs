@@ -13,11 +13,11 @@ use ratelimitd::{
 const CASES: &[(&str, &[&str])] = &[
     (
         "tests/config/bad/bad_flag.yaml",
-        &["tests/config/bad/bad_flag.yaml: d > k: shadow_mode: expected true or false, found a string"],
+        &["tests/config/bad/bad_flag.yaml: d > k: shadow_mode: error loading config file: expected true or false, found a string"],
     ),
     (
         "tests/config/bad/bad_unlimited.yaml",
-        &["tests/config/bad/bad_unlimited.yaml: d > k: rate_limit.unlimited: expected true or false, found a string"],
+        &["tests/config/bad/bad_unlimited.yaml: d > k: rate_limit.unlimited: error loading config file: expected true or false, found a string"],
     ),
     (
         "tests/config/bad/bad_unit.yaml",
@@ -25,7 +25,7 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/descriptors_not_a_list.yaml",
-        &["tests/config/bad/descriptors_not_a_list.yaml: d: descriptors: expected a list of descriptors, found a mapping"],
+        &["tests/config/bad/descriptors_not_a_list.yaml: d: descriptors: error loading config file: expected a list of descriptors, found a mapping"],
     ),
     (
         "tests/config/bad/duplicate_descriptor.yaml",
@@ -41,15 +41,15 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/fractional_limit.yaml",
-        &["tests/config/bad/fractional_limit.yaml: d > k: rate_limit.requests_per_unit: must be a whole number, found 1.5"],
+        &["tests/config/bad/fractional_limit.yaml: d > k: rate_limit.requests_per_unit: error checking config (must be a whole number, found 1.5)"],
     ),
     (
         "tests/config/bad/huge_limit.yaml",
-        &["tests/config/bad/huge_limit.yaml: d > k: rate_limit.requests_per_unit: 4294967296 is larger than 4294967295"],
+        &["tests/config/bad/huge_limit.yaml: d > k: rate_limit.requests_per_unit: error loading config file: 4294967296 is larger than 4294967295"],
     ),
     (
         "tests/config/bad/invalid_yaml.yaml",
-        &["tests/config/bad/invalid_yaml.yaml: invalid YAML: did not find expected '-' indicator at line 4 column 4, while parsing a block collection at line 3 column 3"],
+        &["tests/config/bad/invalid_yaml.yaml: error loading config file: invalid YAML: did not find expected '-' indicator at line 4 column 4, while parsing a block collection at line 3 column 3"],
     ),
     (
         "tests/config/bad/missing_key.yaml",
@@ -61,15 +61,15 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/missing_unit.yaml",
-        &["tests/config/bad/missing_unit.yaml: d > k: rate_limit.unit: missing; a rate_limit needs a unit (or unlimited: true)"],
+        &["tests/config/bad/missing_unit.yaml: d > k: rate_limit.unit: invalid rate limit unit '' (missing: a rate_limit needs a unit, or unlimited: true)"],
     ),
     (
         "tests/config/bad/negative_limit.yaml",
-        &["tests/config/bad/negative_limit.yaml: d > k: rate_limit.requests_per_unit: must not be negative, found -5"],
+        &["tests/config/bad/negative_limit.yaml: d > k: rate_limit.requests_per_unit: error loading config file: must not be negative, found -5"],
     ),
     (
         "tests/config/bad/non_string_key.yaml",
-        &["tests/config/bad/non_string_key.yaml: d > k: field names must be strings, found the number 1"],
+        &["tests/config/bad/non_string_key.yaml: d > k: config error, key is not of type string: 1 (field names must be strings)"],
     ),
     (
         "tests/config/bad/replaces_empty.yaml",
@@ -81,7 +81,7 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/several_errors.yaml",
-        &["tests/config/bad/several_errors.yaml: d > b: rate_limit.requests_per_unit: must not be negative, found -1", "tests/config/bad/several_errors.yaml: d > b > c: typo: unknown field (expected one of: key, value, rate_limit, rate_limits, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)", "tests/config/bad/several_errors.yaml: d > a: rate_limit.unit: invalid rate limit unit 'eon' (expected one of: second, minute, hour, day, week, month, year)"],
+        &["tests/config/bad/several_errors.yaml: d > b: rate_limit.requests_per_unit: error loading config file: must not be negative, found -1", "tests/config/bad/several_errors.yaml: d > b > c: typo: config error, unknown key 'typo' (expected one of: key, value, rate_limit, rate_limits, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)", "tests/config/bad/several_errors.yaml: d > a: rate_limit.unit: invalid rate limit unit 'eon' (expected one of: second, minute, hour, day, week, month, year)"],
     ),
     (
         "tests/config/bad/share_threshold_without_wildcard.yaml",
@@ -89,27 +89,27 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/string_limit.yaml",
-        &["tests/config/bad/string_limit.yaml: d > k: rate_limit.requests_per_unit: expected a whole number, found a string"],
+        &["tests/config/bad/string_limit.yaml: d > k: rate_limit.requests_per_unit: error loading config file: expected a whole number, found a string"],
     ),
     (
         "tests/config/bad/too_deep_block.yaml",
-        &["tests/config/bad/too_deep_block.yaml: invalid YAML: nesting deeper than 64 levels at line 3 column 129"],
+        &["tests/config/bad/too_deep_block.yaml: error loading config file: invalid YAML: nesting deeper than 64 levels at line 3 column 129"],
     ),
     (
         "tests/config/bad/too_deep_flow.yaml",
-        &["tests/config/bad/too_deep_flow.yaml: invalid YAML: nesting deeper than 64 levels at line 4 column 76"],
+        &["tests/config/bad/too_deep_flow.yaml: error loading config file: invalid YAML: nesting deeper than 64 levels at line 4 column 76"],
     ),
     (
         "tests/config/bad/unknown_descriptor_field.yaml",
-        &["tests/config/bad/unknown_descriptor_field.yaml: d > k: shadowmode: unknown field (expected one of: key, value, rate_limit, rate_limits, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)"],
+        &["tests/config/bad/unknown_descriptor_field.yaml: d > k: shadowmode: config error, unknown key 'shadowmode' (expected one of: key, value, rate_limit, rate_limits, descriptors, shadow_mode, quota_mode, detailed_metric, value_to_metric, share_threshold, metadata)"],
     ),
     (
         "tests/config/bad/unknown_field.yaml",
-        &["tests/config/bad/unknown_field.yaml: d > k: rate_limit.request_per_unit: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst, unlimited, name, replaces)"],
+        &["tests/config/bad/unknown_field.yaml: d > k: rate_limit.request_per_unit: config error, unknown key 'request_per_unit' (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst, unlimited, name, replaces)"],
     ),
     (
         "tests/config/bad/unknown_root_field.yaml",
-        &["tests/config/bad/unknown_root_field.yaml: descriptor: unknown field (expected one of: domain, descriptors)"],
+        &["tests/config/bad/unknown_root_field.yaml: descriptor: config error, unknown key 'descriptor' (expected one of: domain, descriptors)"],
     ),
     (
         "tests/config/bad/unlimited_with_limit.yaml",
@@ -130,15 +130,15 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/rate_limits_not_a_list.yaml",
-        &["tests/config/bad/rate_limits_not_a_list.yaml: d > k: rate_limits: expected a list of limits, found a mapping"],
+        &["tests/config/bad/rate_limits_not_a_list.yaml: d > k: rate_limits: error loading config file: expected a list of limits, found a mapping"],
     ),
     (
         "tests/config/bad/rate_limits_item_not_a_mapping.yaml",
-        &["tests/config/bad/rate_limits_item_not_a_mapping.yaml: d > k: rate_limits[1]: expected a mapping, found a string"],
+        &["tests/config/bad/rate_limits_item_not_a_mapping.yaml: d > k: rate_limits[1]: config error, yaml file contains list of type other than map: minute (expected a mapping, found a string)"],
     ),
     (
         "tests/config/bad/rate_limits_item_name.yaml",
-        &["tests/config/bad/rate_limits_item_name.yaml: d > k: rate_limits[0].name: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)"],
+        &["tests/config/bad/rate_limits_item_name.yaml: d > k: rate_limits[0].name: config error, unknown key 'name' (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)"],
     ),
     (
         "tests/config/bad/rate_limits_missing_limit.yaml",
@@ -146,7 +146,7 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad/string_burst.yaml",
-        &["tests/config/bad/string_burst.yaml: d > k: rate_limits[1].burst: expected a whole number, found a string"],
+        &["tests/config/bad/string_burst.yaml: d > k: rate_limits[1].burst: error loading config file: expected a whole number, found a string"],
     ),
     (
         "tests/config/bad/burst_with_window.yaml",
@@ -198,8 +198,65 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     (
         "tests/config/bad_dirs/duplicate_domain",
-        &["tests/config/bad_dirs/duplicate_domain/b.yaml: d: domain: duplicate domain 'd' (also in tests/config/bad_dirs/duplicate_domain/a.yaml; set MERGE_DOMAIN_CONFIG=true to merge)"],
+        &["tests/config/bad_dirs/duplicate_domain/b.yaml: d: domain: duplicate domain 'd' in config file (also in tests/config/bad_dirs/duplicate_domain/a.yaml; set MERGE_DOMAIN_CONFIG=true to merge)"],
     ),
+];
+
+/// The reference's own words (envoyproxy/ratelimit, `src/config/config_impl.go`) for each
+/// fixture's errors, line by line, which our message carries right after its file, descriptor
+/// path and field, so that alerts written for the reference keep firing. `None` where the
+/// reference has no such error: a rule it accepts (`unlimited` with `requests_per_unit`, a
+/// missing `requests_per_unit`, read as 0) or fields of ours, whose key it refuses as unknown.
+/// Errors about our own fields that are of a kind the reference has (a wrong type, an unknown
+/// field, a list item that is not a mapping) use its words for that kind.
+const REFERENCE_WORDING: &[(&str, &[Option<&str>])] = &[
+    ("tests/config/bad/bad_flag.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/bad_unlimited.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/bad_unit.yaml", &[Some("invalid rate limit unit 'fortnight'")]),
+    ("tests/config/bad/descriptors_not_a_list.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/duplicate_descriptor.yaml", &[Some("duplicate descriptor composite key 'd.k_v'")]),
+    ("tests/config/bad/empty_domain.yaml", &[Some("config file cannot have empty domain")]),
+    ("tests/config/bad/empty_key.yaml", &[Some("descriptor has empty key")]),
+    ("tests/config/bad/fractional_limit.yaml", &[Some("error checking config")]),
+    ("tests/config/bad/huge_limit.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/invalid_yaml.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/missing_key.yaml", &[Some("descriptor has empty key")]),
+    ("tests/config/bad/missing_limit.yaml", &[None]),
+    ("tests/config/bad/missing_unit.yaml", &[Some("invalid rate limit unit ''")]),
+    ("tests/config/bad/negative_limit.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/non_string_key.yaml", &[Some("config error, key is not of type string: 1")]),
+    ("tests/config/bad/replaces_empty.yaml", &[Some("should not have an empty replaces entry")]),
+    ("tests/config/bad/replaces_self.yaml", &[Some("replaces should not contain name of same descriptor")]),
+    ("tests/config/bad/several_errors.yaml", &[Some("error loading config file"), Some("config error, unknown key 'typo'"), Some("invalid rate limit unit 'eon'")]),
+    ("tests/config/bad/share_threshold_without_wildcard.yaml", &[Some("share_threshold can only be used with wildcard values (containing '*'), but found key 'path_/exact'")]),
+    ("tests/config/bad/string_limit.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/too_deep_block.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/too_deep_flow.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/unknown_descriptor_field.yaml", &[Some("config error, unknown key 'shadowmode'")]),
+    ("tests/config/bad/unknown_field.yaml", &[Some("config error, unknown key 'request_per_unit'")]),
+    ("tests/config/bad/unknown_root_field.yaml", &[Some("config error, unknown key 'descriptor'")]),
+    ("tests/config/bad/unlimited_with_limit.yaml", &[None]),
+    ("tests/config/bad/unlimited_with_unit.yaml", &[Some("should not specify rate limit unit when unlimited")]),
+    ("tests/config/bad/rate_limit_and_rate_limits.yaml", &[None]),
+    ("tests/config/bad/empty_rate_limits.yaml", &[None]),
+    ("tests/config/bad/rate_limits_not_a_list.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/rate_limits_item_not_a_mapping.yaml", &[Some("config error, yaml file contains list of type other than map: minute")]),
+    ("tests/config/bad/rate_limits_item_name.yaml", &[Some("config error, unknown key 'name'")]),
+    ("tests/config/bad/rate_limits_missing_limit.yaml", &[None]),
+    ("tests/config/bad/string_burst.yaml", &[Some("error loading config file")]),
+    ("tests/config/bad/burst_with_window.yaml", &[None]),
+    ("tests/config/bad/burst_with_default_algorithm.yaml", &[None]),
+    ("tests/config/bad/zero_burst.yaml", &[None]),
+    ("tests/config/bad/zero_unit_multiplier.yaml", &[None]),
+    ("tests/config/bad/window_too_long.yaml", &[None]),
+    ("tests/config/bad/bucket_too_large.yaml", &[None]),
+    ("tests/config/bad/bucket_too_large_without_burst.yaml", &[None]),
+    ("tests/config/bad/duplicate_window.yaml", &[None]),
+    ("tests/config/bad/unlimited_with_algorithm.yaml", &[None]),
+    ("tests/config/bad/unlimited_with_burst.yaml", &[None]),
+    ("tests/config/bad/unlimited_with_unit_multiplier.yaml", &[None]),
+    ("tests/config/bad/unknown_algorithm.yaml", &[None]),
+    ("tests/config/bad_dirs/duplicate_domain", &[Some("duplicate domain 'd' in config file")]),
 ];
 
 fn load(path: &str) -> Result<ratelimitd::config::RuleTree, Vec<String>> {
@@ -220,6 +277,38 @@ fn each_bad_fixture_fails_with_its_exact_errors() {
             .unwrap_or_else(|| panic!("{fixture} loaded"));
         assert_eq!(&got, expected, "{fixture}");
     }
+}
+
+#[test]
+fn each_error_carries_the_reference_wording_after_its_location() {
+    let listed: Vec<&str> = REFERENCE_WORDING.iter().map(|(f, _)| *f).collect();
+    let cases: Vec<&str> = CASES.iter().map(|(f, _)| *f).collect();
+    assert_eq!(listed, cases, "one row per case, in the same order");
+    for ((fixture, expected), (_, wording)) in CASES.iter().zip(REFERENCE_WORDING) {
+        assert_eq!(
+            expected.len(),
+            wording.len(),
+            "{fixture}: one wording per error"
+        );
+        for (line, wording) in expected.iter().zip(*wording) {
+            let Some(wording) = wording else { continue };
+            assert!(
+                line.contains(&format!(": {wording}")),
+                "{fixture}: {line:?} lacks {wording:?}"
+            );
+        }
+    }
+    // The same texts reach check-config's output (and reload logs: the same Display).
+    let (code, out, _) = support::run_cli(&[
+        "check-config",
+        "--config",
+        "tests/config/bad/unknown_descriptor_field.yaml",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("error: tests/config/bad/unknown_descriptor_field.yaml: d > k: shadowmode: config error, unknown key 'shadowmode' (expected one of: "),
+        "{out}"
+    );
 }
 
 #[test]
@@ -291,7 +380,7 @@ fn check_config_refuses_deep_nesting_before_parsing() {
     assert_eq!(code, 1, "{out}");
     assert!(
         out.starts_with(&format!(
-            "error: {}: invalid YAML: nesting deeper than 64 levels at line 1 column 65\n",
+            "error: {}: error loading config file: invalid YAML: nesting deeper than 64 levels at line 1 column 65\n",
             file.display()
         )),
         "{out}"

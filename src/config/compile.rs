@@ -45,7 +45,7 @@ pub fn compile_with(
                     &raw.domain,
                     "domain",
                     format!(
-                        "duplicate domain '{}' (also in {first}; set MERGE_DOMAIN_CONFIG=true to merge)",
+                        "duplicate domain '{}' in config file (also in {first}; set MERGE_DOMAIN_CONFIG=true to merge)",
                         raw.domain
                     ),
                 ));
@@ -60,7 +60,7 @@ pub fn compile_with(
             default_algorithm,
             errors: &mut errors,
         };
-        c.level(node, &raw.domain, &raw.descriptors);
+        c.level(node, &raw.domain, &raw.domain, &raw.descriptors);
     }
     if errors.is_empty() {
         Ok(tree)
@@ -82,8 +82,15 @@ impl Compiler<'_> {
             .push(ConfigError::new(self.file, path, field, message));
     }
 
-    /// Adds `descriptors` under `node`; `stats_parent` is the reference's dotted stats key.
-    fn level(&mut self, node: &mut Node, stats_parent: &str, descriptors: &[RawDescriptor]) {
+    /// Adds `descriptors` under `node`; `stats_parent` is the reference's dotted stats key,
+    /// `key_parent` the same key unsanitised, as the reference's errors print it.
+    fn level(
+        &mut self,
+        node: &mut Node,
+        stats_parent: &str,
+        key_parent: &str,
+        descriptors: &[RawDescriptor],
+    ) {
         for d in descriptors {
             if d.key.is_empty() {
                 continue; // reported by the parser
@@ -94,11 +101,12 @@ impl Compiler<'_> {
             };
             // The reference's stats key, sanitised as its stats manager does.
             let full_key = crate::stat_name::sanitize(&format!("{stats_parent}.{composite}"));
+            let raw_key = format!("{key_parent}.{composite}");
             if node.children.contains_key(composite.as_str()) {
                 self.err(
                     &d.path,
                     "key",
-                    format!("duplicate descriptor composite key '{full_key}'"),
+                    format!("duplicate descriptor composite key '{raw_key}'"),
                 );
                 continue;
             }
@@ -119,7 +127,7 @@ impl Compiler<'_> {
                 value_to_metric: d.value_to_metric,
                 ..Node::default()
             };
-            self.level(&mut child, &full_key, &d.descriptors);
+            self.level(&mut child, &full_key, &raw_key, &d.descriptors);
             if wildcard {
                 node.wildcards.push(Wildcard::new(&composite));
             }
@@ -226,7 +234,7 @@ impl Compiler<'_> {
                     self.err(
                         path,
                         "rate_limit.unit",
-                        "missing; a rate_limit needs a unit (or unlimited: true)",
+                        "invalid rate limit unit '' (missing: a rate_limit needs a unit, or unlimited: true)",
                     );
                     return None;
                 }
@@ -287,7 +295,7 @@ impl Compiler<'_> {
                     self.err(
                         path,
                         &format!("{field}.unit"),
-                        "missing; each rate_limits item needs a unit",
+                        "invalid rate limit unit '' (missing: each rate_limits item needs a unit)",
                     );
                     None
                 }
@@ -660,7 +668,7 @@ descriptors:
                 "t.yaml: d > k: rate_limits[1].unit: invalid rate limit unit 'fortnight' (expected one of: second, minute, hour, day, week, month, year)",
                 "t.yaml: d > k: rate_limits[2].unit_multiplier: must be at least 1 (a window of 0 units)",
                 "t.yaml: d > k: rate_limits[3].algorithm: invalid algorithm 'gcra' (expected one of: fixed_window, sliding_window, token_bucket)",
-                "t.yaml: d > k: rate_limits[4].unit: missing; each rate_limits item needs a unit",
+                "t.yaml: d > k: rate_limits[4].unit: invalid rate limit unit '' (missing: each rate_limits item needs a unit)",
                 "t.yaml: d > k: rate_limits[5]: same unit and unit_multiplier as rate_limits[0] (minute × 1); the limits of a rule need different windows",
             ]
         );
@@ -684,6 +692,30 @@ descriptors:
                 "t.yaml: d > k: rate_limit.unit_multiplier: should not specify unit_multiplier when unlimited",
                 "t.yaml: d > k: rate_limit.algorithm: should not specify algorithm when unlimited",
                 "t.yaml: d > k: rate_limit.burst: should not specify burst when unlimited",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named_unsanitised_as_the_reference_names_it() {
+        let text = "domain: d
+descriptors:
+  - key: ip
+    value: 10.0.0.1
+  - key: ip
+    value: 10.0.0.1
+  - key: a:b
+    descriptors:
+      - key: c
+      - key: c
+";
+        assert_eq!(
+            tree(text, Algorithm::FixedWindow)
+                .err()
+                .unwrap_or_else(|| panic!("loaded")),
+            [
+                "t.yaml: d > ip=10.0.0.1: key: duplicate descriptor composite key 'd.ip_10.0.0.1'",
+                "t.yaml: d > a:b > c: key: duplicate descriptor composite key 'd.a:b.c'",
             ]
         );
     }

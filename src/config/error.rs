@@ -1,7 +1,37 @@
 //! Config errors: every one names the file, the descriptor path and the field, so a user can
 //! go straight to the line that is wrong.
+//!
+//! After that location, a message whose error the reference (envoyproxy/ratelimit,
+//! `src/config/config_impl.go`) also reports starts with the reference's own words for it, so
+//! that alerts and log searches written for the reference keep matching; our details follow in
+//! parentheses (`config error, unknown key 'shadowmode' (expected one of: ...)`), or, where the
+//! reference's text ends in a YAML library's message (`error loading config file: ...`), take
+//! that message's place. Errors the reference has no counterpart for are in our words only.
 
 use std::fmt;
+
+/// The reference's words for the errors of a file it cannot load: a YAML syntax error, or a
+/// value of the wrong type (its second, typed `yaml.Unmarshal`).
+pub(crate) const LOADING: &str = "error loading config file";
+
+/// The reference's words for a value that is neither a string, a whole number fitting Go's
+/// `int`, a boolean, a list nor a mapping (a fraction, say), found by its `validateYamlKeys`.
+pub(crate) const CHECKING: &str = "error checking config";
+
+/// The reference's words for a field name it does not know; `name` as written.
+pub(crate) fn unknown_key(name: &str) -> String {
+    format!("config error, unknown key '{name}'")
+}
+
+/// The reference's words for a field name that is not a string; `key` as Go's `%v` prints it.
+pub(crate) fn key_not_string(key: &str) -> String {
+    format!("config error, key is not of type string: {key}")
+}
+
+/// The reference's words for a list item that is not a mapping; `item` as Go's `%v` prints it.
+pub(crate) fn list_item_not_map(item: &str) -> String {
+    format!("config error, yaml file contains list of type other than map: {item}")
+}
 
 /// One problem in one config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

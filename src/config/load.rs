@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{compile_with, parse_lenient, ConfigError, ConfigErrors, RuleTree};
+use super::{compile_with, error::LOADING, parse_lenient, ConfigError, ConfigErrors, RuleTree};
 use crate::limiter::Algorithm;
 
 /// Where rules come from and how to read them.
@@ -110,10 +110,15 @@ impl Snapshot {
         let mut errors = Vec::new();
         for (f, bytes) in files {
             let name = f.display().to_string();
-            // The message `std::fs::read_to_string` gives for the same bytes.
-            let text = bytes.as_ref().map_err(ToString::to_string).and_then(|b| {
-                std::str::from_utf8(b).map_err(|_| "stream did not contain valid UTF-8".to_owned())
-            });
+            // Bytes that are not UTF-8 get the message `std::fs::read_to_string` gives for them,
+            // after the reference's words (its YAML reader refuses them).
+            let text = bytes
+                .as_ref()
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(|b| {
+                    std::str::from_utf8(b)
+                        .map_err(|_| format!("{LOADING}: stream did not contain valid UTF-8"))
+                });
             match text {
                 Ok(text) => {
                     let (raw, mut e) = parse_lenient(&name, text);
@@ -122,7 +127,7 @@ impl Snapshot {
                         parsed.push((name, raw));
                     }
                 }
-                Err(e) => errors.push(ConfigError::new(&name, "", "", format!("cannot read: {e}"))),
+                Err(message) => errors.push(ConfigError::new(&name, "", "", message)),
             }
         }
         match compile_with(&parsed, source.merge_domains, source.default_algorithm) {
@@ -234,7 +239,10 @@ mod tests {
         };
         let errors = load_dir_or_file(&source).expect_err("invalid UTF-8");
         let std_error = fs::read_to_string(&file).expect_err("invalid UTF-8");
-        assert_eq!(errors.0[0].message, format!("cannot read: {std_error}"));
+        assert_eq!(
+            errors.0[0].message,
+            format!("error loading config file: {std_error}")
+        );
     }
 
     #[test]

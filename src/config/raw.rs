@@ -6,7 +6,10 @@
 
 use serde_norway::{Mapping, Value};
 
-use super::{depth, error::ConfigError};
+use super::{
+    depth,
+    error::{self, ConfigError, CHECKING, LOADING},
+};
 
 /// One file: a domain and its descriptor tree.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +113,7 @@ pub fn parse_lenient(file: &str, text: &str) -> (Option<RawFile>, Vec<ConfigErro
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     if let Err(at) = depth::check(text) {
         let message = format!(
-            "invalid YAML: nesting deeper than {} levels at line {} column {}",
+            "{LOADING}: invalid YAML: nesting deeper than {} levels at line {} column {}",
             depth::MAX_DEPTH,
             at.line,
             at.column
@@ -124,7 +127,7 @@ pub fn parse_lenient(file: &str, text: &str) -> (Option<RawFile>, Vec<ConfigErro
     let root: Value = match serde_norway::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            let err = ConfigError::new(file, "", "", format!("invalid YAML: {e}"));
+            let err = ConfigError::new(file, "", "", format!("{LOADING}: invalid YAML: {e}"));
             return (None, vec![err]);
         }
     };
@@ -143,6 +146,17 @@ impl Parser<'_> {
             .push(ConfigError::new(self.file, path, field, message));
     }
 
+    /// `value` has the wrong type for `field` (`detail` says how), in the reference's words:
+    /// its typed `yaml.Unmarshal` fails ([`LOADING`]), unless the value is a number Go reads as
+    /// neither `int` nor a string, which its key check refuses first ([`CHECKING`]).
+    fn type_error(&mut self, path: &str, field: &str, value: &Value, detail: String) {
+        let message = match value {
+            Value::Number(n) if !n.is_i64() => format!("{CHECKING} ({detail})"),
+            _ => format!("{LOADING}: {detail}"),
+        };
+        self.err(path, field, message);
+    }
+
     fn root(&mut self, root: &Value) -> Option<RawFile> {
         let map = match root {
             Value::Mapping(m) => m,
@@ -154,7 +168,10 @@ impl Parser<'_> {
                 self.err(
                     "",
                     "",
-                    format!("expected a mapping at the top level, found {}", kind(other)),
+                    format!(
+                        "{LOADING}: expected a mapping at the top level, found {}",
+                        kind(other)
+                    ),
                 );
                 return None;
             }
@@ -189,9 +206,10 @@ impl Parser<'_> {
             None | Some(Value::Null) => return Vec::new(),
             Some(Value::Sequence(items)) => items,
             Some(other) => {
-                self.err(
+                self.type_error(
                     parent,
                     field,
+                    other,
                     format!("expected a list of descriptors, found {}", kind(other)),
                 );
                 return Vec::new();
@@ -204,7 +222,11 @@ impl Parser<'_> {
                 other => self.err(
                     parent,
                     &format!("{field}[{i}]"),
-                    format!("expected a descriptor mapping, found {}", kind(other)),
+                    format!(
+                        "{} (expected a descriptor mapping, found {})",
+                        error::list_item_not_map(&go_value(other)),
+                        kind(other)
+                    ),
                 ),
             }
         }
@@ -232,9 +254,10 @@ impl Parser<'_> {
         self.check_fields(m, DESCRIPTOR_FIELDS, &path, "");
         if let Some(meta) = m.get("metadata") {
             if !matches!(meta, Value::Mapping(_) | Value::Null) {
-                self.err(
+                self.type_error(
                     &path,
                     "metadata",
+                    meta,
                     format!("expected a mapping, found {}", kind(meta)),
                 );
             }
@@ -243,9 +266,10 @@ impl Parser<'_> {
             None | Some(Value::Null) => None,
             Some(Value::Mapping(rl)) => Some(self.rate_limit(rl, &path)),
             Some(other) => {
-                self.err(
+                self.type_error(
                     &path,
                     "rate_limit",
+                    other,
                     format!("expected a mapping, found {}", kind(other)),
                 );
                 None
@@ -255,9 +279,10 @@ impl Parser<'_> {
             None | Some(Value::Null) => None,
             Some(Value::Sequence(items)) => Some(self.rate_limits(items, &path)),
             Some(other) => {
-                self.err(
+                self.type_error(
                     &path,
                     "rate_limits",
+                    other,
                     format!("expected a list of limits, found {}", kind(other)),
                 );
                 None
@@ -296,7 +321,11 @@ impl Parser<'_> {
                 other => self.err(
                     path,
                     &field,
-                    format!("expected a mapping, found {}", kind(other)),
+                    format!(
+                        "{} (expected a mapping, found {})",
+                        error::list_item_not_map(&go_value(other)),
+                        kind(other)
+                    ),
                 ),
             }
         }
@@ -320,9 +349,10 @@ impl Parser<'_> {
                 .map(|(i, item)| self.replaces_entry(item, path, i))
                 .collect(),
             Some(other) => {
-                self.err(
+                self.type_error(
                     path,
                     "rate_limit.replaces",
+                    other,
                     format!("expected a list of {{name: ...}}, found {}", kind(other)),
                 );
                 Vec::new()
@@ -369,7 +399,11 @@ impl Parser<'_> {
                 self.err(
                     path,
                     &field,
-                    format!("expected {{name: ...}}, found {}", kind(other)),
+                    format!(
+                        "{} (expected {{name: ...}}, found {})",
+                        error::list_item_not_map(&go_value(other)),
+                        kind(other)
+                    ),
                 );
                 String::new()
             }
@@ -381,9 +415,10 @@ impl Parser<'_> {
         let n = match v {
             Value::Number(n) => n,
             other => {
-                self.err(
+                self.type_error(
                     path,
                     field,
+                    other,
                     format!("expected a whole number, found {}", kind(other)),
                 );
                 return None;
@@ -393,16 +428,16 @@ impl Parser<'_> {
             Some(u) => match u32::try_from(u) {
                 Ok(u) => Some(u),
                 Err(_) => {
-                    self.err(path, field, format!("{u} is larger than {}", u32::MAX));
+                    self.type_error(path, field, v, format!("{u} is larger than {}", u32::MAX));
                     None
                 }
             },
             None if n.is_i64() => {
-                self.err(path, field, format!("must not be negative, found {n}"));
+                self.type_error(path, field, v, format!("must not be negative, found {n}"));
                 None
             }
             None => {
-                self.err(path, field, format!("must be a whole number, found {n}"));
+                self.type_error(path, field, v, format!("must be a whole number, found {n}"));
                 None
             }
         }
@@ -414,9 +449,10 @@ impl Parser<'_> {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                self.err(
+                self.type_error(
                     path,
                     field,
+                    other,
                     format!("expected true or false, found {}", kind(other)),
                 );
                 false
@@ -431,9 +467,10 @@ impl Parser<'_> {
             Value::Number(n) => Some(n.to_string()),
             Value::Bool(b) => Some(b.to_string()),
             other => {
-                self.err(
+                self.type_error(
                     path,
                     field,
+                    other,
                     format!("expected a string, found {}", kind(other)),
                 );
                 None
@@ -448,12 +485,19 @@ impl Parser<'_> {
                 Value::String(s) => self.err(
                     path,
                     &format!("{prefix}{s}"),
-                    format!("unknown field (expected one of: {})", allowed.join(", ")),
+                    format!(
+                        "{} (expected one of: {})",
+                        error::unknown_key(s),
+                        allowed.join(", ")
+                    ),
                 ),
                 other => self.err(
                     path,
                     prefix.trim_end_matches('.'),
-                    format!("field names must be strings, found {}", describe_key(other)),
+                    format!(
+                        "{} (field names must be strings)",
+                        error::key_not_string(&go_value(other))
+                    ),
                 ),
             }
         }
@@ -472,11 +516,26 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn describe_key(v: &Value) -> String {
+/// `v` as the reference's error texts print it (Go's `%v` of what yaml.v2 decodes): scalars
+/// as written, `<nil>`, `[a b]` for a list, `map[k:v]` (keys sorted) for a mapping.
+fn go_value(v: &Value) -> String {
     match v {
-        Value::Number(n) => format!("the number {n}"),
-        Value::Bool(b) => format!("the boolean {b}"),
-        other => kind(other).to_owned(),
+        Value::Null => "<nil>".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        Value::Sequence(items) => {
+            let items: Vec<String> = items.iter().map(go_value).collect();
+            format!("[{}]", items.join(" "))
+        }
+        Value::Mapping(m) => {
+            let mut pairs: Vec<(String, String)> =
+                m.iter().map(|(k, v)| (go_value(k), go_value(v))).collect();
+            pairs.sort();
+            let pairs: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            format!("map[{}]", pairs.join(" "))
+        }
+        Value::Tagged(t) => go_value(&t.value),
     }
 }
 
@@ -566,16 +625,65 @@ descriptors:
 "
             ),
             [
-                "t.yaml: d > a: rate_limit.unit_multiplier: must not be negative, found -1",
-                "t.yaml: d > a: rate_limit.algorithm: expected a string, found a list",
-                "t.yaml: d > a: rate_limit.burst: 4294967296 is larger than 4294967295",
-                "t.yaml: d > b: rate_limits[0].unit_multiplier: expected a whole number, found a string",
-                "t.yaml: d > b: rate_limits[0].burst: must be a whole number, found 1.5",
-                "t.yaml: d > b: rate_limits[1].unlimited: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
-                "t.yaml: d > b: rate_limits[1].name: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
-                "t.yaml: d > b: rate_limits[1].replaces: unknown field (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
-                "t.yaml: d > b: rate_limits[2]: expected a mapping, found a number",
+                "t.yaml: d > a: rate_limit.unit_multiplier: error loading config file: must not be negative, found -1",
+                "t.yaml: d > a: rate_limit.algorithm: error loading config file: expected a string, found a list",
+                "t.yaml: d > a: rate_limit.burst: error loading config file: 4294967296 is larger than 4294967295",
+                "t.yaml: d > b: rate_limits[0].unit_multiplier: error loading config file: expected a whole number, found a string",
+                "t.yaml: d > b: rate_limits[0].burst: error checking config (must be a whole number, found 1.5)",
+                "t.yaml: d > b: rate_limits[1].unlimited: config error, unknown key 'unlimited' (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
+                "t.yaml: d > b: rate_limits[1].name: config error, unknown key 'name' (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
+                "t.yaml: d > b: rate_limits[1].replaces: config error, unknown key 'replaces' (expected one of: unit, requests_per_unit, unit_multiplier, algorithm, burst)",
+                "t.yaml: d > b: rate_limits[2]: config error, yaml file contains list of type other than map: 7 (expected a mapping, found a number)",
             ]
+        );
+    }
+
+    /// Each kind of error starts with the reference's words for it (see `error.rs`), with
+    /// the reference's rendering of the offending value where its text has one.
+    #[test]
+    fn errors_start_with_the_reference_wording() {
+        assert_eq!(
+            messages(
+                "domain: d
+descriptors:
+  - 7
+  - [a, {b: 1, a: ~}]
+  - key: a
+    metadata: [x]
+    shadow_mode: 1.5
+    quota_mode: 18446744073709551615
+    ~: x
+    true: y
+    [l]: z
+  - key: b
+    rate_limit: {unit: second, requests_per_unit: 1, replaces: [x, {name: n}]}
+  - key: c
+    rate_limit: minute
+    value: {x: 1}
+  - key: e
+    rate_limit: {unit: second, requests_per_unit: 1, replaces: {name: n}}
+    descriptors: 5
+"
+            ),
+            [
+                "t.yaml: d: descriptors[0]: config error, yaml file contains list of type other than map: 7 (expected a descriptor mapping, found a number)",
+                "t.yaml: d: descriptors[1]: config error, yaml file contains list of type other than map: [a map[a:<nil> b:1]] (expected a descriptor mapping, found a list)",
+                "t.yaml: d > a: config error, key is not of type string: <nil> (field names must be strings)",
+                "t.yaml: d > a: config error, key is not of type string: true (field names must be strings)",
+                "t.yaml: d > a: config error, key is not of type string: [l] (field names must be strings)",
+                "t.yaml: d > a: metadata: error loading config file: expected a mapping, found a list",
+                "t.yaml: d > a: shadow_mode: error checking config (expected true or false, found a number)",
+                "t.yaml: d > a: quota_mode: error checking config (expected true or false, found a number)",
+                "t.yaml: d > b: rate_limit.replaces[0]: config error, yaml file contains list of type other than map: x (expected {name: ...}, found a string)",
+                "t.yaml: d: value: error loading config file: expected a string, found a mapping",
+                "t.yaml: d > c: rate_limit: error loading config file: expected a mapping, found a string",
+                "t.yaml: d > e: rate_limit.replaces: error loading config file: expected a list of {name: ...}, found a mapping",
+                "t.yaml: d > e: descriptors: error loading config file: expected a list of descriptors, found a number",
+            ]
+        );
+        assert_eq!(
+            messages("- domain: d\n"),
+            ["t.yaml: error loading config file: expected a mapping at the top level, found a list"]
         );
     }
 

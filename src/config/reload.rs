@@ -356,7 +356,7 @@ mod tests {
         let message = errors.0.first().map(|e| e.message.as_str());
         assert_eq!(
             message,
-            Some("invalid YAML: nesting deeper than 64 levels at line 1 column 65")
+            Some("error loading config file: invalid YAML: nesting deeper than 64 levels at line 1 column 65")
         );
         assert_eq!(limit(&s.rules, "d"), Some(20));
     }
