@@ -212,6 +212,11 @@ impl<S: Store> RateLimiter<S> {
         let tree = self.rules.load_full();
         // One clock read: every key and every decision of the request uses it.
         let now_ms = self.clock.now_millis();
+        if !tree.domains.contains_key(&req.domain) {
+            // As the reference: once per descriptor (its GetLimit's first step).
+            let descriptors = u64::try_from(req.descriptors.len()).unwrap_or(u64::MAX);
+            self.stats.domain_not_found(&req.domain, descriptors);
+        }
         let resolved = resolve(&tree, req, self.settings.default_algorithm)?;
 
         let plan = self.plan(req, &resolved, now_ms);
