@@ -1,7 +1,8 @@
 //! The `RateLimitResponse` for one request, from what the store decided for each limit.
 //!
 //! Field for field as envoyproxy/ratelimit answers (statuses in request order, the same
-//! `limit_remaining`, `duration_until_reset`, RateLimit-* headers and shadow/quota rules);
+//! `limit_remaining`, `duration_until_reset`, RateLimit-* headers toward the client and, with
+//! `LIMIT_REQUEST_HEADERS_ENABLED`, toward the upstream, and shadow/quota rules);
 //! where we differ it is on purpose and listed in the README's migration notes. For a rule
 //! with several limits the descriptor's status reports the most restrictive one (an
 //! over-limit one first, else the one with the fewest requests left), and its wait is the
@@ -22,7 +23,7 @@ use crate::{
             RateLimitRequest, RateLimitResponse,
         },
     },
-    service::ServiceSettings,
+    service::{HeaderNames, ServiceSettings},
 };
 
 /// What applies to one descriptor.
@@ -181,15 +182,14 @@ pub fn respond(
     } else {
         Code::Ok
     };
-    let mut headers = Vec::new();
-    if let (Some(names), Some(source)) = (&settings.response_headers, &header_source) {
-        headers.push(header(&names.limit, source.limit_header()));
-        headers.push(header(&names.remaining, min_remaining.to_string()));
-        headers.push(header(
-            &names.reset,
-            source.reset_ms.div_ceil(1000).to_string(),
-        ));
-    }
+    let rate_limit_headers = |names: &Option<HeaderNames>| match (names, &header_source) {
+        (Some(names), Some(source)) => source.headers(names, min_remaining),
+        _ => Vec::new(),
+    };
+    let mut headers = rate_limit_headers(&settings.response_headers);
+    // As the reference's PR #1168: the same three values toward the upstream, on every answer
+    // that has a limited descriptor (Envoy applies them on OK only), before shadow mode.
+    let request_headers = rate_limit_headers(&settings.request_headers);
     if overall == Code::OverLimit && settings.global_shadow_mode {
         overall = Code::Ok;
         global_shadow.increment(1);
@@ -208,6 +208,7 @@ pub fn respond(
         overall_code: overall as i32,
         statuses,
         response_headers_to_add: headers,
+        request_headers_to_add: request_headers,
         ..Default::default()
     }
 }
@@ -236,6 +237,16 @@ impl HeaderSource<'_> {
     /// The shown limit's requests, then, when the rule has several limits or a window of
     /// several units, every limit with its window (`10, 10;w=60, 100;w=3600`), which Envoy's
     /// own headers cannot carry.
+    /// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` under `names`, in this
+    /// order; `remaining` is the lowest remaining (0 once a descriptor is over).
+    fn headers(&self, names: &HeaderNames, remaining: u32) -> Vec<HeaderValue> {
+        vec![
+            header(&names.limit, self.limit_header()),
+            header(&names.remaining, remaining.to_string()),
+            header(&names.reset, self.reset_ms.div_ceil(1000).to_string()),
+        ]
+    }
+
     fn limit_header(&self) -> String {
         let shown = self.shown.requests_per_unit.to_string();
         if self.limits.len() == 1 && self.shown.multiplier == 1 {

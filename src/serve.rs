@@ -322,6 +322,11 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
             remaining: args.limit_remaining_header.clone(),
             reset: args.limit_reset_header.clone(),
         }),
+        request_headers: args.limit_request_headers_enabled.then(|| HeaderNames {
+            limit: args.limit_request_limit_header.clone(),
+            remaining: args.limit_request_remaining_header.clone(),
+            reset: args.limit_request_reset_header.clone(),
+        }),
         expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
         near_limit_ratio: args.near_limit_ratio,
         rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),

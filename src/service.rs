@@ -61,7 +61,8 @@ pub const MAX_ENTRIES: usize = 64;
 /// Longest descriptor key or value, in bytes.
 pub const MAX_ENTRY_BYTES: usize = 8 * 1024;
 
-/// Names of the optional RateLimit-* response headers (`LIMIT_*_HEADER`).
+/// Names of the optional RateLimit-* headers (`LIMIT_*_HEADER` toward the client,
+/// `LIMIT_REQUEST_*_HEADER` toward the upstream).
 #[derive(Debug, Clone)]
 pub struct HeaderNames {
     pub limit: String,
@@ -80,6 +81,9 @@ pub struct ServiceSettings {
     pub global_quota_mode: bool,
     /// `LIMIT_RESPONSE_HEADERS_ENABLED` with the header names.
     pub response_headers: Option<HeaderNames>,
+    /// `LIMIT_REQUEST_HEADERS_ENABLED` with the header names: the same values in
+    /// `request_headers_to_add`.
+    pub request_headers: Option<HeaderNames>,
     /// `EXPIRATION_JITTER_MAX_SECONDS`: random extra TTL so keys do not all expire at once.
     pub expiration_jitter_max_seconds: u64,
     /// `NEAR_LIMIT_RATIO`: share of a limit above which hits count as near the limit.
@@ -208,6 +212,11 @@ impl<S: Store> RateLimiter<S> {
         let tree = self.rules.load_full();
         // One clock read: every key and every decision of the request uses it.
         let now_ms = self.clock.now_millis();
+        if !tree.domains.contains_key(&req.domain) {
+            // As the reference: once per descriptor (its GetLimit's first step).
+            let descriptors = u64::try_from(req.descriptors.len()).unwrap_or(u64::MAX);
+            self.stats.domain_not_found(&req.domain, descriptors);
+        }
         let resolved = resolve(&tree, req, self.settings.default_algorithm)?;
 
         let plan = self.plan(req, &resolved, now_ms);
@@ -799,6 +808,11 @@ descriptors:
                     remaining: "RateLimit-Remaining".into(),
                     reset: "RateLimit-Reset".into(),
                 }),
+                request_headers: Some(HeaderNames {
+                    limit: "X-Up-Limit".into(),
+                    remaining: "X-Up-Remaining".into(),
+                    reset: "X-Up-Reset".into(),
+                }),
                 ..ServiceSettings::default()
             };
             let l = limiter_with(clock.clone(), SEVERAL, settings);
@@ -825,6 +839,20 @@ descriptors:
             );
             assert_eq!(header("RateLimit-Remaining").as_deref(), Some("0"));
             assert_eq!(header("RateLimit-Reset").as_deref(), Some("59"));
+            // The same values toward the upstream, under their own names.
+            let upstream: Vec<(&str, &str)> = r
+                .request_headers_to_add
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_str()))
+                .collect();
+            assert_eq!(
+                upstream,
+                [
+                    ("X-Up-Limit", "5, 3;w=1, 5;w=60"),
+                    ("X-Up-Remaining", "0"),
+                    ("X-Up-Reset", "59")
+                ]
+            );
             // Over the minute (and not the second): the minute's 59 s is the wait.
             assert_eq!(ask(&l, 1).await, (OVER, 0, 59, Some("59".into())));
         }

@@ -302,6 +302,28 @@ pub struct ServeArgs {
     pub limit_remaining_header: String,
     #[arg(long, env = "LIMIT_RESET_HEADER", default_value = "RateLimit-Reset")]
     pub limit_reset_header: String,
+    /// Send the RateLimit-* values toward the upstream too, in `request_headers_to_add`, under
+    /// names of their own (envoyproxy/ratelimit PR #1168).
+    #[arg(long, env = "LIMIT_REQUEST_HEADERS_ENABLED", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub limit_request_headers_enabled: bool,
+    #[arg(
+        long,
+        env = "LIMIT_REQUEST_LIMIT_HEADER",
+        default_value = "RateLimit-Limit"
+    )]
+    pub limit_request_limit_header: String,
+    #[arg(
+        long,
+        env = "LIMIT_REQUEST_REMAINING_HEADER",
+        default_value = "RateLimit-Remaining"
+    )]
+    pub limit_request_remaining_header: String,
+    #[arg(
+        long,
+        env = "LIMIT_REQUEST_RESET_HEADER",
+        default_value = "RateLimit-Reset"
+    )]
+    pub limit_request_reset_header: String,
     /// On OVER_LIMIT, add this response header naming the rule that fired (its name, or its
     /// descriptor path when unnamed). Unset: no header.
     #[arg(long, env = "LIMIT_RULE_HEADER")]

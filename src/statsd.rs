@@ -214,6 +214,10 @@ fn counter_name(key: &Key) -> Option<String> {
         m::GLOBAL_SHADOW_MODE => "ratelimit.service.global_shadow_mode".to_owned(),
         m::CONFIG_LOAD_SUCCESS => "ratelimit.service.config_load_success".to_owned(),
         m::CONFIG_LOAD_ERROR => "ratelimit.service.config_load_error".to_owned(),
+        m::DOMAIN_NOT_FOUND => format!(
+            "ratelimit.service.rate_limit.{}.domain_not_found",
+            label(m::STATS_KEY_LABEL)?
+        ),
         name => {
             let stat = match name {
                 m::TOTAL_HITS => "total_hits",

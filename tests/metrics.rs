@@ -1,6 +1,7 @@
 //! `/metrics` after a known request sequence: exact per-rule counter values under the
 //! reference's names and labels, service counters, and bounded cardinality (configured rules
-//! kept, request-derived keys capped, idle series expired).
+//! kept, request-derived keys capped, idle series expired), and the bounded
+//! `domain_not_found` of unknown domains.
 #![allow(clippy::unwrap_used)]
 mod support;
 
@@ -357,6 +358,122 @@ async fn statsd_receives_the_reference_stat_names() {
         assert_eq!(totals.get(k), Some(&v), "{k}: {totals:?}");
     }
     assert_eq!(timers, 8, "one response_time per call");
+}
+
+/// A request's descriptors, each a list of `(key, value)` entries.
+type Descriptors<'a> = &'a [&'a [(&'a str, &'a str)]];
+
+/// The reference's `domain_not_found`: one per descriptor of a request whose domain no config
+/// defines, named as its StatsD stat and as its built-in Prometheus mapping leaves it (no rule
+/// for it: the escaped StatsD name, no labels); beyond METRICS_MAX_DYNAMIC_KEYS domains, one
+/// `__overflow` series, and the folds counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_domains_count_domain_not_found_bounded() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("METRICS_MAX_DYNAMIC_KEYS", "2")
+        .env("USE_STATSD", "true")
+        .env("STATSD_HOST", "127.0.0.1")
+        .env("STATSD_PORT", &port.to_string())
+        .env("STATSD_PROTOCOL", "udp")
+        .env("STATS_FLUSH_INTERVAL", "100ms")
+        .start();
+    let mut c = rl.client().await;
+    // (domain, descriptors, calls)
+    let calls: [(&str, Descriptors, usize); 6] = [
+        // Two descriptors: counted twice, as the reference's GetLimit runs per descriptor.
+        ("nope", &[&[("k", "v")], &[("x", "y")]], 1),
+        ("other-app", &[&[("k", "v")]], 3),
+        // A known domain, even with no matching rule: not counted.
+        ("m", &[&[("unknown_key", "v")]], 2),
+        // Beyond the cap of 2 domains: folded.
+        ("third", &[&[("k", "v")]], 1),
+        ("fourth", &[&[("k", "v")], &[("k", "w")]], 1),
+        ("nope", &[&[("k", "v")]], 1),
+    ];
+    for (domain, descriptors, times) in calls {
+        for _ in 0..times {
+            let r = c
+                .should_rate_limit(request(domain, descriptors))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.overall_code, 1, "OK");
+        }
+    }
+    // Invalid (empty domain): refused before any lookup, not counted.
+    c.should_rate_limit(request("", &[&[("k", "v")]]))
+        .await
+        .unwrap_err();
+
+    let name = |d: &str| format!("ratelimit_service_rate_limit_{d}_domain_not_found");
+    // Twice: the series stay from one scrape to the next.
+    for _ in 0..2 {
+        let (status, text) = http_get(&rl.http, "/metrics");
+        assert_eq!(status, 200);
+        assert_eq!(sample(&text, &name("nope"), &[]), Some(3.0), "{text}");
+        assert_eq!(sample(&text, &name("other_app"), &[]), Some(3.0));
+        assert_eq!(sample(&text, &name("__overflow"), &[]), Some(3.0));
+        assert_eq!(
+            sample(
+                &text,
+                "ratelimitd_metrics_unknown_domains_overflow_total",
+                &[]
+            ),
+            Some(3.0)
+        );
+        for absent in ["m", "third", "fourth", ""] {
+            assert!(!text.contains(&name(absent)), "{absent}: {text}");
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("ratelimit_service_rate_limit_")
+                    && l.contains("domain_not_found "))
+                .count(),
+            3,
+            "{text}"
+        );
+    }
+
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let want = [
+        ("ratelimit.service.rate_limit.nope.domain_not_found", 3),
+        ("ratelimit.service.rate_limit.other-app.domain_not_found", 3),
+        (
+            "ratelimit.service.rate_limit.__overflow.domain_not_found",
+            3,
+        ),
+    ];
+    let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 65_536];
+    while std::time::Instant::now() < deadline
+        && !want.iter().all(|(k, v)| totals.get(*k) == Some(v))
+    {
+        if let Ok(n) = server.recv(&mut buf) {
+            for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                if let Some(name) = line.strip_suffix("|c") {
+                    let (name, v) = name.rsplit_once(':').unwrap();
+                    *totals.entry(name.to_owned()).or_default() += v.parse::<u64>().unwrap();
+                }
+            }
+        }
+    }
+    for (k, v) in want {
+        assert_eq!(totals.get(k), Some(&v), "{k}: {totals:?}");
+    }
+    assert_eq!(
+        totals
+            .keys()
+            .filter(|k| k.ends_with(".domain_not_found"))
+            .count(),
+        3,
+        "{totals:?}"
+    );
 }
 
 const TOTAL_HITS: &str = "ratelimit_service_rate_limit_total_hits";

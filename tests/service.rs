@@ -1,6 +1,6 @@
 //! The gRPC answers of the real binary, against the in-memory backend and a real Redis: codes,
-//! remaining counts, resets, hits_addend, limit overrides, headers, shadow mode, request
-//! validation, and exactness under concurrency.
+//! remaining counts, resets, hits_addend, limit overrides, headers (toward the client and the
+//! upstream), shadow mode, request validation, and exactness under concurrency.
 #![allow(clippy::unwrap_used)]
 mod support;
 
@@ -101,6 +101,10 @@ async fn counts_down_then_over_limit_with_retry_after(backend: &'static str) {
         assert!(
             r.response_headers_to_add.is_empty(),
             "no headers while OK by default"
+        );
+        assert!(
+            r.request_headers_to_add.is_empty(),
+            "no upstream headers by default"
         );
     }
     let r = call(&s, request("svc", &[&[("k", "a")]])).await;
@@ -328,6 +332,113 @@ async fn rate_limit_headers_when_enabled(backend: &'static str) {
     assert_eq!(header(&r, "X-Left"), Some("0"));
 }
 
+/// `request_headers_to_add` as `(key, value)` pairs, in order.
+fn upstream_headers(r: &RateLimitResponse) -> Vec<(&str, &str)> {
+    r.request_headers_to_add
+        .iter()
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect()
+}
+
+/// The reference's PR #1168: with LIMIT_REQUEST_HEADERS_ENABLED the RateLimit-* values of the
+/// descriptor closest to its limit go to `request_headers_to_add` under the
+/// LIMIT_REQUEST_*_HEADER names, on every answer with a limited descriptor (OVER_LIMIT too),
+/// independently of the response headers.
+async fn rate_limit_request_headers_when_enabled(backend: &'static str) {
+    let s = start(
+        backend,
+        &[
+            ("LIMIT_REQUEST_HEADERS_ENABLED", "true"),
+            ("LIMIT_REQUEST_REMAINING_HEADER", "X-Upstream-Left"),
+        ],
+    );
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    let r = call(&s, request("svc", &[&[("k", "rq")], &[("hourly", "rq")]])).await;
+    assert_eq!(r.overall_code, Code::Ok as i32);
+    let reset = r.statuses[1]
+        .duration_until_reset
+        .as_ref()
+        .unwrap()
+        .seconds
+        .to_string();
+    // hourly (2 left) is closer to its limit than k (4 left).
+    assert_eq!(
+        upstream_headers(&r),
+        [
+            ("RateLimit-Limit", "3"),
+            ("X-Upstream-Left", "2"),
+            ("RateLimit-Reset", reset.as_str())
+        ]
+    );
+    assert!(
+        r.response_headers_to_add.is_empty(),
+        "LIMIT_RESPONSE_HEADERS_ENABLED is off: {r:?}"
+    );
+    // No limited descriptor (no rule, unlimited): no headers.
+    let r = call(&s, request("svc", &[&[("free", "x")], &[("nope", "x")]])).await;
+    assert!(r.request_headers_to_add.is_empty(), "{r:?}");
+    for _ in 0..2 {
+        call(&s, request("svc", &[&[("hourly", "rq")]])).await;
+    }
+    let r = call(&s, request("svc", &[&[("k", "rq")], &[("hourly", "rq")]])).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    let reset = r.statuses[1]
+        .duration_until_reset
+        .as_ref()
+        .unwrap()
+        .seconds
+        .to_string();
+    assert_eq!(
+        upstream_headers(&r),
+        [
+            ("RateLimit-Limit", "3"),
+            ("X-Upstream-Left", "0"),
+            ("RateLimit-Reset", reset.as_str())
+        ]
+    );
+
+    // Both on: each list under its own names, the same values.
+    let s = start(
+        backend,
+        &[
+            ("LIMIT_REQUEST_HEADERS_ENABLED", "true"),
+            ("LIMIT_REQUEST_LIMIT_HEADER", "X-Up-Limit"),
+            ("LIMIT_REQUEST_REMAINING_HEADER", "X-Up-Remaining"),
+            ("LIMIT_REQUEST_RESET_HEADER", "X-Up-Reset"),
+            ("LIMIT_RESPONSE_HEADERS_ENABLED", "true"),
+        ],
+    );
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    let r = call(&s, request("svc", &[&[("k", "both")]])).await;
+    let reset = r.statuses[0]
+        .duration_until_reset
+        .as_ref()
+        .unwrap()
+        .seconds
+        .to_string();
+    assert_eq!(
+        upstream_headers(&r),
+        [
+            ("X-Up-Limit", "5"),
+            ("X-Up-Remaining", "4"),
+            ("X-Up-Reset", reset.as_str())
+        ]
+    );
+    let downstream: Vec<(&str, &str)> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect();
+    assert_eq!(
+        downstream,
+        [
+            ("RateLimit-Limit", "5"),
+            ("RateLimit-Remaining", "4"),
+            ("RateLimit-Reset", reset.as_str())
+        ]
+    );
+}
+
 async fn rate_limit_reset_is_the_longest_wait_when_several_limits_are_over(backend: &'static str) {
     let s = start(backend, &[("LIMIT_RESPONSE_HEADERS_ENABLED", "true")]);
     ensure_window_room(60, Duration::from_secs(5)).await;
@@ -463,6 +574,7 @@ both_backends! {
     global_shadow_mode => global_shadow_mode_answers_ok_overall_and_keeps_statuses;
     quota_mode => quota_mode_fails_only_when_every_quota_descriptor_fails;
     rate_limit_headers => rate_limit_headers_when_enabled;
+    rate_limit_request_headers => rate_limit_request_headers_when_enabled;
     rate_limit_reset_several => rate_limit_reset_is_the_longest_wait_when_several_limits_are_over;
     invalid_requests => invalid_requests_are_invalid_argument_with_a_message;
     concurrent_exact => concurrent_clients_get_exactly_the_limit;

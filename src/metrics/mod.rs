@@ -19,6 +19,7 @@
 //! rule of the config in force: a passing key frees its place under the cap, and a rule
 //! removed by a reload leaves the metrics.
 
+mod domains;
 mod per_rule;
 mod rule;
 
@@ -36,6 +37,9 @@ pub const OVER_LIMIT: &str = "ratelimit_service_rate_limit_over_limit";
 pub const NEAR_LIMIT: &str = "ratelimit_service_rate_limit_near_limit";
 pub const WITHIN_LIMIT: &str = "ratelimit_service_rate_limit_within_limit";
 pub const SHADOW_MODE: &str = "ratelimit_service_rate_limit_shadow_mode";
+/// The reference's `domain_not_found`, as the StatsD exporter is given it (with the domain in
+/// [`STATS_KEY_LABEL`]); its Prometheus series are named per domain (see [`domains`]).
+pub const DOMAIN_NOT_FOUND: &str = "ratelimit_service_rate_limit_domain_not_found";
 pub const TOTAL_REQUESTS: &str = "ratelimit_service_total_requests";
 pub const RESPONSE_TIME: &str = "ratelimit_service_response_time_seconds";
 pub const SHOULD_RATE_LIMIT_ERROR: &str = "ratelimit_service_should_rate_limit_error";
@@ -54,6 +58,7 @@ pub const CALLS_SHED: &str = "ratelimitd_calls_shed_total";
 pub const CALLS_IN_FLIGHT: &str = "ratelimitd_calls_in_flight";
 pub const DYNAMIC_KEYS: &str = "ratelimitd_metrics_dynamic_keys";
 pub const DYNAMIC_KEYS_OVERFLOW: &str = "ratelimitd_metrics_dynamic_keys_overflow_total";
+pub const UNKNOWN_DOMAINS_OVERFLOW: &str = "ratelimitd_metrics_unknown_domains_overflow_total";
 
 /// The per-rule label holding the full stats key, given to the StatsD exporter only (stat
 /// names hold every level of the key; the Prometheus labels hold two).
@@ -178,6 +183,10 @@ fn describe() {
     describe_counter!(
         DYNAMIC_KEYS_OVERFLOW,
         "Descriptors counted in a domain's __overflow series because METRICS_MAX_DYNAMIC_KEYS was reached."
+    );
+    describe_counter!(
+        UNKNOWN_DOMAINS_OVERFLOW,
+        "Descriptors of unknown domains counted in the __overflow domain_not_found series because METRICS_MAX_DYNAMIC_KEYS domains have their own."
     );
     describe_gauge!(
         MEMORY_COUNTERS,

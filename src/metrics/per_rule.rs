@@ -21,10 +21,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 use metrics_util::MetricKindMask;
 
 use super::{
+    domains::{escape_metric_name, UnknownDomains},
     labels,
     rule::{HitOutcome, RuleCounters, RuleSlot},
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DYNAMIC_KEYS, DYNAMIC_KEYS, DYNAMIC_KEYS_OVERFLOW,
-    NEAR_LIMIT, OVERFLOW_KEY, OVER_LIMIT, SHADOW_MODE, STATS_KEY_LABEL, TOTAL_HITS, WITHIN_LIMIT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DYNAMIC_KEYS, DOMAIN_NOT_FOUND, DYNAMIC_KEYS,
+    DYNAMIC_KEYS_OVERFLOW, NEAR_LIMIT, OVERFLOW_KEY, OVER_LIMIT, SHADOW_MODE, STATS_KEY_LABEL,
+    TOTAL_HITS, UNKNOWN_DOMAINS_OVERFLOW, WITHIN_LIMIT,
 };
 
 /// The per-rule metrics, with their descriptions (they live in their own recorder).
@@ -99,6 +101,8 @@ pub struct Stats {
     now_ms: AtomicU64,
     dynamic_gauge: Gauge,
     folded: Counter,
+    /// `domain_not_found`, by unknown domain (see [`super::domains`]).
+    unknown_domains: UnknownDomains,
 }
 
 impl Stats {
@@ -121,7 +125,31 @@ impl Stats {
             now_ms: AtomicU64::new(0),
             dynamic_gauge: metrics::gauge!(DYNAMIC_KEYS),
             folded: metrics::counter!(DYNAMIC_KEYS_OVERFLOW),
+            unknown_domains: UnknownDomains::new(
+                settings.max_dynamic_keys,
+                metrics::counter!(UNKNOWN_DOMAINS_OVERFLOW),
+            ),
         }
+    }
+
+    /// Counts the `descriptors` of a request for `domain`, which no config defines, in the
+    /// reference's `domain_not_found` stat.
+    pub fn domain_not_found(&self, domain: &str, descriptors: u64) {
+        self.unknown_domains
+            .count(domain, descriptors, |stat_domain| {
+                let recorder = lock(&self.recorder);
+                let metadata = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+                let name = format!("ratelimit.service.rate_limit.{stat_domain}.domain_not_found");
+                let prometheus = recorder
+                    .register_counter(&Key::from_name(escape_metric_name(&name)), &metadata);
+                let Some(exporter) = &self.exporter else {
+                    return prometheus;
+                };
+                let labels = vec![metrics::Label::new(STATS_KEY_LABEL, stat_domain.to_owned())];
+                let exported = exporter
+                    .register_counter(&Key::from_parts(DOMAIN_NOT_FOUND, labels), &metadata);
+                Counter::from_arc(Arc::new(Tee(prometheus, exported)))
+            });
     }
 
     /// Counts one descriptor's outcome with a configured rule's counters, kept in its `slot`:
@@ -339,6 +367,7 @@ impl Stats {
         for c in self.overflow.iter() {
             c.mark_changed();
         }
+        self.unknown_domains.mark_changed();
     }
 }
 
