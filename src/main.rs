@@ -1,4 +1,5 @@
-//! The `ratelimitd` binary: parses the command line, wires the library's parts and is the only
+//! The `ratelimitd` binary (also installed as `ratelimit`, the reference's name; with no
+//! command it serves): parses the command line, wires the library's parts and is the only
 //! place that exits.
 
 use std::{process::ExitCode, sync::Arc};
@@ -7,8 +8,11 @@ use clap::Parser;
 use ratelimitd::settings::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    let command = match Cli::parse().into_command() {
+        Ok(command) => command,
+        Err(e) => e.exit(),
+    };
+    match command {
         Command::CheckConfig(args) => ratelimitd::cli::check_config(&args.source()),
         Command::Explain(args) => ratelimitd::cli::explain(&args),
         Command::Usage(args) => ratelimitd::cli::usage(&args),

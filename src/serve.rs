@@ -217,7 +217,11 @@ fn health(
     let health = Arc::new(Health::new(
         reporter,
         &tracked,
-        vec!["", crate::server::RLS_SERVICE],
+        vec![
+            "",
+            crate::server::RLS_SERVICE,
+            crate::server::REFERENCE_HEALTH_SERVICE,
+        ],
     ));
     health.set(Component::Config, !rules.load().domains.is_empty());
     (health, service)

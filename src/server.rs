@@ -28,8 +28,13 @@ use crate::{
 /// a misbehaving client can make us buffer.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
-/// The gRPC service name whose health follows ours (besides "", the whole server).
+/// The RLS service's gRPC health name; its health follows ours, as do "" (the whole server)
+/// and [`REFERENCE_HEALTH_SERVICE`].
 pub const RLS_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+
+/// The name the reference's health checker reports under (`NewHealthChecker(.., "ratelimit",
+/// ..)`), which Kubernetes gRPC probes and Envoy health checks set up for it ask about.
+pub const REFERENCE_HEALTH_SERVICE: &str = "ratelimit";
 
 /// Where gRPC listens.
 pub enum GrpcListener {

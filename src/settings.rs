@@ -4,7 +4,7 @@
 
 use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 
-use clap::{builder::BoolishValueParser, ArgAction, Args, Parser, Subcommand};
+use clap::{builder::BoolishValueParser, ArgAction, Args, FromArgMatches, Parser, Subcommand};
 
 use crate::{
     config::ConfigSource,
@@ -16,11 +16,33 @@ use crate::{
 #[command(
     name = "ratelimitd",
     version,
-    about = "Envoy rate limit service (RLS v3)"
+    about = "Envoy rate limit service (RLS v3); with no command it serves"
 )]
 pub struct Cli {
+    /// With none, `serve` configured by the environment alone: the reference's image runs
+    /// `/bin/ratelimit` with no arguments, and Envoy Gateway starts the rate-limit container
+    /// with exactly that command.
     #[command(subcommand)]
-    pub command: Command,
+    command: Option<Command>,
+}
+
+impl Cli {
+    /// The command to run: the one given, else `serve` with its settings read from the
+    /// environment as `serve` reads them (its flags need the command: serve's settings are not
+    /// parsed unless it runs, so another command never fails on them). The error is clap's.
+    pub fn into_command(self) -> Result<Command, clap::Error> {
+        match self.command {
+            Some(command) => Ok(command),
+            None => {
+                let serve = ServeArgs::augment_args(clap::Command::new("ratelimitd serve"))
+                    .no_binary_name(true)
+                    .try_get_matches_from(std::iter::empty::<String>())?;
+                Ok(Command::Serve(Box::new(ServeArgs::from_arg_matches(
+                    &serve,
+                )?)))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -705,7 +727,7 @@ mod tests {
             "--default-algorithm",
             "sliding_window",
         ]);
-        let Command::CheckConfig(args) = cli.command else {
+        let Ok(Command::CheckConfig(args)) = cli.into_command() else {
             panic!("check-config expected")
         };
         assert_eq!(args.source().default_algorithm, Algorithm::SlidingWindow);
@@ -716,8 +738,8 @@ mod tests {
         let watch_root = |extra: &[&str]| {
             let mut argv = vec!["ratelimitd", "serve", "--config", "x"];
             argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv).map(|cli| match cli.command {
-                Command::Serve(args) => args.runtime_watch_root,
+            Cli::try_parse_from(argv).map(|cli| match cli.into_command() {
+                Ok(Command::Serve(args)) => args.runtime_watch_root,
                 _ => panic!("serve expected"),
             })
         };
@@ -732,9 +754,24 @@ mod tests {
     }
 
     #[test]
+    fn with_no_command_it_serves_with_the_same_settings_as_serve() {
+        // The reference image's `/bin/ratelimit`, started with no arguments.
+        let Ok(Command::Serve(bare)) = Cli::parse_from(["ratelimit"]).into_command() else {
+            panic!("serve expected")
+        };
+        let Ok(Command::Serve(serve)) = Cli::parse_from(["ratelimit", "serve"]).into_command()
+        else {
+            panic!("serve expected")
+        };
+        assert_eq!(format!("{bare:?}"), format!("{serve:?}"));
+        // Serve's flags need the command.
+        assert!(Cli::try_parse_from(["ratelimitd", "--grpc-port", "9"]).is_err());
+    }
+
+    #[test]
     fn backend_defaults_to_memory_without_redis_url() {
         let cli = Cli::parse_from(["ratelimitd", "serve", "--config", "x"]);
-        let Command::Serve(args) = cli.command else {
+        let Ok(Command::Serve(args)) = cli.into_command() else {
             panic!("serve expected")
         };
         // The test environment may not set BACKEND_TYPE/REDIS_URL; check the rule directly.

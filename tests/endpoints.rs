@@ -15,11 +15,16 @@ const RULES: &str =
     "domain: ep\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n";
 
 #[tokio::test]
-async fn grpc_health_reports_serving_for_the_server_and_the_rls_service() {
+async fn grpc_health_reports_serving_for_the_server_the_rls_service_and_ratelimit() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let rl = Ratelimitd::builder(dir.path()).start();
     let mut h = HealthClient::new(rl.channel().await);
-    for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
+    // `ratelimit` is the name the reference's health checker reports under.
+    for service in [
+        "",
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "ratelimit",
+    ] {
         let r = h
             .check(HealthCheckRequest {
                 service: service.into(),

@@ -25,19 +25,25 @@ async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
         .start();
     let channel = rl.channel().await;
 
-    // A watch opened before the signal sees SERVING, then NOT_SERVING as soon as it arrives.
+    // Watches opened before the signal see SERVING, then NOT_SERVING as soon as it arrives:
+    // for the server as a whole and for `ratelimit`, the name the reference reports under.
     let mut health = HealthClient::new(channel.clone());
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.message().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    let mut watches = Vec::new();
+    for service in ["", "ratelimit"] {
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            watch.message().await.unwrap().unwrap().status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+        watches.push((service, watch));
+    }
 
     // Redis stalls (SIGSTOP), so the next calls are in flight when SIGTERM arrives.
     redis.pause();
@@ -59,18 +65,21 @@ async fn sigterm_turns_health_off_at_once_and_lets_calls_in_flight_finish() {
     .await;
     let signalled = Instant::now();
     rl.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(2), watch.message())
-        .await
-        .unwrap();
-    assert_eq!(
-        status.unwrap().unwrap().status,
-        ServingStatus::NotServing as i32
-    );
+    for (service, watch) in &mut watches {
+        let status = tokio::time::timeout(Duration::from_secs(2), watch.message())
+            .await
+            .unwrap();
+        assert_eq!(
+            status.unwrap().unwrap().status,
+            ServingStatus::NotServing as i32,
+            "{service:?}"
+        );
+    }
     assert!(
         signalled.elapsed() < Duration::from_secs(1),
         "health turned off before the calls finished"
     );
-    drop(watch);
+    drop(watches);
 
     redis.resume();
     for call in calls {
@@ -99,20 +108,8 @@ async fn backend_health_follows_redis_when_the_active_check_is_on() {
         .env("REDIS_TIMEOUT", "300ms")
         .start();
     let mut health = HealthClient::new(rl.channel().await);
-    let check = |h: &mut HealthClient<tonic::transport::Channel>| {
-        let mut h = h.clone();
-        async move {
-            h.check(HealthCheckRequest {
-                service: "envoy.service.ratelimit.v3.RateLimitService".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-        }
-    };
     assert_eq!(http_get(&rl.http, "/healthcheck"), (200, "OK".to_owned()));
-    assert_eq!(check(&mut health).await, ServingStatus::Serving as i32);
+    assert_grpc_health(&mut health, ServingStatus::Serving).await;
 
     redis.kill();
     wait_for(
@@ -120,7 +117,7 @@ async fn backend_health_follows_redis_when_the_active_check_is_on() {
         "unhealthy after redis died",
     )
     .await;
-    assert_eq!(check(&mut health).await, ServingStatus::NotServing as i32);
+    assert_grpc_health(&mut health, ServingStatus::NotServing).await;
 
     redis.restart();
     wait_for(
@@ -128,7 +125,49 @@ async fn backend_health_follows_redis_when_the_active_check_is_on() {
         "healthy after redis came back",
     )
     .await;
-    assert_eq!(check(&mut health).await, ServingStatus::Serving as i32);
+    assert_grpc_health(&mut health, ServingStatus::Serving).await;
+}
+
+/// The gRPC health service names whose status follows ours: the server as a whole, the RLS
+/// service, and `ratelimit`, the name the reference's health checker reports under.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    "envoy.service.ratelimit.v3.RateLimitService",
+    "ratelimit",
+];
+
+/// `grpc.health.v1.Health/Check` for `service`: its status.
+async fn grpc_status(health: &mut HealthClient<tonic::transport::Channel>, service: &str) -> i32 {
+    health
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("health check for {service:?}: {e}"))
+        .into_inner()
+        .status
+}
+
+/// Every name in [`HEALTH_SERVICES`] reports `want`. The gRPC statuses are published right
+/// after the state changes, so a test that saw `/healthcheck` change waits briefly for them.
+async fn assert_grpc_health(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    want: ServingStatus,
+) {
+    for service in HEALTH_SERVICES {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let got = grpc_status(health, service).await;
+            if got == want as i32 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service:?}: {got} instead of {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
@@ -175,23 +214,27 @@ async fn with_healthy_with_at_least_one_config_health_follows_the_loaded_domains
     let rl = Ratelimitd::builder(dir.path())
         .env("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", "true")
         .start();
+    let mut health = HealthClient::new(rl.channel().await);
     assert_eq!(
         http_get(&rl.http, "/healthcheck").0,
         500,
         "no domain loaded yet"
     );
+    assert_grpc_health(&mut health, ServingStatus::NotServing).await;
     std::fs::write(dir.path().join("r.yaml"), RULES).unwrap();
     wait_for(
         || http_get(&rl.http, "/healthcheck").0 == 200,
         "healthy once a domain is loaded",
     )
     .await;
+    assert_grpc_health(&mut health, ServingStatus::Serving).await;
     std::fs::remove_file(dir.path().join("r.yaml")).unwrap();
     wait_for(
         || http_get(&rl.http, "/healthcheck").0 == 500,
         "unhealthy again with no domain",
     )
     .await;
+    assert_grpc_health(&mut health, ServingStatus::NotServing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

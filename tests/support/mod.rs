@@ -272,9 +272,29 @@ pub struct RatelimitdBuilder {
     env: Vec<(String, String)>,
     /// `ulimit -n` for the process.
     nofile: Option<u32>,
+    /// Started as this program with no arguments (see [`RatelimitdBuilder::bare`]).
+    bare: Option<PathBuf>,
 }
 
 impl RatelimitdBuilder {
+    /// Runs `program` (the binary, or a link to it under another name) with no arguments, as
+    /// the reference's image runs `/bin/ratelimit`: the rules directory then comes from the
+    /// reference's settings, so it must be `ROOT/SUBDIRECTORY/APPDIRECTORY`, and is given as
+    /// `RUNTIME_ROOT`, `RUNTIME_SUBDIRECTORY` and `RUNTIME_APPDIRECTORY`.
+    pub fn bare(mut self, program: &Path) -> Self {
+        let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_owned();
+        let app = self
+            .config
+            .clone()
+            .expect("bare() needs the rules directory given to builder()");
+        let sub = app.parent().unwrap().to_owned();
+        let root = sub.parent().unwrap().to_owned();
+        self.bare = Some(program.to_owned());
+        self.env("RUNTIME_ROOT", root.to_str().unwrap())
+            .env("RUNTIME_SUBDIRECTORY", &name(&sub))
+            .env("RUNTIME_APPDIRECTORY", &name(&app))
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -317,7 +337,10 @@ impl RatelimitdBuilder {
         let log_dir = TempDir::new().unwrap();
         let log_path = log_dir.path().join("ratelimitd.log");
         let log = fs::File::create(&log_path).unwrap();
-        let bin = env!("CARGO_BIN_EXE_ratelimitd");
+        let bin = match &self.bare {
+            Some(program) => program.as_path(),
+            None => Path::new(env!("CARGO_BIN_EXE_ratelimitd")),
+        };
         let mut cmd = match self.nofile {
             None => Command::new(bin),
             Some(n) => {
@@ -330,13 +353,16 @@ impl RatelimitdBuilder {
             }
         };
         let [grpc_port, http_port, debug_port] = free_ports();
-        serve_on_loopback(&mut cmd, self.config.as_deref())
-            .env("GRPC_PORT", grpc_port.to_string())
-            .env("PORT", http_port.to_string())
-            .env("DEBUG_PORT", debug_port.to_string())
-            .env("LOG_LEVEL", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
+        match self.bare {
+            Some(_) => loopback_env(&mut cmd),
+            None => serve_on_loopback(&mut cmd, self.config.as_deref()),
+        }
+        .env("GRPC_PORT", grpc_port.to_string())
+        .env("PORT", http_port.to_string())
+        .env("DEBUG_PORT", debug_port.to_string())
+        .env("LOG_LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(log);
         // The test's own settings last: they may move a listener, e.g. to a fixed port.
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -417,6 +443,7 @@ impl Ratelimitd {
             config: Some(config.to_owned()),
             env: Vec::new(),
             nofile: None,
+            bare: None,
         }
     }
 
@@ -427,6 +454,7 @@ impl Ratelimitd {
             config: None,
             env: Vec::new(),
             nofile: None,
+            bare: None,
         }
     }
 
@@ -623,6 +651,11 @@ fn serve_on_loopback<'c>(cmd: &'c mut Command, config: Option<&Path>) -> &'c mut
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
+    loopback_env(cmd)
+}
+
+/// A clean environment with every listener on loopback, on port 0 (see [`serve_on_loopback`]).
+fn loopback_env(cmd: &mut Command) -> &mut Command {
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("GRPC_HOST", "127.0.0.1")
