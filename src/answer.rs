@@ -65,6 +65,15 @@ pub fn respond(
     let mut header_source: Option<HeaderSource<'_>> = None;
     let mut min_remaining = u32::MAX;
     let mut retry_after_ms = 0u64;
+    // RESPONSE_DYNAMIC_METADATA: the `metadata:` of the rules of the descriptors that passed.
+    let mut passed = prost_types::Struct::default();
+    let mut pass = |rule: Option<&Rule>| {
+        if let Some(meta) = rule.and_then(|r| r.metadata.as_ref()) {
+            if settings.dynamic_metadata {
+                crate::metadata::merge(&mut passed, meta);
+            }
+        }
+    };
     for r in resolved {
         let (limits, rule, stats_key, cost) = match r {
             Resolved::Nothing => {
@@ -100,6 +109,7 @@ pub fn respond(
         // still get its status (OK, nothing known), keeping statuses in request order.
         let shown = reported(&verdicts).and_then(|i| Some((*limits.get(i)?, *verdicts.get(i)?)));
         let Some((limit, verdict)) = shown else {
+            pass(rule);
             statuses.push(DescriptorStatus {
                 code: Code::Ok as i32,
                 ..Default::default()
@@ -174,6 +184,9 @@ pub fn respond(
             }
         }
         total_quota += usize::from(quota);
+        if !over {
+            pass(rule);
+        }
         statuses.push(status);
     }
 
@@ -209,6 +222,9 @@ pub fn respond(
         statuses,
         response_headers_to_add: headers,
         request_headers_to_add: request_headers,
+        dynamic_metadata: settings
+            .dynamic_metadata
+            .then(|| crate::metadata::dynamic_metadata(req, passed)),
         ..Default::default()
     }
 }

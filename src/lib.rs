@@ -38,6 +38,7 @@ pub mod limiter;
 pub mod log_json;
 pub mod log_throttle;
 pub mod matcher;
+pub mod metadata;
 pub mod metrics;
 pub mod proto;
 pub mod serve;

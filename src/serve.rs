@@ -321,6 +321,7 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
         cache_keys,
         global_shadow_mode: args.shadow_mode,
         global_quota_mode: args.quota_mode,
+        dynamic_metadata: args.response_dynamic_metadata,
         response_headers: args.limit_response_headers_enabled.then(|| HeaderNames {
             limit: args.limit_limit_header.clone(),
             remaining: args.limit_remaining_header.clone(),

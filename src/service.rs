@@ -79,6 +79,8 @@ pub struct ServiceSettings {
     pub global_shadow_mode: bool,
     /// `QUOTA_MODE`: every limited descriptor is a quota descriptor.
     pub global_quota_mode: bool,
+    /// `RESPONSE_DYNAMIC_METADATA`: set the response's `dynamic_metadata`.
+    pub dynamic_metadata: bool,
     /// `LIMIT_RESPONSE_HEADERS_ENABLED` with the header names.
     pub response_headers: Option<HeaderNames>,
     /// `LIMIT_REQUEST_HEADERS_ENABLED` with the header names: the same values in

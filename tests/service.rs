@@ -564,6 +564,108 @@ async fn concurrent_clients_get_exactly_the_limit(backend: &'static str) {
     }
 }
 
+const META_RULES: &str = r#"
+domain: meta
+descriptors:
+  - key: over
+    metadata: {name: over}
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: free
+    metadata: {name: free}
+    rate_limit: {unlimited: true}
+  - key: a
+    metadata: {name: service_a, nested: {x: 1}}
+    rate_limit: {unit: minute, requests_per_unit: 100}
+  - key: b
+    metadata: {name: service_b, nested: {x: 2, y: true}, tags: [t1, 2.5]}
+    rate_limit: {unit: minute, requests_per_unit: 100}
+"#;
+
+/// JSON as a protobuf Value, for the expected `dynamic_metadata`.
+fn pb_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(pb_value).collect(),
+        }),
+        serde_json::Value::Object(m) => Kind::StructValue(prost_types::Struct {
+            fields: m.into_iter().map(|(k, v)| (k, pb_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+async fn response_dynamic_metadata_as_the_reference(backend: &'static str) {
+    let s = start_service(
+        backend,
+        META_RULES,
+        &[("RESPONSE_DYNAMIC_METADATA", "true")],
+    );
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    let mut req = request(
+        "meta",
+        &[
+            &[("over", "x")],
+            &[("free", "y")],
+            &[("a", "1")],
+            &[("b", "2")],
+            &[("k", "v")],
+        ],
+    );
+    req.hits_addend = 2;
+    req.descriptors[3].hits_addend = Some(1);
+    req.descriptors[4].limit = Some(RateLimitOverride {
+        requests_per_unit: 10,
+        unit: 1,
+    }); // SECOND
+    let r = call(&s, req).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    // The over-limit and the unlimited descriptors' metadata are left out; of the others the
+    // first value of a key wins and mappings are merged.
+    let expected = pb_value(serde_json::json!({
+        "domain": "meta",
+        "descriptors": [
+            {"entries": ["over=x"]},
+            {"entries": ["free=y"]},
+            {"entries": ["a=1"]},
+            {"entries": ["b=2"], "hitsAddend": 1},
+            {"entries": ["k=v"], "limit": "requests_per_unit:10 unit:SECOND"},
+        ],
+        "hitsAddend": 2,
+        "metadata": {
+            "name": "service_a",
+            "nested": {"x": 1, "y": true},
+            "tags": ["t1", 2.5],
+        },
+    }));
+    let Some(prost_types::value::Kind::StructValue(expected)) = expected.kind else {
+        unreachable!()
+    };
+    assert_eq!(r.dynamic_metadata, Some(expected));
+    // No request hits_addend and no descriptor passing: no `hitsAddend`, no `metadata`.
+    let mut req = request("meta", &[&[("over", "y")]]);
+    req.descriptors[0].hits_addend = Some(5);
+    let r = call(&s, req).await;
+    assert_eq!(r.overall_code, Code::OverLimit as i32);
+    let expected = pb_value(serde_json::json!({
+        "domain": "meta",
+        "descriptors": [{"entries": ["over=y"], "hitsAddend": 5}],
+    }));
+    let Some(prost_types::value::Kind::StructValue(expected)) = expected.kind else {
+        unreachable!()
+    };
+    assert_eq!(r.dynamic_metadata, Some(expected));
+
+    // Off by default.
+    let off = start_service(backend, META_RULES, &[]);
+    let r = call(&off, request("meta", &[&[("a", "1")]])).await;
+    assert_eq!(r.dynamic_metadata, None);
+}
+
 both_backends! {
     counts_down_then_over_limit => counts_down_then_over_limit_with_retry_after;
     statuses_in_request_order => statuses_follow_request_order_and_any_over_limit_fails_the_request;
@@ -578,4 +680,5 @@ both_backends! {
     rate_limit_reset_several => rate_limit_reset_is_the_longest_wait_when_several_limits_are_over;
     invalid_requests => invalid_requests_are_invalid_argument_with_a_message;
     concurrent_exact => concurrent_clients_get_exactly_the_limit;
+    response_dynamic_metadata => response_dynamic_metadata_as_the_reference;
 }

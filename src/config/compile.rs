@@ -165,6 +165,7 @@ impl Compiler<'_> {
             shadow_mode: d.shadow_mode,
             quota_mode: d.quota_mode,
             detailed_metric: d.detailed_metric,
+            metadata: d.metadata.clone(),
             counters: Default::default(),
         })
     }

@@ -116,6 +116,9 @@ pub struct Rule {
     pub shadow_mode: bool,
     pub quota_mode: bool,
     pub detailed_metric: bool,
+    /// The descriptor's `metadata:`, put in the response's `dynamic_metadata` when it passes
+    /// (RESPONSE_DYNAMIC_METADATA).
+    pub metadata: Option<prost_types::Struct>,
     /// Its per-rule metrics under `full_key`, registered at its first hit: counting later
     /// hits needs no lookup.
     pub counters: RuleSlot,

@@ -33,6 +33,8 @@ pub struct RawDescriptor {
     pub detailed_metric: bool,
     pub value_to_metric: bool,
     pub share_threshold: bool,
+    /// `metadata:` as a Struct (`None` when absent or empty), for RESPONSE_DYNAMIC_METADATA.
+    pub metadata: Option<prost_types::Struct>,
     pub descriptors: Vec<RawDescriptor>,
     /// Human path of this descriptor, for errors raised after parsing.
     pub path: String,
@@ -252,6 +254,7 @@ impl Parser<'_> {
             self.err(&path, "key", "descriptor has empty key");
         }
         self.check_fields(m, DESCRIPTOR_FIELDS, &path, "");
+        let metadata = m.get("metadata").and_then(crate::metadata::from_yaml);
         if let Some(meta) = m.get("metadata") {
             if !matches!(meta, Value::Mapping(_) | Value::Null) {
                 self.type_error(
@@ -290,6 +293,7 @@ impl Parser<'_> {
         };
         let descriptors = self.descriptor_list(m.get("descriptors"), &path, "descriptors");
         RawDescriptor {
+            metadata,
             shadow_mode: self.flag(m, &path, "shadow_mode", "shadow_mode"),
             quota_mode: self.flag(m, &path, "quota_mode", "quota_mode"),
             detailed_metric: self.flag(m, &path, "detailed_metric", "detailed_metric"),

@@ -310,6 +310,10 @@ pub struct ServeArgs {
     pub shadow_mode: bool,
     #[arg(long, env = "QUOTA_MODE", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub quota_mode: bool,
+    /// The response's `dynamic_metadata`: domain, descriptors, hits_addend and the
+    /// `metadata:` of the rules of the descriptors that passed.
+    #[arg(long, env = "RESPONSE_DYNAMIC_METADATA", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub response_dynamic_metadata: bool,
     /// When a request would take a limit over, charge only the limits it would take over
     /// (the reference's semantics, decided atomically in one round trip).
     #[arg(long, env = "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
@@ -488,7 +492,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "REDIS_SENTINEL_AUTH",
     "MEMCACHE_HOST_PORT",
     "MEMCACHE_SRV",
-    "RESPONSE_DYNAMIC_METADATA",
     "TRACING_ENABLED",
 ];
 
