@@ -8,7 +8,8 @@
 //! - [`store`]: the engine run atomically on counters in Redis or in memory, behind one async
 //!   trait.
 //! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
-//!   the store's decisions; [`calls`] counts each call once.
+//!   the store's decisions ([`metadata`]: its `dynamic_metadata`); [`calls`] counts each call
+//!   once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout).
