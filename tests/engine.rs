@@ -140,13 +140,6 @@ fn costing(key: &str, value: &str, cost: u64) -> RateLimitRequest {
     req
 }
 
-fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
-    r.response_headers_to_add
-        .iter()
-        .find(|h| h.key == name)
-        .map(|h| h.value.as_str())
-}
-
 fn header_names(r: &RateLimitResponse) -> Vec<&str> {
     r.response_headers_to_add
         .iter()
@@ -224,22 +217,6 @@ fn fixed_count(s: &Service, entry: (&str, &str), hour_start: u64) -> u64 {
         );
     }
     used
-}
-
-/// Runs each scenario against both backends.
-macro_rules! both_backends {
-    ($($name:ident => $body:expr;)*) => {
-        mod memory {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { ($body)("memory").await } )*
-        }
-        mod redis {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { ($body)("redis").await } )*
-        }
-    };
 }
 
 /// 30 per minute with a burst of 3: a token every 2 s.

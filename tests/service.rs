@@ -59,29 +59,6 @@ async fn call_err(s: &Service, req: RateLimitRequest) -> tonic::Status {
         .unwrap_err()
 }
 
-fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
-    r.response_headers_to_add
-        .iter()
-        .find(|h| h.key == name)
-        .map(|h| h.value.as_str())
-}
-
-/// Runs each scenario against both backends.
-macro_rules! both_backends {
-    ($($name:ident => $body:expr;)*) => {
-        mod memory {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { ($body)("memory").await } )*
-        }
-        mod redis {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $name() { ($body)("redis").await } )*
-        }
-    };
-}
-
 async fn counts_down_then_over_limit_with_retry_after(backend: &'static str) {
     let s = start(backend, &[]);
     ensure_window_room(60, Duration::from_secs(5)).await;

@@ -2,7 +2,13 @@
 //! on drop. A missing binary fails the test with the command that installs it; nothing is
 //! skipped or mocked. Each process listens on free ports picked here and is ready when those
 //! ports answer (PING, the health endpoints), never when a log line says so.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    unused_macros,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::{
     fs,
@@ -15,7 +21,9 @@ use std::{
 
 use ratelimitd::proto::envoy::{
     extensions::common::ratelimit::v3::{rate_limit_descriptor::Entry, RateLimitDescriptor},
-    service::ratelimit::v3::{rate_limit_service_client::RateLimitServiceClient, RateLimitRequest},
+    service::ratelimit::v3::{
+        rate_limit_service_client::RateLimitServiceClient, RateLimitRequest, RateLimitResponse,
+    },
 };
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
@@ -1006,3 +1014,29 @@ pub fn start_service(backend: &str, rules: &str, env: &[(&str, &str)]) -> Servic
         dir,
     }
 }
+
+/// A response header's value.
+pub fn header<'a>(r: &'a RateLimitResponse, name: &str) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+/// Generates `memory::NAME` and `redis::NAME` tests running `BODY(backend)` with `"memory"`
+/// and `"redis"` (see [`start_service`]).
+macro_rules! both_backends {
+    ($($name:ident => $body:expr;)*) => {
+        mod memory {
+            use super::*;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { ($body)("memory").await } )*
+        }
+        mod redis {
+            use super::*;
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $name() { ($body)("redis").await } )*
+        }
+    };
+}
+pub(crate) use both_backends;
