@@ -156,7 +156,7 @@ pub fn explain(
         let single = rule.limits.len() == 1;
         for limit in &rule.limits {
             let (key, previous) =
-                crate::service::limit_keys(&base, limit, single, now.saturating_mul(1000));
+                crate::service::limit_keys(base.clone(), limit, single, now.saturating_mul(1000));
             let _ = match (limit.algorithm, previous) {
                 (crate::limiter::Algorithm::TokenBucket, _) => writeln!(
                     out,

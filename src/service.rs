@@ -18,7 +18,7 @@ use crate::{
     limiter::{
         algorithm::window_start_ms,
         algorithm::Verdict,
-        bucket_key,
+        bucket_key, copy_base,
         engine::{Batch, Charging, Check, Decided, Role},
         window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
     },
@@ -302,7 +302,7 @@ impl<S: Store> RateLimiter<S> {
                     let entries = d.entries.iter().enumerate().map(|(i, e)| {
                         (e.key.as_str(), matcher::counter_value(shared, i, &e.value))
                     });
-                    let base = self.keys.base(&req.domain, entries);
+                    let mut base = self.keys.base(&req.domain, entries);
                     let quota =
                         self.settings.global_quota_mode || rule.is_some_and(|r| r.quota_mode);
                     plan.quota_total += usize::from(quota);
@@ -312,8 +312,14 @@ impl<S: Store> RateLimiter<S> {
                         quota,
                     });
                     let single = limits.len() == 1;
-                    for limit in limits.iter() {
-                        let check = self.check(descriptor, &base, limit, single, *cost, now_ms);
+                    for (i, limit) in limits.iter().enumerate() {
+                        // The last limit takes the base itself: one allocation per key.
+                        let own = if i + 1 < limits.len() {
+                            copy_base(&base)
+                        } else {
+                            std::mem::take(&mut base)
+                        };
+                        let check = self.check(descriptor, own, limit, single, *cost, now_ms);
                         plan.checks.push(check);
                     }
                 }
@@ -357,7 +363,7 @@ impl<S: Store> RateLimiter<S> {
     fn check(
         &self,
         descriptor: usize,
-        base: &str,
+        base: String,
         limit: &Limit,
         single: bool,
         cost: u64,
@@ -386,7 +392,7 @@ impl<S: Store> RateLimiter<S> {
 /// and, for a sliding window, the previous window's. The reference's key for a rule's
 /// `single` one-unit fixed window; the window appended as a tag otherwise; a bucket's own key.
 pub fn limit_keys(
-    base: &str,
+    base: String,
     limit: &Limit,
     single: bool,
     now_ms: u64,
@@ -394,13 +400,15 @@ pub fn limit_keys(
     let window_ms = limit.quota().window_ms;
     let tag = (!single || limit.multiplier != 1).then_some((limit.multiplier, limit.unit));
     let start_ms = window_start_ms(window_ms, now_ms);
-    let window = |start_ms: u64| window_key(base, start_ms / 1000, tag);
     match limit.algorithm {
-        Algorithm::FixedWindow => (window(start_ms), None),
-        Algorithm::SlidingWindow => (
-            window(start_ms),
-            Some(window(start_ms.saturating_sub(window_ms))),
-        ),
+        Algorithm::FixedWindow => (window_key(base, start_ms / 1000, tag), None),
+        Algorithm::SlidingWindow => {
+            let previous = start_ms.saturating_sub(window_ms) / 1000;
+            (
+                window_key(copy_base(&base), start_ms / 1000, tag),
+                Some(window_key(base, previous, tag)),
+            )
+        }
         Algorithm::TokenBucket => (
             bucket_key(base, limit.multiplier, limit.unit, limit.requests_per_unit),
             None,

@@ -93,10 +93,9 @@ const SUFFIX_ROOM: usize = 48;
 /// A window counter's key: the base, the window's start in seconds and, for a limit that is
 /// not the reference's single one-unit window, a tag naming the window (`_5minute`), so the
 /// limits of one rule never share a counter.
-pub fn window_key(base: &str, start_secs: u64, tag: Option<(u32, Unit)>) -> String {
+/// The base is extended in place: built with room for the suffix, a key costs one allocation.
+pub fn window_key(mut key: String, start_secs: u64, tag: Option<(u32, Unit)>) -> String {
     use std::fmt::Write;
-    let mut key = String::with_capacity(base.len() + SUFFIX_ROOM);
-    key.push_str(base);
     let _ = write!(key, "{start_secs}");
     if let Some((multiplier, unit)) = tag {
         let _ = write!(key, "_{multiplier}{}", unit.name());
@@ -104,10 +103,20 @@ pub fn window_key(base: &str, start_secs: u64, tag: Option<(u32, Unit)>) -> Stri
     key
 }
 
+/// A copy of `base` with room for a suffix, for a descriptor's second key (a clone keeps no
+/// spare capacity, so extending it would allocate again).
+pub fn copy_base(base: &str) -> String {
+    let mut key = String::with_capacity(base.len() + SUFFIX_ROOM);
+    key.push_str(base);
+    key
+}
+
 /// A token bucket's key: the base, `bucket_`, the window and the limit (`bucket_1minute_100`).
 /// The state is measured in the limit's refill steps, so another limit means another bucket.
-pub fn bucket_key(base: &str, multiplier: u32, unit: Unit, limit: u32) -> String {
-    format!("{base}bucket_{multiplier}{}_{limit}", unit.name())
+pub fn bucket_key(mut key: String, multiplier: u32, unit: Unit, limit: u32) -> String {
+    use std::fmt::Write;
+    let _ = write!(key, "bucket_{multiplier}{}_{limit}", unit.name());
+    key
 }
 
 /// Keyed BLAKE3 of descriptor values, truncated to 128 bits.
@@ -307,5 +316,24 @@ mod tests {
         assert!(ValueHasher::try_new(b"sixteen bytes!!!").is_ok());
         let debug = format!("{:?}", hashed("", SECRET));
         assert!(!debug.contains("0123456789abcdef"), "{debug}");
+    }
+
+    #[test]
+    fn window_and_bucket_keys_extend_the_base_in_place() {
+        let b = CacheKeyBuilder::new("p:");
+        let base = b.base("d", [("k", "v")].into_iter());
+        let room = base.capacity();
+        // The longest suffixes fit in the room the base reserved: no second allocation.
+        let copy = copy_base(&base);
+        let room_of_copy = copy.capacity();
+        let key = window_key(copy, u64::MAX, Some((u32::MAX, Unit::Second)));
+        assert_eq!(key, format!("p:d_k_v_{}_{}second", u64::MAX, u32::MAX));
+        assert_eq!(key.capacity(), room_of_copy);
+        let key = bucket_key(base, u32::MAX, Unit::Second, u32::MAX);
+        assert_eq!(
+            key,
+            format!("p:d_k_v_bucket_{}second_{}", u32::MAX, u32::MAX)
+        );
+        assert_eq!(key.capacity(), room);
     }
 }
