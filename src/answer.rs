@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use crate::{
     config::{Limit, Rule},
-    limiter::{algorithm::Verdict, engine::Decided},
+    limiter::engine::Decided,
     metrics::{HitOutcome, Stats},
     proto::envoy::{
         config::core::v3::HeaderValue,
@@ -100,15 +100,17 @@ pub fn respond(
                 ..
             } => (limits, *rule, stats_key, *cost),
         };
-        let verdicts: Vec<Verdict> = decided
-            .by_ref()
-            .take(limits.len())
-            .map(|d| d.verdict)
-            .collect();
+        let own: Vec<Decided> = decided.by_ref().take(limits.len()).copied().collect();
         // One decision per limit, so both are there; were one missing, the descriptor would
         // still get its status (OK, nothing known), keeping statuses in request order.
-        let shown = reported(&verdicts).and_then(|i| Some((*limits.get(i)?, *verdicts.get(i)?)));
-        let Some((limit, verdict)) = shown else {
+        let shown = reported(&own).and_then(|i| Some((*limits.get(i)?, *own.get(i)?)));
+        let Some((
+            limit,
+            Decided {
+                verdict, cached, ..
+            },
+        )) = shown
+        else {
             pass(rule);
             statuses.push(DescriptorStatus {
                 code: Code::Ok as i32,
@@ -116,7 +118,7 @@ pub fn respond(
             });
             continue;
         };
-        let over_any = verdicts.iter().any(|v| !v.allowed);
+        let over_any = own.iter().any(|d| !d.verdict.allowed);
         let shadow = rule.is_some_and(|r| r.shadow_mode);
         let over = over_any && !shadow;
         let outcome = HitOutcome {
@@ -124,6 +126,7 @@ pub fn respond(
             hits: cost,
             after: verdict.used,
             shadow_mode: shadow,
+            local_cache: cached,
         };
         let ratio = settings.near_limit_ratio;
         match (rule, stats_key) {
@@ -144,10 +147,10 @@ pub fn respond(
             }));
         }
         // The longest wait among the limits it is over; else when the shown one resets.
-        let wait_ms = verdicts
+        let wait_ms = own
             .iter()
-            .filter(|v| !v.allowed)
-            .map(|v| v.retry_ms)
+            .filter(|d| !d.verdict.allowed)
+            .map(|d| d.verdict.retry_ms)
             .max();
         let remaining = u32::try_from(verdict.remaining).unwrap_or(u32::MAX);
         let status = DescriptorStatus {
@@ -231,12 +234,12 @@ pub fn respond(
 
 /// Which limit a descriptor's status shows: the first one it is over, else the one with the
 /// fewest requests left (the first of equals).
-fn reported(verdicts: &[Verdict]) -> Option<usize> {
-    verdicts.iter().position(|v| !v.allowed).or_else(|| {
-        verdicts
+fn reported(decided: &[Decided]) -> Option<usize> {
+    decided.iter().position(|d| !d.verdict.allowed).or_else(|| {
+        decided
             .iter()
             .enumerate()
-            .min_by_key(|(_, v)| v.remaining)
+            .min_by_key(|(_, d)| d.verdict.remaining)
             .map(|(i, _)| i)
     })
 }

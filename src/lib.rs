@@ -6,7 +6,7 @@
 //! - [`limiter`]: the counting algorithms, the engine deciding a request's checks, counter
 //!   keys; pure, clock injected.
 //! - [`store`]: the engine run atomically on counters in Redis or in memory, behind one async
-//!   trait.
+//!   trait; [`local_cache`]: fixed windows known to be over, answered without the store.
 //! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
 //!   the store's decisions ([`metadata`]: its `dynamic_metadata`); [`calls`] counts each call
 //!   once.
@@ -36,6 +36,7 @@ pub mod explain;
 pub mod health;
 pub mod json;
 pub mod limiter;
+pub mod local_cache;
 pub mod log_json;
 pub mod log_throttle;
 pub mod matcher;

@@ -74,6 +74,9 @@ pub async fn serve(
             "setting is not supported yet and is ignored"
         );
     }
+    if args.local_cache_size_in_bytes > 0 && args.backend() == Backend::Memory {
+        tracing::warn!("LOCAL_CACHE_SIZE_IN_BYTES is ignored: the memory backend is local already");
+    }
     let telemetry = Telemetry::start(&args)?;
     let config = LoadedConfig::load(&args)?;
     let (health, health_service) = health(&args, &config.rules);
@@ -344,6 +347,11 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
             Charging::Always
         },
         default_algorithm: args.config.default_algorithm,
+        // The memory backend is local already.
+        local_cache_bytes: match args.backend() {
+            Backend::Redis => args.local_cache_size_in_bytes,
+            Backend::Memory => 0,
+        },
     }
 }
 

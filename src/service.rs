@@ -22,6 +22,7 @@ use crate::{
         engine::{Batch, Charging, Check, Decided, Role},
         window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
     },
+    local_cache::LocalCache,
     log_throttle::LogThrottle,
     matcher,
     metrics::{self as m, Stats},
@@ -99,6 +100,8 @@ pub struct ServiceSettings {
     pub charging: Charging,
     /// `DEFAULT_ALGORITHM`, for limits sent by Envoy (rules get it when compiled).
     pub default_algorithm: Algorithm,
+    /// `LOCAL_CACHE_SIZE_IN_BYTES`: over-limit fixed windows answered locally; 0 disables.
+    pub local_cache_bytes: u64,
 }
 
 /// The rate limit service over a store `S`.
@@ -118,6 +121,8 @@ pub struct RateLimiter<S> {
     calls: Calls,
     /// Backend failures are logged once per stretch, not once per call.
     backend_log: LogThrottle,
+    /// `LOCAL_CACHE_SIZE_IN_BYTES`.
+    local_cache: Option<LocalCache>,
 }
 
 impl<S: Store> RateLimiter<S> {
@@ -141,6 +146,7 @@ impl<S: Store> RateLimiter<S> {
             backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
             calls,
             backend_log: LogThrottle::default(),
+            local_cache: LocalCache::new(settings.local_cache_bytes),
             settings,
         }
     }
@@ -350,8 +356,47 @@ impl<S: Store> RateLimiter<S> {
             never_refuse: self.settings.global_shadow_mode,
             now_ms,
         };
+        let Some(cache) = &self.local_cache else {
+            return self.decide(&batch).await;
+        };
+        let Some(local) = cache.answer(&batch) else {
+            let decided = self.decide(&batch).await?;
+            cache.remember(batch.checks, &decided, now_ms);
+            return Ok(decided);
+        };
+        // Some checks answered locally: the store decides the others, if any.
+        let rest: Vec<Check> = plan
+            .checks
+            .iter()
+            .zip(&local.decided)
+            .filter(|(_, d)| d.is_none())
+            .map(|(c, _)| c.clone())
+            .collect();
+        let from_store = if rest.is_empty() {
+            Vec::new()
+        } else {
+            let decided = self
+                .decide(&Batch {
+                    checks: &rest,
+                    charging: local.charging,
+                    ..batch
+                })
+                .await?;
+            cache.remember(&rest, &decided, now_ms);
+            decided
+        };
+        let mut from_store = from_store.into_iter();
+        Ok(local
+            .decided
+            .into_iter()
+            .filter_map(|d| d.or_else(|| from_store.next()))
+            .collect())
+    }
+
+    /// One store call, timed and counted.
+    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, ServiceError> {
         let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
-        let result = self.store.decide(&batch).await;
+        let result = self.store.decide(batch).await;
         if let Err(e) = &result {
             counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
         }

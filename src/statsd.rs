@@ -225,6 +225,7 @@ fn counter_name(key: &Key) -> Option<String> {
                 m::NEAR_LIMIT => "near_limit",
                 m::WITHIN_LIMIT => "within_limit",
                 m::SHADOW_MODE => "shadow_mode",
+                m::OVER_LIMIT_WITH_LOCAL_CACHE => "over_limit_with_local_cache",
                 _ => return None,
             };
             format!(
@@ -632,6 +633,10 @@ mod tests {
             (m::NEAR_LIMIT, "near_limit"),
             (m::WITHIN_LIMIT, "within_limit"),
             (m::SHADOW_MODE, "shadow_mode"),
+            (
+                m::OVER_LIMIT_WITH_LOCAL_CACHE,
+                "over_limit_with_local_cache",
+            ),
         ] {
             assert_eq!(
                 counter_name(&key(name, &rule)).as_deref(),

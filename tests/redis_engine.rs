@@ -190,6 +190,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![
             3 => Just(Charging::Always),
             3 => Just(Charging::StopWhenOver),
+            1 => Just(Charging::OnlyOver),
             3 => Just(Charging::AllOrNothing),
             1 => Just(Charging::Never)
         ],
@@ -353,6 +354,7 @@ fn large_counts_round_alike() {
         prop_oneof![
             Just(Charging::Always),
             Just(Charging::StopWhenOver),
+            Just(Charging::OnlyOver),
             Just(Charging::AllOrNothing)
         ],
     );
@@ -462,6 +464,7 @@ async fn counts_saturate_at_the_largest_redis_integer_alike() {
         for charging in [
             Charging::Always,
             Charging::StopWhenOver,
+            Charging::OnlyOver,
             Charging::AllOrNothing,
         ] {
             let batch = Batch {

@@ -18,6 +18,10 @@ pub enum Charging {
     /// over, only the checks that would be over are charged (fixed windows; the reference
     /// increments exactly those keys); otherwise all are. Decided atomically, in one round trip.
     StopWhenOver,
+    /// [`Charging::StopWhenOver`] when some check of the request is already known to be over
+    /// (answered from the local cache, `crate::local_cache`): only the checks that would be
+    /// over are charged.
+    OnlyOver,
     /// `STRICT_CHARGING=true`: a request is charged to all its checks or to none. One refused
     /// by the answer charges nothing anywhere.
     AllOrNothing,
@@ -93,6 +97,8 @@ pub struct Decided {
     pub verdict: Verdict,
     /// The state to store, when charged.
     pub charge: Option<State>,
+    /// Answered from the local cache (`LOCAL_CACHE_SIZE_IN_BYTES`), not by the store.
+    pub cached: bool,
 }
 
 /// Decides every check of `batch` from `states` (one per check, read at one instant; absent
@@ -105,14 +111,14 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
     let fits = |c: &Check| c.cost <= c.quota.capacity;
     // The reference reads every counter first and judges each against what it read.
     let would_over: Vec<bool> = match batch.charging {
-        Charging::StopWhenOver => checks
+        Charging::StopWhenOver | Charging::OnlyOver => checks
             .iter()
             .zip(states)
             .map(|(c, s)| !evaluate(&c.quota, *s, c.cost, now).verdict.allowed)
             .collect(),
         _ => Vec::new(),
     };
-    let any_over = would_over.iter().any(|&o| o);
+    let any_over = batch.charging == Charging::OnlyOver || would_over.iter().any(|&o| o);
     let mut charged: Vec<Option<State>> = Vec::with_capacity(checks.len());
     let mut out = Vec::with_capacity(checks.len());
     for (i, c) in checks.iter().enumerate() {
@@ -122,7 +128,7 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
         let charge = fits(c)
             && match batch.charging {
                 Charging::Always => o.verdict.allowed || fixed,
-                Charging::StopWhenOver => {
+                Charging::StopWhenOver | Charging::OnlyOver => {
                     !any_over || (would_over.get(i).copied().unwrap_or(false) && fixed)
                 }
                 // Tentatively; undone below if the request is refused.
@@ -137,6 +143,7 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
                 standing(c, state, now)
             },
             charge: charge.then_some(o.charged),
+            cached: false,
         });
     }
     if batch.charging == Charging::AllOrNothing && refused(batch, &out) {
@@ -150,6 +157,7 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
                     o.verdict
                 },
                 charge: None,
+                cached: false,
             };
         }
     }
@@ -292,6 +300,25 @@ mod tests {
         // Nothing over: everything charged.
         let d = decide(&b, &[count(1), count(1)]);
         assert_eq!((d[0].charge, d[1].charge), (Some(count(2)), Some(count(2))));
+    }
+
+    #[test]
+    fn only_over_charges_the_checks_that_would_be_over_even_when_none_is() {
+        let checks = [
+            check(0, Algorithm::FixedWindow, 5, 1),
+            check(1, Algorithm::FixedWindow, 5, 1),
+            check(2, Algorithm::TokenBucket, 5, 1),
+        ];
+        let roles = [Role::default(); 3];
+        let b = batch(&checks, &roles, Charging::OnlyOver);
+        // Nothing over here (another check, answered elsewhere, is): nothing charged.
+        let d = decide(&b, &[count(1), count(1), State::default()]);
+        assert!(d.iter().all(|d| d.charge.is_none()));
+        assert_eq!(d[0].verdict.remaining, 4, "as it stands");
+        // A fixed window over: that one alone is charged, as under StopWhenOver.
+        let d = decide(&b, &[count(5), count(1), State::default()]);
+        assert_eq!(d[0].charge, Some(count(6)));
+        assert_eq!((d[1].charge, d[2].charge), (None, None));
     }
 
     #[test]

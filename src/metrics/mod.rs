@@ -37,6 +37,8 @@ pub const OVER_LIMIT: &str = "ratelimit_service_rate_limit_over_limit";
 pub const NEAR_LIMIT: &str = "ratelimit_service_rate_limit_near_limit";
 pub const WITHIN_LIMIT: &str = "ratelimit_service_rate_limit_within_limit";
 pub const SHADOW_MODE: &str = "ratelimit_service_rate_limit_shadow_mode";
+pub const OVER_LIMIT_WITH_LOCAL_CACHE: &str =
+    "ratelimit_service_rate_limit_over_limit_with_local_cache";
 /// The reference's `domain_not_found`, as the StatsD exporter is given it (with the domain in
 /// [`STATS_KEY_LABEL`]); its Prometheus series are named per domain (see [`domains`]).
 pub const DOMAIN_NOT_FOUND: &str = "ratelimit_service_rate_limit_domain_not_found";

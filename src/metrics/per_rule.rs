@@ -25,12 +25,12 @@ use super::{
     labels,
     rule::{HitOutcome, RuleCounters, RuleSlot},
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DYNAMIC_KEYS, DOMAIN_NOT_FOUND, DYNAMIC_KEYS,
-    DYNAMIC_KEYS_OVERFLOW, NEAR_LIMIT, OVERFLOW_KEY, OVER_LIMIT, SHADOW_MODE, STATS_KEY_LABEL,
-    TOTAL_HITS, UNKNOWN_DOMAINS_OVERFLOW, WITHIN_LIMIT,
+    DYNAMIC_KEYS_OVERFLOW, NEAR_LIMIT, OVERFLOW_KEY, OVER_LIMIT, OVER_LIMIT_WITH_LOCAL_CACHE,
+    SHADOW_MODE, STATS_KEY_LABEL, TOTAL_HITS, UNKNOWN_DOMAINS_OVERFLOW, WITHIN_LIMIT,
 };
 
 /// The per-rule metrics, with their descriptions (they live in their own recorder).
-const RULE_METRICS: [(&str, &str); 5] = [
+const RULE_METRICS: [(&str, &str); 6] = [
     (TOTAL_HITS, "Hits counted against each rule."),
     (OVER_LIMIT, "Hits over each rule's limit."),
     (
@@ -41,6 +41,10 @@ const RULE_METRICS: [(&str, &str); 5] = [
     (
         SHADOW_MODE,
         "Over-limit hits let through by a rule's shadow_mode.",
+    ),
+    (
+        OVER_LIMIT_WITH_LOCAL_CACHE,
+        "Over-limit hits answered from the local cache (LOCAL_CACHE_SIZE_IN_BYTES).",
     ),
 ];
 
@@ -439,6 +443,7 @@ mod tests {
         hits: 1,
         after: 1,
         shadow_mode: false,
+        local_cache: false,
     };
 
     /// One hit under a request-built stats key.

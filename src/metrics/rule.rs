@@ -1,4 +1,4 @@
-//! The five counters of one stats key, and how a descriptor's hits are split between them.
+//! The six counters of one stats key, and how a descriptor's hits are split between them.
 //!
 //! A configured rule holds its own [`RuleCounters`] in a [`RuleSlot`], filled at the rule's
 //! first hit (a series appears in `/metrics` once counted, as with the reference's statsd
@@ -16,7 +16,9 @@ use std::{
 
 use metrics::Counter;
 
-use super::{NEAR_LIMIT, OVER_LIMIT, SHADOW_MODE, TOTAL_HITS, WITHIN_LIMIT};
+use super::{
+    NEAR_LIMIT, OVER_LIMIT, OVER_LIMIT_WITH_LOCAL_CACHE, SHADOW_MODE, TOTAL_HITS, WITHIN_LIMIT,
+};
 
 /// A configured rule's counters, registered at its first hit and kept with the rule.
 pub type RuleSlot = OnceLock<Arc<RuleCounters>>;
@@ -29,15 +31,20 @@ pub struct HitOutcome {
     /// Counter value after this request's hits.
     pub after: u64,
     pub shadow_mode: bool,
+    /// Answered from the local cache (`LOCAL_CACHE_SIZE_IN_BYTES`): its hits are also counted
+    /// in `over_limit_with_local_cache`.
+    pub local_cache: bool,
 }
 
-/// `total_hits`, `over_limit`, `near_limit`, `within_limit` and `shadow_mode` of one stats key.
+/// `total_hits`, `over_limit`, `near_limit`, `within_limit`, `shadow_mode` and
+/// `over_limit_with_local_cache` of one stats key.
 pub struct RuleCounters {
     total_hits: Counter,
     over_limit: Counter,
     near_limit: Counter,
     within_limit: Counter,
     shadow_mode: Counter,
+    over_limit_with_local_cache: Counter,
     /// [`super::Stats`]' coarse clock when last counted, for the idle timeout.
     last_used: AtomicU64,
 }
@@ -64,6 +71,7 @@ impl RuleCounters {
             near_limit: register(NEAR_LIMIT),
             within_limit: register(WITHIN_LIMIT),
             shadow_mode: register(SHADOW_MODE),
+            over_limit_with_local_cache: register(OVER_LIMIT_WITH_LOCAL_CACHE),
             last_used: AtomicU64::new(now),
         }
     }
@@ -81,6 +89,7 @@ impl RuleCounters {
             &self.near_limit,
             &self.within_limit,
             &self.shadow_mode,
+            &self.over_limit_with_local_cache,
         ] {
             c.increment(0);
         }
@@ -101,6 +110,10 @@ impl RuleCounters {
         // subtractions below need near <= limit.
         let near = near.min(limit);
         self.total_hits.increment(o.hits);
+        if o.local_cache {
+            // The reference counts these hits as over the limit, and here as well.
+            self.over_limit_with_local_cache.increment(o.hits);
+        }
         if o.after > limit {
             if before >= limit {
                 self.over_limit.increment(o.hits);
@@ -145,6 +158,7 @@ mod tests {
                 hits,
                 after,
                 shadow_mode: false,
+                local_cache: false,
             };
             counters.record(7, o, 1.0);
         }

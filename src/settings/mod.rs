@@ -301,6 +301,11 @@ pub struct ServeArgs {
     /// (counted in ratelimitd_memory_evictions_total).
     #[arg(long, env = "MEMORY_MAX_COUNTERS", default_value = "1000000", value_parser = parse_max_counters)]
     pub memory_max_counters: NonZeroUsize,
+    /// Bytes for remembering fixed windows over their limit until their window ends, so
+    /// further hits on them are answered with no Redis round trip (redis backend); 0
+    /// disables.
+    #[arg(long, env = "LOCAL_CACHE_SIZE_IN_BYTES", default_value_t = 0)]
+    pub local_cache_size_in_bytes: u64,
 
     #[command(flatten)]
     pub cache_key: CacheKeyArgs,
@@ -478,7 +483,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "GRPC_CLIENT_TLS_SAN",
     "CONFIG_TYPE",
     "FORCE_START_WITHOUT_INITIAL_CONFIG",
-    "LOCAL_CACHE_SIZE_IN_BYTES",
     "REDIS_TYPE",
     "REDIS_TLS_CLIENT_CERT",
     "REDIS_TLS_CLIENT_KEY",

@@ -10,7 +10,7 @@
 --
 -- ARGV (all decimal integers unless noted):
 --   [1] now_ms          the caller's clock, Unix milliseconds (one clock per decision)
---   [2] charging        'always' | 'stop_when_over' | 'all_or_nothing' | 'never'
+--   [2] charging        'always' | 'stop_when_over' | 'only_over' | 'all_or_nothing' | 'never'
 --   [3] never_refuse    0 | 1 (SHADOW_MODE)
 --   [4] quota_total     quota descriptors in the request
 --   [5] D               limited descriptors; then 2 fields per descriptor d = 0..D-1:
@@ -55,7 +55,7 @@ local FIELDS = 8
 local first = 6 + 2 * ndesc
 
 if charging ~= 'always' and charging ~= 'stop_when_over' and charging ~= 'all_or_nothing'
-  and charging ~= 'never' then
+  and charging ~= 'never' and charging ~= 'only_over' then
   return redis.error_reply('ratelimitd: unknown charging mode ' .. tostring(charging))
 end
 if (#ARGV - first + 1) % FIELDS ~= 0 then
@@ -330,10 +330,11 @@ local function fits(c)
   return tonumber(c.cost) <= c.capacity
 end
 
--- stop_when_over judges every check against what was read (the reference GETs them all first).
+-- stop_when_over judges every check against what was read (the reference GETs them all first);
+-- only_over is stop_when_over with a check already known to be over (the local cache).
 local would_over = {}
-local any_over = false
-if charging == 'stop_when_over' then
+local any_over = charging == 'only_over'
+if charging == 'stop_when_over' or charging == 'only_over' then
   for i, c in ipairs(checks) do
     would_over[i] = not evaluators[c.algorithm](c, states[i], c.cost).allowed
     if would_over[i] then
@@ -372,7 +373,7 @@ for i, c in ipairs(checks) do
   if fits(c) then
     if charging == 'always' then
       charge = o.allowed or c.algorithm == 'fixed'
-    elseif charging == 'stop_when_over' then
+    elseif charging == 'stop_when_over' or charging == 'only_over' then
       charge = (not any_over) or (would_over[i] and c.algorithm == 'fixed')
     elseif charging == 'all_or_nothing' then
       -- Tentatively; undone below if the request is refused.

@@ -63,6 +63,7 @@ fn charging_arg(c: Charging) -> &'static str {
     match c {
         Charging::Always => "always",
         Charging::StopWhenOver => "stop_when_over",
+        Charging::OnlyOver => "only_over",
         Charging::AllOrNothing => "all_or_nothing",
         Charging::Never => "never",
     }
@@ -142,6 +143,7 @@ pub fn decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, StoreE
             Ok(Decided {
                 verdict,
                 charge: flag(&v[5])?.then_some(state),
+                cached: false,
             })
         })
         .collect()
