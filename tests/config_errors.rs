@@ -32,6 +32,13 @@ const CASES: &[(&str, &[&str])] = &[
         &["tests/config/bad/duplicate_descriptor.yaml: d > k=v: key: duplicate descriptor composite key 'd.k_v'"],
     ),
     (
+        "tests/config/bad/fraction_as_string.yaml",
+        &[
+            "tests/config/bad/fraction_as_string.yaml: d > k: value: error checking config (expected a string, found the number 1.5)",
+            "tests/config/bad/fraction_as_string.yaml: d > n: rate_limit.name: error checking config (expected a string, found the number .inf)",
+        ],
+    ),
+    (
         "tests/config/bad/empty_domain.yaml",
         &["tests/config/bad/empty_domain.yaml: domain: config file cannot have empty domain"],
     ),
@@ -215,6 +222,7 @@ const REFERENCE_WORDING: &[(&str, &[Option<&str>])] = &[
     ("tests/config/bad/bad_unit.yaml", &[Some("invalid rate limit unit 'fortnight'")]),
     ("tests/config/bad/descriptors_not_a_list.yaml", &[Some("error loading config file")]),
     ("tests/config/bad/duplicate_descriptor.yaml", &[Some("duplicate descriptor composite key 'd.k_v'")]),
+    ("tests/config/bad/fraction_as_string.yaml", &[Some("error checking config"), Some("error checking config")]),
     ("tests/config/bad/empty_domain.yaml", &[Some("config file cannot have empty domain")]),
     ("tests/config/bad/empty_key.yaml", &[Some("descriptor has empty key")]),
     ("tests/config/bad/fractional_limit.yaml", &[Some("error checking config")]),
@@ -615,4 +623,52 @@ fn explain_lists_every_limit_with_its_algorithm() {
     );
     let out = explain("plain=p");
     assert!(out.contains("\n  limit: 10 per second\n"), "{out}");
+}
+
+/// yaml.v2 (the reference's YAML library) gives a string field a plain scalar's text as
+/// written, even where YAML reads a number or a boolean, and reads YAML 1.1's `yes`/`on`/...
+/// as booleans: the real binary matches, keys and names rules as the reference does.
+#[tokio::test]
+async fn scalars_are_read_as_the_reference_reads_them() {
+    use ratelimitd::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    const RULES: &str = r#"
+domain: 0x10
+descriptors:
+  - key: flag
+    value: True
+    rate_limit: {unit: minute, requests_per_unit: 3, name: 0o17}
+  - key: +5
+    value: 0x1F
+    shadow_mode: yes
+    rate_limit: {unit: minute, requests_per_unit: 1}
+"#;
+    let svc = support::start_service("memory", RULES, &[]);
+    let c = svc.rl.client().await;
+    let ask = |entries: &'static [(&'static str, &'static str)]| {
+        let req = support::request("0x10", &[entries]);
+        let mut c = c.clone();
+        async move { c.should_rate_limit(req).await.unwrap().into_inner() }
+    };
+    let r = ask(&[("flag", "True")]).await;
+    let s = &r.statuses[0];
+    assert_eq!((s.code, s.limit_remaining), (Code::Ok as i32, 2));
+    assert_eq!(s.current_limit.as_ref().unwrap().name, "0o17");
+    // `true` is another value: no rule.
+    let r = ask(&[("flag", "true")]).await;
+    assert!(r.statuses[0].current_limit.is_none());
+    // `+5: 0x1F`, shadowed by `shadow_mode: yes`: over its limit, answered OK.
+    for _ in 0..2 {
+        let r = ask(&[("+5", "0x1F")]).await;
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(
+            r.statuses[0]
+                .current_limit
+                .as_ref()
+                .unwrap()
+                .requests_per_unit,
+            1
+        );
+    }
+    let r = ask(&[("5", "31")]).await;
+    assert!(r.statuses[0].current_limit.is_none());
 }

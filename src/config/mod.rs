@@ -14,6 +14,7 @@ mod raw;
 mod reload;
 #[cfg(test)]
 mod test_support;
+mod text;
 mod watch;
 mod yaml_reader;
 

@@ -9,6 +9,7 @@ use serde_norway::{Mapping, Value};
 use super::{
     depth,
     error::{self, ConfigError, CHECKING, LOADING},
+    text::{self, DescriptorText, FileText, RateLimitText},
 };
 
 /// One file: a domain and its descriptor tree.
@@ -133,7 +134,8 @@ pub fn parse_lenient(file: &str, text: &str) -> (Option<RawFile>, Vec<ConfigErro
             return (None, vec![err]);
         }
     };
-    let parsed = p.root(&root);
+    let written = text::read(text);
+    let parsed = p.root(&root, written.as_ref());
     (parsed, p.errors)
 }
 
@@ -159,7 +161,7 @@ impl Parser<'_> {
         self.err(path, field, message);
     }
 
-    fn root(&mut self, root: &Value) -> Option<RawFile> {
+    fn root(&mut self, root: &Value, written: Option<&FileText>) -> Option<RawFile> {
         let map = match root {
             Value::Mapping(m) => m,
             Value::Null => {
@@ -181,7 +183,11 @@ impl Parser<'_> {
         self.check_fields(map, ROOT_FIELDS, "", "");
         let domain = match map.get("domain") {
             None | Some(Value::Null) => String::new(),
-            Some(v) => self.scalar_string(v, "", "domain").unwrap_or_default(),
+            Some(v) => {
+                let as_written = written.and_then(|w| w.domain.get());
+                self.scalar_string(v, as_written, "", "domain")
+                    .unwrap_or_default()
+            }
         };
         if domain.is_empty() {
             self.err("", "domain", "config file cannot have empty domain");
@@ -191,7 +197,12 @@ impl Parser<'_> {
         } else {
             domain.clone()
         };
-        let descriptors = self.descriptor_list(map.get("descriptors"), &path, "descriptors");
+        let descriptors = self.descriptor_list(
+            map.get("descriptors"),
+            &path,
+            "descriptors",
+            written.and_then(|w| w.descriptors.as_deref()),
+        );
         Some(RawFile {
             domain,
             descriptors,
@@ -203,6 +214,7 @@ impl Parser<'_> {
         v: Option<&Value>,
         parent: &str,
         field: &str,
+        written: Option<&[DescriptorText]>,
     ) -> Vec<RawDescriptor> {
         let items = match v {
             None | Some(Value::Null) => return Vec::new(),
@@ -220,7 +232,9 @@ impl Parser<'_> {
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             match item {
-                Value::Mapping(m) => out.push(self.descriptor(m, parent, i)),
+                Value::Mapping(m) => {
+                    out.push(self.descriptor(m, parent, i, text::nth(written, i)));
+                }
                 other => self.err(
                     parent,
                     &format!("{field}[{i}]"),
@@ -235,14 +249,28 @@ impl Parser<'_> {
         out
     }
 
-    fn descriptor(&mut self, m: &Mapping, parent: &str, index: usize) -> RawDescriptor {
+    fn descriptor(
+        &mut self,
+        m: &Mapping,
+        parent: &str,
+        index: usize,
+        written: Option<&DescriptorText>,
+    ) -> RawDescriptor {
         let key = match m.get("key") {
             None | Some(Value::Null) => String::new(),
-            Some(v) => self.scalar_string(v, parent, "key").unwrap_or_default(),
+            Some(v) => self
+                .scalar_string(v, written.and_then(|w| w.key.get()), parent, "key")
+                .unwrap_or_default(),
         };
         let value = match m.get("value") {
             None | Some(Value::Null) => None,
-            Some(v) => self.scalar_string(v, parent, "value"),
+            Some(v) => {
+                let at = match key.as_str() {
+                    "" => format!("{parent} > descriptors[{index}]"),
+                    k => format!("{parent} > {k}"),
+                };
+                self.scalar_string(v, written.and_then(|w| w.value.get()), &at, "value")
+            }
         }
         .filter(|v| !v.is_empty());
         let path = match (&key, &value) {
@@ -267,7 +295,9 @@ impl Parser<'_> {
         }
         let rate_limit = match m.get("rate_limit") {
             None | Some(Value::Null) => None,
-            Some(Value::Mapping(rl)) => Some(self.rate_limit(rl, &path)),
+            Some(Value::Mapping(rl)) => {
+                Some(self.rate_limit(rl, &path, written.and_then(|w| w.rate_limit.as_ref())))
+            }
             Some(other) => {
                 self.type_error(
                     &path,
@@ -291,7 +321,12 @@ impl Parser<'_> {
                 None
             }
         };
-        let descriptors = self.descriptor_list(m.get("descriptors"), &path, "descriptors");
+        let descriptors = self.descriptor_list(
+            m.get("descriptors"),
+            &path,
+            "descriptors",
+            written.and_then(|w| w.descriptors.as_deref()),
+        );
         RawDescriptor {
             metadata,
             shadow_mode: self.flag(m, &path, "shadow_mode", "shadow_mode"),
@@ -336,13 +371,23 @@ impl Parser<'_> {
         out
     }
 
-    fn rate_limit(&mut self, m: &Mapping, path: &str) -> RawRateLimit {
+    fn rate_limit(
+        &mut self,
+        m: &Mapping,
+        path: &str,
+        written: Option<&RateLimitText>,
+    ) -> RawRateLimit {
         let errors_before = self.errors.len();
         self.check_fields(m, RATE_LIMIT_FIELDS, path, "rate_limit.");
         let mut rl = self.limit_fields(m, path, "rate_limit");
         rl.name = match m.get("name") {
             None | Some(Value::Null) => None,
-            Some(v) => self.scalar_string(v, path, "rate_limit.name"),
+            Some(v) => self.scalar_string(
+                v,
+                written.and_then(|w| w.name.get()),
+                path,
+                "rate_limit.name",
+            ),
         };
         rl.unlimited = self.flag(m, path, "unlimited", "rate_limit.unlimited");
         rl.replaces = match m.get("replaces") {
@@ -350,7 +395,13 @@ impl Parser<'_> {
             Some(Value::Sequence(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| self.replaces_entry(item, path, i))
+                .map(|(i, item)| {
+                    let as_written = written
+                        .and_then(|w| w.replaces.as_deref())
+                        .and_then(|r| r.get(i))
+                        .and_then(|n| n.name.get());
+                    self.replaces_entry(item, as_written, path, i)
+                })
                 .collect(),
             Some(other) => {
                 self.type_error(
@@ -371,7 +422,7 @@ impl Parser<'_> {
     fn limit_fields(&mut self, m: &Mapping, path: &str, field: &str) -> RawRateLimit {
         let string = |p: &mut Self, name: &str| match m.get(name) {
             None | Some(Value::Null) => None,
-            Some(v) => p.scalar_string(v, path, &format!("{field}.{name}")),
+            Some(v) => p.scalar_string(v, None, path, &format!("{field}.{name}")),
         };
         let number = |p: &mut Self, name: &str| match m.get(name) {
             None | Some(Value::Null) => None,
@@ -387,7 +438,13 @@ impl Parser<'_> {
         }
     }
 
-    fn replaces_entry(&mut self, item: &Value, path: &str, i: usize) -> String {
+    fn replaces_entry(
+        &mut self,
+        item: &Value,
+        written: Option<&str>,
+        path: &str,
+        i: usize,
+    ) -> String {
         let field = format!("rate_limit.replaces[{i}]");
         match item {
             Value::Mapping(m) => {
@@ -395,7 +452,7 @@ impl Parser<'_> {
                 match m.get("name") {
                     None | Some(Value::Null) => String::new(),
                     Some(v) => self
-                        .scalar_string(v, path, &format!("{field}.name"))
+                        .scalar_string(v, written, path, &format!("{field}.name"))
                         .unwrap_or_default(),
                 }
             }
@@ -447,29 +504,49 @@ impl Parser<'_> {
         }
     }
 
-    /// A boolean `name` in `m`, reported as `field` when it is not one.
+    /// A boolean `name` in `m`, reported as `field` when it is not one. YAML 1.1's words
+    /// (`yes`, `on`, `y`, ...) are booleans too, as yaml.v2 (the reference's) reads them.
     fn flag(&mut self, m: &Mapping, path: &str, name: &str, field: &str) -> bool {
-        match m.get(name) {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
+        let v = match m.get(name) {
+            None | Some(Value::Null) => return false,
+            Some(Value::Bool(b)) => return *b,
+            Some(v) => v,
+        };
+        if let Some(b) = v.as_str().and_then(yaml11_bool) {
+            return b;
+        }
+        self.type_error(
+            path,
+            field,
+            v,
+            format!("expected true or false, found {}", kind(v)),
+        );
+        false
+    }
+
+    /// Strings, and whole numbers or booleans as `written` in the file (as yaml.v2 gives a Go
+    /// string field their text; see [`text`]). Other numbers (fractions, integers beyond
+    /// `i64`) are refused, as the reference's key check refuses them.
+    fn scalar_string(
+        &mut self,
+        v: &Value,
+        written: Option<&str>,
+        path: &str,
+        field: &str,
+    ) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) if !n.is_i64() => {
                 self.type_error(
                     path,
                     field,
-                    other,
-                    format!("expected true or false, found {}", kind(other)),
+                    v,
+                    format!("expected a string, found the number {n}"),
                 );
-                false
+                None
             }
-        }
-    }
-
-    /// Strings, and numbers or booleans read as their text (as YAML into a Go string does).
-    fn scalar_string(&mut self, v: &Value, path: &str, field: &str) -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(written.map_or_else(|| n.to_string(), str::to_owned)),
+            Value::Bool(b) => Some(written.map_or_else(|| b.to_string(), str::to_owned)),
             other => {
                 self.type_error(
                     path,
@@ -505,6 +582,15 @@ impl Parser<'_> {
                 ),
             }
         }
+    }
+}
+
+/// A YAML 1.1 boolean word (yaml.v2's table) that YAML 1.2 reads as a string.
+fn yaml11_bool(s: &str) -> Option<bool> {
+    match s {
+        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
+        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
     }
 }
 
@@ -679,7 +765,7 @@ descriptors:
                 "t.yaml: d > a: shadow_mode: error checking config (expected true or false, found a number)",
                 "t.yaml: d > a: quota_mode: error checking config (expected true or false, found a number)",
                 "t.yaml: d > b: rate_limit.replaces[0]: config error, yaml file contains list of type other than map: x (expected {name: ...}, found a string)",
-                "t.yaml: d: value: error loading config file: expected a string, found a mapping",
+                "t.yaml: d > c: value: error loading config file: expected a string, found a mapping",
                 "t.yaml: d > c: rate_limit: error loading config file: expected a mapping, found a string",
                 "t.yaml: d > e: rate_limit.replaces: error loading config file: expected a list of {name: ...}, found a mapping",
                 "t.yaml: d > e: descriptors: error loading config file: expected a list of descriptors, found a number",
