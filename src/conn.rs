@@ -8,6 +8,9 @@
 //! pause (one core at 100 %) and logs nothing. We back off (10 ms doubling to 200 ms), log the
 //! first failure and then one line per [`crate::log_throttle`] period, and count them.
 //!
+//! On the Unix socket, each connection is first wrapped in [`AuthorityFix`], which lets gRPC
+//! C-core clients through h2's `:authority` check (see [`crate::h2_authority`]).
+//!
 //! [`ConnIo`] wraps each connection:
 //! - until the peer's first bytes arrive it is *opening*: it fails (and hyper closes it) when
 //!   the opening timeout passes or shutdown begins, so a client that connects and never sends
@@ -34,7 +37,7 @@ use tokio::{
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 
-use crate::log_throttle::LogThrottle;
+use crate::{h2_authority::AuthorityFix, log_throttle::LogThrottle};
 
 /// First pause after an accept error; doubled on each further error.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -60,12 +63,14 @@ impl Listen for TcpListener {
     }
 }
 
+/// Unix-socket connections get C-core clients' `:authority` fixed (see [`crate::h2_authority`]);
+/// TCP ones are not touched.
 impl Listen for UnixListener {
-    type Io = UnixStream;
-    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<UnixStream>> {
-        UnixListener::poll_accept(self, cx).map_ok(|(s, _)| s)
+    type Io = AuthorityFix<UnixStream>;
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>> {
+        UnixListener::poll_accept(self, cx).map_ok(|(s, _)| AuthorityFix::new(s))
     }
-    fn prepare(_: &UnixStream) -> io::Result<()> {
+    fn prepare(_: &Self::Io) -> io::Result<()> {
         Ok(())
     }
 }
@@ -343,5 +348,25 @@ mod tests {
         talker.write_all(b"ok").await.unwrap();
         spoke.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ok");
+    }
+
+    #[tokio::test]
+    async fn unix_connections_keep_the_opening_timeout_and_pass_the_preface_through() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("s.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let (_tx, p) = policy(Duration::from_millis(100));
+        let mut incoming = Incoming::new(l, "test", p);
+        let _silent_client = UnixStream::connect(&path).await.unwrap();
+        let mut silent = incoming.next().await.unwrap().unwrap();
+        let mut talker = UnixStream::connect(&path).await.unwrap();
+        let mut spoke = incoming.next().await.unwrap().unwrap();
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        talker.write_all(preface).await.unwrap();
+        let mut buf = [0u8; 24];
+        spoke.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, preface);
+        let err = silent.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

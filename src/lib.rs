@@ -12,7 +12,8 @@
 //!   once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
-//!   connections (TCP_NODELAY, accept backoff, silent-connection timeout).
+//!   connections (TCP_NODELAY, accept backoff, silent-connection timeout);
+//!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket.
 //! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
 //! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
 //!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
@@ -33,6 +34,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod explain;
+pub mod h2_authority;
 pub mod health;
 pub mod json;
 pub mod limiter;

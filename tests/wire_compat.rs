@@ -500,3 +500,93 @@ fn grpc_limit_override_from_envoy_client() {
         })
     );
 }
+
+/// ShouldRateLimit `n` times on one channel of the Python client; one answer per call.
+fn py_calls(target: &str, request: Value, n: usize, extra: &[&str]) -> Vec<Value> {
+    let stdin = json!({ "request": request }).to_string();
+    let repeat = n.to_string();
+    let mut args = vec![target, "--repeat", &repeat];
+    args.extend_from_slice(extra);
+    let out = run_client(&args, &stdin);
+    let answers: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(answers.len(), n, "one line per call: {out}");
+    answers
+}
+
+const UDS_CONFIG: &str = "domain: uds\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: minute\n      requests_per_unit: 3\n";
+
+/// What C-core clients send as `:authority` on `unix:/tmp/run/rls.sock`.
+const PERCENT_AUTHORITY: &str = "tmp%2Frun%2Frls.sock";
+
+/// gRPC C-core clients (grpcio here) send the socket path, percent-encoded, as `:authority` on
+/// a Unix socket, which h2 alone rejects (src/h2_authority.rs). Four calls on one channel, so
+/// the later calls' headers are references into the client's HPACK dynamic table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_on_the_unix_socket_from_a_c_core_client_on_one_channel() {
+    let dir = config_dir(&[("rl.yaml", UDS_CONFIG)]);
+    let sock_dir = tempfile::TempDir::new().unwrap();
+    let sock = sock_dir.path().join("rls.sock");
+    let rl = Ratelimitd::builder(dir.path())
+        .env("GRPC_UDS", sock.to_str().unwrap())
+        .start();
+    assert_eq!(rl.grpc, format!("unix:{}", sock.display()));
+    avoid_minute_rollover();
+
+    let limit = json!({"name": "", "requests_per_unit": 3, "unit": "MINUTE"});
+    let answers = py_calls(&rl.grpc, kv_request("uds", "py"), 4, &[]);
+    let expected = [("OK", 2), ("OK", 1), ("OK", 0), ("OVER_LIMIT", 0)];
+    for (n, (answer, (code, remaining))) in answers.into_iter().zip(expected).enumerate() {
+        let mut resp = ok(answer);
+        let secs = take_duration(&mut resp, 0);
+        assert!((1.0..=60.0).contains(&secs), "call {n}: {secs}s");
+        assert_eq!(resp["overall_code"], code, "call {n}: {resp}");
+        assert_eq!(
+            resp["statuses"],
+            json!([{"code": code, "current_limit": limit, "limit_remaining": remaining}]),
+            "call {n}"
+        );
+    }
+
+    // The same with the authority C-core sends for the path above, set explicitly.
+    let answers = py_calls(
+        &rl.grpc,
+        kv_request("uds", "explicit"),
+        2,
+        &["--authority", PERCENT_AUTHORITY],
+    );
+    let remaining: Vec<Value> = answers
+        .into_iter()
+        .map(|a| ok(a)["statuses"][0]["limit_remaining"].clone())
+        .collect();
+    assert_eq!(remaining, [json!(2), json!(1)]);
+
+    // A tonic client over the same socket is unaffected.
+    let r = rl
+        .client()
+        .await
+        .should_rate_limit(request("uds", &[&[("k", "rust")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 2);
+}
+
+/// Only the Unix socket is lenient: on TCP, h2 still resets a stream whose `:authority` is
+/// not a valid authority, and the client sees INTERNAL.
+#[test]
+fn grpc_on_tcp_still_rejects_an_invalid_authority() {
+    let dir = config_dir(&[("rl.yaml", UDS_CONFIG)]);
+    let rl = Ratelimitd::builder(dir.path()).start();
+    let answers = py_calls(
+        &rl.grpc,
+        kv_request("uds", "tcp"),
+        1,
+        &["--authority", PERCENT_AUTHORITY],
+    );
+    assert_eq!(answers[0]["error"]["code"], "INTERNAL", "{}", answers[0]);
+    let answers = py_calls(&rl.grpc, kv_request("uds", "tcp"), 1, &[]);
+    assert_eq!(ok(answers[0].clone())["statuses"][0]["limit_remaining"], 2);
+}

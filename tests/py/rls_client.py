@@ -6,10 +6,13 @@ here shares code or proto definitions with ratelimitd.
 
 Usage:
   rls_client.py TARGET                    read {"request": <RateLimitRequest JSON>} on stdin,
-                                          call ShouldRateLimit on TARGET (host:port, insecure,
-                                          5 s timeout) and print one JSON line:
-                                          {"ok": <response>} or
+                                          call ShouldRateLimit on TARGET (host:port or
+                                          unix:PATH, insecure, 5 s timeout) and print one JSON
+                                          line: {"ok": <response>} or
                                           {"error": {"code": "...", "details": "..."}}
+    --repeat N                            make the call N times on one channel (so later calls'
+                                          headers use HPACK's dynamic table), one line each
+    --authority A                         send A as :authority (grpc.default_authority)
   rls_client.py --raw-request-hex         read the same stdin document and print the serialized
                                           request as hex instead of calling anything
   rls_client.py --decode-response-hex HEX parse HEX as a serialized RateLimitResponse and print
@@ -74,24 +77,30 @@ def emit(obj):
     sys.stdout.flush()
 
 
-def call(target, req):
-    with grpc.insecure_channel(target) as channel:
-        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
-        try:
-            resp = stub.ShouldRateLimit(req, timeout=TIMEOUT_SECS)
-        except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else None
-            details = e.details() if hasattr(e, "details") else str(e)
-            emit(
-                {
-                    "error": {
-                        "code": code.name if code is not None else "UNKNOWN",
-                        "details": details or "",
-                    }
+def call_once(stub, req):
+    try:
+        resp = stub.ShouldRateLimit(req, timeout=TIMEOUT_SECS)
+    except grpc.RpcError as e:
+        code = e.code() if hasattr(e, "code") else None
+        details = e.details() if hasattr(e, "details") else str(e)
+        emit(
+            {
+                "error": {
+                    "code": code.name if code is not None else "UNKNOWN",
+                    "details": details or "",
                 }
-            )
-            return
+            }
+        )
+        return
     emit({"ok": response_to_dict(resp)})
+
+
+def call(target, req, repeat=1, authority=None):
+    options = [("grpc.default_authority", authority)] if authority else []
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        for _ in range(repeat):
+            call_once(stub, req)
 
 
 def main():
@@ -107,7 +116,11 @@ def main():
         metavar="HEX",
         help="decode a serialized RateLimitResponse and print it as JSON",
     )
-    p.add_argument("target", nargs="?", help="host:port of the RLS gRPC server")
+    p.add_argument("target", nargs="?", help="host:port or unix:PATH of the RLS gRPC server")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="calls on one channel, one output line each"
+    )
+    p.add_argument("--authority", help="the :authority to send (grpc.default_authority)")
     args = p.parse_args()
 
     if args.decode_response_hex is not None:
@@ -130,7 +143,7 @@ def main():
 
     if not args.target:
         fail("TARGET (host:port) is required unless --raw-request-hex or --decode-response-hex")
-    call(args.target, req)
+    call(args.target, req, args.repeat, args.authority)
 
 
 if __name__ == "__main__":
