@@ -6,7 +6,7 @@
 //! - [`limiter`]: the counting algorithms, the engine deciding a request's checks, counter
 //!   keys; pure, clock injected.
 //! - [`store`]: the engine run atomically on counters in Redis or in memory, behind one async
-//!   trait.
+//!   trait; per-second limits optionally in a second Redis.
 //! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
 //!   the store's decisions ([`metadata`]: its `dynamic_metadata`); [`calls`] counts each call
 //!   once.
