@@ -286,3 +286,44 @@ async fn per_second_redis_down_fails_only_the_requests_that_need_it() {
 fn redis_int(reply: &str) -> i64 {
     reply.trim_start_matches(':').trim().parse().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_check_follows_both_redis() {
+    let (_dir, _main, mut per_second, rl) = start(&[
+        ("REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "true"),
+        ("REDIS_PERSECOND_TIMEOUT", "300ms"),
+    ]);
+    assert_eq!(http_get(&rl.http, "/healthcheck"), (200, "OK".to_owned()));
+    per_second.kill();
+    wait_for_health(&rl, 500).await;
+    per_second.restart();
+    wait_for_health(&rl, 200).await;
+}
+
+#[test]
+fn the_memory_backend_ignores_it_with_a_warning() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("BACKEND_TYPE", "memory")
+        .env("REDIS_PERSECOND", "true")
+        .start();
+    let log = rl.log();
+    assert!(
+        log.contains(
+            "REDIS_PERSECOND applies to the redis backend only; ignored by the in-memory one"
+        ),
+        "{log}"
+    );
+}
+
+/// Waits up to 10 s for `/healthcheck` to answer `status`.
+async fn wait_for_health(rl: &Ratelimitd, status: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(&rl.http, "/healthcheck").0 != status {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthcheck not {status} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
