@@ -188,6 +188,7 @@ mod tests {
             previous: None,
             cost,
             jitter_secs: 0,
+            per_second: false,
         }
     }
 

@@ -271,8 +271,9 @@ fn watch_config(
     Ok([watch, sighup])
 }
 
-/// The counter store: Redis (checked with a PING; not reachable yet is not fatal, calls
-/// answer UNAVAILABLE until it is) or the in-memory one.
+/// The counter store: Redis, with a second one for per-second limits under
+/// `REDIS_PERSECOND=true` (checked with a PING; not reachable yet is not fatal, calls answer
+/// UNAVAILABLE until it is), or the in-memory one.
 async fn connect_store(
     args: &ServeArgs,
     clock: Arc<dyn Clock>,
@@ -289,27 +290,49 @@ async fn connect_store(
         pool_size: args.redis_pool_size,
         timeout: args.redis_timeout,
     };
+    let per_second = args.redis_persecond.then(|| RedisSettings {
+        url: args.redis_persecond_url.clone(),
+        socket_type: args.redis_persecond_socket_type,
+        auth: args.redis_persecond_auth.clone(),
+        tls: args.redis_persecond_tls,
+        pool_size: args.redis_persecond_pool_size,
+        timeout: args.redis_persecond_timeout,
+    });
     let store = Arc::new(AnyStore::new(
         args.backend(),
         &redis,
+        per_second.as_ref(),
         args.memory_max_counters,
         clock,
     )?);
-    if let AnyStore::Redis(r) = &*store {
-        metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(r.connections() as f64);
-        match r.ping().await {
+    let connections = match &*store {
+        AnyStore::Memory(_) => None,
+        AnyStore::Redis(r) => Some(r.connections()),
+        AnyStore::Split(s) => Some(s.main().connections() + s.per_second().connections()),
+    };
+    if let Some(connections) = connections {
+        metrics::gauge!(crate::metrics::BACKEND_CONNECTIONS).set(connections as f64);
+        let per_second_url = per_second
+            .as_ref()
+            .map(|p| tracing::field::display(mask(&p.url)));
+        match store.ping().await {
             Ok(()) => {
                 health.set(Component::Backend, true);
-                tracing::info!(url = %mask(&redis.url), connections = r.connections(), "connected to redis");
+                tracing::info!(url = %mask(&redis.url), per_second_url, connections, "connected to redis");
             }
             Err(e) => {
-                tracing::error!(url = %mask(&redis.url), error = %e, "redis not reachable yet; answering UNAVAILABLE until it is")
+                tracing::error!(url = %mask(&redis.url), per_second_url, error = %e, "redis not reachable yet; answering UNAVAILABLE until it is")
             }
         }
         if args.redis_health_check_active_connection {
             spawn_backend_probe(store.clone(), health.clone());
         }
     } else {
+        if args.redis_persecond {
+            tracing::warn!(
+                "REDIS_PERSECOND applies to the redis backend only; ignored by the in-memory one"
+            );
+        }
         tracing::info!(
             max_counters = args.memory_max_counters,
             "using the in-memory backend (single instance; set REDIS_URL to share counters)"
@@ -433,9 +456,7 @@ fn spawn_backend_probe(store: Arc<AnyStore>, health: Arc<Health>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tick.tick().await;
-            if let AnyStore::Redis(r) = &*store {
-                health.set(Component::Backend, r.ping().await.is_ok());
-            }
+            health.set(Component::Backend, store.ping().await.is_ok());
         }
     });
 }

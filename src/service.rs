@@ -422,6 +422,7 @@ impl<S: Store> RateLimiter<S> {
             previous,
             cost,
             jitter_secs: self.jitter(),
+            per_second: limit.unit == Unit::Second,
         }
     }
 

@@ -373,6 +373,7 @@ fn check(l: &Limit, now: u64, cost: u64) -> Check {
         previous,
         cost,
         jitter_secs: 0,
+        per_second: false,
     }
 }
 
@@ -476,6 +477,7 @@ fn seed(rt: &tokio::runtime::Runtime, store: &MemoryStore, key: String, count: u
         previous: None,
         cost: count,
         jitter_secs: 0,
+        per_second: false,
     }];
     let batch = Batch {
         checks: &checks,

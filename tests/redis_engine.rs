@@ -61,6 +61,7 @@ async fn seed_memory(memory: &MemoryStore, key: &str, count: u64, now_ms: u64) {
         previous: None,
         cost: count,
         jitter_secs: 0,
+        per_second: false,
     }];
     let batch = Batch {
         checks: &checks,
@@ -258,6 +259,7 @@ fn checks(id: u64, case: &Case, step: &Step, now: u64) -> Vec<Check> {
                 previous,
                 cost,
                 jitter_secs: step.jitter_secs,
+                per_second: false,
             });
         }
     }
@@ -391,6 +393,7 @@ fn large_counts_round_alike() {
                     previous: Some(prev),
                     cost,
                     jitter_secs: 1,
+                    per_second: false,
                 },
                 Check {
                     descriptor: 0,
@@ -399,6 +402,7 @@ fn large_counts_round_alike() {
                     previous: None,
                     cost,
                     jitter_secs: 1,
+                    per_second: false,
                 },
             ];
             let batch = Batch {
@@ -453,6 +457,7 @@ async fn counts_saturate_at_the_largest_redis_integer_alike() {
         previous: previous.map(Into::into),
         cost,
         jitter_secs: 0,
+        per_second: false,
     };
     for cost in [0, 1, 5, 6, MAX_COUNT, u64::MAX] {
         let checks = [
@@ -540,6 +545,7 @@ fn one_check(key: &str, previous: Option<&str>, quota: Quota) -> Check {
         previous: previous.map(Into::into),
         cost: 1,
         jitter_secs: 0,
+        per_second: false,
     }
 }
 

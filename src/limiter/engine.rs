@@ -54,6 +54,9 @@ pub struct Check {
     /// Extra seconds of life for the keys (`EXPIRATION_JITTER_MAX_SECONDS`), so keys written
     /// together do not all expire together.
     pub jitter_secs: u64,
+    /// Its limit's unit is `SECOND` (whatever the multiplier or algorithm): with
+    /// `REDIS_PERSECOND=true` its keys live in the per-second Redis, as in the reference.
+    pub per_second: bool,
 }
 
 impl Check {
@@ -202,8 +205,8 @@ fn current(checks: &[Check], states: &[State], charged: &[Option<State>], i: usi
 
 /// Whether the answer to the request will be a refusal, as the service computes it: a
 /// refused descriptor that is neither shadowed nor a quota descriptor, or every quota
-/// descriptor refused.
-fn refused(batch: &Batch<'_>, decided: &[Decided]) -> bool {
+/// descriptor refused. `decided` is in the order of `batch.checks`.
+pub fn refused(batch: &Batch<'_>, decided: &[Decided]) -> bool {
     if batch.never_refuse {
         return false;
     }
@@ -243,6 +246,7 @@ mod tests {
             previous: None,
             cost,
             jitter_secs: 0,
+            per_second: false,
         }
     }
 

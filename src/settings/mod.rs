@@ -283,7 +283,7 @@ pub struct ServeArgs {
     /// redis or memory. Unset: redis when REDIS_URL is set, memory otherwise.
     #[arg(long, env = "BACKEND_TYPE", default_value = "", value_parser = parse_backend_type)]
     pub backend_type: BackendChoice,
-    #[arg(long, env = "REDIS_SOCKET_TYPE", default_value = "unix", value_parser = parse_socket_type)]
+    #[arg(long, env = "REDIS_SOCKET_TYPE", default_value = "unix", value_parser = socket_type("REDIS_SOCKET_TYPE"))]
     pub redis_socket_type: SocketType,
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
@@ -296,6 +296,32 @@ pub struct ServeArgs {
     /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "10s", value_parser = duration("REDIS_TIMEOUT", Bound::Positive, HOUR))]
     pub redis_timeout: Duration,
+    /// Count the limits whose unit is `second` in a Redis of their own (`REDIS_PERSECOND_*`),
+    /// the others in `REDIS_URL`'s; keys are the same in either. Redis backend only.
+    #[arg(long, env = "REDIS_PERSECOND", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_persecond: bool,
+    #[arg(long, env = "REDIS_PERSECOND_SOCKET_TYPE", default_value = "unix", value_parser = socket_type("REDIS_PERSECOND_SOCKET_TYPE"))]
+    pub redis_persecond_socket_type: SocketType,
+    #[arg(
+        long,
+        env = "REDIS_PERSECOND_URL",
+        default_value = "/var/run/nutcracker/ratelimitpersecond.sock"
+    )]
+    pub redis_persecond_url: String,
+    #[arg(
+        long,
+        env = "REDIS_PERSECOND_AUTH",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub redis_persecond_auth: String,
+    #[arg(long, env = "REDIS_PERSECOND_TLS", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_persecond_tls: bool,
+    #[arg(long, env = "REDIS_PERSECOND_POOL_SIZE", default_value_t = 10)]
+    pub redis_persecond_pool_size: usize,
+    /// Bound on every per-second Redis operation (Go duration).
+    #[arg(long, env = "REDIS_PERSECOND_TIMEOUT", default_value = "10s", value_parser = duration("REDIS_PERSECOND_TIMEOUT", Bound::Positive, HOUR))]
+    pub redis_persecond_timeout: Duration,
     /// Most counters the memory backend holds (about 160 bytes each). When full, a new
     /// counter replaces one whose window has ended, else the one whose window ends first
     /// (counted in ratelimitd_memory_evictions_total).
@@ -447,13 +473,14 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
-fn parse_socket_type(s: &str) -> Result<SocketType, String> {
-    match s.to_ascii_lowercase().as_str() {
+/// A socket type setting (`REDIS_SOCKET_TYPE`, `REDIS_PERSECOND_SOCKET_TYPE`), any case.
+fn socket_type(
+    setting: &'static str,
+) -> impl Fn(&str) -> Result<SocketType, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.to_ascii_lowercase().as_str() {
         "tcp" => Ok(SocketType::Tcp),
         "unix" => Ok(SocketType::Unix),
-        _ => Err(format!(
-            "invalid REDIS_SOCKET_TYPE '{s}' (expected tcp or unix)"
-        )),
+        _ => Err(format!("invalid {setting} '{s}' (expected tcp or unix)")),
     }
 }
 
@@ -490,8 +517,11 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
     "REDIS_PIPELINE_WINDOW",
     "REDIS_PIPELINE_LIMIT",
-    "REDIS_PERSECOND",
-    "REDIS_PERSECOND_URL",
+    "REDIS_PERSECOND_TYPE",
+    "REDIS_PERSECOND_PIPELINE_WINDOW",
+    "REDIS_PERSECOND_PIPELINE_LIMIT",
+    "REDIS_PERSECOND_POOL_ON_EMPTY_BEHAVIOR",
+    "REDIS_PERSECOND_SENTINEL_AUTH",
     "REDIS_POOL_ON_EMPTY_BEHAVIOR",
     "REDIS_SENTINEL_AUTH",
     "MEMCACHE_HOST_PORT",
@@ -655,6 +685,57 @@ mod tests {
         assert_eq!(format!("{bare:?}"), format!("{serve:?}"));
         // Serve's flags need the command.
         assert!(Cli::try_parse_from(["ratelimitd", "--grpc-port", "9"]).is_err());
+    }
+
+    #[test]
+    fn per_second_redis_settings_have_the_references_defaults() {
+        let serve = |extra: &[&str]| {
+            let mut argv = vec!["ratelimitd", "serve", "--config", "x"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(Cli::into_command) {
+                Ok(Ok(Command::Serve(args))) => Ok(args),
+                Ok(_) => panic!("serve expected"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        // The reference's defaults (assuming the test environment leaves them unset).
+        if std::env::vars().all(|(k, _)| !k.starts_with("REDIS_PERSECOND")) {
+            let a = serve(&[]).unwrap();
+            assert!(!a.redis_persecond);
+            assert_eq!(a.redis_persecond_socket_type, SocketType::Unix);
+            assert_eq!(
+                a.redis_persecond_url,
+                "/var/run/nutcracker/ratelimitpersecond.sock"
+            );
+            assert_eq!(a.redis_persecond_auth, "");
+            assert!(!a.redis_persecond_tls);
+            assert_eq!(a.redis_persecond_pool_size, 10);
+            assert_eq!(a.redis_persecond_timeout, Duration::from_secs(10));
+        }
+        let a = serve(&[
+            "--redis-persecond",
+            "true",
+            "--redis-persecond-socket-type",
+            "TCP",
+            "--redis-persecond-url",
+            "127.0.0.1:6380",
+            "--redis-persecond-timeout",
+            "250ms",
+        ])
+        .unwrap();
+        assert!(a.redis_persecond);
+        assert_eq!(a.redis_persecond_socket_type, SocketType::Tcp);
+        assert_eq!(a.redis_persecond_url, "127.0.0.1:6380");
+        assert_eq!(a.redis_persecond_timeout, Duration::from_millis(250));
+        let e = serve(&["--redis-persecond-socket-type", "udp"]).unwrap_err();
+        assert!(
+            e.contains("invalid REDIS_PERSECOND_SOCKET_TYPE 'udp' (expected tcp or unix)"),
+            "{e}"
+        );
+        for acted_on in ["REDIS_PERSECOND", "REDIS_PERSECOND_URL"] {
+            assert!(!UNSUPPORTED_ENV.contains(&acted_on));
+        }
+        assert!(UNSUPPORTED_ENV.contains(&"REDIS_PERSECOND_TYPE"));
     }
 
     #[test]

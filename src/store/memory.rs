@@ -464,6 +464,7 @@ mod tests {
             previous: None,
             cost,
             jitter_secs: 0,
+            per_second: false,
         }
     }
 
@@ -676,6 +677,7 @@ mod tests {
                 previous: None,
                 cost: 1,
                 jitter_secs: 0,
+                per_second: false,
             }
         }
 

@@ -3,15 +3,18 @@
 //! A request's checks go to the store in one call, [`Store::decide`] (one Redis round trip):
 //! the store runs the counting engine on them atomically (memory: under the locks of every
 //! key they touch; Redis: one Lua script, `engine.lua`) and returns every check's decision.
+//! With `REDIS_PERSECOND=true`, [`SplitStore`] sends per-second limits to a second Redis.
 
 mod memory;
 mod redis;
 mod script;
+mod split;
 
 use std::future::Future;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisSettings, RedisStore, SocketType};
+pub use self::split::SplitStore;
 
 use crate::limiter::engine::{Batch, Decided};
 pub use crate::limiter::MAX_COUNT;
@@ -37,12 +40,21 @@ pub enum StoreError {
     /// `REDIS_URL`/`REDIS_AUTH` cannot be used; only at start-up.
     #[error("invalid Redis settings: {0}")]
     Settings(#[source] ::redis::RedisError),
+    /// One of the above from the per-second Redis (`REDIS_PERSECOND=true`).
+    #[error("per-second Redis (REDIS_PERSECOND_URL): {0}")]
+    PerSecond(#[source] Box<StoreError>),
 }
 
 impl StoreError {
+    /// `e`, as the per-second Redis's.
+    pub fn per_second(e: StoreError) -> StoreError {
+        StoreError::PerSecond(Box::new(e))
+    }
+
     /// The coarse kind, for metric labels and client messages.
     pub fn kind(&self) -> StoreErrorKind {
         match self {
+            StoreError::PerSecond(e) => e.kind(),
             StoreError::Timeout(_) => StoreErrorKind::Timeout,
             StoreError::Connection(_) | StoreError::Settings(_) => StoreErrorKind::Connection,
             StoreError::Response(_) | StoreError::Reply(_) => StoreErrorKind::Response,
@@ -52,7 +64,10 @@ impl StoreError {
     /// Whether trying again later can help: timeouts and lost connections, not wrong replies
     /// or settings.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Timeout(_) | StoreError::Connection(_))
+        match self {
+            StoreError::PerSecond(e) => e.is_transient(),
+            e => matches!(e, StoreError::Timeout(_) | StoreError::Connection(_)),
+        }
     }
 }
 
@@ -111,24 +126,32 @@ pub enum Backend {
 pub enum AnyStore {
     Memory(MemoryStore),
     Redis(RedisStore),
+    /// `REDIS_PERSECOND=true`: per-second limits in a Redis of their own.
+    Split(SplitStore),
 }
 
 impl AnyStore {
-    /// Builds the store for `backend`; the memory store also gets its sweeper task (so call
-    /// this inside the runtime). Redis connects lazily: an error here is a settings error.
+    /// Builds the store for `backend`, with a per-second Redis when `per_second` is given (the
+    /// memory backend ignores it, as the reference's does); the memory store also gets its
+    /// sweeper task (so call this inside the runtime). Redis connects lazily: an error here is
+    /// a settings error.
     pub fn new(
         backend: Backend,
         redis: &RedisSettings,
+        per_second: Option<&RedisSettings>,
         memory_max_counters: std::num::NonZeroUsize,
         clock: std::sync::Arc<dyn crate::limiter::Clock>,
     ) -> Result<Self, StoreError> {
-        Ok(match backend {
-            Backend::Memory => {
+        Ok(match (backend, per_second) {
+            (Backend::Memory, _) => {
                 let store = MemoryStore::new(clock, memory_max_counters);
                 store.spawn_sweeper(std::time::Duration::from_secs(1));
                 AnyStore::Memory(store)
             }
-            Backend::Redis => AnyStore::Redis(RedisStore::new(redis)?),
+            (Backend::Redis, None) => AnyStore::Redis(RedisStore::new(redis)?),
+            (Backend::Redis, Some(per_second)) => {
+                AnyStore::Split(SplitStore::connect(redis, per_second)?)
+            }
         })
     }
 
@@ -136,7 +159,16 @@ impl AnyStore {
     pub fn name(&self) -> &'static str {
         match self {
             AnyStore::Memory(_) => "memory",
-            AnyStore::Redis(_) => "redis",
+            AnyStore::Redis(_) | AnyStore::Split(_) => "redis",
+        }
+    }
+
+    /// `PING` on every Redis (none for memory), bounded by `REDIS_TIMEOUT`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(_) => Ok(()),
+            AnyStore::Redis(s) => s.ping().await,
+            AnyStore::Split(s) => s.ping().await,
         }
     }
 }
@@ -146,6 +178,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(s) => s.decide(batch).await,
             AnyStore::Redis(s) => s.decide(batch).await,
+            AnyStore::Split(s) => s.decide(batch).await,
         }
     }
 }

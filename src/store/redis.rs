@@ -204,7 +204,7 @@ pub fn connection_info(s: &RedisSettings) -> Result<redis::ConnectionInfo, Redis
                 p.parse::<u16>().map_err(|_| {
                     RedisError::from((
                         redis::ErrorKind::InvalidClientConfig,
-                        "REDIS_URL port is not a number",
+                        "the port is not a number",
                         url.to_owned(),
                     ))
                 })?,

@@ -187,6 +187,7 @@ mod tests {
             previous: previous.map(str::to_owned),
             cost: 3,
             jitter_secs: 4,
+            per_second: false,
         }
     }
 
