@@ -44,6 +44,8 @@ pub enum ServeError {
     #[error(transparent)]
     Recorder(#[from] crate::metrics::RecorderError),
     #[error(transparent)]
+    Mapper(#[from] crate::metrics::mapper::MapperError),
+    #[error(transparent)]
     Statsd(#[from] StatsdError),
     #[error("cannot handle {0}: {1}")]
     Signal(&'static str, #[source] std::io::Error),
@@ -131,7 +133,11 @@ impl Telemetry {
     fn start(args: &ServeArgs) -> Result<Self, ServeError> {
         let statsd = start_statsd(args)?;
         let exporter = statsd.clone().map(|s| s as Exporter);
-        let prometheus = crate::metrics::install(exporter.clone())?;
+        let mapper = match &args.prometheus_mapper_yaml {
+            Some(path) => Some(Arc::new(crate::metrics::mapper::Mapper::load(path)?)),
+            None => None,
+        };
+        let prometheus = crate::metrics::install(exporter.clone(), mapper.clone())?;
         let stats = StatsSettings {
             max_dynamic_keys: args.metrics_max_dynamic_keys,
             idle_timeout: args.metrics_idle_timeout,
@@ -140,7 +146,7 @@ impl Telemetry {
             _upkeep: crate::metrics::spawn_upkeep(prometheus.clone()),
             prometheus,
             statsd,
-            stats: Arc::new(Stats::new(exporter, stats)),
+            stats: Arc::new(Stats::new(exporter, stats).with_mapper(mapper)),
         })
     }
 }

@@ -33,8 +33,8 @@
 //! used by runner.go:69); [`Statsd::start`] uses UDP and [`Statsd::start_with_protocol`] does
 //! either. Not emitted: Go runtime gauges (`ratelimit.go.*`) and gostats' `reserved_tag`.
 //! How: [`Statsd`] is a `metrics` recorder (an exporter of the same events Prometheus sees,
-//! see `crate::metrics`), and the reference's naming rules live here, in [`counter_name`] and
-//! [`timer_name`]: events it does not send get no-op handles. Handles are registered once
+//! see `crate::metrics`), and the reference's naming rules live in
+//! [`crate::metrics::reference_names`]: events it does not send get no-op handles. Handles are registered once
 //! (per-rule ones when the config is compiled), so counting is an atomic add and a timing a
 //! lock-free push; cadence formats the lines, and all I/O happens in the flush, off the
 //! request path. A stat is forgotten once no handle can count into it and nothing is unsent
@@ -64,7 +64,7 @@ use dashmap::DashMap;
 use metrics::{CounterFn, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use metrics_util::storage::AtomicBucket;
 
-use crate::metrics as m;
+use crate::metrics::reference_names::{counter_name, timer_name};
 
 /// Timings waiting for the next flush, at most; more are dropped and counted.
 const MAX_PENDING_TIMERS: usize = 65_536;
@@ -200,47 +200,6 @@ impl HistogramFn for StatTimer {
         // Saturating float-to-int cast: NaN and negatives become 0, as in Go's Milliseconds().
         self.values.push((value * 1000.0) as u64);
     }
-}
-
-/// The reference's stat name for a counter event, or `None` for events it does not send.
-fn counter_name(key: &Key) -> Option<String> {
-    let label = |name: &str| key.labels().find(|l| l.key() == name).map(|l| l.value());
-    Some(match key.name() {
-        m::TOTAL_REQUESTS => format!("ratelimit_server.{}.total_requests", label("grpc_method")?),
-        m::SHOULD_RATE_LIMIT_ERROR => format!(
-            "ratelimit.service.call.should_rate_limit.{}",
-            label("err_type")?
-        ),
-        m::GLOBAL_SHADOW_MODE => "ratelimit.service.global_shadow_mode".to_owned(),
-        m::CONFIG_LOAD_SUCCESS => "ratelimit.service.config_load_success".to_owned(),
-        m::CONFIG_LOAD_ERROR => "ratelimit.service.config_load_error".to_owned(),
-        m::DOMAIN_NOT_FOUND => format!(
-            "ratelimit.service.rate_limit.{}.domain_not_found",
-            label(m::STATS_KEY_LABEL)?
-        ),
-        name => {
-            let stat = match name {
-                m::TOTAL_HITS => "total_hits",
-                m::OVER_LIMIT => "over_limit",
-                m::NEAR_LIMIT => "near_limit",
-                m::WITHIN_LIMIT => "within_limit",
-                m::SHADOW_MODE => "shadow_mode",
-                m::OVER_LIMIT_WITH_LOCAL_CACHE => "over_limit_with_local_cache",
-                _ => return None,
-            };
-            format!(
-                "ratelimit.service.rate_limit.{}.{stat}",
-                label(m::STATS_KEY_LABEL)?
-            )
-        }
-    })
-}
-
-/// The reference's stat name for a timing (histogram) event, or `None`.
-fn timer_name(key: &Key) -> Option<String> {
-    let method = key.labels().find(|l| l.key() == "grpc_method")?;
-    (key.name() == m::RESPONSE_TIME)
-        .then(|| format!("ratelimit_server.{}.response_time", method.value()))
 }
 
 impl Recorder for Statsd {
@@ -547,6 +506,7 @@ impl MetricSink for SharedWire {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics as m;
     use metrics::Label;
     use tokio::time::{timeout_at, Instant};
 

@@ -645,3 +645,82 @@ async fn removed_rules_and_idle_traffic_keys_leave_metrics_after_the_idle_timeou
         Some(1.0)
     );
 }
+
+/// PROMETHEUS_MAPPER_YAML: the reference's series renamed by a statsd_exporter mapping file
+/// (the first mapping matching the reference's StatsD name wins; `drop` removes a series; an
+/// unmapped name gets statsd_exporter's escaped name), our own series untouched; a bad file
+/// stops start-up naming the setting.
+#[tokio::test]
+async fn a_prometheus_mapper_file_renames_the_reference_series() {
+    const MAPPER: &str = r#"
+mappings:
+  - match: "ratelimit.service.rate_limit.*.*.over_limit"
+    name: "custom_over"
+    timer_type: histogram
+    labels: {dom: "$1", rule: "$2"}
+  - match: "ratelimit.service.rate_limit.*.*.near_limit"
+    action: drop
+  - match: "ratelimit_server.*.total_requests"
+    name: "custom_requests_total"
+    labels: {method: "$1"}
+"#;
+    let dir = config_dir(&[("m.yaml", RULES)]);
+    let files = tempfile::TempDir::new().unwrap();
+    let mapper = files.path().join("mapper.yaml");
+    std::fs::write(&mapper, MAPPER).unwrap();
+    let rl = Ratelimitd::builder(dir.path())
+        .env("PROMETHEUS_MAPPER_YAML", mapper.to_str().unwrap())
+        .start();
+    ensure_window_room(60, Duration::from_secs(10)).await;
+    let mut c = rl.client().await;
+    for _ in 0..7 {
+        c.should_rate_limit(request("m", &[&[("k", "v")]]))
+            .await
+            .unwrap();
+    }
+    let text = http_get(&rl.http, "/metrics").1;
+    assert_eq!(
+        sample(&text, "custom_over", &[("dom", "m"), ("rule", "k")]),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "custom_requests_total",
+            &[("method", "ShouldRateLimit")]
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        sample(&text, "ratelimit_service_rate_limit_m_k_total_hits", &[]),
+        Some(7.0),
+        "unmapped: the escaped StatsD name"
+    );
+    for gone in [
+        "ratelimit_service_rate_limit_near_limit",
+        "ratelimit_service_rate_limit_over_limit",
+        "ratelimit_service_rate_limit_total_hits",
+        "ratelimit_service_total_requests",
+    ] {
+        assert!(
+            !text.lines().any(|l| l.starts_with(&format!("{gone}{{"))),
+            "{gone} still exported"
+        );
+    }
+    assert!(
+        text.contains("ratelimitd_calls_in_flight"),
+        "our own series keep their names"
+    );
+
+    std::fs::write(&mapper, "mappings:\n  - match: a.*\n    nmae: x\n").unwrap();
+    let (code, log) = serve_expecting_refusal(
+        dir.path(),
+        &[("PROMETHEUS_MAPPER_YAML", mapper.to_str().unwrap())],
+    );
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("PROMETHEUS_MAPPER_YAML") && log.contains("unknown field `nmae`"),
+        "{log}"
+    );
+}

@@ -20,7 +20,9 @@
 //! removed by a reload leaves the metrics.
 
 mod domains;
+pub mod mapper;
 mod per_rule;
+pub mod reference_names;
 mod rule;
 
 use std::time::Duration;
@@ -94,12 +96,22 @@ pub enum RecorderError {
 
 /// Installs the global recorder, Prometheus and (when given) `exporter` fanned out to, and
 /// describes every metric. Call once, in `serve`. Returns the Prometheus handle for `/metrics`.
-pub fn install(exporter: Option<Exporter>) -> Result<PrometheusHandle, RecorderError> {
+///
+/// With a `mapper` (`PROMETHEUS_MAPPER_YAML`), the reference's series are renamed by it on
+/// their way to Prometheus ([`mapper`]); the StatsD exporter is not affected.
+pub fn install(
+    exporter: Option<Exporter>,
+    mapper: Option<std::sync::Arc<mapper::Mapper>>,
+) -> Result<PrometheusHandle, RecorderError> {
     let prometheus = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
         .map_err(RecorderError::Buckets)?
         .build_recorder();
     let handle = prometheus.handle();
+    let prometheus: Box<dyn metrics::Recorder + Send + Sync> = match mapper {
+        Some(mapper) => Box::new(mapper::MappedRecorder::new(prometheus, mapper)),
+        None => Box::new(prometheus),
+    };
     let installed = match exporter {
         None => metrics::set_global_recorder(prometheus).map_err(|_| ()),
         Some(exporter) => metrics::set_global_recorder(

@@ -23,6 +23,8 @@ use metrics_util::MetricKindMask;
 use super::{
     domains::{escape_metric_name, UnknownDomains},
     labels,
+    mapper::{Kind as MapKind, Mapper},
+    reference_names::counter_name,
     rule::{HitOutcome, RuleCounters, RuleSlot},
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DYNAMIC_KEYS, DOMAIN_NOT_FOUND, DYNAMIC_KEYS,
     DYNAMIC_KEYS_OVERFLOW, NEAR_LIMIT, OVERFLOW_KEY, OVER_LIMIT, OVER_LIMIT_WITH_LOCAL_CACHE,
@@ -107,6 +109,8 @@ pub struct Stats {
     folded: Counter,
     /// `domain_not_found`, by unknown domain (see [`super::domains`]).
     unknown_domains: UnknownDomains,
+    /// `PROMETHEUS_MAPPER_YAML`: renames the series on their way to Prometheus.
+    mapper: Option<Arc<Mapper>>,
 }
 
 impl Stats {
@@ -133,6 +137,31 @@ impl Stats {
                 settings.max_dynamic_keys,
                 metrics::counter!(UNKNOWN_DOMAINS_OVERFLOW),
             ),
+            mapper: None,
+        }
+    }
+
+    /// Renames the series with `mapper` (`PROMETHEUS_MAPPER_YAML`); StatsD is not affected.
+    pub fn with_mapper(mut self, mapper: Option<Arc<Mapper>>) -> Self {
+        self.mapper = mapper;
+        self
+    }
+
+    /// Registers a per-rule series in `recorder` under `key`, or under what the mapper makes
+    /// of it.
+    fn register_prometheus(
+        &self,
+        recorder: &PrometheusRecorder,
+        key: &Key,
+        statsd: impl FnOnce() -> Option<String>,
+        metadata: &Metadata<'_>,
+    ) -> Counter {
+        let mapped = self.mapper.as_ref().and_then(|m| Some((m, statsd()?)));
+        match mapped {
+            Some((mapper, name)) => mapper
+                .map(&name, MapKind::Counter)
+                .register(|k| recorder.register_counter(k, metadata), Counter::noop),
+            None => recorder.register_counter(key, metadata),
         }
     }
 
@@ -144,8 +173,9 @@ impl Stats {
                 let recorder = lock(&self.recorder);
                 let metadata = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
                 let name = format!("ratelimit.service.rate_limit.{stat_domain}.domain_not_found");
-                let prometheus = recorder
-                    .register_counter(&Key::from_name(escape_metric_name(&name)), &metadata);
+                let key = Key::from_name(escape_metric_name(&name));
+                let prometheus =
+                    self.register_prometheus(&recorder, &key, || Some(name.clone()), &metadata);
                 let Some(exporter) = &self.exporter else {
                     return prometheus;
                 };
@@ -284,14 +314,19 @@ impl Stats {
         let metadata = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
         RuleCounters::new(
             |name| {
-                let prometheus =
-                    recorder.register_counter(&Key::from_parts(name, labels.clone()), &metadata);
+                let mut named = labels.clone();
+                named.push(metrics::Label::new(STATS_KEY_LABEL, stats_key.to_owned()));
+                let named = Key::from_parts(name, named);
+                let prometheus = self.register_prometheus(
+                    recorder,
+                    &Key::from_parts(name, labels.clone()),
+                    || counter_name(&named),
+                    &metadata,
+                );
                 let Some(exporter) = &self.exporter else {
                     return prometheus;
                 };
-                let mut named = labels.clone();
-                named.push(metrics::Label::new(STATS_KEY_LABEL, stats_key.to_owned()));
-                let exported = exporter.register_counter(&Key::from_parts(name, named), &metadata);
+                let exported = exporter.register_counter(&named, &metadata);
                 Counter::from_arc(Arc::new(Tee(prometheus, exported)))
             },
             self.now(),

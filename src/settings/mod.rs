@@ -253,6 +253,10 @@ pub struct ServeArgs {
     pub prometheus_addr: String,
     #[arg(long, env = "PROMETHEUS_PATH", default_value = "/metrics")]
     pub prometheus_path: String,
+    /// A statsd_exporter mapping file renaming the reference's series (unset: the native
+    /// names, which are the reference's default mapping's).
+    #[arg(long, env = "PROMETHEUS_MAPPER_YAML")]
+    pub prometheus_mapper_yaml: Option<std::path::PathBuf>,
     /// Unhealthy until a config with at least one domain is loaded.
     #[arg(long, env = "HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub healthy_with_at_least_one_config_loaded: bool,
@@ -501,7 +505,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "USE_DOG_STATSD",
     "USE_DOG_STATSD_MOGRIFIERS",
     "DISABLE_STATS",
-    "PROMETHEUS_MAPPER_YAML",
     "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
     "GRPC_SERVER_USE_TLS",
     "GRPC_SERVER_TLS_CERT",
