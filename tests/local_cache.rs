@@ -138,32 +138,6 @@ async fn a_key_over_its_limit_is_answered_locally_until_its_window_ends() {
     }
 }
 
-/// Counter lines received until `want` is seen (flushes send deltas) or 10 s pass.
-fn statsd_totals(
-    server: &std::net::UdpSocket,
-    want: &[(&str, u64)],
-) -> std::collections::BTreeMap<String, u64> {
-    server
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut totals = std::collections::BTreeMap::<String, u64>::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut buf = [0u8; 65_536];
-    while std::time::Instant::now() < deadline
-        && !want.iter().all(|(k, v)| totals.get(*k) == Some(v))
-    {
-        if let Ok(n) = server.recv(&mut buf) {
-            for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                if let Some(stat) = line.strip_suffix("|c") {
-                    let (name, v) = stat.rsplit_once(':').unwrap();
-                    *totals.entry(name.to_owned()).or_default() += v.parse::<u64>().unwrap();
-                }
-            }
-        }
-    }
-    totals
-}
-
 #[tokio::test]
 async fn without_the_cache_every_hit_goes_to_redis() {
     let dir = config_dir(&[("lc.yaml", RULES)]);
