@@ -343,6 +343,52 @@ async fn without_force_start_nothing_listens_until_the_first_config() {
     .await;
     assert!(ready, "not serving after the first config:\n{}", rl.log());
     assert_eq!(answer(&rl, "d", "k", "a").await.0, Code::Ok);
+
+    // Waiting on a management server that never answers, it still stops on SIGTERM.
+    let silent = AdsServer::start();
+    let mut stuck = xds(&silent).spawn();
+    let a = Arc::new(silent);
+    let s = a.clone();
+    blocking(move || s.wait_request(WAIT, |r| r.node_id == "envoy-ratelimit")).await;
+    stuck.signal("TERM");
+    let status = blocking(move || stuck.wait_exit(WAIT)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_message_size_limit_is_not_taken() {
+    let ads = Arc::new(AdsServer::start());
+    let big: Vec<_> = (0..20)
+        .map(|i| {
+            rule(
+                &format!("rl-{i}"),
+                &format!("domain-{i}"),
+                "k",
+                "a",
+                RateLimitUnit::Minute,
+                5,
+            )
+        })
+        .collect();
+    ads.set("1", big);
+    let rl = xds(&ads)
+        .env("FORCE_START_WITHOUT_INITIAL_CONFIG", "true")
+        .env("XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES", "256")
+        .start();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !rl.log().contains("xDS stream failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", rl.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        ads.requests().iter().all(|r| r.response_nonce.is_empty()),
+        "{:?}",
+        ads.requests()
+    );
+    let status = call(&rl, "domain-0", "k", "a")
+        .await
+        .expect_err("never configured");
+    assert_eq!(status.message(), "no rate limit configuration loaded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
