@@ -39,23 +39,31 @@ const NACK_CODE: i32 = 3;
 
 /// Everything the client needs, checked at start-up.
 pub struct XdsClient {
+    /// `CONFIG_GRPC_XDS_SERVER_URL`, with TLS when asked for; connected anew per stream.
     pub(super) endpoint: Endpoint,
     /// The address as configured, for logs.
     pub(super) server: String,
+    /// Sent in every request: `CONFIG_GRPC_XDS_NODE_ID` and `_NODE_METADATA`.
     pub(super) node: Node,
     /// `CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS`, sent on every stream; never logged.
     pub(super) headers: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
-    /// 0: tonic's default (4 MiB).
+    /// `XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES`; 0: tonic's default (4 MiB).
     pub(super) max_message_size: usize,
+    /// `CONFIG_GRPC_XDS_SERVER_CONNECT_RETRY_INTERVAL`: between failed connection attempts.
     pub(super) connect_retry: Duration,
+    /// `XDS_CLIENT_BACKOFF_*`: before reconnecting after a stream ends.
     pub(super) backoff: Backoff,
+    /// `MERGE_DOMAIN_CONFIG`, as for files.
     pub(super) merge_domains: bool,
+    /// `DEFAULT_ALGORITHM`, as for files.
     pub(super) default_algorithm: Algorithm,
 }
 
 /// Where accepted configs go: the tree the service reads, and the health it reports.
 pub struct Target {
+    /// The tree the service, `/rlconfig` and the metrics upkeep read.
     pub rules: Arc<ArcSwap<RuleTree>>,
+    /// Its `config` component follows whether the config in force has a domain.
     pub health: Arc<Health>,
 }
 
