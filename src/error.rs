@@ -11,6 +11,9 @@ pub enum ServiceError {
     /// The counter store failed or timed out.
     #[error("rate limit backend unavailable: {0}")]
     Store(#[from] StoreError),
+    /// Rules over xDS, serving before the first config arrived: no rules to answer with.
+    #[error("no rate limit configuration loaded")]
+    NoConfig,
     /// `MAX_CONCURRENT_CALLS` calls were already in flight.
     #[error("too many calls in flight (MAX_CONCURRENT_CALLS={0}); retry later")]
     Overloaded(u64),
@@ -36,6 +39,8 @@ impl From<ServiceError> for tonic::Status {
             // says what happened and is the code clients treat as retryable.
             ServiceError::Store(_) => tonic::Status::unavailable(message),
             ServiceError::Overloaded(_) => tonic::Status::resource_exhausted(message),
+            // The reference answers UNKNOWN with these words; the state is transient.
+            ServiceError::NoConfig => tonic::Status::unavailable(message),
         }
     }
 }

@@ -25,7 +25,9 @@
 //!   each part and wires them; [`cli`]: the other subcommands and logging.
 //! - [`log_throttle`]: one log line per stretch of repeated failures; [`log_json`]: the
 //!   reference's JSON log lines; [`stat_name`]: the reference's stat-name sanitising.
-//! - [`proto`]: the generated Envoy RLS v3 types.
+//! - [`xds`]: rules over xDS (`CONFIG_TYPE=GRPC_XDS_SOTW`): the ADS client and the
+//!   conversion of `RateLimitConfig` resources into rules.
+//! - [`proto`]: the generated Envoy RLS v3 types, and the xDS ones.
 
 pub mod admin;
 pub mod answer;
@@ -54,3 +56,4 @@ pub mod stat_name;
 pub mod statsd;
 pub mod store;
 pub mod usage;
+pub mod xds;

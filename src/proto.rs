@@ -1,4 +1,5 @@
-//! Generated Envoy RLS v3 types and the tonic service, kept apart from hand-written code.
+//! Generated code, kept apart from hand-written code: the Envoy RLS v3 types and service, and
+//! for rules over xDS the ADS stream, its messages and the `RateLimitConfig` resource.
 #![allow(clippy::all, missing_docs, unreachable_pub)]
 
 pub mod envoy {
@@ -6,6 +7,11 @@ pub mod envoy {
         pub mod ratelimit {
             pub mod v3 {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
             }
         }
     }
@@ -29,6 +35,22 @@ pub mod envoy {
         pub mod v3 {
             tonic::include_proto!("envoy.r#type.v3");
         }
+    }
+}
+
+pub mod ratelimit {
+    pub mod config {
+        pub mod ratelimit {
+            pub mod v3 {
+                tonic::include_proto!("ratelimit.config.ratelimit.v3");
+            }
+        }
+    }
+}
+
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
     }
 }
 

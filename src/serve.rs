@@ -18,10 +18,10 @@ use crate::{
     config::{ConfigSource, ReloadOutcome, Reloader, RuleTree},
     health::{Component, Health},
     limiter::{engine::Charging, CacheKeyBuilder, Clock, SystemClock},
-    metrics::{Exporter, Stats, StatsSettings},
+    metrics::{count_load, ConfigMetrics, Exporter, Stats, StatsSettings},
     server,
     service::{HeaderNames, RateLimiter, ServiceSettings},
-    settings::{ServeArgs, DEFAULT_REDIS_URL},
+    settings::{ConfigType, ServeArgs, DEFAULT_REDIS_URL},
     statsd::{Statsd, StatsdError, StatsdSettings},
     store::{AnyStore, Backend, RedisSettings},
 };
@@ -39,6 +39,8 @@ pub enum ServeError {
         path: String,
         errors: crate::config::ConfigErrors,
     },
+    #[error(transparent)]
+    Xds(#[from] crate::xds::XdsError),
     #[error(transparent)]
     HashSecret(#[from] crate::settings::SecretFileError),
     #[error(transparent)]
@@ -80,13 +82,28 @@ pub async fn serve(
         tracing::warn!("LOCAL_CACHE_SIZE_IN_BYTES is ignored: the memory backend is local already");
     }
     let telemetry = Telemetry::start(&args)?;
-    let config = LoadedConfig::load(&args)?;
-    let (health, health_service) = health(&args, &config.rules);
-    let _reload = watch_config(&args, &config, health.clone())?;
+    let mut shutdown = Box::pin(shutdown);
+    let (rules, health, health_service, _config_tasks) = match args.xds.config_type {
+        ConfigType::File => {
+            let config = LoadedConfig::load(&args)?;
+            let (health, health_service) = health(&args, &config.rules);
+            let tasks = Vec::from(watch_config(&args, &config, health.clone())?);
+            (config.rules, health, health_service, tasks)
+        }
+        ConfigType::GrpcXdsSotw => {
+            let rules = Arc::new(ArcSwap::from_pointee(RuleTree::awaiting_first_config()));
+            let (health, health_service) = health(&args, &rules);
+            let Some(tasks) = start_xds(&args, &rules, &health, &mut shutdown).await? else {
+                tracing::info!("ratelimitd stopped before its first config");
+                return Ok(());
+            };
+            (rules, health, health_service, tasks)
+        }
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = connect_store(&args, clock.clone(), &health).await?;
     let limiter = Arc::new(RateLimiter::new(
-        config.rules.clone(),
+        rules.clone(),
         store,
         clock.clone(),
         service_settings(&args, keys.clone()),
@@ -95,7 +112,7 @@ pub async fn serve(
     let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
     let listeners = bind_listeners(&args).await?;
     let state = Arc::new(State {
-        rules: config.rules,
+        rules,
         limiter,
         health,
         prometheus: Some(telemetry.prometheus.clone()),
@@ -195,16 +212,6 @@ impl LoadedConfig {
     }
 }
 
-/// Counts a config load in `config_load_success` or `config_load_error`.
-fn count_load(ok: bool) {
-    let metric = if ok {
-        crate::metrics::CONFIG_LOAD_SUCCESS
-    } else {
-        crate::metrics::CONFIG_LOAD_ERROR
-    };
-    metrics::counter!(metric).increment(1);
-}
-
 /// The health state and the `grpc.health.v1` service mirroring it: the config component
 /// (`HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED`) and the backend one
 /// (`REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`) are tracked when asked for.
@@ -275,6 +282,51 @@ fn watch_config(
         .spawn_sighup()
         .map_err(|e| ServeError::Signal("SIGHUP", e))?;
     Ok([watch, sighup])
+}
+
+/// Rules over xDS: the client task, and a SIGHUP handler (the reference's signal; there are no
+/// files to reload). Unless `FORCE_START_WITHOUT_INITIAL_CONFIG`, waits as the reference does
+/// for the management server's first response, accepted or refused, before anything listens;
+/// `None` when `shutdown` comes first. File watching is not used.
+async fn start_xds(
+    args: &ServeArgs,
+    rules: &Arc<ArcSwap<RuleTree>>,
+    health: &Arc<Health>,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<Option<Vec<JoinHandle<()>>>, ServeError> {
+    let client = crate::xds::XdsClient::from_args(args)?;
+    tracing::info!(
+        server = %args.xds.config_grpc_xds_server_url,
+        node = %args.xds.config_grpc_xds_node_id,
+        tls = args.xds.config_grpc_xds_server_use_tls,
+        "rules over xDS (CONFIG_TYPE=GRPC_XDS_SOTW)"
+    );
+    let target = crate::xds::Target {
+        rules: rules.clone(),
+        health: health.clone(),
+    };
+    let (task, first) = client.spawn(target);
+    let sighup = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Signal("SIGHUP", e))?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP ignored: the rules come over xDS");
+            }
+        })
+    };
+    if !args.xds.force_start_without_initial_config {
+        tracing::info!("waiting for the first config from the xDS management server");
+        tokio::select! {
+            _ = first => {}
+            () = shutdown => {
+                task.abort();
+                sighup.abort();
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(vec![task, sighup]))
 }
 
 /// The counter store: Redis, with a second one for per-second limits under
@@ -429,31 +481,6 @@ async fn bind_listeners(args: &ServeArgs) -> Result<server::Listeners, ServeErro
         opening_timeout: args.connection_opening_timeout,
         header_read_timeout: args.http_header_read_timeout,
     })
-}
-
-/// Publishes the generation gauge and the hash info series of the config in force; the
-/// previous hash's series drops to 0.
-#[derive(Default)]
-struct ConfigMetrics {
-    /// A std Mutex: held for a swap, never across an await.
-    last_hash: std::sync::Mutex<Option<String>>,
-}
-
-impl ConfigMetrics {
-    fn publish(&self, generation: u64, hash: u64) {
-        metrics::gauge!(crate::metrics::CONFIG_GENERATION).set(generation as f64);
-        let hash = format!("{hash:016x}");
-        let mut last = match self.last_hash.lock() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(old) = last.replace(hash.clone()) {
-            if old != hash {
-                metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => old).set(0.0);
-            }
-        }
-        metrics::gauge!(crate::metrics::CONFIG_INFO, "hash" => hash).set(1.0);
-    }
 }
 
 /// `REDIS_HEALTH_CHECK_ACTIVE_CONNECTION`: PING every second; the backend component follows.

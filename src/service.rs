@@ -178,6 +178,8 @@ impl<S: Store> RateLimiter<S> {
                 Outcome::Backend
             }
             Err(ServiceError::Overloaded(_)) => Outcome::Shed,
+            // The reference counts it as a service error.
+            Err(ServiceError::NoConfig) => Outcome::Invalid,
         };
         result
     }
@@ -218,6 +220,9 @@ impl<S: Store> RateLimiter<S> {
         validate(req)?;
         // One atomic load: the whole request sees one rule set even if a reload lands now.
         let tree = self.rules.load_full();
+        if tree.awaiting_first_config {
+            return Err(ServiceError::NoConfig);
+        }
         // One clock read: every key and every decision of the request uses it.
         let now_ms = self.clock.now_millis();
         if !tree.domains.contains_key(&req.domain) {

@@ -37,6 +37,9 @@ pub struct RuleTree {
     pub domains: HashMap<String, Node>,
     /// The files it was built from, for logs and summaries.
     pub files: Vec<String>,
+    /// No config has arrived yet (rules over xDS, serving before the first one): calls fail
+    /// with the reference's "no rate limit configuration loaded" until one does.
+    pub awaiting_first_config: bool,
 }
 
 /// One level of a domain's descriptor tree.
@@ -219,6 +222,14 @@ impl Rule {
 }
 
 impl RuleTree {
+    /// The tree in force before the first config arrives over xDS: no rules, and calls fail.
+    pub fn awaiting_first_config() -> Self {
+        Self {
+            awaiting_first_config: true,
+            ..Self::default()
+        }
+    }
+
     /// Number of limits (rules) in the tree, for summaries.
     pub fn rule_count(&self) -> usize {
         fn count(n: &Node) -> usize {

@@ -19,6 +19,7 @@
 //! rule of the config in force: a passing key frees its place under the cap, and a rule
 //! removed by a reload leaves the metrics.
 
+mod config;
 mod domains;
 pub mod mapper;
 mod per_rule;
@@ -31,6 +32,7 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use metrics_util::layers::FanoutBuilder;
 
+pub use config::{count_load, ConfigMetrics};
 pub use per_rule::{spawn_rule_upkeep, Exporter, Stats, StatsSettings};
 pub use rule::{HitOutcome, RuleCounters, RuleSlot};
 

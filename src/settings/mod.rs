@@ -7,9 +7,11 @@ use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 use clap::{builder::BoolishValueParser, ArgAction, Args, FromArgMatches, Parser, Subcommand};
 
 mod values;
+mod xds;
 
 pub use values::*;
 use values::{HOUR, YEAR};
+pub use xds::{parse_additional_headers, parse_node_metadata, ConfigType, XdsArgs};
 
 use crate::{
     config::ConfigSource,
@@ -217,6 +219,9 @@ impl ConfigArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
+    /// `CONFIG_TYPE` and, for rules over xDS, the management server.
+    #[command(flatten)]
+    pub xds: XdsArgs,
 
     /// The [`UNSUPPORTED_ENV`] settings present in the environment, filled in by `main` (the
     /// library never reads the process environment itself), each warned about at start-up.
@@ -511,8 +516,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "GRPC_SERVER_TLS_KEY",
     "GRPC_CLIENT_TLS_CACERT",
     "GRPC_CLIENT_TLS_SAN",
-    "CONFIG_TYPE",
-    "FORCE_START_WITHOUT_INITIAL_CONFIG",
     "REDIS_TYPE",
     "REDIS_TLS_CLIENT_CERT",
     "REDIS_TLS_CLIENT_KEY",

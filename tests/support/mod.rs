@@ -339,9 +339,32 @@ impl RatelimitdBuilder {
         );
     }
 
+    /// Starts it on free loopback ports without waiting for it to be ready (a server that
+    /// waits for something before it listens); see [`Ratelimitd::ready_within`].
+    pub fn spawn(self) -> Ratelimitd {
+        self.spawn_once()
+    }
+
     /// One start on fresh ports: the running server, or how the process exited before it was
     /// ready, with its log.
     fn start_once(&self) -> Result<Ratelimitd, String> {
+        let mut rl = self.spawn_once();
+        let listeners = format!("grpc {}, http {}, debug {}", rl.grpc, rl.http, rl.debug);
+        match rl.wait_ready(Duration::from_secs(20)) {
+            Startup::Ready => Ok(rl),
+            Startup::Exited(status) => Err(format!(
+                "exited with {status} ({listeners}); log:\n{}",
+                rl.log()
+            )),
+            Startup::TimedOut => panic!(
+                "ratelimitd not ready within 20 s ({listeners}); log:\n{}",
+                rl.log()
+            ),
+        }
+    }
+
+    /// Spawns the process on fresh ports.
+    fn spawn_once(&self) -> Ratelimitd {
         let log_dir = TempDir::new().unwrap();
         let log_path = log_dir.path().join("ratelimitd.log");
         let log = fs::File::create(&log_path).unwrap();
@@ -386,25 +409,13 @@ impl RatelimitdBuilder {
             Some(path) => format!("unix:{path}"),
             None => addr("GRPC_HOST", "GRPC_PORT", grpc_port),
         };
-        let mut rl = Ratelimitd {
+        Ratelimitd {
             child: Some(cmd.spawn().expect("start ratelimitd")),
             grpc,
             http: addr("HOST", "PORT", http_port),
             debug: addr("DEBUG_HOST", "DEBUG_PORT", debug_port),
             log_path,
             _log_dir: log_dir,
-        };
-        let listeners = format!("grpc {}, http {}, debug {}", rl.grpc, rl.http, rl.debug);
-        match rl.wait_ready(Duration::from_secs(20)) {
-            Startup::Ready => Ok(rl),
-            Startup::Exited(status) => Err(format!(
-                "exited with {status} ({listeners}); log:\n{}",
-                rl.log()
-            )),
-            Startup::TimedOut => panic!(
-                "ratelimitd not ready within 20 s ({listeners}); log:\n{}",
-                rl.log()
-            ),
         }
     }
 
@@ -511,6 +522,19 @@ impl Ratelimitd {
             poll.join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Whether every listener answers within `limit` while the process runs (see
+    /// [`Ratelimitd::wait_ready`]).
+    pub fn ready_within(&mut self, limit: Duration) -> bool {
+        matches!(self.wait_ready(limit), Startup::Ready)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// The process id (for signals).
