@@ -23,7 +23,8 @@ use crate::{
     service::{HeaderNames, RateLimiter, ServiceSettings},
     settings::{ServeArgs, DEFAULT_REDIS_URL},
     statsd::{Statsd, StatsdError, StatsdSettings},
-    store::{AnyStore, Backend, RedisSettings},
+    store::{uses_tls, AnyStore, Backend, RedisSettings, RedisTls},
+    tls::ServerTls,
 };
 
 /// Why `serve` stopped before serving, or failed while serving. Each wraps the part that
@@ -41,6 +42,10 @@ pub enum ServeError {
     },
     #[error(transparent)]
     HashSecret(#[from] crate::settings::SecretFileError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("GRPC_SERVER_USE_TLS with GRPC_UDS is not supported: serve TLS on GRPC_HOST:GRPC_PORT, or plaintext on the Unix socket")]
+    TlsOnUds,
     #[error(transparent)]
     Recorder(#[from] crate::metrics::RecorderError),
     #[error(transparent)]
@@ -68,6 +73,8 @@ pub async fn serve(
     }
     // Read before anything else starts, so a bad secret file stops start-up at once.
     let keys = cache_keys(&args)?;
+    let grpc_tls = grpc_tls(&args)?;
+    let redis_tls = args.redis_tls_files.load()?;
     for name in &args.unsupported_set {
         tracing::warn!(
             setting = name,
@@ -82,7 +89,7 @@ pub async fn serve(
     let (health, health_service) = health(&args, &config.rules);
     let _reload = watch_config(&args, &config, health.clone())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = connect_store(&args, clock.clone(), &health).await?;
+    let store = connect_store(&args, clock.clone(), &health, &redis_tls).await?;
     let limiter = Arc::new(RateLimiter::new(
         config.rules.clone(),
         store,
@@ -91,7 +98,11 @@ pub async fn serve(
         telemetry.stats.clone(),
     ));
     let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
-    let listeners = bind_listeners(&args).await?;
+    let mut listeners = bind_listeners(&args).await?;
+    let _tls_watch = grpc_tls.as_ref().map(|tls| {
+        listeners.tls = Some(Arc::clone(tls));
+        tls.spawn_watch(args.reload_debounce, crate::tls::FALLBACK_INTERVAL)
+    });
     let state = Arc::new(State {
         rules: config.rules,
         limiter,
@@ -107,6 +118,23 @@ pub async fn serve(
     }
     tracing::info!("ratelimitd stopped");
     Ok(())
+}
+
+/// `GRPC_SERVER_USE_TLS`: the certificate files, read and checked now.
+fn grpc_tls(args: &ServeArgs) -> Result<Option<Arc<ServerTls>>, ServeError> {
+    let Some(files) = args.grpc_tls.server_files()? else {
+        return Ok(None);
+    };
+    if args.grpc_uds.is_some() {
+        return Err(ServeError::TlsOnUds);
+    }
+    let tls = ServerTls::load(files)?;
+    tracing::info!(
+        cert = %tls.files().cert.display(),
+        mtls = tls.files().client_ca.is_some(),
+        "serving gRPC over TLS"
+    );
+    Ok(Some(Arc::new(tls)))
 }
 
 /// `CACHE_KEY_PREFIX` and the `CACHE_KEY_HASH_SECRET_FILE` key, read now.
@@ -278,6 +306,7 @@ async fn connect_store(
     args: &ServeArgs,
     clock: Arc<dyn Clock>,
     health: &Arc<Health>,
+    tls_files: &RedisTls,
 ) -> Result<Arc<AnyStore>, ServeError> {
     let redis = RedisSettings {
         url: args
@@ -287,6 +316,7 @@ async fn connect_store(
         socket_type: args.redis_socket_type,
         auth: args.redis_auth.clone(),
         tls: args.redis_tls,
+        tls_files: tls_files.clone(),
         pool_size: args.redis_pool_size,
         timeout: args.redis_timeout,
     };
@@ -295,9 +325,14 @@ async fn connect_store(
         socket_type: args.redis_persecond_socket_type,
         auth: args.redis_persecond_auth.clone(),
         tls: args.redis_persecond_tls,
+        tls_files: tls_files.clone(),
         pool_size: args.redis_persecond_pool_size,
         timeout: args.redis_persecond_timeout,
     });
+    let any_tls = uses_tls(&redis) || per_second.as_ref().is_some_and(uses_tls);
+    if tls_files.is_set() && !(any_tls && args.backend() == Backend::Redis) {
+        tracing::warn!("REDIS_TLS_* files are set but no Redis connection uses TLS (REDIS_TLS, REDIS_PERSECOND_TLS or a rediss:// URL); ignored");
+    }
     let store = Arc::new(AnyStore::new(
         args.backend(),
         &redis,
@@ -422,6 +457,7 @@ async fn bind_listeners(args: &ServeArgs) -> Result<server::Listeners, ServeErro
         max_concurrent_streams: args.grpc_max_concurrent_streams,
         opening_timeout: args.connection_opening_timeout,
         header_read_timeout: args.http_header_read_timeout,
+        tls: None,
     })
 }
 
