@@ -124,9 +124,19 @@ impl Ca {
     }
 }
 
-/// The serial number of the certificate a TLS server at `addr` presents, read with a rustls
-/// client that trusts `ca_pem` (the client may present `identity`).
-pub async fn served_serial(addr: &str, ca_pem: &str, identity: Option<&Pair>) -> Vec<u8> {
+/// The serial numbers of the server certificates each connection of a [`tls_channel`] saw,
+/// in the order they were made.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A gRPC channel to `addr` over TLS made here with rustls (trusting `ca_pem`, presenting
+/// `identity` if given, ALPN h2), recording the serial number of the certificate each of its
+/// connections was served: a test sees whether the channel reconnected and with which
+/// certificate. Connects lazily, on the first call.
+pub fn tls_channel(
+    addr: &str,
+    ca_pem: &str,
+    identity: Option<&Pair>,
+) -> (tonic::transport::Channel, Seen) {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
@@ -147,18 +157,28 @@ pub async fn served_serial(addr: &str, ca_pem: &str, identity: Option<&Pair>) ->
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let (_, session) = tls.get_ref();
-    assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]), "ALPN h2");
-    let leaf = session.peer_certificates().unwrap()[0].clone();
-    serial_of(&leaf)
+    let seen = Seen::default();
+    let (addr, record) = (addr.to_owned(), seen.clone());
+    let channel = tonic::transport::Endpoint::from_static("http://tls.invalid")
+        .connect_with_connector_lazy(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let (connector, addr, record) = (connector.clone(), addr.clone(), record.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let tls = connector
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await?;
+                let (_, session) = tls.get_ref();
+                assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]), "ALPN h2");
+                if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+                    record.lock().unwrap().push(serial_of(leaf));
+                }
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }));
+    (channel, seen)
 }
 
-/// The serial number of a DER certificate (webpki's parser, no extra crate).
+/// The serial number of a DER certificate (read from the DER by hand: no parser crate).
 pub fn serial_of(der: &rustls::pki_types::CertificateDer<'_>) -> Vec<u8> {
     // TBSCertificate ::= SEQUENCE { [0] version, serialNumber INTEGER, ... }: walk the DER.
     let bytes = der.as_ref();
