@@ -74,7 +74,6 @@ pub async fn serve(
     // Read before anything else starts, so a bad secret file stops start-up at once.
     let keys = cache_keys(&args)?;
     let grpc_tls = grpc_tls(&args)?;
-    let redis_tls = args.redis_tls_files.load()?;
     for name in &args.unsupported_set {
         tracing::warn!(
             setting = name,
@@ -89,7 +88,7 @@ pub async fn serve(
     let (health, health_service) = health(&args, &config.rules);
     let _reload = watch_config(&args, &config, health.clone())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = connect_store(&args, clock.clone(), &health, &redis_tls).await?;
+    let store = connect_store(&args, clock.clone(), &health).await?;
     let limiter = Arc::new(RateLimiter::new(
         config.rules.clone(),
         store,
@@ -306,9 +305,8 @@ async fn connect_store(
     args: &ServeArgs,
     clock: Arc<dyn Clock>,
     health: &Arc<Health>,
-    tls_files: &RedisTls,
 ) -> Result<Arc<AnyStore>, ServeError> {
-    let redis = RedisSettings {
+    let mut redis = RedisSettings {
         url: args
             .redis_url
             .clone()
@@ -316,22 +314,29 @@ async fn connect_store(
         socket_type: args.redis_socket_type,
         auth: args.redis_auth.clone(),
         tls: args.redis_tls,
-        tls_files: tls_files.clone(),
+        tls_files: RedisTls::default(),
         pool_size: args.redis_pool_size,
         timeout: args.redis_timeout,
     };
-    let per_second = args.redis_persecond.then(|| RedisSettings {
+    let mut per_second = args.redis_persecond.then(|| RedisSettings {
         url: args.redis_persecond_url.clone(),
         socket_type: args.redis_persecond_socket_type,
         auth: args.redis_persecond_auth.clone(),
         tls: args.redis_persecond_tls,
-        tls_files: tls_files.clone(),
+        tls_files: RedisTls::default(),
         pool_size: args.redis_persecond_pool_size,
         timeout: args.redis_persecond_timeout,
     });
+    // As in the reference, the REDIS_TLS_* files are read only when a connection uses TLS.
     let any_tls = uses_tls(&redis) || per_second.as_ref().is_some_and(uses_tls);
-    if tls_files.is_set() && !(any_tls && args.backend() == Backend::Redis) {
-        tracing::warn!("REDIS_TLS_* files are set but no Redis connection uses TLS (REDIS_TLS, REDIS_PERSECOND_TLS or a rediss:// URL); ignored");
+    if any_tls && args.backend() == Backend::Redis {
+        let files = args.redis_tls_files.load()?;
+        redis.tls_files = files.clone();
+        if let Some(p) = per_second.as_mut() {
+            p.tls_files = files;
+        }
+    } else if args.redis_tls_files.is_set() {
+        tracing::warn!("REDIS_TLS_* settings are set but no Redis connection uses TLS (REDIS_TLS, REDIS_PERSECOND_TLS or a rediss:// URL); ignored");
     }
     let store = Arc::new(AnyStore::new(
         args.backend(),

@@ -402,7 +402,14 @@ fn bad_tls_settings_stop_start_up_naming_the_setting() {
             "{env:?}: expected {expected:?} in:\n{log}"
         );
     }
-    // Redis TLS files are read at start-up too, whatever the backend.
+    // Redis TLS files are read at start-up when a Redis connection uses TLS (even one not
+    // reachable yet), and ignored otherwise, as in the reference.
+    let redis_tls = [
+        ("BACKEND_TYPE", "redis"),
+        ("REDIS_SOCKET_TYPE", "tcp"),
+        ("REDIS_URL", "127.0.0.1:1"),
+        ("REDIS_TLS", "true"),
+    ];
     let redis_cases = [
         (
             vec![("REDIS_TLS_CACERT", missing)],
@@ -422,7 +429,9 @@ fn bad_tls_settings_stop_start_up_naming_the_setting() {
         ),
     ];
     for (env, expected) in redis_cases {
-        let (code, log) = serve_expecting_refusal(rules.path(), &env);
+        let mut all = redis_tls.to_vec();
+        all.extend(env.iter().copied());
+        let (code, log) = serve_expecting_refusal(rules.path(), &all);
         assert_eq!(code, Some(1), "{env:?}: {log}");
         assert!(
             log.contains(&expected),

@@ -94,6 +94,14 @@ pub struct RedisTlsArgs {
 }
 
 impl RedisTlsArgs {
+    /// Whether any of these settings is given.
+    pub fn is_set(&self) -> bool {
+        !(self.redis_tls_cacert.is_empty()
+            && self.redis_tls_client_cert.is_empty()
+            && self.redis_tls_client_key.is_empty())
+            || self.redis_tls_skip_hostname_verification
+    }
+
     /// Reads and checks the files now, so a bad one stops start-up naming the setting.
     pub fn load(&self) -> Result<RedisTls, TlsError> {
         let read = |setting: &'static str, path: &Path| {
@@ -141,5 +149,98 @@ impl RedisTlsArgs {
             client,
             skip_hostname_verification: self.redis_tls_skip_hostname_verification,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Cli, Command, UNSUPPORTED_ENV};
+    use clap::Parser;
+
+    fn serve(extra: &[&str]) -> crate::settings::ServeArgs {
+        let mut argv = vec!["ratelimitd", "serve", "--config", "x"];
+        argv.extend_from_slice(extra);
+        match Cli::parse_from(argv).into_command() {
+            Ok(Command::Serve(args)) => *args,
+            _ => panic!("serve expected"),
+        }
+    }
+
+    #[test]
+    fn grpc_tls_settings_resolve_as_the_reference_reads_them() {
+        let files = |extra: &[&str]| serve(extra).grpc_tls.server_files();
+        let tls = ["--grpc-server-use-tls", "true"];
+        let with = |more: &[&'static str]| {
+            let mut v = tls.to_vec();
+            v.extend_from_slice(&["--grpc-server-tls-cert", "c.pem"]);
+            v.extend_from_slice(&["--grpc-server-tls-key", "k.pem"]);
+            v.extend_from_slice(more);
+            files(&v)
+        };
+        if std::env::vars().all(|(k, _)| !k.starts_with("GRPC_")) {
+            // Off by default, whatever files are named.
+            assert!(files(&["--grpc-server-tls-cert", "c.pem"])
+                .unwrap()
+                .is_none());
+            assert_eq!(
+                files(&tls).unwrap_err().to_string(),
+                "GRPC_SERVER_USE_TLS is true but GRPC_SERVER_TLS_CERT is not set"
+            );
+            let plain = with(&[]).unwrap().unwrap();
+            assert_eq!(plain.cert, PathBuf::from("c.pem"));
+            assert!(plain.client_ca.is_none());
+            // Envoy Gateway's name for the client CA; the same file under both is fine.
+            let alias = with(&["--grpc-server-tls-ca-cert", "ca.pem"])
+                .unwrap()
+                .unwrap();
+            assert_eq!(alias.client_ca, Some(PathBuf::from("ca.pem")));
+            let both = with(&[
+                "--grpc-server-tls-ca-cert",
+                "ca.pem",
+                "--grpc-client-tls-cacert",
+                "ca.pem",
+            ]);
+            assert!(both.unwrap().unwrap().client_ca.is_some());
+            let conflict = with(&[
+                "--grpc-server-tls-ca-cert",
+                "a.pem",
+                "--grpc-client-tls-cacert",
+                "b.pem",
+            ]);
+            assert!(matches!(conflict, Err(TlsError::CaConflict(..))));
+            // A SAN without a client CA is not checked (no certificate is asked for).
+            let san = with(&["--grpc-client-tls-san", "envoy"]).unwrap().unwrap();
+            assert!(san.client_san.is_none());
+            let san = with(&[
+                "--grpc-client-tls-san",
+                "envoy",
+                "--grpc-client-tls-cacert",
+                "ca.pem",
+            ]);
+            assert!(san.unwrap().unwrap().client_san.is_some());
+        }
+        for acted_on in [
+            "GRPC_SERVER_USE_TLS",
+            "GRPC_SERVER_TLS_CERT",
+            "GRPC_SERVER_TLS_KEY",
+            "GRPC_CLIENT_TLS_CACERT",
+            "GRPC_CLIENT_TLS_SAN",
+            "REDIS_TLS_CACERT",
+            "REDIS_TLS_CLIENT_CERT",
+            "REDIS_TLS_CLIENT_KEY",
+            "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
+        ] {
+            assert!(!UNSUPPORTED_ENV.contains(&acted_on), "{acted_on}");
+        }
+    }
+
+    #[test]
+    fn redis_tls_files_default_to_none() {
+        if std::env::vars().all(|(k, _)| !k.starts_with("REDIS_TLS_")) {
+            let args = serve(&[]).redis_tls_files;
+            assert!(!args.is_set());
+            assert!(!args.load().unwrap().is_set());
+        }
     }
 }
