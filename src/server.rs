@@ -1,5 +1,5 @@
-//! Listeners: the gRPC server (RLS v3, grpc.health.v1, server reflection) on TCP or a Unix
-//! socket, and the HTTP listeners (admin, debug, optional Prometheus), run until a shutdown
+//! Listeners: the gRPC server (RLS v3, grpc.health.v1, server reflection) on TCP (optionally
+//! over TLS, see [`crate::tls`]) or a Unix socket, and the HTTP listeners (admin, debug, optional Prometheus), run until a shutdown
 //! future resolves. Shutdown turns health off at once, stops accepting, lets in-flight calls
 //! finish within the drain timeout, then returns.
 

@@ -167,6 +167,17 @@ async fn grpc_over_tls_answers_exactly_and_plaintext_is_refused() {
         &[("reason", "timeout")],
     );
     assert_eq!(timeouts, Some(2.0), "{metrics}");
+
+    // SIGTERM drains and exits as without TLS, with idle connections still open (their
+    // clients keep running here, to answer the server's GOAWAY).
+    let mut rl = rl;
+    let stopped = Instant::now();
+    let status = tokio::task::spawn_blocking(move || rl.terminate())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    drop((channel, c));
 }
 
 #[tokio::test]
