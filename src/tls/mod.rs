@@ -191,7 +191,7 @@ impl ServerTls {
         debounce: std::time::Duration,
         fallback: std::time::Duration,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(watch::run(Arc::clone(self), debounce, fallback))
+        tokio::spawn(watch::run(Arc::clone(self), debounce, fallback, true))
     }
 }
 

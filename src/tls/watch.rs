@@ -27,24 +27,31 @@ use super::ServerTls;
 pub const FALLBACK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The watch task: checks the files after changes, `debounce` after the last event, and
-/// every `fallback`. Runs until aborted.
-pub(super) async fn run(tls: Arc<ServerTls>, debounce: Duration, fallback: Duration) {
+/// every `fallback`; without `events` only the periodic check runs (for tests). Runs until
+/// aborted.
+pub(super) async fn run(tls: Arc<ServerTls>, debounce: Duration, fallback: Duration, events: bool) {
     // notify calls back on its own thread; one slot is enough ("something changed").
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let mut watcher: Option<RecommendedWatcher> = None;
     let mut due = Some(Instant::now());
+    // A steady stream of events postpones a check by at most this much.
+    let (mut first_event, cap) = (None, (debounce * 10).max(Duration::from_secs(2)));
     let mut tick = tokio::time::interval(fallback.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
     loop {
         tokio::select! {
-            Some(()) = rx.recv() => due = Some(Instant::now() + debounce),
+            Some(()) = rx.recv() => {
+                let now = Instant::now();
+                let first = *first_event.get_or_insert(now);
+                due = Some((now + debounce).min(first + cap));
+            }
             () = sleep_until(due), if due.is_some() => {
-                due = None;
+                (due, first_event) = (None, None);
                 let (me, tx) = (Arc::clone(&tls), tx.clone());
                 // Watches first, then the check: a change from now on is never missed.
                 let done = tokio::task::spawn_blocking(move || {
-                    let w = watch(&watched_dirs(me.files()), tx);
+                    let w = events.then(|| watch(&watched_dirs(me.files()), tx)).flatten();
                     me.check();
                     w
                 })
@@ -135,6 +142,76 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
+
+    /// A certificate and key pair (PEM) for localhost.
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Replaces the files with a new pair and waits (up to 10 s) for the config to change.
+    async fn rotated(tls: &Arc<ServerTls>, dir: &Path) -> bool {
+        // Past the task's first check, which would see any change made before it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = tls.config();
+        let (cert, key) = pair();
+        for (name, contents) in [("tls.key", key), ("tls.crt", cert)] {
+            std::fs::write(dir.join("tmp"), contents).unwrap();
+            std::fs::rename(dir.join("tmp"), dir.join(name)).unwrap();
+        }
+        for _ in 0..1000 {
+            if !Arc::ptr_eq(&before, &tls.config()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    fn loaded(dir: &Path) -> Arc<ServerTls> {
+        let (cert, key) = pair();
+        std::fs::write(dir.join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.join("tls.key"), key).unwrap();
+        let files = super::super::ServerTlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            client_ca: None,
+            client_san: None,
+        };
+        Arc::new(ServerTls::load(files).unwrap())
+    }
+
+    #[tokio::test]
+    async fn file_events_and_the_periodic_check_each_reload_on_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        // Events, with a periodic check too slow to be what reloads.
+        let tls = loaded(dir.path());
+        let task = tokio::spawn(run(
+            tls.clone(),
+            Duration::from_millis(20),
+            Duration::from_secs(3600),
+            true,
+        ));
+        assert!(rotated(&tls, dir.path()).await, "reloaded on an event");
+        task.abort();
+        // The periodic check alone.
+        let tls = loaded(dir.path());
+        let task = tokio::spawn(run(
+            tls.clone(),
+            Duration::from_millis(20),
+            Duration::from_millis(50),
+            false,
+        ));
+        assert!(
+            rotated(&tls, dir.path()).await,
+            "reloaded by the periodic check"
+        );
+        task.abort();
+    }
 
     #[test]
     fn kubernetes_secret_layout_watches_the_mount_and_the_current_version() {
