@@ -1,7 +1,7 @@
 //! TLS, against real processes with certificates made in the test: gRPC over TLS and mTLS
 //! (client CA, SAN), certificate rotation (in place and by a Kubernetes-style symlink swap)
 //! with open connections kept, bad files at start-up, and Redis over TLS with a client
-//! certificate (Debian's redis-server, built with TLS).
+//! certificate, the per-second Redis included (Debian's redis-server, built with TLS).
 #![allow(clippy::unwrap_used)]
 mod support;
 
@@ -22,12 +22,19 @@ domain: tls
 descriptors:
   - key: k
     rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: s
+    rate_limit: {unit: second, requests_per_unit: 100}
 "#;
 
 /// One call for descriptor `k=v`: its code and the limit's remaining, or the gRPC status.
 async fn call(channel: Channel, v: &str) -> Result<(Code, u32), tonic::Status> {
+    call_key(channel, "k", v).await
+}
+
+/// [`call`] for descriptor `key=v`.
+async fn call_key(channel: Channel, key: &str, v: &str) -> Result<(Code, u32), tonic::Status> {
     let reply = RateLimitServiceClient::new(channel)
-        .should_rate_limit(request("tls", &[&[("k", v)]]))
+        .should_rate_limit(request("tls", &[&[(key, v)]]))
         .await?
         .into_inner();
     Ok((reply.overall_code(), reply.statuses[0].limit_remaining))
@@ -503,7 +510,23 @@ async fn redis_over_tls_with_a_client_certificate() {
         redis_tls_client(rules.path(), tls_port, &env)
     };
 
-    let rl = with(&[("REDIS_TLS_CACERT", ca_path.to_str().unwrap())]);
+    // The per-second Redis over TLS too, with the same files (as in the reference).
+    let ps_dir = tempfile::tempdir().unwrap();
+    let (per_second, ps_port) =
+        tls_redis(ps_dir.path(), &ca, &ca.client(&["127.0.0.1", "localhost"]));
+    let ps_url = format!("127.0.0.1:{ps_port}");
+    let rl = with(&[
+        ("REDIS_TLS_CACERT", ca_path.to_str().unwrap()),
+        ("REDIS_PERSECOND", "true"),
+        ("REDIS_PERSECOND_SOCKET_TYPE", "tcp"),
+        ("REDIS_PERSECOND_URL", &ps_url),
+        ("REDIS_PERSECOND_TLS", "true"),
+    ]);
+    let (code, remaining) = call_key(rl.channel().await, "s", "fast").await.unwrap();
+    assert_eq!((code, remaining), (Code::Ok, 99));
+    let keys = per_second.command(&["KEYS", "tls_s_fast_*"]);
+    assert!(keys.contains("tls_s_fast_"), "{keys}");
+    assert_eq!(redis.command(&["KEYS", "tls_s_*"]), "*0\r\n");
     ensure_window_room(60, Duration::from_secs(5)).await;
     let mut answers = Vec::new();
     for _ in 0..4 {
