@@ -461,6 +461,7 @@ fn bad_tls_settings_stop_start_up_naming_the_setting() {
 /// A redis-server answering TLS (client certificates required) on `tls_port`, with `server`
 /// as its certificate, and plaintext on its usual port (for the harness and for reading keys).
 fn tls_redis(dir: &Path, ca: &Ca, server: &Pair) -> (RedisServer, u16) {
+    assert_redis_has_tls();
     let (cert, key) = server.write(dir, "redis");
     let ca_path = ca.write(dir, "redis-ca.crt");
     let tls_port = free_port().to_string();
@@ -477,6 +478,30 @@ fn tls_redis(dir: &Path, ca: &Ca, server: &Pair) -> (RedisServer, u16) {
         "yes",
     ]);
     (redis, tls_port.parse().unwrap())
+}
+
+/// Fails the test, saying what to install, when redis-server was built without TLS (a build
+/// with it links OpenSSL, as Debian's does).
+fn assert_redis_has_tls() {
+    let bin = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v redis-server"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let bin = bin.trim();
+    assert!(
+        !bin.is_empty(),
+        "redis-server not found; install it with: apt-get update && apt-get install -y redis-server"
+    );
+    let ldd = std::process::Command::new("ldd").arg(bin).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&ldd.stdout).contains("libssl"),
+        "{bin} was built without TLS (it does not link OpenSSL); install Debian's, which has it: \
+         apt-get update && apt-get install -y redis-server"
+    );
 }
 
 /// ratelimitd using the Redis at 127.0.0.1:`port` over TLS, with `env` added.
