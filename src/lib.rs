@@ -14,7 +14,8 @@
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout);
-//!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket.
+//!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket;
+//!   [`tls`]: TLS (and mTLS) on the gRPC listener, its files reloaded when they change.
 //! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
 //! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
 //!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
@@ -55,5 +56,6 @@ pub mod settings;
 pub mod stat_name;
 pub mod statsd;
 pub mod store;
+pub mod tls;
 pub mod usage;
 pub mod xds;

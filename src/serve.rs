@@ -23,7 +23,8 @@ use crate::{
     service::{HeaderNames, RateLimiter, ServiceSettings},
     settings::{ConfigType, ServeArgs, DEFAULT_REDIS_URL},
     statsd::{Statsd, StatsdError, StatsdSettings},
-    store::{AnyStore, Backend, RedisSettings},
+    store::{uses_tls, AnyStore, Backend, RedisSettings, RedisTls},
+    tls::ServerTls,
 };
 
 /// Why `serve` stopped before serving, or failed while serving. Each wraps the part that
@@ -43,6 +44,10 @@ pub enum ServeError {
     Xds(#[from] crate::xds::XdsError),
     #[error(transparent)]
     HashSecret(#[from] crate::settings::SecretFileError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("GRPC_SERVER_USE_TLS with GRPC_UDS is not supported: serve TLS on GRPC_HOST:GRPC_PORT, or plaintext on the Unix socket")]
+    TlsOnUds,
     #[error(transparent)]
     Recorder(#[from] crate::metrics::RecorderError),
     #[error(transparent)]
@@ -72,6 +77,7 @@ pub async fn serve(
     }
     // Read before anything else starts, so a bad secret file stops start-up at once.
     let keys = cache_keys(&args)?;
+    let grpc_tls = grpc_tls(&args)?;
     for name in &args.unsupported_set {
         tracing::warn!(
             setting = name,
@@ -110,7 +116,11 @@ pub async fn serve(
         telemetry.stats.clone(),
     ));
     let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
-    let listeners = bind_listeners(&args).await?;
+    let mut listeners = bind_listeners(&args).await?;
+    let _tls_watch = grpc_tls.as_ref().map(|tls| {
+        listeners.tls = Some(Arc::clone(tls));
+        tls.spawn_watch(args.reload_debounce, crate::tls::FALLBACK_INTERVAL)
+    });
     let state = Arc::new(State {
         rules,
         limiter,
@@ -126,6 +136,23 @@ pub async fn serve(
     }
     tracing::info!("ratelimitd stopped");
     Ok(())
+}
+
+/// `GRPC_SERVER_USE_TLS`: the certificate files, read and checked now.
+fn grpc_tls(args: &ServeArgs) -> Result<Option<Arc<ServerTls>>, ServeError> {
+    let Some(files) = args.grpc_tls.server_files()? else {
+        return Ok(None);
+    };
+    if args.grpc_uds.is_some() {
+        return Err(ServeError::TlsOnUds);
+    }
+    let tls = ServerTls::load(files)?;
+    tracing::info!(
+        cert = %tls.files().cert.display(),
+        mtls = tls.files().client_ca.is_some(),
+        "serving gRPC over TLS"
+    );
+    Ok(Some(Arc::new(tls)))
 }
 
 /// `CACHE_KEY_PREFIX` and the `CACHE_KEY_HASH_SECRET_FILE` key, read now.
@@ -337,7 +364,7 @@ async fn connect_store(
     clock: Arc<dyn Clock>,
     health: &Arc<Health>,
 ) -> Result<Arc<AnyStore>, ServeError> {
-    let redis = RedisSettings {
+    let mut redis = RedisSettings {
         url: args
             .redis_url
             .clone()
@@ -345,17 +372,30 @@ async fn connect_store(
         socket_type: args.redis_socket_type,
         auth: args.redis_auth.clone(),
         tls: args.redis_tls,
+        tls_files: RedisTls::default(),
         pool_size: args.redis_pool_size,
         timeout: args.redis_timeout,
     };
-    let per_second = args.redis_persecond.then(|| RedisSettings {
+    let mut per_second = args.redis_persecond.then(|| RedisSettings {
         url: args.redis_persecond_url.clone(),
         socket_type: args.redis_persecond_socket_type,
         auth: args.redis_persecond_auth.clone(),
         tls: args.redis_persecond_tls,
+        tls_files: RedisTls::default(),
         pool_size: args.redis_persecond_pool_size,
         timeout: args.redis_persecond_timeout,
     });
+    // As in the reference, the REDIS_TLS_* files are read only when a connection uses TLS.
+    let any_tls = uses_tls(&redis) || per_second.as_ref().is_some_and(uses_tls);
+    if any_tls && args.backend() == Backend::Redis {
+        let files = args.redis_tls_files.load()?;
+        redis.tls_files = files.clone();
+        if let Some(p) = per_second.as_mut() {
+            p.tls_files = files;
+        }
+    } else if args.redis_tls_files.is_set() {
+        tracing::warn!("REDIS_TLS_* settings are set but no Redis connection uses TLS (REDIS_TLS, REDIS_PERSECOND_TLS or a rediss:// URL); ignored");
+    }
     let store = Arc::new(AnyStore::new(
         args.backend(),
         &redis,
@@ -480,6 +520,7 @@ async fn bind_listeners(args: &ServeArgs) -> Result<server::Listeners, ServeErro
         max_concurrent_streams: args.grpc_max_concurrent_streams,
         opening_timeout: args.connection_opening_timeout,
         header_read_timeout: args.http_header_read_timeout,
+        tls: None,
     })
 }
 

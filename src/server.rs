@@ -1,5 +1,5 @@
-//! Listeners: the gRPC server (RLS v3, grpc.health.v1, server reflection) on TCP or a Unix
-//! socket, and the HTTP listeners (admin, debug, optional Prometheus), run until a shutdown
+//! Listeners: the gRPC server (RLS v3, grpc.health.v1, server reflection) on TCP (optionally
+//! over TLS, see [`crate::tls`]) or a Unix socket, and the HTTP listeners (admin, debug, optional Prometheus), run until a shutdown
 //! future resolves. Shutdown turns health off at once, stops accepting, lets in-flight calls
 //! finish within the drain timeout, then returns.
 
@@ -22,6 +22,7 @@ use crate::{
         FILE_DESCRIPTOR_SET,
     },
     service::GrpcService,
+    tls::ServerTls,
 };
 
 /// Largest accepted gRPC message. Envoy's requests are a few hundred bytes; this bounds what
@@ -59,6 +60,9 @@ pub struct Listeners {
     pub opening_timeout: Duration,
     /// `HTTP_HEADER_READ_TIMEOUT`: an HTTP request's headers must arrive within this.
     pub header_read_timeout: Duration,
+    /// `GRPC_SERVER_USE_TLS`: the gRPC listener's TLS config (TCP only); the HTTP listeners
+    /// stay plaintext, as the reference's do.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Why the servers stopped with an error.
@@ -126,8 +130,17 @@ pub async fn run(
     ));
     let mut uds_path = None;
     let grpc = async {
-        match listeners.grpc {
-            GrpcListener::Tcp(l) => {
+        match (listeners.grpc, listeners.tls) {
+            (GrpcListener::Tcp(l), Some(tls)) => {
+                let incoming = Incoming::new(l, "grpc", grpc_policy.clone());
+                router
+                    .serve_with_incoming_shutdown(
+                        crate::tls::accept::incoming(incoming, tls, grpc_policy),
+                        stopped(rx.clone()),
+                    )
+                    .await
+            }
+            (GrpcListener::Tcp(l), None) => {
                 router
                     .serve_with_incoming_shutdown(
                         Incoming::new(l, "grpc", grpc_policy),
@@ -135,7 +148,8 @@ pub async fn run(
                     )
                     .await
             }
-            GrpcListener::Unix(l, path) => {
+            // serve refuses TLS on the Unix socket at start-up.
+            (GrpcListener::Unix(l, path), _) => {
                 uds_path = Some(path);
                 router
                     .serve_with_incoming_shutdown(

@@ -35,6 +35,7 @@ fn redis_store(redis: &RedisServer) -> RedisStore {
         socket_type: SocketType::Tcp,
         auth: String::new(),
         tls: false,
+        tls_files: Default::default(),
         pool_size: 1,
         timeout: Duration::from_secs(5),
     })

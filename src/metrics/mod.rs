@@ -60,6 +60,7 @@ pub const BACKEND_CONNECTIONS: &str = "ratelimitd_backend_connections";
 pub const BACKEND_IN_FLIGHT: &str = "ratelimitd_backend_requests_in_flight";
 pub const HEALTHY: &str = "ratelimitd_healthy";
 pub const ACCEPT_ERRORS: &str = "ratelimitd_accept_errors_total";
+pub const TLS_HANDSHAKE_ERRORS: &str = "ratelimitd_tls_handshake_errors_total";
 pub const CALLS_SHED: &str = "ratelimitd_calls_shed_total";
 pub const CALLS_IN_FLIGHT: &str = "ratelimitd_calls_in_flight";
 pub const DYNAMIC_KEYS: &str = "ratelimitd_metrics_dynamic_keys";
@@ -186,6 +187,10 @@ fn describe() {
     describe_counter!(
         ACCEPT_ERRORS,
         "Failed accepts by listener (e.g. out of file descriptors)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_ERRORS,
+        "gRPC TLS handshakes that did not finish, by reason (refused, timeout, closed)."
     );
     describe_counter!(
         CALLS_SHED,

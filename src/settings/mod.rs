@@ -6,9 +6,11 @@ use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{builder::BoolishValueParser, ArgAction, Args, FromArgMatches, Parser, Subcommand};
 
+mod tls;
 mod values;
 mod xds;
 
+pub use tls::{GrpcTlsArgs, RedisTlsArgs};
 pub use values::*;
 use values::{HOUR, YEAR};
 pub use xds::{parse_additional_headers, parse_node_metadata, ConfigType, XdsArgs};
@@ -235,6 +237,8 @@ pub struct ServeArgs {
     /// Serve gRPC on this Unix socket instead of GRPC_HOST:GRPC_PORT (sidecars).
     #[arg(long, env = "GRPC_UDS")]
     pub grpc_uds: Option<PathBuf>,
+    #[command(flatten)]
+    pub grpc_tls: GrpcTlsArgs,
     /// Connections older than this get a GOAWAY, so clients re-resolve (Go duration).
     #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", default_value = "24h", value_parser = duration("GRPC_MAX_CONNECTION_AGE", Bound::Positive, YEAR))]
     pub grpc_max_connection_age: Duration,
@@ -300,6 +304,8 @@ pub struct ServeArgs {
     pub redis_auth: String,
     #[arg(long, env = "REDIS_TLS", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub redis_tls: bool,
+    #[command(flatten)]
+    pub redis_tls_files: RedisTlsArgs,
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 10)]
     pub redis_pool_size: usize,
     /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
@@ -511,16 +517,7 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "USE_DOG_STATSD_MOGRIFIERS",
     "DISABLE_STATS",
     "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
-    "GRPC_SERVER_USE_TLS",
-    "GRPC_SERVER_TLS_CERT",
-    "GRPC_SERVER_TLS_KEY",
-    "GRPC_CLIENT_TLS_CACERT",
-    "GRPC_CLIENT_TLS_SAN",
     "REDIS_TYPE",
-    "REDIS_TLS_CLIENT_CERT",
-    "REDIS_TLS_CLIENT_KEY",
-    "REDIS_TLS_CACERT",
-    "REDIS_TLS_SKIP_HOSTNAME_VERIFICATION",
     "REDIS_PIPELINE_WINDOW",
     "REDIS_PIPELINE_LIMIT",
     "REDIS_PERSECOND_TYPE",

@@ -13,7 +13,7 @@ mod split;
 use std::future::Future;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisSettings, RedisStore, SocketType};
+pub use self::redis::{uses_tls, RedisSettings, RedisStore, RedisTls, SocketType};
 pub use self::split::SplitStore;
 
 use crate::limiter::engine::{Batch, Decided};

@@ -40,10 +40,46 @@ pub struct RedisSettings {
     pub auth: String,
     /// TLS for a bare `host:port` URL.
     pub tls: bool,
+    /// `REDIS_TLS_*`: used by a TLS connection (`tls`, or a `rediss://` URL), else ignored.
+    pub tls_files: RedisTls,
     /// Number of multiplexed connections.
     pub pool_size: usize,
     /// Bound on every Redis operation, connecting included.
     pub timeout: Duration,
+}
+
+/// The reference's `REDIS_TLS_*` files, read and checked at start-up; shared by the main
+/// and the per-second Redis, as in the reference.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// `REDIS_TLS_CACERT` (PEM): the only roots Redis's certificate is verified against;
+    /// without it, the public (webpki) roots.
+    pub root_cert: Option<Vec<u8>>,
+    /// `REDIS_TLS_CLIENT_CERT` and `REDIS_TLS_CLIENT_KEY` (PEM).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+    /// `REDIS_TLS_SKIP_HOSTNAME_VERIFICATION`: the chain is verified, the name is not.
+    pub skip_hostname_verification: bool,
+}
+
+impl std::fmt::Debug for RedisTls {
+    // The key is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("root_cert", &self.root_cert.is_some())
+            .field("client", &self.client.is_some())
+            .field(
+                "skip_hostname_verification",
+                &self.skip_hostname_verification,
+            )
+            .finish()
+    }
+}
+
+impl RedisTls {
+    /// Whether any file or switch is set.
+    pub fn is_set(&self) -> bool {
+        self.root_cert.is_some() || self.client.is_some() || self.skip_hostname_verification
+    }
 }
 
 /// `REDIS_SOCKET_TYPE`: how a bare `REDIS_URL` is read.
@@ -73,7 +109,7 @@ impl RedisStore {
         // error only means one is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let info = connection_info(settings).map_err(StoreError::Settings)?;
-        let client = redis::Client::open(info).map_err(StoreError::Settings)?;
+        let client = open_client(info, &settings.tls_files).map_err(StoreError::Settings)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
@@ -179,6 +215,41 @@ fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
     }
 }
 
+/// A client for `info`, with the `REDIS_TLS_*` files when it connects over TLS.
+fn open_client(info: redis::ConnectionInfo, tls: &RedisTls) -> Result<redis::Client, RedisError> {
+    if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        return redis::Client::open(info);
+    }
+    let mut info = if tls.root_cert.is_some() || tls.client.is_some() {
+        let certs = redis::TlsCertificates {
+            client_tls: tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: tls.root_cert.clone(),
+        };
+        redis::Client::build_with_tls(info, certs)?
+            .get_connection_info()
+            .clone()
+    } else {
+        info
+    };
+    if tls.skip_hostname_verification {
+        let mut addr = info.addr().clone();
+        addr.set_danger_accept_invalid_hostnames(true);
+        info = info.set_addr(addr);
+    }
+    redis::Client::open(info)
+}
+
+/// Whether `s` connects over TLS (`REDIS_TLS` with a bare address, or a `rediss://` URL).
+pub fn uses_tls(s: &RedisSettings) -> bool {
+    connection_info(s).is_ok_and(|i| matches!(i.addr(), ConnectionAddr::TcpTls { .. }))
+}
+
 /// Reads the reference's `REDIS_URL`/`REDIS_SOCKET_TYPE`/`REDIS_AUTH`/`REDIS_TLS` into
 /// redis-rs connection info.
 pub fn connection_info(s: &RedisSettings) -> Result<redis::ConnectionInfo, RedisError> {
@@ -252,6 +323,7 @@ mod tests {
             socket_type,
             auth: auth.into(),
             tls: false,
+            tls_files: RedisTls::default(),
             pool_size: 1,
             timeout: Duration::from_secs(1),
         }

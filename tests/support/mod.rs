@@ -26,10 +26,23 @@ use ratelimitd::proto::envoy::{
     },
 };
 use tempfile::TempDir;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
+
+pub mod certs;
+
+/// How the harness's gRPC clients reach a ratelimitd serving TLS (`GRPC_SERVER_USE_TLS`).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// The CA that issued the server's certificate (PEM).
+    pub ca: String,
+    /// The client certificate and key (PEM), for mTLS.
+    pub identity: Option<(String, String)>,
+    /// The name checked against the server's certificate.
+    pub domain: String,
+}
 
 /// A port nobody listens on right now, for a server told which port to bind.
 pub fn free_port() -> u16 {
@@ -282,6 +295,8 @@ pub struct RatelimitdBuilder {
     nofile: Option<u32>,
     /// Started as this program with no arguments (see [`RatelimitdBuilder::bare`]).
     bare: Option<PathBuf>,
+    /// gRPC over TLS: how the harness's clients connect.
+    tls: Option<ClientTls>,
 }
 
 impl RatelimitdBuilder {
@@ -305,6 +320,12 @@ impl RatelimitdBuilder {
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// The harness's gRPC clients (readiness, [`Ratelimitd::client`]) connect with TLS.
+    pub fn client_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -416,6 +437,7 @@ impl RatelimitdBuilder {
             debug: addr("DEBUG_HOST", "DEBUG_PORT", debug_port),
             log_path,
             _log_dir: log_dir,
+            tls: self.tls.clone(),
         }
     }
 
@@ -454,6 +476,8 @@ pub struct Ratelimitd {
     pub debug: String,
     log_path: PathBuf,
     _log_dir: TempDir,
+    /// gRPC over TLS: how the harness's clients connect.
+    pub tls: Option<ClientTls>,
 }
 
 impl Ratelimitd {
@@ -463,6 +487,7 @@ impl Ratelimitd {
             env: Vec::new(),
             nofile: None,
             bare: None,
+            tls: None,
         }
     }
 
@@ -474,6 +499,7 @@ impl Ratelimitd {
             env: Vec::new(),
             nofile: None,
             bare: None,
+            tls: None,
         }
     }
 
@@ -490,6 +516,7 @@ impl Ratelimitd {
             grpc,
             http,
             debug,
+            tls,
             ..
         } = self;
         let child = child.as_mut().expect("just started");
@@ -506,7 +533,7 @@ impl Ratelimitd {
                         if let Some(status) = child.try_wait().unwrap() {
                             return Startup::Exited(status);
                         }
-                        if answers(grpc, http, debug).await {
+                        if answers(grpc, http, debug, tls.as_ref()).await {
                             return match child.try_wait().unwrap() {
                                 Some(status) => Startup::Exited(status),
                                 None => Startup::Ready,
@@ -574,7 +601,7 @@ impl Ratelimitd {
 
     /// A gRPC channel to the server (TCP or its Unix socket), for any client type.
     pub async fn channel(&self) -> Channel {
-        grpc_connect(&self.grpc)
+        grpc_connect(&self.grpc, self.tls.as_ref())
             .await
             .expect("connect to ratelimitd")
     }
@@ -605,20 +632,20 @@ impl Drop for Ratelimitd {
 
 /// Whether every listener of a `ratelimitd` answers (see [`Ratelimitd::wait_ready`]), each
 /// within 1 s (a port another process holds may accept and never answer).
-async fn answers(grpc: &str, http: &str, debug: &str) -> bool {
+async fn answers(grpc: &str, http: &str, debug: &str, tls: Option<&ClientTls>) -> bool {
     let get = |addr, path| try_http_get(addr, path, Duration::from_secs(1));
     matches!(get(http, "/healthcheck"), Ok((200 | 500, _)))
         && matches!(get(debug, "/"), Ok((200, _)))
         && matches!(
-            grpc_health(grpc).await,
+            grpc_health(grpc, tls).await,
             Some(ServingStatus::Serving | ServingStatus::NotServing)
         )
 }
 
 /// The overall status from the gRPC health service at `addr`, if it answers within 1 s.
-async fn grpc_health(addr: &str) -> Option<ServingStatus> {
+async fn grpc_health(addr: &str, tls: Option<&ClientTls>) -> Option<ServingStatus> {
     let check = async {
-        let channel = grpc_connect(addr).await.ok()?;
+        let channel = grpc_connect(addr, tls).await.ok()?;
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: String::new(),
@@ -634,7 +661,22 @@ async fn grpc_health(addr: &str) -> Option<ServingStatus> {
 }
 
 /// A gRPC channel to `addr`: `host:port`, or `unix:PATH` for a Unix socket (GRPC_UDS).
-async fn grpc_connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
+pub async fn grpc_connect(
+    addr: &str,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, tonic::transport::Error> {
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&tls.ca))
+            .domain_name(tls.domain.clone());
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        return Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(config)?
+            .connect()
+            .await;
+    }
     let Some(path) = addr.strip_prefix("unix:") else {
         return Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
