@@ -177,12 +177,14 @@ async fn requests_pass_while_ratelimitd_is_down_and_limits_return_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_connection_rotation_without_failed_calls() {
     // A new connection every 300 ms: Envoy must move on at each GOAWAY, and no call may fail
-    // (with failure_mode_deny: false a failed call would pass the request unlimited).
+    // (with failure_mode_deny: false a failed call would pass the request unlimited). A
+    // patient call timeout: what fails here must be the rotation, not a loaded machine
+    // missing the shipped 20 ms.
     let rl = Ratelimitd::builder(&config())
         .env("GRPC_MAX_CONNECTION_AGE", "300ms")
         .env("GRPC_MAX_CONNECTION_AGE_GRACE", "300ms")
         .start();
-    let envoy = Envoy::start(&rl.grpc);
+    let envoy = Envoy::start_patient(&rl.grpc, PATIENT);
     let started = std::time::Instant::now();
     let mut sent = 0u64;
     while started.elapsed() < Duration::from_secs(3) {
