@@ -303,16 +303,17 @@ impl RatelimitdBuilder {
     /// Runs `program` (the binary, or a link to it under another name) with no arguments, as
     /// the reference's image runs `/bin/ratelimit`: the rules directory then comes from the
     /// reference's settings, so it must be `ROOT/SUBDIRECTORY/APPDIRECTORY`, and is given as
-    /// `RUNTIME_ROOT`, `RUNTIME_SUBDIRECTORY` and `RUNTIME_APPDIRECTORY`.
+    /// `RUNTIME_ROOT`, `RUNTIME_SUBDIRECTORY` and `RUNTIME_APPDIRECTORY`. After
+    /// [`Ratelimitd::from_runtime_root`] nothing is derived: the test gives the `RUNTIME_*`
+    /// settings it wants (Envoy Gateway's, say, which have no `RUNTIME_APPDIRECTORY`).
     pub fn bare(mut self, program: &Path) -> Self {
         let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_owned();
-        let app = self
-            .config
-            .clone()
-            .expect("bare() needs the rules directory given to builder()");
+        self.bare = Some(program.to_owned());
+        let Some(app) = self.config.clone() else {
+            return self;
+        };
         let sub = app.parent().unwrap().to_owned();
         let root = sub.parent().unwrap().to_owned();
-        self.bare = Some(program.to_owned());
         self.env("RUNTIME_ROOT", root.to_str().unwrap())
             .env("RUNTIME_SUBDIRECTORY", &name(&sub))
             .env("RUNTIME_APPDIRECTORY", &name(&app))
@@ -905,7 +906,6 @@ impl Envoy {
     }
 
     fn start_with_call_timeout(rls: &str, timeout: Option<Duration>) -> Self {
-        let bin = envoy_binary();
         let mut shipped =
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
                 .unwrap();
@@ -924,6 +924,13 @@ impl Envoy {
             .replace("port_value: 10001", &format!("port_value: {upstream}"))
             .replace("port_value: 8081", &format!("port_value: {rls_port}"))
             .replace("port_value: 9901", &format!("port_value: {admin}"));
+        Self::start_config(&config, ingress, admin)
+    }
+
+    /// Runs Envoy with `config` (its own YAML, on free ports the test picked: `ingress` is
+    /// the listener requests go to, `admin` the admin interface, polled until `/ready`).
+    pub fn start_config(config: &str, ingress: u16, admin: u16) -> Self {
+        let bin = envoy_binary();
         let dir = TempDir::new().unwrap();
         let path = dir.path().join("envoy.yaml");
         std::fs::write(&path, config).unwrap();
@@ -937,7 +944,7 @@ impl Envoy {
             .stderr(log)
             .spawn()
             .expect("start envoy");
-        let e = Envoy {
+        let mut e = Envoy {
             child: Some(child),
             ingress: format!("127.0.0.1:{ingress}"),
             admin: format!("127.0.0.1:{admin}"),
@@ -947,6 +954,12 @@ impl Envoy {
         // with the rest of the suite has taken over 30 s.
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
+            if let Some(status) = e.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "envoy exited with {status}; log:\n{}",
+                    fs::read_to_string(e._dir.path().join("envoy.log")).unwrap_or_default()
+                );
+            }
             if std::net::TcpStream::connect(&e.admin).is_ok()
                 && http_get(&e.admin, "/ready").0 == 200
             {
@@ -955,6 +968,11 @@ impl Envoy {
             assert!(Instant::now() < deadline, "envoy not ready within 90 s");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Everything Envoy logged so far (warnings and errors).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
     }
 
     /// Envoy's counters whose name contains `filter` (admin `/stats`), as name -> value.
