@@ -422,7 +422,7 @@ async fn envoy_gateway_environment_limits_per_user_through_envoy() {
         redis.command(&["KEYS", "*"])
     );
 
-    // Prometheus, renamed by Envoy Gateway's mapping file: labelled with its domain.
+    // Prometheus, renamed by a mapping file like Envoy Gateway's (tests/envoy_gateway/statsd_conf.yaml): labelled with its domain.
     let (status, metrics) = http_get(&prometheus, "/metrics");
     assert_eq!(status, 200);
     let route_key = format!("{ROUTE}_{ROUTE}");
