@@ -16,6 +16,7 @@
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout);
 //!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket.
 //! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
+//! - [`otel`]: OpenTelemetry spans of calls and store calls (`TRACING_*`), OTLP export.
 //! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
 //!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
 //!   StatsD names.
@@ -45,6 +46,7 @@ pub mod log_throttle;
 pub mod matcher;
 pub mod metadata;
 pub mod metrics;
+pub mod otel;
 pub mod proto;
 pub mod serve;
 pub mod server;
