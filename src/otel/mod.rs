@@ -145,6 +145,7 @@ impl Tracing {
                 Box::new(TraceContextPropagator::new()),
                 Box::new(B3::default()),
             ])),
+            roots_sampled: args.tracing_sampling_rate > 0.0,
         };
         tracing::info!(
             protocol = ?args.tracing_exporter_protocol,
@@ -179,6 +180,8 @@ pub struct Tracer {
     inner: SdkTracer,
     /// W3C trace context, then B3 (B3 wins when both are present, as in the reference).
     propagator: Arc<TextMapCompositePropagator>,
+    /// Whether a call with no parent may be sampled (`TRACING_SAMPLING_RATE` above 0).
+    roots_sampled: bool,
 }
 
 impl std::fmt::Debug for Tracer {
@@ -196,9 +199,16 @@ impl Tracer {
         request: &tonic::Request<RateLimitRequest>,
         call: impl Future<Output = Result<RateLimitResponse, tonic::Status>>,
     ) -> Result<RateLimitResponse, tonic::Status> {
+        let parent = self
+            .propagator
+            .extract_with_context(&Context::new(), &Metadata(request.metadata()));
+        if !self.may_sample(&parent) {
+            // The sampler would say no: skip making a span nobody will see.
+            return call.await;
+        }
         let req = request.get_ref();
         let cx = self.server_span(
-            request.metadata(),
+            &parent,
             request.remote_addr(),
             &req.domain,
             req.descriptors.len(),
@@ -214,14 +224,11 @@ impl Tracer {
     /// Starts the SERVER span of one `ShouldRateLimit` call (see [`Tracer::server_call`]).
     fn server_span(
         &self,
-        metadata: &MetadataMap,
+        parent: &Context,
         peer: Option<SocketAddr>,
         domain: &str,
         descriptors: usize,
     ) -> Context {
-        let parent = self
-            .propagator
-            .extract_with_context(&Context::new(), &Metadata(metadata));
         let mut attributes = vec![
             KeyValue::new("rpc.system", "grpc"),
             KeyValue::new("rpc.service", "envoy.service.ratelimit.v3.RateLimitService"),
@@ -241,8 +248,20 @@ impl Tracer {
             .span_builder(SERVER_SPAN)
             .with_kind(SpanKind::Server)
             .with_attributes(attributes)
-            .start_with_context(&self.inner, &parent);
+            .start_with_context(&self.inner, parent);
         parent.with_span(span)
+    }
+
+    /// What ParentBased(TraceIdRatioBased) can sample: a caller's sampled span, or, with no
+    /// caller's span, a new trace when the rate is above 0 (the ratio itself is the SDK's).
+    fn may_sample(&self, parent: &Context) -> bool {
+        let span = parent.span();
+        let caller = span.span_context();
+        if caller.is_valid() {
+            caller.is_sampled()
+        } else {
+            self.roots_sampled
+        }
     }
 
     /// Starts a CLIENT span for one store call, child of the current context's server span,
