@@ -6,7 +6,9 @@
 //!
 //! The OpenTelemetry API directly, not `tracing-opentelemetry`: our log subscriber's
 //! `LOG_LEVEL` filter would decide which spans exist and every log line would carry span
-//! fields. This way, with tracing off, a call pays one `Option` check and nothing else.
+//! fields. This way, with tracing off, a call pays one `Option` check and nothing else, and a
+//! call the sampler would drop (an unsampled caller, or none at `TRACING_SAMPLING_RATE=0`) only
+//! the read of its trace headers: no span is made for it.
 //!
 //! No descriptor value ever goes into a span: values can be user ids or API keys. The domain
 //! and counts are there; values stay in debug logs.
@@ -15,8 +17,8 @@ mod b3;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use opentelemetry::context::FutureExt as _;
 use opentelemetry::{
+    context::FutureExt as _,
     propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator},
     trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _},
     Context, InstrumentationScope, KeyValue,
