@@ -121,7 +121,13 @@ async fn http_spans_join_w3c_and_b3_traces_with_a_redis_child() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let redis = RedisServer::start();
     let receiver = OtlpReceiver::http().await;
-    let rl = start(&dir, &redis, &receiver, "http", &[]);
+    let rl = start(
+        &dir,
+        &redis,
+        &receiver,
+        "http",
+        &[("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-token=t0k3n")],
+    );
 
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
     call(&rl, SECRET, &[("traceparent", &traceparent)]).await;
@@ -197,6 +203,11 @@ async fn http_spans_join_w3c_and_b3_traces_with_a_redis_child() {
 
     assert_common(&spans);
     assert!(rl.log().contains("tracing enabled"), "{}", rl.log());
+    let headers = receiver.headers();
+    assert!(
+        headers.contains(&("x-collector-token".into(), "t0k3n".into())),
+        "OTEL_EXPORTER_OTLP_HEADERS sent: {headers:?}"
+    );
 }
 
 /// Over gRPC (gzip), with a batch delay far beyond the test: the spans arrive because
@@ -215,6 +226,10 @@ async fn grpc_spans_are_flushed_at_shutdown() {
             ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
             ("TRACING_SERVICE_INSTANCE_ID", "instance-7"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                "x-collector-token=grpc",
+            ),
         ],
     );
     let traceparent = format!("00-{TRACE}-{PARENT}-01");
@@ -233,6 +248,11 @@ async fn grpc_spans_are_flushed_at_shutdown() {
         );
     }
     assert_eq!(child.attribute("db.system.name").as_deref(), Some("redis"));
+    let headers = receiver.headers();
+    assert!(
+        headers.contains(&("x-collector-token".into(), "grpc".into())),
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS sent: {headers:?}"
+    );
 }
 
 /// `TRACING_SAMPLING_RATE=0`: a call with no parent makes no span; a caller's sampled parent

@@ -80,6 +80,15 @@ fn text(value: Option<&AnyValue>) -> String {
 }
 
 type Spans = Arc<Mutex<Vec<Received>>>;
+/// Every request header (or gRPC metadata entry) of every export, as (name, value).
+type Headers = Arc<Mutex<Vec<(String, String)>>>;
+
+fn record_headers(headers: &Headers, map: &http::HeaderMap) {
+    let mut all = headers.lock().unwrap();
+    for (k, v) in map {
+        all.push((k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()));
+    }
+}
 
 fn record(spans: &Spans, request: ExportTraceServiceRequest) {
     let mut all = spans.lock().unwrap();
@@ -100,10 +109,11 @@ fn record(spans: &Spans, request: ExportTraceServiceRequest) {
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
     spans: Spans,
+    headers: Headers,
     stop: Option<oneshot::Sender<()>>,
 }
 
-struct Grpc(Spans);
+struct Grpc(Spans, Headers);
 
 #[tonic::async_trait]
 impl TraceService for Grpc {
@@ -111,6 +121,7 @@ impl TraceService for Grpc {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        record_headers(&self.1, &request.metadata().clone().into_headers());
         record(&self.0, request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -126,7 +137,8 @@ impl OtlpReceiver {
         let spans = Spans::default();
         let (stop, stopped) = oneshot::channel::<()>();
         // gzip accepted, for OTEL_EXPORTER_OTLP_COMPRESSION=gzip.
-        let service = TraceServiceServer::new(Grpc(spans.clone()))
+        let headers = Headers::default();
+        let service = TraceServiceServer::new(Grpc(spans.clone(), headers.clone()))
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -143,6 +155,7 @@ impl OtlpReceiver {
         Self {
             addr,
             spans,
+            headers,
             stop: Some(stop),
         }
     }
@@ -154,10 +167,13 @@ impl OtlpReceiver {
         let spans = Spans::default();
         let (stop, stopped) = oneshot::channel::<()>();
         let recorded = spans.clone();
+        let headers = Headers::default();
+        let seen = headers.clone();
         let router = axum::Router::new().route(
             "/v1/traces",
-            axum::routing::post(move |body: bytes::Bytes| {
+            axum::routing::post(move |map: http::HeaderMap, body: bytes::Bytes| {
                 let recorded = recorded.clone();
+                record_headers(&seen, &map);
                 async move {
                     match ExportTraceServiceRequest::decode(body) {
                         Ok(request) => {
@@ -191,6 +207,7 @@ impl OtlpReceiver {
         Self {
             addr,
             spans,
+            headers,
             stop: Some(stop),
         }
     }
@@ -198,6 +215,11 @@ impl OtlpReceiver {
     /// `http://127.0.0.1:port`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Every header of every export so far, as (name, value).
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.headers.lock().unwrap().clone()
     }
 
     /// Every span received so far.
