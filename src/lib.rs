@@ -17,6 +17,7 @@
 //!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket;
 //!   [`tls`]: TLS (and mTLS) on the gRPC listener, its files reloaded when they change.
 //! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
+//! - [`otel`]: OpenTelemetry spans of calls and store calls (`TRACING_*`), OTLP export.
 //! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
 //!   and rendered for Prometheus; [`statsd`] exports the same events under the reference's
 //!   StatsD names.
@@ -48,6 +49,7 @@ pub mod log_throttle;
 pub mod matcher;
 pub mod metadata;
 pub mod metrics;
+pub mod otel;
 pub mod proto;
 pub mod serve;
 pub mod server;

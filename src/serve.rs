@@ -64,6 +64,8 @@ pub enum ServeError {
     LocalAddr(#[source] std::io::Error),
     #[error("server failed: {0}")]
     Server(#[from] server::ServerError),
+    #[error(transparent)]
+    Tracing(#[from] crate::otel::TracingError),
 }
 
 /// Loads the rules (refusing to start on any error), connects the store, listens, and runs
@@ -88,6 +90,7 @@ pub async fn serve(
         tracing::warn!("LOCAL_CACHE_SIZE_IN_BYTES is ignored: the memory backend is local already");
     }
     let telemetry = Telemetry::start(&args)?;
+    let (traces, tracer) = crate::otel::Tracing::start(&args.tracing)?.unzip();
     let mut shutdown = Box::pin(shutdown);
     let (rules, health, health_service, _config_tasks) = match args.xds.config_type {
         ConfigType::File => {
@@ -108,13 +111,16 @@ pub async fn serve(
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = connect_store(&args, clock.clone(), &health).await?;
-    let limiter = Arc::new(RateLimiter::new(
-        rules.clone(),
-        store,
-        clock.clone(),
-        service_settings(&args, keys.clone()),
-        telemetry.stats.clone(),
-    ));
+    let limiter = Arc::new(
+        RateLimiter::new(
+            rules.clone(),
+            store,
+            clock.clone(),
+            service_settings(&args, keys.clone()),
+            telemetry.stats.clone(),
+        )
+        .with_tracer(tracer),
+    );
     let _rule_metrics_upkeep = limiter.spawn_metrics_upkeep();
     let mut listeners = bind_listeners(&args).await?;
     let _tls_watch = grpc_tls.as_ref().map(|tls| {
@@ -130,10 +136,14 @@ pub async fn serve(
         clock,
         json: crate::json::Codec::new(),
     });
-    server::run(listeners, state, health_service, shutdown).await?;
+    let served = server::run(listeners, state, health_service, shutdown).await;
     if let Some(s) = &telemetry.statsd {
         s.flush_now();
     }
+    if let Some(traces) = traces {
+        traces.shutdown().await;
+    }
+    served?;
     tracing::info!("ratelimitd stopped");
     Ok(())
 }

@@ -26,10 +26,11 @@ use crate::{
     log_throttle::LogThrottle,
     matcher,
     metrics::{self as m, Stats},
+    otel::{self, Tracer},
     proto::envoy::service::ratelimit::v3::{
         rate_limit_service_server::RateLimitService, RateLimitRequest, RateLimitResponse,
     },
-    store::{Store, MAX_COUNT},
+    store::{Store, StoreError, MAX_COUNT},
 };
 
 /// One request's checks, before the store decides them.
@@ -123,6 +124,8 @@ pub struct RateLimiter<S> {
     backend_log: LogThrottle,
     /// `LOCAL_CACHE_SIZE_IN_BYTES`.
     local_cache: Option<LocalCache>,
+    /// `TRACING_ENABLED`: spans for calls and store calls; none means none are made.
+    tracer: Option<Tracer>,
 }
 
 impl<S: Store> RateLimiter<S> {
@@ -148,7 +151,14 @@ impl<S: Store> RateLimiter<S> {
             backend_log: LogThrottle::default(),
             local_cache: LocalCache::new(settings.local_cache_bytes),
             settings,
+            tracer: None,
         }
+    }
+
+    /// Traces calls with `tracer`, if any (`TRACING_ENABLED`).
+    pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Answers one call and counts it exactly once, however it ends: answered, refused as
@@ -401,7 +411,14 @@ impl<S: Store> RateLimiter<S> {
     /// One store call, timed and counted.
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, ServiceError> {
         let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
-        let result = self.store.decide(batch).await;
+        let result = otel::store_call(
+            self.tracer.as_ref(),
+            self.store.span(),
+            batch.checks.len(),
+            self.store.decide(batch),
+            |e: &StoreError| e.kind().to_string(),
+        )
+        .await;
         if let Err(e) = &result {
             counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
         }
@@ -619,11 +636,12 @@ impl<S: Store> RateLimitService for GrpcService<S> {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        self.0
-            .answer(request.get_ref())
-            .await
-            .map(tonic::Response::new)
-            .map_err(Into::into)
+        let call = async { self.0.answer(request.get_ref()).await.map_err(Into::into) };
+        match &self.0.tracer {
+            None => call.await,
+            Some(tracer) => tracer.server_call(&request, call).await,
+        }
+        .map(tonic::Response::new)
     }
 }
 

@@ -126,7 +126,7 @@ async fn unsupported_reference_settings_warn_once_and_start() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let rl = Ratelimitd::builder(dir.path())
         .env("MEMCACHE_HOST_PORT", "127.0.0.1:11211")
-        .env("TRACING_ENABLED", "true")
+        .env("USE_DOG_STATSD", "true")
         .start();
     let log = rl.log();
     assert_eq!(

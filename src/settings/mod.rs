@@ -6,10 +6,12 @@ use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{builder::BoolishValueParser, ArgAction, Args, FromArgMatches, Parser, Subcommand};
 
+mod otel;
 mod tls;
 mod values;
 mod xds;
 
+pub use otel::{ExporterProtocol, TracingArgs};
 pub use tls::{GrpcTlsArgs, RedisTlsArgs};
 pub use values::*;
 use values::{HOUR, YEAR};
@@ -450,6 +452,9 @@ pub struct ServeArgs {
     // The default is crate::metrics::DEFAULT_IDLE_TIMEOUT, spelled as clap reads it.
     #[arg(long, env = "METRICS_IDLE_TIMEOUT", default_value = "10m", value_parser = duration("METRICS_IDLE_TIMEOUT", Bound::Positive, YEAR))]
     pub metrics_idle_timeout: Duration,
+
+    #[command(flatten)]
+    pub tracing: TracingArgs,
 }
 
 /// The default `REDIS_URL` of the reference (a twemproxy socket), used when
@@ -529,7 +534,6 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "REDIS_SENTINEL_AUTH",
     "MEMCACHE_HOST_PORT",
     "MEMCACHE_SRV",
-    "TRACING_ENABLED",
 ];
 
 #[cfg(test)]

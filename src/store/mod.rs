@@ -16,8 +16,11 @@ pub use self::memory::MemoryStore;
 pub use self::redis::{uses_tls, RedisSettings, RedisStore, RedisTls, SocketType};
 pub use self::split::SplitStore;
 
-use crate::limiter::engine::{Batch, Decided};
 pub use crate::limiter::MAX_COUNT;
+use crate::{
+    limiter::engine::{Batch, Decided},
+    otel::StoreSpan,
+};
 
 /// Why the store could not answer. Every store error fails the RPC with `UNAVAILABLE`; the
 /// client learns only the [`StoreErrorKind`], the log gets the whole text. A source's text is
@@ -103,6 +106,17 @@ impl std::fmt::Display for StoreErrorKind {
     }
 }
 
+/// The span of a call to Redis, named as the reference names it.
+const REDIS_SPAN: StoreSpan = StoreSpan {
+    name: "Redis Pipeline Execution",
+    system: Some("redis"),
+};
+/// The span of a call to the in-memory store.
+const MEMORY_SPAN: StoreSpan = StoreSpan {
+    name: "Memory Store Execution",
+    system: None,
+};
+
 /// Counter storage.
 pub trait Store: Send + Sync + 'static {
     /// Decides every check of `batch` atomically, as [`crate::limiter::engine::decide`] does
@@ -113,6 +127,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch: &Batch<'_>,
     ) -> impl Future<Output = Result<Vec<Decided>, StoreError>> + Send;
+
+    /// A [`Store::decide`] call's trace span.
+    fn span(&self) -> StoreSpan {
+        MEMORY_SPAN
+    }
 }
 
 /// Which counter store to run (`BACKEND_TYPE`).
@@ -179,6 +198,13 @@ impl Store for AnyStore {
             AnyStore::Memory(s) => s.decide(batch).await,
             AnyStore::Redis(s) => s.decide(batch).await,
             AnyStore::Split(s) => s.decide(batch).await,
+        }
+    }
+
+    fn span(&self) -> StoreSpan {
+        match self {
+            AnyStore::Memory(_) => MEMORY_SPAN,
+            AnyStore::Redis(_) | AnyStore::Split(_) => REDIS_SPAN,
         }
     }
 }

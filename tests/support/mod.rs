@@ -10,6 +10,8 @@
     clippy::expect_used
 )]
 
+pub mod otlp;
+
 use std::{
     fs,
     io::Read,

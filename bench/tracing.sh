@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Tracing overhead (docs/benchmarks.md): ShouldRateLimit throughput with TRACING_ENABLED=false,
+# with tracing at TRACING_SAMPLING_RATE=1 (every call exported) and at 0 (spans made but
+# none sampled), per backend. Release builds, loopback only; the three servers run side by
+# side and their runs alternate, so drift on a noisy machine hits each alike; median of RUNS.
+# Spans go over OTLP http/protobuf to a minimal Python sink answering 200 to every POST.
+# Server CPU per call (utime + stime of the ratelimitd process around each run) is the figure
+# least moved by the noise of a shared machine.
+# Starts its own redis-server, sink and ratelimitd processes and stops them (by PID).
+# Usage: bench/tracing.sh [RUNS] [REQUESTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-5}
+REQUESTS=${2:-100000}
+cargo build --release --quiet --bin ratelimitd --example loadgen
+BIN=target/release/ratelimitd
+LOAD=target/release/examples/loadgen
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cat > "$WORK/bench.yaml" <<'YAML'
+domain: bench
+descriptors:
+  - key: k
+    rate_limit: {unit: second, requests_per_unit: 4000000000}
+YAML
+
+RPORT=$(free_port)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
+PIDS+=($!)
+until redis-cli -p "$RPORT" ping >/dev/null 2>&1; do sleep 0.05; done
+
+SPORT=$(free_port)
+cat > "$WORK/sink.py" <<'PY'
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+python3 "$WORK/sink.py" "$SPORT" &
+PIDS+=($!)
+until python3 -c "import socket; socket.create_connection(('127.0.0.1',$SPORT))" 2>/dev/null; do sleep 0.05; done
+
+start_rl() { # $1 name, rest: env assignments; sets ADDR[$1]
+  local name=$1; shift
+  rm -f "$WORK/$name.log" # a previous backend's log would read as ready
+  env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 DEBUG_HOST=127.0.0.1 \
+    DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SPORT" "$@" \
+    "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
+  PIDS+=($!)
+  until grep -q "ratelimitd listening" "$WORK/$name.log"; do sleep 0.05; done
+  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
+  SPID[$name]=$!
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+declare -A ADDR SPID RPS P50 P99 CPU
+echo "| backend | tracing | rps (median) | p50 µs | p99 µs | server CPU µs/call (median) | rps of each run |"
+echo "|---|---|---|---|---|---|---|"
+for backend in ${BACKENDS:-memory redis}; do
+  extra=()
+  [ "$backend" = redis ] && extra=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
+  start_rl off "${extra[@]}"
+  start_rl on1 "${extra[@]}" TRACING_ENABLED=true TRACING_SAMPLING_RATE=1
+  start_rl on0 "${extra[@]}" TRACING_ENABLED=true TRACING_SAMPLING_RATE=0
+  RPS=([off]="" [on1]="" [on0]=""); P50=([off]="" [on1]="" [on0]=""); P99=([off]="" [on1]="" [on0]=""); CPU=([off]="" [on1]="" [on0]="")
+  for _ in $(seq "$RUNS"); do
+    for s in off on1 on0; do
+      before=$(cpu_ticks "${SPID[$s]}")
+      out=$("$LOAD" --target "${ADDR[$s]}" --domain bench --key k --keys 1 --requests "$REQUESTS" --concurrency 64 --connections 4)
+      CPU[$s]+="$(( ($(cpu_ticks "${SPID[$s]}") - before) * TICK_US / REQUESTS )) "
+      grep -q "errors=0" <<<"$out" || { echo "errors in run: $out" >&2; exit 1; }
+      RPS[$s]+="$(sed -E 's/.* rps=([0-9]+).*/\1/' <<<"$out") "
+      P50[$s]+="$(sed -E 's/.* p50_us=([0-9]+).*/\1/' <<<"$out") "
+      P99[$s]+="$(sed -E 's/.* p99_us=([0-9]+).*/\1/' <<<"$out") "
+    done
+  done
+  for s in off on1 on0; do
+    label=$(case $s in off) echo "off";; on1) echo "on, sampling 1";; on0) echo "on, sampling 0";; esac)
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$backend" "$label" \
+      "$(tr ' ' '\n' <<<"${RPS[$s]}" | grep . | median)" "$(tr ' ' '\n' <<<"${P50[$s]}" | grep . | median)" \
+      "$(tr ' ' '\n' <<<"${P99[$s]}" | grep . | median)" "$(tr ' ' '\n' <<<"${CPU[$s]}" | grep . | median)" "${RPS[$s]% }"
+  done
+  # SIGTERM flushes; the SDK then logs how many spans a full queue dropped, if any.
+  for p in "${PIDS[@]:2}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  PIDS=("${PIDS[@]:0:2}")
+  grep -h -o "dropped_spans=[0-9]*" "$WORK"/on*.log | sed "s/^/$backend: /" >&2 || true
+done
