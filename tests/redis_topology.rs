@@ -339,6 +339,82 @@ async fn sentinel_failover_under_continuous_calls() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_second_redis_may_be_a_cluster() {
+    ensure_window_room(30, Duration::from_secs(10)).await;
+    let cluster = RedisCluster::start();
+    let main = RedisServer::start();
+    let rules = r#"
+domain: ps
+descriptors:
+  - key: sec
+    rate_limit: {unit: second, unit_multiplier: 30, requests_per_unit: 3}
+  - key: hour
+    rate_limit: {unit: hour, requests_per_unit: 2}
+"#;
+    let dir = config_dir(&[("r.yaml", rules)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&main)
+        .env("REDIS_PERSECOND", "true")
+        .env("REDIS_PERSECOND_SOCKET_TYPE", "tcp")
+        .env("REDIS_PERSECOND_TYPE", "cluster")
+        .env("REDIS_PERSECOND_URL", &cluster.url())
+        .start();
+    let mut client = rl.client().await;
+    let d: [&[(&str, &str)]; 3] = [&[("sec", "a")], &[("sec", "b")], &[("hour", "a")]];
+    for hit in 1..=5 {
+        let (_, codes) = call(&mut client, request("ps", &d)).await.unwrap();
+        let want = |limit| {
+            if hit <= limit {
+                Code::Ok
+            } else {
+                Code::OverLimit
+            }
+        };
+        assert_eq!(codes, [want(3), want(3), want(2)], "hit {hit}");
+    }
+    let dbsize = |r: &RedisServer| -> u64 { r.command(&["DBSIZE"])[1..].trim().parse().unwrap() };
+    assert_eq!(dbsize(&main), 1, "the hour limit only");
+    let on_cluster: u64 = cluster.with_role("master").into_iter().map(dbsize).sum();
+    assert_eq!(on_cluster, 2, "the two per-second limits");
+}
+
+/// `REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR`: a single Redis turned replica answers READONLY;
+/// the connection is replaced, and calls work again once it is a master again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_replaces_a_single_connection_when_asked() {
+    ensure_window_room(3600, Duration::from_secs(30)).await;
+    let redis = RedisServer::start();
+    let other = RedisServer::start();
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_POOL_SIZE", "1")
+        .env("REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR", "true")
+        .start();
+    let mut client = rl.client().await;
+    let req = || request("topo", &[&[("user", "ro")]]);
+    assert!(call(&mut client, req()).await.is_ok());
+    let port = other.port.to_string();
+    redis.command(&["REPLICAOF", "127.0.0.1", &port]);
+    let e = call(&mut client, req()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    wait_until(Duration::from_secs(5), "the connection replaced", || {
+        rl.log()
+            .contains("READONLY from Redis: connection replaced")
+    });
+    redis.command(&["REPLICAOF", "NO", "ONE"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&mut client, req()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "calls did not recover:\n{}",
+            rl.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn bad_topology_settings_are_refused_at_start_up() {
     let dir = config_dir(&[("r.yaml", RULES)]);
