@@ -165,6 +165,54 @@ async fn cluster_requests_spanning_slots_get_every_limit_right() {
     }
 }
 
+/// `STRICT_CHARGING` across slots: a request refused by one slot's limit charges none of
+/// another slot's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_strict_charging_spans_slots() {
+    ensure_window_room(3600, Duration::from_secs(60)).await;
+    let cluster = RedisCluster::start();
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path())
+        .env("BACKEND_TYPE", "redis")
+        .env("REDIS_SOCKET_TYPE", "tcp")
+        .env("REDIS_TYPE", "cluster")
+        .env("REDIS_URL", &cluster.url())
+        .env("STRICT_CHARGING", "true")
+        .start();
+    let window = unix_now() / 3600 * 3600;
+    assert_ne!(
+        slot_of(&cluster, &format!("topo_fixed_x_{window}")),
+        slot_of(&cluster, &format!("topo_fixed_y_{window}"))
+    );
+    let mut client = rl.client().await;
+    for _ in 0..3 {
+        let (code, _) = call(&mut client, request("topo", &[&[("fixed", "x")]]))
+            .await
+            .unwrap();
+        assert_eq!(code, Code::Ok);
+    }
+    let (code, codes) = call(
+        &mut client,
+        request("topo", &[&[("fixed", "x")], &[("fixed", "y")]]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, codes),
+        (Code::OverLimit, vec![Code::OverLimit, Code::Ok])
+    );
+    for hit in 1..=3 {
+        let (code, _) = call(&mut client, request("topo", &[&[("fixed", "y")]]))
+            .await
+            .unwrap();
+        assert_eq!(
+            code,
+            Code::Ok,
+            "y hit {hit}: the refused request charged it"
+        );
+    }
+}
+
 /// CLUSTER KEYSLOT, asked of a node.
 fn slot_of(cluster: &RedisCluster, key: &str) -> String {
     cluster.nodes[0].command(&["CLUSTER", "KEYSLOT", key])
