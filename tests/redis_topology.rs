@@ -137,6 +137,14 @@ async fn cluster_requests_spanning_slots_get_every_limit_right() {
             assert_eq!(*code, want, "hit {hit}, {desc:?}");
         }
     }
+    // Scripts flushed everywhere (as after a restart): EVALSHA's NOSCRIPT falls back to
+    // EVAL on each node, and the limits are where they were.
+    for m in cluster.with_role("master") {
+        assert_eq!(m.command(&["SCRIPT", "FLUSH"]), "+OK\r\n");
+    }
+    let (_, codes) = call(&mut client, request("topo", &d)).await.unwrap();
+    assert!(codes.iter().all(|&c| c == Code::OverLimit), "{codes:?}");
+
     // A sliding window whose previous window, on another node, is full: read from there
     // (with at least a minute of the hour left, 1000 hits weigh at least 16 > 4).
     let window = unix_now() / 3600 * 3600;
@@ -162,6 +170,44 @@ async fn cluster_requests_spanning_slots_get_every_limit_right() {
             Code::OverLimit,
             "the previous window's hits not counted"
         );
+    }
+}
+
+/// Slots moving between masters under continuous calls (MOVED and ASK redirections): no
+/// call fails, and limits are exact afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_resharding_fails_no_call() {
+    ensure_window_room(3600, Duration::from_secs(90)).await;
+    let cluster = RedisCluster::start();
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = ratelimitd(dir.path(), "cluster", &cluster.url());
+    let load = Load::start(&rl).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let masters = cluster.with_role("master");
+    let id = |n: &RedisServer| {
+        let reply = n.command(&["CLUSTER", "MYID"]);
+        reply.split("\r\n").nth(1).unwrap().to_owned()
+    };
+    let (from, to) = (id(masters[0]), id(masters[1]));
+    let cli = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", &masters[0].addr()])
+        .args(["--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", "2000", "--cluster-yes"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stdout)
+    );
+    cluster.wait_ok(Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, failed) = load.stop().await;
+    assert_eq!(failed, 0, "ok {ok}");
+    assert!(ok > 20, "ok {ok}");
+    for user in ["moved-a", "moved-b", "moved-c", "moved-d", "moved-e"] {
+        enforced(&rl, user).await;
     }
 }
 
