@@ -6,7 +6,8 @@
 //! - [`limiter`]: the counting algorithms, the engine deciding a request's checks, counter
 //!   keys; pure, clock injected.
 //! - [`store`]: the engine run atomically on counters in Redis or in memory, behind one async
-//!   trait (per-second limits optionally in a second Redis); [`local_cache`]: fixed windows
+//!   trait (a single Redis, a Sentinel-managed master or a cluster; per-second limits
+//!   optionally in a second one); [`local_cache`]: fixed windows
 //!   known to be over, answered without the store.
 //! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
 //!   the store's decisions ([`metadata`]: its `dynamic_metadata`); [`calls`] counts each call

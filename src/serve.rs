@@ -385,6 +385,9 @@ async fn connect_store(
         tls_files: RedisTls::default(),
         pool_size: args.redis_pool_size,
         timeout: args.redis_timeout,
+        redis_type: args.redis_type,
+        sentinel_auth: args.redis_sentinel_auth.clone(),
+        close_on_readonly: args.redis_close_connection_on_readonly_error,
     };
     let mut per_second = args.redis_persecond.then(|| RedisSettings {
         url: args.redis_persecond_url.clone(),
@@ -394,6 +397,9 @@ async fn connect_store(
         tls_files: RedisTls::default(),
         pool_size: args.redis_persecond_pool_size,
         timeout: args.redis_persecond_timeout,
+        redis_type: args.redis_persecond_type,
+        sentinel_auth: args.redis_persecond_sentinel_auth.clone(),
+        close_on_readonly: args.redis_close_connection_on_readonly_error,
     });
     // As in the reference, the REDIS_TLS_* files are read only when a connection uses TLS.
     let any_tls = uses_tls(&redis) || per_second.as_ref().is_some_and(uses_tls);

@@ -38,6 +38,9 @@ fn redis_store(redis: &RedisServer) -> RedisStore {
         tls_files: Default::default(),
         pool_size: 1,
         timeout: Duration::from_secs(5),
+        redis_type: Default::default(),
+        sentinel_auth: String::new(),
+        close_on_readonly: false,
     })
     .unwrap()
 }

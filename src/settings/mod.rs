@@ -20,7 +20,7 @@ pub use xds::{parse_additional_headers, parse_node_metadata, ConfigType, XdsArgs
 use crate::{
     config::ConfigSource,
     limiter::{Algorithm, CacheKeyBuilder, SecretError, ValueHasher},
-    store::{Backend, SocketType},
+    store::{Backend, RedisType, SocketType},
 };
 
 #[derive(Debug, Parser)]
@@ -308,6 +308,25 @@ pub struct ServeArgs {
     pub redis_tls: bool,
     #[command(flatten)]
     pub redis_tls_files: RedisTlsArgs,
+    /// single, sentinel or cluster (any case): how REDIS_URL is read. sentinel:
+    /// `master-name,host:port,...` (the sentinels); cluster: `host:port,...` (any nodes).
+    #[arg(long, env = "REDIS_TYPE", default_value = "single", value_parser = redis_type("REDIS_TYPE"))]
+    pub redis_type: RedisType,
+    /// `password` or `user:password` for the sentinels (REDIS_TYPE=sentinel); REDIS_AUTH is
+    /// for the master.
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_AUTH",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub redis_sentinel_auth: String,
+    /// A READONLY reply (the address now leads to a replica) replaces that connection, so the
+    /// address is resolved again (REDIS_TYPE=single; sentinel and cluster always re-resolve).
+    #[arg(long, env = "REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_close_connection_on_readonly_error: bool,
+    /// Multiplexed connections for REDIS_TYPE=single, capped at the number of cores; sentinel
+    /// and cluster use one per server.
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 10)]
     pub redis_pool_size: usize,
     /// Bound on every Redis operation (Go duration: 10s, 250ms, 1m30s).
@@ -334,6 +353,17 @@ pub struct ServeArgs {
     pub redis_persecond_auth: String,
     #[arg(long, env = "REDIS_PERSECOND_TLS", default_value = "false", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub redis_persecond_tls: bool,
+    /// REDIS_TYPE for the per-second Redis.
+    #[arg(long, env = "REDIS_PERSECOND_TYPE", default_value = "single", value_parser = redis_type("REDIS_PERSECOND_TYPE"))]
+    pub redis_persecond_type: RedisType,
+    /// REDIS_SENTINEL_AUTH for the per-second Redis.
+    #[arg(
+        long,
+        env = "REDIS_PERSECOND_SENTINEL_AUTH",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub redis_persecond_sentinel_auth: String,
     #[arg(long, env = "REDIS_PERSECOND_POOL_SIZE", default_value_t = 10)]
     pub redis_persecond_pool_size: usize,
     /// Bound on every per-second Redis operation (Go duration).
@@ -504,6 +534,17 @@ fn socket_type(
     }
 }
 
+/// A Redis type setting (`REDIS_TYPE`, `REDIS_PERSECOND_TYPE`), any case.
+fn redis_type(
+    setting: &'static str,
+) -> impl Fn(&str) -> Result<RedisType, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        RedisType::parse(s).ok_or_else(|| {
+            format!("{setting} '{s}' is not supported (expected single, sentinel or cluster)")
+        })
+    }
+}
+
 impl ServeArgs {
     /// The backend, from `BACKEND_TYPE` or, when unset, from whether `REDIS_URL` is set.
     pub fn backend(&self) -> Backend {
@@ -522,16 +563,14 @@ pub const UNSUPPORTED_ENV: &[&str] = &[
     "USE_DOG_STATSD_MOGRIFIERS",
     "DISABLE_STATS",
     "PROMETHEUS_RESPONSE_TIME_AS_MILLISECONDS",
-    "REDIS_TYPE",
     "REDIS_PIPELINE_WINDOW",
     "REDIS_PIPELINE_LIMIT",
-    "REDIS_PERSECOND_TYPE",
     "REDIS_PERSECOND_PIPELINE_WINDOW",
     "REDIS_PERSECOND_PIPELINE_LIMIT",
     "REDIS_PERSECOND_POOL_ON_EMPTY_BEHAVIOR",
-    "REDIS_PERSECOND_SENTINEL_AUTH",
     "REDIS_POOL_ON_EMPTY_BEHAVIOR",
-    "REDIS_SENTINEL_AUTH",
+    "REDIS_CLUSTER_PIPELINE_PARALLELISM",
+    "REDIS_PERSECOND_CLUSTER_PIPELINE_PARALLELISM",
     "MEMCACHE_HOST_PORT",
     "MEMCACHE_SRV",
 ];
@@ -742,7 +781,53 @@ mod tests {
         for acted_on in ["REDIS_PERSECOND", "REDIS_PERSECOND_URL"] {
             assert!(!UNSUPPORTED_ENV.contains(&acted_on));
         }
-        assert!(UNSUPPORTED_ENV.contains(&"REDIS_PERSECOND_TYPE"));
+        assert!(UNSUPPORTED_ENV.contains(&"REDIS_PERSECOND_PIPELINE_WINDOW"));
+    }
+
+    #[test]
+    fn redis_types_are_read_and_checked() {
+        let serve = |extra: &[&str]| {
+            let mut argv = vec!["ratelimitd", "serve", "--config", "x"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(Cli::into_command) {
+                Ok(Ok(Command::Serve(args))) => Ok(args),
+                Ok(_) => panic!("serve expected"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let a = serve(&[
+            "--redis-type",
+            "CLUSTER",
+            "--redis-persecond-type",
+            "Sentinel",
+            "--redis-sentinel-auth",
+            "u:p",
+        ])
+        .unwrap();
+        assert_eq!(a.redis_type, RedisType::Cluster);
+        assert_eq!(a.redis_persecond_type, RedisType::Sentinel);
+        assert_eq!(a.redis_sentinel_auth, "u:p");
+        let e = serve(&["--redis-type", "twemproxy"]).unwrap_err();
+        assert!(
+            e.contains(
+                "REDIS_TYPE 'twemproxy' is not supported (expected single, sentinel or cluster)"
+            ),
+            "{e}"
+        );
+        let e = serve(&["--redis-persecond-type", "x"]).unwrap_err();
+        assert!(
+            e.contains("REDIS_PERSECOND_TYPE 'x' is not supported"),
+            "{e}"
+        );
+        for acted_on in [
+            "REDIS_TYPE",
+            "REDIS_PERSECOND_TYPE",
+            "REDIS_SENTINEL_AUTH",
+            "REDIS_PERSECOND_SENTINEL_AUTH",
+            "REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR",
+        ] {
+            assert!(!UNSUPPORTED_ENV.contains(&acted_on), "{acted_on}");
+        }
     }
 
     #[test]

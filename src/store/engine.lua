@@ -23,7 +23,10 @@
 --       capacity        the bucket's burst (0 when limit is 0); the limit for windows
 --       cost            hits_addend, up to 2^64-1
 --       jitter_secs     extra life for the keys written
---       previous        1 when the check has a previous key in KEYS (sliding windows), else 0
+--       previous        1 when the check has a previous key in KEYS (sliding windows), else 0;
+--                       or 'c' followed by the previous window's stored value (REDIS_TYPE=
+--                       cluster, where that key may live on another node: read beforehand,
+--                       see src/store/cluster.rs), checked here as a count like any other
 --
 -- Returns 8 values per check, flattened, in check order:
 --   allowed (0|1), remaining, reset_ms, retry_ms, used, charged (0|1), state_a, state_b
@@ -291,9 +294,14 @@ for i = first, #ARGV, FIELDS do
     return redis.error_reply('ratelimitd: cost ' .. c.cost .. ' is not a u64')
   end
   k = k + 1
-  if ARGV[i + 7] == '1' then
+  local previous = ARGV[i + 7]
+  if previous == '1' then
     c.previous = KEYS[k]
     k = k + 1
+  elseif string.sub(previous, 1, 1) == 'c' then
+    c.previous_read = string.sub(previous, 2)
+  elseif previous ~= '0' then
+    return redis.error_reply('ratelimitd: unknown previous field ' .. previous)
   end
   if not c.key or (ARGV[i + 7] == '1' and not c.previous) then
     return redis.error_reply('ratelimitd: fewer KEYS than the checks name')
@@ -319,6 +327,8 @@ for i, c in ipairs(checks) do
     local b = '0'
     if c.previous then
       b = count_of(c.previous, redis.call('GET', c.previous))
+    elseif c.previous_read then
+      b = count_of('the previous window of ' .. c.key, c.previous_read)
     end
     states[i] = { a = count_of(c.key, v), b = b }
   end
@@ -351,7 +361,7 @@ local function current(i, c)
   local l = latest[c.key]
   if l then
     s.a = l.a
-    if not c.previous then
+    if not c.previous and not c.previous_read then
       s.b = l.b
     end
   end

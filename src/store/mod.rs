@@ -4,17 +4,23 @@
 //! the store runs the counting engine on them atomically (memory: under the locks of every
 //! key they touch; Redis: one Lua script, `engine.lua`) and returns every check's decision.
 //! With `REDIS_PERSECOND=true`, [`SplitStore`] sends per-second limits to a second Redis.
+//! Either Redis may be a single server, a Sentinel-managed master or a cluster (`REDIS_TYPE`,
+//! `topology.rs`): `redis.rs`, `sentinel.rs`, `cluster.rs`.
 
+mod cluster;
 mod memory;
 mod redis;
 mod script;
+mod sentinel;
 mod split;
+mod topology;
 
 use std::future::Future;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{uses_tls, RedisSettings, RedisStore, RedisTls, SocketType};
 pub use self::split::SplitStore;
+pub use self::topology::{RedisType, UrlError};
 
 pub use crate::limiter::MAX_COUNT;
 use crate::{
@@ -43,6 +49,10 @@ pub enum StoreError {
     /// `REDIS_URL`/`REDIS_AUTH` cannot be used; only at start-up.
     #[error("invalid Redis settings: {0}")]
     Settings(#[source] ::redis::RedisError),
+    /// `REDIS_URL` does not fit `REDIS_TYPE`, or the topology cannot honour a setting; only
+    /// at start-up.
+    #[error("invalid Redis settings: {0}")]
+    Topology(String),
     /// One of the above from the per-second Redis (`REDIS_PERSECOND=true`).
     #[error("per-second Redis (REDIS_PERSECOND_URL): {0}")]
     PerSecond(#[source] Box<StoreError>),
@@ -54,12 +64,19 @@ impl StoreError {
         StoreError::PerSecond(Box::new(e))
     }
 
+    /// A `REDIS_URL` that does not fit its `REDIS_TYPE`.
+    pub fn url(e: UrlError) -> StoreError {
+        StoreError::Topology(e.to_string())
+    }
+
     /// The coarse kind, for metric labels and client messages.
     pub fn kind(&self) -> StoreErrorKind {
         match self {
             StoreError::PerSecond(e) => e.kind(),
             StoreError::Timeout(_) => StoreErrorKind::Timeout,
-            StoreError::Connection(_) | StoreError::Settings(_) => StoreErrorKind::Connection,
+            StoreError::Connection(_) | StoreError::Settings(_) | StoreError::Topology(_) => {
+                StoreErrorKind::Connection
+            }
             StoreError::Response(_) | StoreError::Reply(_) => StoreErrorKind::Response,
         }
     }

@@ -11,6 +11,16 @@
 //! pipelines concurrent commands, so a pool would add a checkout per request for nothing;
 //! `ConnectionManager` adds reconnection, whose backoff we cap (the defaults grow to minutes,
 //! which is how a redis-rs service can take ~100 s to notice Redis is back).
+//!
+//! [`RedisStore`] is the store for every `REDIS_TYPE`: this file's `single`, or
+//! `sentinel.rs`'s or `cluster.rs`'s, chosen once at start-up. The reference's pool and
+//! pipeline settings describe radix pools and have no counterpart on multiplexed connections:
+//! `REDIS_POOL_SIZE` is the number of connections for `single` (capped at the cores, see
+//! [`connection_count`]) and ignored by `sentinel` (one connection to the master) and `cluster`
+//! (one per node, redis-rs's); `REDIS_PIPELINE_WINDOW`/`_LIMIT` are what a multiplexed
+//! connection does on its own (concurrent calls share writes); `REDIS_POOL_ON_EMPTY_BEHAVIOR`
+//! has nothing to wait for (no checkout); `REDIS_CLUSTER_PIPELINE_PARALLELISM` is always
+//! unbounded (a request's slots are sent concurrently).
 
 use std::{
     path::PathBuf,
@@ -20,11 +30,16 @@ use std::{
 
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind, Value,
+    ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind,
 };
 
+use arc_swap::ArcSwap;
+
 use super::{
+    cluster::ClusterStore,
     script::{self, EngineScript},
+    sentinel::SentinelStore,
+    topology::RedisType,
     Store, StoreError,
 };
 use crate::limiter::engine::{Batch, Decided};
@@ -46,6 +61,14 @@ pub struct RedisSettings {
     pub pool_size: usize,
     /// Bound on every Redis operation, connecting included.
     pub timeout: Duration,
+    /// `REDIS_TYPE`: how `url` is read and what it points at.
+    pub redis_type: RedisType,
+    /// `REDIS_SENTINEL_AUTH`: `password` or `user:password` for the sentinels.
+    pub sentinel_auth: String,
+    /// `REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR`, for `single`: a READONLY reply (the server
+    /// behind the address became a replica) replaces that connection with a new one, resolving
+    /// the address again. `sentinel` and `cluster` always do the equivalent.
+    pub close_on_readonly: bool,
 }
 
 /// The reference's `REDIS_TLS_*` files, read and checked at start-up; shared by the main
@@ -91,20 +114,79 @@ pub enum SocketType {
     Unix,
 }
 
-/// Counters in Redis.
-pub struct RedisStore {
-    conns: Vec<ConnectionManager>,
-    next: AtomicUsize,
-    timeout: Duration,
-    /// The counting engine's script (`engine.lua`) and its SHA1.
-    engine: EngineScript,
+/// Counters in Redis, whatever its `REDIS_TYPE`.
+pub enum RedisStore {
+    /// Each boxed: built once, and of very different sizes.
+    Single(Box<Single>),
+    Sentinel(Box<SentinelStore>),
+    Cluster(Box<ClusterStore>),
 }
 
 impl RedisStore {
     /// Sets up the connections without waiting for Redis: they connect on first use and
     /// reconnect on their own, so ratelimitd starts (and answers `UNAVAILABLE`) while Redis
-    /// is still coming up.
+    /// is still coming up. An error is a settings error.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        Ok(match settings.redis_type {
+            RedisType::Single => RedisStore::Single(Box::new(Single::new(settings)?)),
+            RedisType::Sentinel => RedisStore::Sentinel(Box::new(SentinelStore::new(settings)?)),
+            RedisType::Cluster => RedisStore::Cluster(Box::new(ClusterStore::new(settings)?)),
+        })
+    }
+
+    /// Number of multiplexed connections in use (for `cluster`, per node).
+    pub fn connections(&self) -> usize {
+        match self {
+            RedisStore::Single(s) => s.conns.len(),
+            RedisStore::Sentinel(_) | RedisStore::Cluster(_) => 1,
+        }
+    }
+
+    /// `PING`, bounded by the timeout; for start-up logs and health.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            RedisStore::Single(s) => s.ping().await,
+            RedisStore::Sentinel(s) => boxed(s.ping()).await,
+            RedisStore::Cluster(s) => boxed(s.ping()).await,
+        }
+    }
+}
+
+impl Store for RedisStore {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+        match self {
+            RedisStore::Single(s) => s.decide(batch).await,
+            RedisStore::Sentinel(s) => boxed(s.decide(batch)).await,
+            RedisStore::Cluster(s) => boxed(s.decide(batch)).await,
+        }
+    }
+}
+
+/// `future` on the heap: the sentinel and cluster stores' futures nest redis-rs's deeply enough
+/// that, inline under every handler's future, laying them out passes the compiler's query
+/// depth. One allocation per call, against a network round trip.
+fn boxed<'a, T>(
+    future: impl std::future::Future<Output = T> + Send + 'a,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+    Box::pin(future)
+}
+
+/// `REDIS_TYPE=single`: a few multiplexed connections to one address.
+pub struct Single {
+    /// Swappable for `close_on_readonly`; never empty.
+    conns: Vec<ArcSwap<ConnectionManager>>,
+    next: AtomicUsize,
+    timeout: Duration,
+    /// The counting engine's script (`engine.lua`) and its SHA1.
+    engine: EngineScript,
+    /// What a replaced connection is made from (`close_on_readonly`).
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    close_on_readonly: bool,
+}
+
+impl Single {
+    fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         // rustls needs a process-wide crypto provider before the first TLS connection; an
         // error only means one is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -119,8 +201,9 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500))
             .set_exponent_base(2.0)
             .set_number_of_retries(4);
+        let make = || ConnectionManager::new_lazy_with_config(client.clone(), config.clone());
         let conns = (0..connection_count(settings.pool_size))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), config.clone()))
+            .map(|_| make().map(ArcSwap::from_pointee))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::Settings)?;
         Ok(Self {
@@ -128,65 +211,72 @@ impl RedisStore {
             next: AtomicUsize::new(0),
             timeout: settings.timeout,
             engine: EngineScript::default(),
+            client,
+            config,
+            close_on_readonly: settings.close_on_readonly,
         })
     }
 
-    /// Number of multiplexed connections in use.
-    pub fn connections(&self) -> usize {
-        self.conns.len()
+    /// `PING` on one connection, bounded by the timeout.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let (i, mut conn) = self.conn()?;
+        let ping = redis::cmd("PING");
+        let result =
+            tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut conn)).await;
+        self.answered(i, result).map(drop)
     }
 
-    /// `PING` on one connection, bounded by the timeout; for start-up logs and health.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(from_redis(e, self.timeout)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+    /// A connection, round robin, and its index.
+    fn conn(&self) -> Result<(usize, ConnectionManager), StoreError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len().max(1);
+        // `conns` is never empty (pool_size.max(1)); `get` keeps that from being a panic path.
+        match self.conns.get(i) {
+            Some(c) => Ok((i, (**c.load()).clone())),
+            None => Err(StoreError::Topology("no Redis connection".into())),
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        // `conns` is never empty (pool_size.max(1)); `get` keeps that from being a panic path.
-        match self.conns.get(i) {
-            Some(c) => c.clone(),
-            None => self.conns[0].clone(),
+    /// Sorts connection `i`'s answer, replacing the connection after a READONLY when
+    /// `close_on_readonly`.
+    fn answered<T>(
+        &self,
+        i: usize,
+        result: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if self.close_on_readonly
+                    && e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+                {
+                    if let (Some(slot), Ok(fresh)) = (
+                        self.conns.get(i),
+                        ConnectionManager::new_lazy_with_config(
+                            self.client.clone(),
+                            self.config.clone(),
+                        ),
+                    ) {
+                        slot.store(std::sync::Arc::new(fresh));
+                        tracing::warn!(error = %e, "READONLY from Redis: connection replaced (REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR)");
+                    }
+                }
+                Err(from_redis(e, self.timeout))
+            }
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
 }
 
-impl Store for RedisStore {
+impl Store for Single {
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
         if batch.checks.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn();
+        let (i, mut conn) = self.conn()?;
         // One bound for the call, the EVAL after a NOSCRIPT included.
-        let call = async {
-            match self
-                .engine
-                .evalsha(batch)
-                .query_async::<Value>(&mut conn)
-                .await
-            {
-                // Nothing ran: Redis does not know the script (restarted, or SCRIPT FLUSH).
-                // EVAL runs it and caches it again; no charge can be counted twice.
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    self.engine
-                        .eval(batch)
-                        .query_async::<Value>(&mut conn)
-                        .await
-                }
-                other => other,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(reply)) => script::decisions(batch, reply),
-            Ok(Err(e)) => Err(from_redis(e, self.timeout)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
+        let call = self.engine.run(&mut conn, batch, &[]);
+        let reply = self.answered(i, tokio::time::timeout(self.timeout, call).await)?;
+        script::decisions(batch, reply)
     }
 }
 
@@ -201,7 +291,7 @@ pub fn connection_count(pool_size: usize) -> usize {
 
 /// Sorts a redis-rs error; `timeout` is `REDIS_TIMEOUT`, which redis-rs's own response
 /// timeout also is.
-fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
+pub(super) fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout(timeout)
     } else if e.is_io_error()
@@ -216,7 +306,10 @@ fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
 }
 
 /// A client for `info`, with the `REDIS_TLS_*` files when it connects over TLS.
-fn open_client(info: redis::ConnectionInfo, tls: &RedisTls) -> Result<redis::Client, RedisError> {
+pub(super) fn open_client(
+    info: redis::ConnectionInfo,
+    tls: &RedisTls,
+) -> Result<redis::Client, RedisError> {
     if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
         return redis::Client::open(info);
     }
@@ -245,8 +338,12 @@ fn open_client(info: redis::ConnectionInfo, tls: &RedisTls) -> Result<redis::Cli
     redis::Client::open(info)
 }
 
-/// Whether `s` connects over TLS (`REDIS_TLS` with a bare address, or a `rediss://` URL).
+/// Whether `s` connects over TLS (`REDIS_TLS` with a bare address, or a `rediss://` URL;
+/// `REDIS_TLS` for sentinel and cluster, whose URLs are bare addresses).
 pub fn uses_tls(s: &RedisSettings) -> bool {
+    if s.redis_type != RedisType::Single {
+        return s.tls;
+    }
     connection_info(s).is_ok_and(|i| matches!(i.addr(), ConnectionAddr::TcpTls { .. }))
 }
 
@@ -326,6 +423,9 @@ mod tests {
             tls_files: RedisTls::default(),
             pool_size: 1,
             timeout: Duration::from_secs(1),
+            redis_type: RedisType::Single,
+            sentinel_auth: String::new(),
+            close_on_readonly: false,
         }
     }
 

@@ -4,7 +4,7 @@
 //! The layout is documented at the top of `engine.lua` and in the README ("The Redis
 //! script"); this file is its only writer and reader.
 
-use redis::{Cmd, Value};
+use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use super::StoreError;
 use crate::limiter::{
@@ -34,20 +34,40 @@ impl Default for EngineScript {
 
 impl EngineScript {
     /// `EVALSHA sha numkeys KEYS… ARGV…`: the usual call, which sends only the hash.
-    pub fn evalsha(&self, batch: &Batch<'_>) -> Cmd {
+    /// `read[i]`, when `Some`, is check `i`'s previous-window value as stored (`"0"` for no
+    /// key), sent in ARGV instead of its key in KEYS (`REDIS_TYPE=cluster`, where that key may
+    /// be on another node); `read` is empty otherwise.
+    pub fn evalsha(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash());
-        push_keys_and_args(&mut cmd, batch);
+        push_keys_and_args(&mut cmd, batch, read);
         cmd
     }
 
-    /// `EVAL source numkeys KEYS… ARGV…`: after `NOSCRIPT` (Redis restarted or `SCRIPT
-    /// FLUSH`). It runs the script and caches it again, so the next call's `EVALSHA` finds it.
-    pub fn eval(&self, batch: &Batch<'_>) -> Cmd {
+    /// `EVAL source numkeys KEYS… ARGV…`, `read` as for [`EngineScript::evalsha`]: after
+    /// `NOSCRIPT` (Redis restarted or `SCRIPT FLUSH`). It runs the script and caches it
+    /// again, so the next call's `EVALSHA` finds it.
+    pub fn eval(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(SOURCE);
-        push_keys_and_args(&mut cmd, batch);
+        push_keys_and_args(&mut cmd, batch, read);
         cmd
+    }
+
+    /// Runs the script on `conn`: EVALSHA, then EVAL when the server answers NOSCRIPT (nothing
+    /// ran, so nothing can be charged twice). Unbounded: the caller applies `REDIS_TIMEOUT`.
+    pub async fn run<C: redis::aio::ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        batch: &Batch<'_>,
+        read: &[Option<String>],
+    ) -> Result<Value, redis::RedisError> {
+        match self.evalsha(batch, read).query_async::<Value>(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.eval(batch, read).query_async::<Value>(conn).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -79,12 +99,19 @@ fn previous(c: &crate::limiter::engine::Check) -> Option<&str> {
     }
 }
 
-fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>) {
-    let keys = batch.checks.len() + batch.checks.iter().filter_map(previous).count();
+fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>, read: &[Option<String>]) {
+    // Check i's previous window: read beforehand, in KEYS, or none.
+    let read_at = |i: usize| read.get(i).and_then(Option::as_deref);
+    let in_keys = |i: usize, c| previous(c).filter(|_| read_at(i).is_none());
+    let keys = batch.checks.len()
+        + (0..batch.checks.len())
+            .zip(batch.checks)
+            .filter(|&(i, c)| in_keys(i, c).is_some())
+            .count();
     cmd.arg(keys);
-    for c in batch.checks {
+    for (i, c) in batch.checks.iter().enumerate() {
         cmd.arg(&c.key);
-        if let Some(p) = previous(c) {
+        if let Some(p) = in_keys(i, c) {
             cmd.arg(p);
         }
     }
@@ -96,7 +123,7 @@ fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>) {
     for r in batch.roles {
         cmd.arg(u8::from(r.shadow)).arg(u8::from(r.quota));
     }
-    for c in batch.checks {
+    for (i, c) in batch.checks.iter().enumerate() {
         let q = &c.quota;
         cmd.arg(c.descriptor)
             .arg(algorithm_arg(q.algorithm))
@@ -104,8 +131,11 @@ fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>) {
             .arg(q.window_ms)
             .arg(q.capacity)
             .arg(c.cost)
-            .arg(c.jitter_secs)
-            .arg(u8::from(previous(c).is_some()));
+            .arg(c.jitter_secs);
+        match (previous(c), read_at(i)) {
+            (Some(_), Some(value)) => cmd.arg(format!("c{value}")),
+            (p, _) => cmd.arg(u8::from(p.is_some())),
+        };
     }
     debug_assert_eq!(
         ARGV_PER_CHECK, 8,
@@ -222,7 +252,7 @@ mod tests {
             never_refuse: false,
             now_ms: 1_700_000_040_123,
         };
-        let got = args(&EngineScript::default().evalsha(&batch));
+        let got = args(&EngineScript::default().evalsha(&batch, &[]));
         assert_eq!(got[0], "EVALSHA");
         assert_eq!(got[1].len(), 40);
         #[rustfmt::skip]
@@ -233,6 +263,30 @@ mod tests {
             "1", "bucket", "5", "120000", "7", "3", "4", "0",
         ];
         assert_eq!(got[2..], want);
+    }
+
+    #[test]
+    fn sends_previous_windows_read_beforehand_in_argv() {
+        let checks = [
+            check(0, Algorithm::SlidingWindow, Some("p0")),
+            check(1, Algorithm::SlidingWindow, Some("p1")),
+            check(2, Algorithm::FixedWindow, Some("ignored")),
+        ];
+        let batch = Batch {
+            checks: &checks,
+            roles: &[Role::default()],
+            quota_total: 0,
+            charging: Charging::Always,
+            never_refuse: false,
+            now_ms: 5,
+        };
+        let read = [Some("17".to_owned()), None, Some("9".to_owned())];
+        let got = args(&EngineScript::default().evalsha(&batch, &read));
+        // Check 0's previous window travels as a value, check 1's as a key; a fixed window
+        // has none whatever `read` says.
+        assert_eq!(got[2..6], ["4", "k0", "k1", "p1"]);
+        let previous_fields: Vec<&str> = [21, 29, 37].iter().map(|&i| got[i].as_str()).collect();
+        assert_eq!(previous_fields, ["c17", "1", "0"]);
     }
 
     #[test]

@@ -1,25 +1,30 @@
-//! `REDIS_PERSECOND=true`: the checks of limits whose unit is `SECOND` are counted in a second
-//! Redis, every other check in the main one, as the reference does (its `CacheKey.PerSecond`).
-//! Keys are the same in either; only the server differs. Per-second counters are the hottest
-//! and shortest-lived, so a deployment can give them a Redis of their own.
+//! A request's checks spread over several stores, decided concurrently and merged back in
+//! order: [`Parted`] says which part each check belongs to and decides one part; [`decide`]
+//! does the rest. Two users:
 //!
-//! A request whose checks all belong to one server is one call to it, as without the split.
-//! One touching both is split into two sub-batches sent concurrently and merged back in
-//! order; each check keeps its descriptor index, and each sub-batch carries the request's
-//! roles, quota count and `never_refuse`. That is exact for [`Charging::Always`],
-//! [`Charging::Never`] and [`Charging::OnlyOver`], where a check's decision depends only on
-//! its own keys.
+//! - `REDIS_PERSECOND=true` ([`SplitStore`]): the checks of limits whose unit is `SECOND` are
+//!   counted in a second Redis, every other check in the main one, as the reference does (its
+//!   `CacheKey.PerSecond`). Keys are the same in either; only the server differs.
+//! - `REDIS_TYPE=cluster` (`cluster.rs`): one part per hash slot, since one script call can
+//!   only touch keys of one slot.
+//!
+//! A request whose checks all belong to one part is one call, as without the split. Otherwise
+//! each part is a sub-batch, all sent concurrently; each check keeps its descriptor index, and
+//! each sub-batch carries the request's roles, quota count and `never_refuse`. That is exact
+//! for [`Charging::Always`], [`Charging::Never`] and [`Charging::OnlyOver`], where a check's
+//! decision depends only on its own keys.
 //!
 //! [`Charging::StopWhenOver`] and [`Charging::AllOrNothing`] depend on every check, so across
-//! the two servers they are decided from a read, then charged: phase 1 asks both servers
-//! charging nothing; phase 2 charges what the one-server engine would charge given those
-//! verdicts. Each call is atomic within its server, not across the two: a hit landing between
-//! the phases is seen by phase 2's own server-side checks only. The reference is not atomic
-//! here either (it GETs every key from both pools, then INCRBYs).
+//! parts they are decided from a read, then charged: phase 1 asks every part charging
+//! nothing; phase 2 charges what the one-store engine would charge given those verdicts. Each
+//! call is atomic within its part, not across parts: a hit landing between the phases is seen
+//! by phase 2's own checks in that part only. The reference is not atomic here either (it GETs
+//! every key, then INCRBYs).
 //!
-//! Either server failing fails the request with its error (the per-second one's wrapped in
-//! [`StoreError::PerSecond`], so the log says which). The other server's part may have been
-//! charged by then, as with the reference, which sends to both.
+//! Any part failing fails the request with its error (the first part's, in part order). The
+//! other parts may have been charged by then, as with the reference, which sends to all.
+
+use std::{collections::BTreeMap, future::Future};
 
 use super::{RedisSettings, RedisStore, Store, StoreError};
 use crate::limiter::{
@@ -27,7 +32,105 @@ use crate::limiter::{
     engine::{refused, Batch, Charging, Check, Decided},
 };
 
-/// Two stores: the main one and the one for per-second limits.
+/// Stores over which a batch's checks are spread, each check in exactly one part.
+pub(super) trait Parted: Sync {
+    /// The part `c` belongs to; parts are decided (and their errors reported) in this order.
+    fn part_of(&self, c: &Check) -> u32;
+
+    /// Decides `batch`, whose checks all belong to `part`, on that part's store.
+    fn decide_part(
+        &self,
+        part: u32,
+        batch: &Batch<'_>,
+    ) -> impl Future<Output = Result<Vec<Decided>, StoreError>> + Send;
+}
+
+/// Decides `batch` over `stores`' parts, as one store would decide it (see the module doc for
+/// what is atomic).
+pub(super) async fn decide<P: Parted>(
+    stores: &P,
+    batch: &Batch<'_>,
+) -> Result<Vec<Decided>, StoreError> {
+    let mut of = batch.checks.iter().map(|c| stores.part_of(c));
+    let Some(first) = of.next() else {
+        return Ok(Vec::new());
+    };
+    if of.all(|p| p == first) {
+        return stores.decide_part(first, batch).await;
+    }
+    let all = Parts::new(stores, batch.checks, |_, _| true);
+    match batch.charging {
+        // Each check's charge depends on its own keys alone.
+        Charging::Always | Charging::Never | Charging::OnlyOver => {
+            decide_all(stores, batch, &all, batch.charging).await
+        }
+        Charging::StopWhenOver => {
+            let read = decide_all(stores, batch, &all, Charging::Never).await?;
+            if read.iter().all(|d| d.verdict.allowed) {
+                // Nothing over: everything is charged, each part still stopping at what it
+                // finds over by then.
+                return decide_all(stores, batch, &all, Charging::StopWhenOver).await;
+            }
+            // Something over: only the fixed windows that are (and that fit) are charged, as
+            // the engine does; the others answer as they stand.
+            let over = Parts::new(stores, batch.checks, |i, c| {
+                stop_when_over_charges(c) && read.get(i).is_some_and(|d| !d.verdict.allowed)
+            });
+            let charged = decide_parts(stores, batch, &over, Charging::Always).await?;
+            Ok(read
+                .into_iter()
+                .zip(charged)
+                .map(|(read, charged)| charged.unwrap_or(read))
+                .collect())
+        }
+        Charging::AllOrNothing => {
+            let read = decide_all(stores, batch, &all, Charging::Never).await?;
+            if refused(batch, &read) {
+                // Refused: nothing charged anywhere, every check as it stands.
+                return Ok(read);
+            }
+            // Each part charges its checks all or none, so a refusal it finds by then (a hit
+            // in between, or checks sharing a key) still charges nothing there.
+            decide_all(stores, batch, &all, Charging::AllOrNothing).await
+        }
+    }
+}
+
+/// Decides `parts` concurrently as `charging` (a part without checks costs no round trip);
+/// each decision at its check's place in `batch`, `None` where no part has the check.
+async fn decide_parts<P: Parted>(
+    stores: &P,
+    batch: &Batch<'_>,
+    parts: &Parts,
+    charging: Charging,
+) -> Result<Vec<Option<Decided>>, StoreError> {
+    let calls = parts.0.iter().map(|(&part, p)| {
+        let sub = Batch {
+            checks: &p.checks,
+            charging,
+            ..*batch
+        };
+        async move { stores.decide_part(part, &sub).await }
+    });
+    let decided = futures_util::future::join_all(calls).await;
+    let mut out = vec![None; batch.checks.len()];
+    for (p, decided) in parts.0.values().zip(decided) {
+        place(&mut out, &p.at, decided?)?;
+    }
+    Ok(out)
+}
+
+/// [`decide_parts`] for parts covering every check.
+async fn decide_all<P: Parted>(
+    stores: &P,
+    batch: &Batch<'_>,
+    parts: &Parts,
+    charging: Charging,
+) -> Result<Vec<Decided>, StoreError> {
+    complete(decide_parts(stores, batch, parts, charging).await?)
+}
+
+/// Two stores: the main one and the one for per-second limits (`REDIS_PERSECOND=true`).
 pub struct SplitStore<S = RedisStore> {
     main: S,
     per_second: S,
@@ -64,98 +167,29 @@ impl<S: Store> SplitStore<S> {
     pub fn new(main: S, per_second: S) -> Self {
         Self { main, per_second }
     }
+}
 
-    /// Decides `parts` on their stores concurrently as `charging` (a part without checks costs
-    /// no round trip); each decision at its check's place in `batch`, `None` where no part has
-    /// the check.
-    async fn decide_parts(
-        &self,
-        batch: &Batch<'_>,
-        parts: &Parts,
-        charging: Charging,
-    ) -> Result<Vec<Option<Decided>>, StoreError> {
-        let main = Batch {
-            checks: &parts.main.checks,
-            charging,
-            ..*batch
-        };
-        let per_second = Batch {
-            checks: &parts.per_second.checks,
-            charging,
-            ..*batch
-        };
-        let (main, per_second) =
-            tokio::join!(self.main.decide(&main), self.per_second.decide(&per_second));
-        let mut out = vec![None; batch.checks.len()];
-        place(&mut out, &parts.main.at, main?)?;
-        place(
-            &mut out,
-            &parts.per_second.at,
-            per_second.map_err(StoreError::per_second)?,
-        )?;
-        Ok(out)
+/// Part 0 is the main store, part 1 the per-second one.
+impl<S: Store> Parted for SplitStore<S> {
+    fn part_of(&self, c: &Check) -> u32 {
+        u32::from(c.per_second)
     }
 
-    /// [`SplitStore::decide_parts`] for parts covering every check.
-    async fn decide_all(
-        &self,
-        batch: &Batch<'_>,
-        parts: &Parts,
-        charging: Charging,
-    ) -> Result<Vec<Decided>, StoreError> {
-        complete(self.decide_parts(batch, parts, charging).await?)
+    async fn decide_part(&self, part: u32, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+        if part == 0 {
+            self.main.decide(batch).await
+        } else {
+            self.per_second
+                .decide(batch)
+                .await
+                .map_err(StoreError::per_second)
+        }
     }
 }
 
 impl<S: Store> Store for SplitStore<S> {
     async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
-        let per_second = batch.checks.iter().filter(|c| c.per_second).count();
-        if per_second == 0 {
-            return self.main.decide(batch).await;
-        }
-        if per_second == batch.checks.len() {
-            return self
-                .per_second
-                .decide(batch)
-                .await
-                .map_err(StoreError::per_second);
-        }
-        let all = Parts::new(batch.checks, |_, _| true);
-        match batch.charging {
-            // Each check's charge depends on its own keys alone.
-            Charging::Always | Charging::Never | Charging::OnlyOver => {
-                self.decide_all(batch, &all, batch.charging).await
-            }
-            Charging::StopWhenOver => {
-                let read = self.decide_all(batch, &all, Charging::Never).await?;
-                if read.iter().all(|d| d.verdict.allowed) {
-                    // Nothing over: everything is charged, each server still stopping at
-                    // what it finds over by then.
-                    return self.decide_all(batch, &all, Charging::StopWhenOver).await;
-                }
-                // Something over: only the fixed windows that are (and that fit) are charged,
-                // as the engine does; the others answer as they stand.
-                let over = Parts::new(batch.checks, |i, c| {
-                    stop_when_over_charges(c) && read.get(i).is_some_and(|d| !d.verdict.allowed)
-                });
-                let charged = self.decide_parts(batch, &over, Charging::Always).await?;
-                Ok(read
-                    .into_iter()
-                    .zip(charged)
-                    .map(|(read, charged)| charged.unwrap_or(read))
-                    .collect())
-            }
-            Charging::AllOrNothing => {
-                let read = self.decide_all(batch, &all, Charging::Never).await?;
-                if refused(batch, &read) {
-                    // Refused: nothing charged anywhere, every check as it stands.
-                    return Ok(read);
-                }
-                // Each server charges its checks all or none, so a refusal it finds by then
-                // (a hit in between, or checks sharing a key) still charges nothing there.
-                self.decide_all(batch, &all, Charging::AllOrNothing).await
-            }
-        }
+        decide(self, batch).await
     }
 }
 
@@ -164,30 +198,23 @@ fn stop_when_over_charges(c: &Check) -> bool {
     c.quota.algorithm == Algorithm::FixedWindow && c.cost <= c.quota.capacity
 }
 
-/// The checks one store decides, and where each is in the batch.
+/// The checks one part decides, and where each is in the batch.
 #[derive(Debug, Default, PartialEq)]
 struct Part {
     checks: Vec<Check>,
     at: Vec<usize>,
 }
 
-/// A batch's checks split by store, in their order.
+/// A batch's checks split by part, in their order; parts by number.
 #[derive(Debug, Default, PartialEq)]
-struct Parts {
-    main: Part,
-    per_second: Part,
-}
+struct Parts(BTreeMap<u32, Part>);
 
 impl Parts {
-    /// The checks for which `keep(index, check)` holds, each to its store.
-    fn new(checks: &[Check], keep: impl Fn(usize, &Check) -> bool) -> Self {
+    /// The checks for which `keep(index, check)` holds, each to its part.
+    fn new<P: Parted>(stores: &P, checks: &[Check], keep: impl Fn(usize, &Check) -> bool) -> Self {
         let mut parts = Parts::default();
         for (i, c) in checks.iter().enumerate().filter(|(i, c)| keep(*i, c)) {
-            let part = if c.per_second {
-                &mut parts.per_second
-            } else {
-                &mut parts.main
-            };
+            let part = parts.0.entry(stores.part_of(c)).or_default();
             part.checks.push(c.clone());
             part.at.push(i);
         }
@@ -326,12 +353,19 @@ mod tests {
             check(2, true, Algorithm::TokenBucket, 5),
             check(3, false, Algorithm::SlidingWindow, 5),
         ];
-        let parts = Parts::new(&checks, |_, _| true);
-        assert_eq!(parts.per_second.at, [0, 2]);
-        assert_eq!(parts.main.at, [1, 3]);
-        assert_eq!(parts.main.checks, [checks[1].clone(), checks[3].clone()]);
-        let some = Parts::new(&checks, |i, _| i != 2);
-        assert_eq!((some.per_second.at, some.main.at), (vec![0], vec![1, 3]));
+        let stores = SplitStore::new(memory(), memory());
+        let parts = Parts::new(&stores, &checks, |_, _| true);
+        let at = |parts: &Parts, part: u32| parts.0.get(&part).map(|p| p.at.clone());
+        assert_eq!(at(&parts, 1), Some(vec![0, 2]), "per-second");
+        assert_eq!(at(&parts, 0), Some(vec![1, 3]), "main");
+        assert_eq!(parts.0[&0].checks, [checks[1].clone(), checks[3].clone()]);
+        let some = Parts::new(&stores, &checks, |i, _| i != 2);
+        assert_eq!(
+            (at(&some, 1), at(&some, 0)),
+            (Some(vec![0]), Some(vec![1, 3]))
+        );
+        let none = Parts::new(&stores, &checks, |i, _| i % 2 == 1);
+        assert_eq!(at(&none, 1), None, "a part without checks is absent");
 
         let decided = |remaining| Decided {
             verdict: crate::limiter::algorithm::Verdict {
@@ -345,9 +379,9 @@ mod tests {
             cached: false,
         };
         let mut out = vec![None; 4];
-        place(&mut out, &parts.main.at, vec![decided(1), decided(3)]).unwrap();
+        place(&mut out, &parts.0[&0].at, vec![decided(1), decided(3)]).unwrap();
         assert!(complete(out.clone()).is_err(), "checks 0 and 2 missing");
-        place(&mut out, &parts.per_second.at, vec![decided(0), decided(2)]).unwrap();
+        place(&mut out, &parts.0[&1].at, vec![decided(0), decided(2)]).unwrap();
         let merged = complete(out.clone()).unwrap();
         let remaining: Vec<u64> = merged.iter().map(|d| d.verdict.remaining).collect();
         assert_eq!(remaining, [0, 1, 2, 3]);
@@ -443,5 +477,81 @@ mod tests {
             remaining(split.per_second.decide(&read).await.unwrap()),
             [4, 5]
         );
+    }
+
+    /// Three memory stores, check `i` in store `descriptor % 3`: the N-way split.
+    struct Three([MemoryStore; 3]);
+
+    impl Parted for Three {
+        fn part_of(&self, c: &Check) -> u32 {
+            (c.descriptor % 3) as u32
+        }
+
+        async fn decide_part(
+            &self,
+            part: u32,
+            batch: &Batch<'_>,
+        ) -> Result<Vec<Decided>, StoreError> {
+            assert!(batch.checks.iter().all(|c| self.part_of(c) == part));
+            self.0[part as usize].decide(batch).await
+        }
+    }
+
+    #[tokio::test]
+    async fn n_parts_decide_as_one_store_in_every_charging_mode() {
+        let checks: Vec<Check> = (0..7)
+            .map(|i| {
+                let algorithm = [
+                    Algorithm::FixedWindow,
+                    Algorithm::SlidingWindow,
+                    Algorithm::TokenBucket,
+                ][i % 3];
+                check(i, false, algorithm, 3)
+            })
+            .collect();
+        let roles = [Role::default(); 7];
+        let seeds: [&[u64]; 4] = [
+            &[0; 7],
+            &[1, 2, 0, 1, 0, 2, 1],
+            &[0, 0, 0, 0, 0, 3, 0],
+            &[3, 3, 3, 3, 3, 3, 3],
+        ];
+        for charging in [
+            Charging::Always,
+            Charging::Never,
+            Charging::OnlyOver,
+            Charging::StopWhenOver,
+            Charging::AllOrNothing,
+        ] {
+            for seed in seeds {
+                let one = memory();
+                let three = Three([memory(), memory(), memory()]);
+                let seeded: Vec<Check> = checks
+                    .iter()
+                    .zip(seed)
+                    .filter(|(_, &n)| n > 0)
+                    .map(|(c, &n)| Check {
+                        cost: n,
+                        ..c.clone()
+                    })
+                    .collect();
+                let b = batch(&seeded, &roles, Charging::Always);
+                one.decide(&b).await.unwrap();
+                decide(&three, &b).await.unwrap();
+                let b = batch(&checks, &roles, charging);
+                let want = one.decide(&b).await.unwrap();
+                assert_eq!(
+                    decide(&three, &b).await.unwrap(),
+                    want,
+                    "{charging:?} {seed:?}"
+                );
+                let read = batch(&checks, &roles, Charging::Never);
+                assert_eq!(
+                    decide(&three, &read).await.unwrap(),
+                    one.decide(&read).await.unwrap(),
+                    "{charging:?} {seed:?}: counts afterwards"
+                );
+            }
+        }
     }
 }
