@@ -473,6 +473,7 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
             Backend::Redis => args.local_cache_size_in_bytes,
             Backend::Memory => 0,
         },
+        failure: args.failure.settings(args.memory_max_counters),
     }
 }
 

@@ -6,10 +6,12 @@ use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{builder::BoolishValueParser, ArgAction, Args, FromArgMatches, Parser, Subcommand};
 
+mod policy;
 mod tls;
 mod values;
 mod xds;
 
+pub use policy::FailureArgs;
 pub use tls::{GrpcTlsArgs, RedisTlsArgs};
 pub use values::*;
 use values::{HOUR, YEAR};
@@ -347,6 +349,9 @@ pub struct ServeArgs {
     /// disables.
     #[arg(long, env = "LOCAL_CACHE_SIZE_IN_BYTES", default_value_t = 0)]
     pub local_cache_size_in_bytes: u64,
+    /// `BACKEND_FAILURE_POLICY`, the circuit breaker and the deadline margin.
+    #[command(flatten)]
+    pub failure: FailureArgs,
 
     #[command(flatten)]
     pub cache_key: CacheKeyArgs,
