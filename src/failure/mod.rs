@@ -25,6 +25,8 @@
 pub mod breaker;
 pub mod deadline;
 mod respond;
+#[cfg(test)]
+mod service_tests;
 
 use std::{num::NonZeroUsize, sync::Arc, time::Duration, time::Instant};
 
