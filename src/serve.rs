@@ -425,6 +425,14 @@ async fn connect_store(
         if args.redis_health_check_active_connection {
             spawn_backend_probe(store.clone(), health.clone());
         }
+        let f = &args.failure;
+        tracing::info!(
+            policy = f.backend_failure_policy.name(),
+            expected_replicas = f.expected_replicas,
+            circuit_failures = f.backend_circuit_failures,
+            deadline_margin = ?f.backend_deadline_margin,
+            "on backend failure (BACKEND_FAILURE_POLICY)"
+        );
     } else {
         if args.redis_persecond {
             tracing::warn!(
