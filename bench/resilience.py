@@ -305,7 +305,7 @@ def scenario_poison(binary):
 
 def drive(addr, seconds, timeout, workers=8):
     """`workers` threads calling on fresh keys for `seconds`: (calls, failed, latencies in ms)."""
-    lock, out = threading.Lock(), {"calls": 0, "failed": 0, "ms": []}
+    lock, out = threading.Lock(), {"calls": 0, "failed": {}, "ms": []}
     end = time.monotonic() + seconds
     with grpc.insecure_channel(addr) as ch:
         stub = rls_pb2_grpc.RateLimitServiceStub(ch)
@@ -317,13 +317,14 @@ def drive(addr, seconds, timeout, workers=8):
                 start = time.monotonic()
                 try:
                     stub.ShouldRateLimit(request(f"d{w}-{i}"), timeout=timeout)
-                    failed = 0
-                except grpc.RpcError:
-                    failed = 1
+                    failed = None
+                except grpc.RpcError as e:
+                    failed = e.code().name
                 took = (time.monotonic() - start) * 1000
                 with lock:
                     out["calls"] += 1
-                    out["failed"] += failed
+                    if failed:
+                        out["failed"][failed] = out["failed"].get(failed, 0) + 1
                     out["ms"].append(took)
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(worker, range(workers)))
@@ -369,20 +370,24 @@ def scenario_policy(binary):
             if failure == "hang":
                 redis.send_signal(signal.SIGSTOP)
                 got = drive(rld.grpc, outage, timeout)
+                by_policy = policy_answers(rld) - before
                 redis.send_signal(signal.SIGCONT)
             else:
                 redis.kill()
                 redis.wait()
                 got = drive(rld.grpc, outage if name != "before" else 3, timeout)
+                by_policy = policy_answers(rld) - before
                 redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind",
                                           "127.0.0.1", "--save", "", "--appendonly", "no"],
                                          stdout=subprocess.DEVNULL)
                 PROCS.append(redis)
             recovered = recovery_seconds(rld.grpc, f"{failure}-rec")
             ms = sorted(got["ms"])
+            failed = sum(got["failed"].values())
+            detail = ",".join(f"{c}:{n}" for c, n in sorted(got["failed"].items()))
             rows[f"{name}/{failure}"] = (
-                f"calls={got['calls']} failed={got['failed']} "
-                f"by_policy={policy_answers(rld) - before:g} worst_ms={ms[-1]:.1f} "
+                f"calls={got['calls']} failed={failed}{f' ({detail})' if detail else ''} "
+                f"by_policy={by_policy:g} worst_ms={ms[-1]:.1f} "
                 f"p99_ms={ms[int(len(ms) * 0.99) - 1]:.1f} recovery_s={recovered}")
         stop_all()
     return rows
