@@ -93,11 +93,13 @@ struct Inner {
 /// The breaker of one store.
 pub struct Breaker {
     settings: BreakerSettings,
-    /// [`State`] as a number, for the lock-free fast path.
+    /// The state for the fast path; `inner` is the truth, and both change under its lock.
     state: AtomicU8,
     /// Closed with failures counted: a success must take the lock to reset them.
     failing: AtomicBool,
+    /// The state machine: a std Mutex, held for a few assignments, never across an await.
     inner: Mutex<Inner>,
+    /// `ratelimitd_backend_circuit_state`.
     gauge: Gauge,
     /// Transitions, by the state entered (in [`State::ALL`] order).
     transitions: [Counter; 3],

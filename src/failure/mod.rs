@@ -125,6 +125,7 @@ impl Reason {
 /// The failure settings, read once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureSettings {
+    /// `BACKEND_FAILURE_POLICY`.
     pub policy: Policy,
     /// `EXPECTED_REPLICAS` (at least 1): the `local` policy's divisor.
     pub expected_replicas: u32,
@@ -186,6 +187,7 @@ impl Decisions {
 /// logs.
 pub struct Guard {
     settings: FailureSettings,
+    /// Shared by every call: one store, one circuit.
     breaker: Breaker,
     /// The `local` policy's counters.
     local: Option<MemoryStore>,
