@@ -27,6 +27,15 @@ Scenarios, each reproducing one failure mode:
                 give up, and what does it answer?
   poison        A descriptor with hits_addend 2^63+5 next to a normal one on Redis: does it wrap
                 the counter (later calls OK again) or poison it, and what do clients see?
+  policy        BACKEND_FAILURE_POLICY (error, allow, deny, local with EXPECTED_REPLICAS=2) while
+                8 clients call with Envoy's 20 ms deadline: Redis hangs (SIGSTOP 3 s, then
+                SIGCONT), and Redis crashes (SIGKILL, 3 s of calls, then restarted empty). One
+                line per policy and failure: calls made, failed (any gRPC error), answered by
+                the policy (ratelimitd_backend_policy_answers_total), worst and p99 client
+                latency, and the time from SIGCONT/restart until a call on a fresh key is
+                answered by Redis again. "before" is policy error with the breaker off and no
+                client deadline (REDIS_TIMEOUT=10s, Redis stopped 12 s): the old behaviour for
+                a caller without a deadline.
 """
 import argparse
 import os
@@ -294,9 +303,99 @@ def scenario_poison(binary):
     return out
 
 
+def drive(addr, seconds, timeout, workers=8):
+    """`workers` threads calling on fresh keys for `seconds`: (calls, failed, latencies in ms)."""
+    lock, out = threading.Lock(), {"calls": 0, "failed": {}, "ms": []}
+    end = time.monotonic() + seconds
+    with grpc.insecure_channel(addr) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+
+        def worker(w):
+            i = 0
+            while time.monotonic() < end:
+                i += 1
+                start = time.monotonic()
+                try:
+                    stub.ShouldRateLimit(request(f"d{w}-{i}"), timeout=timeout)
+                    failed = None
+                except grpc.RpcError as e:
+                    failed = e.code().name
+                took = (time.monotonic() - start) * 1000
+                with lock:
+                    out["calls"] += 1
+                    if failed:
+                        out["failed"][failed] = out["failed"].get(failed, 0) + 1
+                    out["ms"].append(took)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(worker, range(workers)))
+    return out
+
+
+def recovery_seconds(addr, tag, bound=30):
+    """Seconds until a call on a fresh key is answered by Redis (5 - 1 = 4 remaining)."""
+    start = time.monotonic()
+    with grpc.insecure_channel(addr) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+        i = 0
+        while time.monotonic() - start < bound:
+            i += 1
+            try:
+                r = stub.ShouldRateLimit(request(f"{tag}-{i}"), timeout=1)
+                if r.overall_code == rls_pb2.RateLimitResponse.OK and \
+                        r.statuses[0].limit_remaining == 4:
+                    return round(time.monotonic() - start, 3)
+            except grpc.RpcError:
+                pass
+            time.sleep(0.005)
+    return f">{bound}"
+
+
+def policy_answers(rld):
+    return sum(v for k, v in rld.metrics().items()
+               if k.startswith("ratelimitd_backend_policy_answers_total"))
+
+
+def scenario_policy(binary):
+    rows = {}
+    cases = [("before", {"BACKEND_FAILURE_POLICY": "error", "BACKEND_CIRCUIT_FAILURES": "0"},
+              None, 12)]
+    cases += [(p, {"BACKEND_FAILURE_POLICY": p, "EXPECTED_REPLICAS": "2"}, 0.02, 3)
+              for p in ("error", "allow", "deny", "local")]
+    for name, env, timeout, outage in cases:
+        redis, port = start_redis()
+        rld = Ratelimitd(binary, env, redis_port=port)
+        assert call(rld.grpc, request("warmup"))[0] == "OK"
+        for failure in ("hang", "crash"):
+            before = policy_answers(rld)
+            if failure == "hang":
+                redis.send_signal(signal.SIGSTOP)
+                got = drive(rld.grpc, outage, timeout)
+                by_policy = policy_answers(rld) - before
+                redis.send_signal(signal.SIGCONT)
+            else:
+                redis.kill()
+                redis.wait()
+                got = drive(rld.grpc, outage if name != "before" else 3, timeout)
+                by_policy = policy_answers(rld) - before
+                redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind",
+                                          "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                         stdout=subprocess.DEVNULL)
+                PROCS.append(redis)
+            recovered = recovery_seconds(rld.grpc, f"{failure}-rec")
+            ms = sorted(got["ms"])
+            failed = sum(got["failed"].values())
+            detail = ",".join(f"{c}:{n}" for c, n in sorted(got["failed"].items()))
+            rows[f"{name}/{failure}"] = (
+                f"calls={got['calls']} failed={failed}{f' ({detail})' if detail else ''} "
+                f"by_policy={by_policy:g} worst_ms={ms[-1]:.1f} "
+                f"p99_ms={ms[int(len(ms) * 0.99) - 1]:.1f} recovery_s={recovered}")
+        stop_all()
+    return rows
+
+
 SCENARIOS = {"cancel": scenario_cancel, "fd": scenario_fd, "drain": scenario_drain,
              "silent": scenario_silent, "slow-headers": scenario_slow_headers,
-             "poison": scenario_poison}
+             "poison": scenario_poison, "policy": scenario_policy}
 NUMERIC = {"cancel", "fd"}
 
 
@@ -334,6 +433,10 @@ def main():
             for _ in range(args.repeat if name in NUMERIC else 1):
                 runs.append(SCENARIOS[name](os.path.abspath(args.binary)))
                 stop_all()
+            if name == "policy":
+                for row, text in runs[0].items():
+                    print(f"{row:13} {text}", flush=True)
+                continue
             print(f"{name:13} {summarize(runs)}", flush=True)
     finally:
         stop_all()

@@ -280,7 +280,7 @@ impl HeaderSource<'_> {
     }
 }
 
-fn header(key: &str, value: String) -> HeaderValue {
+pub(crate) fn header(key: &str, value: String) -> HeaderValue {
     HeaderValue {
         key: key.to_owned(),
         value,
@@ -297,7 +297,7 @@ fn duration(ms: u64) -> prost_types::Duration {
 }
 
 /// Envoy's `current_limit` has no multiplier: a window of several units reports its unit.
-fn wire_unit(limit: Limit) -> WireUnit {
+pub(crate) fn wire_unit(limit: Limit) -> WireUnit {
     use crate::limiter::Unit;
     match limit.unit {
         Unit::Second => WireUnit::Second,

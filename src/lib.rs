@@ -9,10 +9,13 @@
 //!   trait (a single Redis, a Sentinel-managed master or a cluster; per-second limits
 //!   optionally in a second one); [`local_cache`]: fixed windows
 //!   known to be over, answered without the store.
-//! - [`service`]: `ShouldRateLimit`, protobuf in and out; [`answer`] builds the response from
+//! - [`service`]: `ShouldRateLimit`, protobuf in and out ([`resolve`]: the request checked and
+//!   each descriptor matched to its limits); [`answer`] builds the response from
 //!   the store's decisions ([`metadata`]: its `dynamic_metadata`); [`calls`] counts each call
 //!   once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
+//! - [`failure`]: what a call gets when the store fails (`BACKEND_FAILURE_POLICY`), with the
+//!   caller's deadline and a circuit breaker bounding the store call.
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout);
 //!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket;
@@ -40,6 +43,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod explain;
+pub mod failure;
 pub mod h2_authority;
 pub mod health;
 pub mod json;
@@ -52,6 +56,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod otel;
 pub mod proto;
+pub mod resolve;
 pub mod serve;
 pub mod server;
 pub mod service;

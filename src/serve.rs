@@ -441,6 +441,14 @@ async fn connect_store(
         if args.redis_health_check_active_connection {
             spawn_backend_probe(store.clone(), health.clone());
         }
+        let f = &args.failure;
+        tracing::info!(
+            policy = f.backend_failure_policy.name(),
+            expected_replicas = f.expected_replicas,
+            circuit_failures = f.backend_circuit_failures,
+            deadline_margin = ?f.backend_deadline_margin,
+            "on backend failure (BACKEND_FAILURE_POLICY)"
+        );
     } else {
         if args.redis_persecond {
             tracing::warn!(
@@ -489,6 +497,7 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
             Backend::Redis => args.local_cache_size_in_bytes,
             Backend::Memory => 0,
         },
+        failure: args.failure.settings(args.memory_max_counters),
     }
 }
 

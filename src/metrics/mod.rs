@@ -58,6 +58,9 @@ pub const BACKEND_DURATION: &str = "ratelimitd_backend_request_duration_seconds"
 pub const BACKEND_ERRORS: &str = "ratelimitd_backend_errors_total";
 pub const BACKEND_CONNECTIONS: &str = "ratelimitd_backend_connections";
 pub const BACKEND_IN_FLIGHT: &str = "ratelimitd_backend_requests_in_flight";
+pub const BACKEND_POLICY_ANSWERS: &str = "ratelimitd_backend_policy_answers_total";
+pub const BACKEND_CIRCUIT_STATE: &str = "ratelimitd_backend_circuit_state";
+pub const BACKEND_CIRCUIT_TRANSITIONS: &str = "ratelimitd_backend_circuit_transitions_total";
 pub const HEALTHY: &str = "ratelimitd_healthy";
 pub const ACCEPT_ERRORS: &str = "ratelimitd_accept_errors_total";
 pub const TLS_HANDSHAKE_ERRORS: &str = "ratelimitd_tls_handshake_errors_total";
@@ -183,6 +186,18 @@ fn describe() {
     describe_counter!(BACKEND_ERRORS, "Counter store failures by kind.");
     describe_gauge!(BACKEND_CONNECTIONS, "Connections to the counter store.");
     describe_gauge!(BACKEND_IN_FLIGHT, "Counter store requests in flight.");
+    describe_counter!(
+        BACKEND_POLICY_ANSWERS,
+        "Calls answered by BACKEND_FAILURE_POLICY, by policy and reason (timeout, circuit_open, connection, error)."
+    );
+    describe_gauge!(
+        BACKEND_CIRCUIT_STATE,
+        "Backend circuit breaker: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        BACKEND_CIRCUIT_TRANSITIONS,
+        "Backend circuit breaker transitions, by the state entered (to)."
+    );
     describe_gauge!(HEALTHY, "1 while /healthcheck answers 200.");
     describe_counter!(
         ACCEPT_ERRORS,

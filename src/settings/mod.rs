@@ -7,11 +7,13 @@ use std::{num::NonZeroUsize, path::PathBuf, time::Duration};
 use clap::{builder::BoolishValueParser, ArgAction, Args, FromArgMatches, Parser, Subcommand};
 
 mod otel;
+mod policy;
 mod tls;
 mod values;
 mod xds;
 
 pub use otel::{ExporterProtocol, TracingArgs};
+pub use policy::FailureArgs;
 pub use tls::{GrpcTlsArgs, RedisTlsArgs};
 pub use values::*;
 use values::{HOUR, YEAR};
@@ -379,6 +381,9 @@ pub struct ServeArgs {
     /// disables.
     #[arg(long, env = "LOCAL_CACHE_SIZE_IN_BYTES", default_value_t = 0)]
     pub local_cache_size_in_bytes: u64,
+    /// `BACKEND_FAILURE_POLICY`, the circuit breaker and the deadline margin.
+    #[command(flatten)]
+    pub failure: FailureArgs,
 
     #[command(flatten)]
     pub cache_key: CacheKeyArgs,

@@ -28,7 +28,8 @@ use crate::{
     otel::StoreSpan,
 };
 
-/// Why the store could not answer. Every store error fails the RPC with `UNAVAILABLE`; the
+/// Why the store could not answer. Under `BACKEND_FAILURE_POLICY=error` every store error fails
+/// the RPC with `UNAVAILABLE` (see [`crate::failure`] for the other policies); the
 /// client learns only the [`StoreErrorKind`], the log gets the whole text. A source's text is
 /// part of `Display` as well as `source()`: errors are logged with `%e`, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,15 @@ pub enum StoreError {
     /// No answer within `REDIS_TIMEOUT`.
     #[error("redis: no answer within {0:?} (REDIS_TIMEOUT)")]
     Timeout(std::time::Duration),
+    /// No answer within the call's own deadline (`grpc-timeout` less
+    /// `BACKEND_DEADLINE_MARGIN`); the store call was given up.
+    #[error(
+        "no answer within the call's deadline ({0:?}: grpc-timeout less BACKEND_DEADLINE_MARGIN)"
+    )]
+    Deadline(std::time::Duration),
+    /// Not called: the circuit breaker is open after repeated failures.
+    #[error("not called: the backend circuit is open after repeated failures")]
+    CircuitOpen,
     /// Connection refused, reset or not yet re-established.
     #[error("redis connection error: {0}")]
     Connection(#[source] ::redis::RedisError),
@@ -73,7 +83,8 @@ impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         match self {
             StoreError::PerSecond(e) => e.kind(),
-            StoreError::Timeout(_) => StoreErrorKind::Timeout,
+            StoreError::Timeout(_) | StoreError::Deadline(_) => StoreErrorKind::Timeout,
+            StoreError::CircuitOpen => StoreErrorKind::CircuitOpen,
             StoreError::Connection(_) | StoreError::Settings(_) | StoreError::Topology(_) => {
                 StoreErrorKind::Connection
             }
@@ -86,7 +97,13 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::PerSecond(e) => e.is_transient(),
-            e => matches!(e, StoreError::Timeout(_) | StoreError::Connection(_)),
+            e => matches!(
+                e,
+                StoreError::Timeout(_)
+                    | StoreError::Deadline(_)
+                    | StoreError::Connection(_)
+                    | StoreError::CircuitOpen
+            ),
         }
     }
 }
@@ -100,6 +117,8 @@ pub enum StoreErrorKind {
     Connection,
     /// The server answered with an error (e.g. a key holding a non-integer).
     Response,
+    /// Not called: the circuit breaker is open.
+    CircuitOpen,
 }
 
 impl StoreErrorKind {
@@ -109,6 +128,7 @@ impl StoreErrorKind {
             StoreErrorKind::Timeout => "timeout",
             StoreErrorKind::Connection => "connection",
             StoreErrorKind::Response => "response",
+            StoreErrorKind::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -119,6 +139,7 @@ impl std::fmt::Display for StoreErrorKind {
             StoreErrorKind::Timeout => "timeout",
             StoreErrorKind::Connection => "connection error",
             StoreErrorKind::Response => "error response",
+            StoreErrorKind::CircuitOpen => "circuit open",
         })
     }
 }
