@@ -14,9 +14,9 @@ mod raw;
 mod reload;
 #[cfg(test)]
 mod test_support;
-mod text;
 mod watch;
 mod yaml_reader;
+mod yaml_v2;
 
 use std::{collections::HashMap, fmt::Write, sync::Arc};
 

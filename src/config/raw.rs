@@ -9,7 +9,7 @@ use serde_norway::{Mapping, Value};
 use super::{
     depth,
     error::{self, ConfigError, CHECKING, LOADING},
-    text::{self, DescriptorText, FileText, RateLimitText},
+    yaml_v2::{self as text, go_value, kind, yaml11_bool, DescriptorText, FileText, RateLimitText},
 };
 
 /// One file: a domain and its descriptor tree.
@@ -582,50 +582,6 @@ impl Parser<'_> {
                 ),
             }
         }
-    }
-}
-
-/// A YAML 1.1 boolean word (yaml.v2's table) that YAML 1.2 reads as a string.
-fn yaml11_bool(s: &str) -> Option<bool> {
-    match s {
-        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
-        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
-        _ => None,
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Sequence(_) => "a list",
-        Value::Mapping(_) => "a mapping",
-        Value::Tagged(_) => "a tagged value",
-    }
-}
-
-/// `v` as the reference's error texts print it (Go's `%v` of what yaml.v2 decodes): scalars
-/// as written, `<nil>`, `[a b]` for a list, `map[k:v]` (keys sorted) for a mapping.
-fn go_value(v: &Value) -> String {
-    match v {
-        Value::Null => "<nil>".to_owned(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => s.clone(),
-        Value::Sequence(items) => {
-            let items: Vec<String> = items.iter().map(go_value).collect();
-            format!("[{}]", items.join(" "))
-        }
-        Value::Mapping(m) => {
-            let mut pairs: Vec<(String, String)> =
-                m.iter().map(|(k, v)| (go_value(k), go_value(v))).collect();
-            pairs.sort();
-            let pairs: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
-            format!("map[{}]", pairs.join(" "))
-        }
-        Value::Tagged(t) => go_value(&t.value),
     }
 }
 

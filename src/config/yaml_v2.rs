@@ -1,6 +1,11 @@
-//! Rule strings as written. The reference's YAML library (yaml.v2) gives a Go string field a
-//! plain scalar's own text even where YAML reads a number or a boolean: `value: 0x1F` is
-//! `0x1F`, `+5` is `+5`, `True` is `True`. serde_norway's `Value` keeps only the number or
+//! What the reference's YAML library, yaml.v2 (YAML 1.1), makes of a rule file where
+//! serde_norway (YAML 1.2) differs, so ours reads and reports it alike: rule strings as
+//! written, YAML 1.1's boolean words ([`yaml11_bool`]), and values printed as Go prints them
+//! in the reference's errors ([`go_value`]).
+//!
+//! Rule strings as written: yaml.v2 gives a Go string field a plain scalar's own text even
+//! where YAML reads a number or a boolean: `value: 0x1F` is `0x1F`, `+5` is `+5`, `True` is
+//! `True`. serde_norway's `Value` keeps only the number or
 //! the boolean (`31`, `5`, `true`), so a rule would match, key and name differently than the
 //! reference's. The file is therefore read a second time into this mirror of the string
 //! fields that reach matching, counter keys or answers (`domain`, `key`, `value`, a rate
@@ -9,6 +14,7 @@
 //! parse reports; the mirror is then not needed.
 
 use serde::{de, Deserialize, Deserializer};
+use serde_norway::Value;
 
 /// A string field as written; `None` when absent. Consulted only where the main parse read
 /// a number or a boolean (a null is `~` here, and absent there).
@@ -86,6 +92,51 @@ pub fn read(text: &str) -> Option<FileText> {
 /// The `i`th descriptor of an optional mirror list.
 pub fn nth(list: Option<&[DescriptorText]>, i: usize) -> Option<&DescriptorText> {
     list.and_then(|l| l.get(i))
+}
+
+/// A YAML 1.1 boolean word (yaml.v2's table) that YAML 1.2 reads as a string.
+pub fn yaml11_bool(s: &str) -> Option<bool> {
+    match s {
+        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
+        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
+    }
+}
+
+/// What `v` is, for error messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// `v` as the reference's error texts print it (Go's `%v` of what yaml.v2 decodes): scalars
+/// as written, `<nil>`, `[a b]` for a list, `map[k:v]` (keys sorted) for a mapping.
+pub fn go_value(v: &Value) -> String {
+    match v {
+        Value::Null => "<nil>".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        Value::Sequence(items) => {
+            let items: Vec<String> = items.iter().map(go_value).collect();
+            format!("[{}]", items.join(" "))
+        }
+        Value::Mapping(m) => {
+            let mut pairs: Vec<(String, String)> =
+                m.iter().map(|(k, v)| (go_value(k), go_value(v))).collect();
+            pairs.sort();
+            let pairs: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            format!("map[{}]", pairs.join(" "))
+        }
+        Value::Tagged(t) => go_value(&t.value),
+    }
 }
 
 #[cfg(test)]
