@@ -36,8 +36,24 @@ Scenarios, each reproducing one failure mode:
                 answered by Redis again. "before" is policy error with the breaker off and no
                 client deadline (REDIS_TIMEOUT=10s, Redis stopped 12 s): the old behaviour for
                 a caller without a deadline.
+  slow          Redis answers, but 50 ms late each way: a TCP proxy (asyncio, in this process)
+                in front of redis-server delays every chunk in both directions; the delay goes
+                from 0 to 50 ms for 3 s of calls (8 clients, 20 ms deadline) and back to 0. Same
+                columns as policy, per policy; "recovery" runs from the delay's return to 0.
+                "before": policy error, breaker off, no client deadline.
+  cluster-failover  REDIS_TYPE=cluster (3 masters with a replica each, node timeout 1 s):
+                8 clients call with a 20 ms deadline for 10 s; 1 s in, one master is killed
+                (SIGKILL). Policies error and local. "recovery" is the time from the kill until
+                a call on a fresh key in the dead master's slots is counted in Redis again
+                (probed one call at a time with a 20 ms deadline beside the clients; the end
+                of the longest run of probes not answered by Redis).
+  sentinel-failover  REDIS_TYPE=sentinel (master, replica, 3 sentinels, down-after 1 s):
+                as cluster-failover, with SENTINEL FAILOVER instead of a kill; "recovery" is the
+                time from the command until a call is counted in Redis again after the
+                longest run of calls that were not ("no outage" if none failed).
 """
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -81,10 +97,20 @@ def wait_until(predicate, bound, what):
     raise RuntimeError(f"{what} not ready within {bound} s")
 
 
-def start_redis():
+def start_redis(*extra, sentinel=False):
+    """A redis-server (or, with `sentinel`, a sentinel whose config lines are `extra`) on a
+    free port, in its own directory under WORK."""
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    work = tempfile.mkdtemp(dir=WORK, prefix=f"redis-{port}-")
+    if sentinel:
+        conf = os.path.join(work, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {port}\nbind 127.0.0.1\ndir {work}\n" + "".join(extra))
+        argv = ["redis-server", conf, "--sentinel"]
+    else:
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", work, *extra]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     PROCS.append(proc)
 
     def pong():
@@ -101,7 +127,7 @@ def start_redis():
 class Ratelimitd:
     """A ratelimitd process; `grpc` and `http` are its host:port, `log` its stderr file."""
 
-    def __init__(self, binary, env=None, redis_port=None, nofile=None):
+    def __init__(self, binary, env=None, redis_port=None, nofile=None, redis_url=None):
         config = os.path.join(WORK, "config")
         os.makedirs(config, exist_ok=True)
         with open(os.path.join(config, "res.yaml"), "w") as f:
@@ -110,6 +136,8 @@ class Ratelimitd:
         if redis_port:
             full_env.update(BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp",
                             REDIS_URL=f"127.0.0.1:{redis_port}")
+        if redis_url:
+            full_env.update(BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp", REDIS_URL=redis_url)
         argv = [binary, "serve", "--config", config]
         if nofile:  # exec keeps the PID, so /proc/PID is ratelimitd's own
             argv = ["sh", "-c", f'ulimit -n {nofile} && exec "$0" "$@"'] + argv
@@ -355,6 +383,290 @@ def policy_answers(rld):
                if k.startswith("ratelimitd_backend_policy_answers_total"))
 
 
+class LatencyProxy:
+    """A TCP proxy on a free loopback port to 127.0.0.1:`target` that writes each chunk,
+    in either direction, `delay` seconds after reading it (read when the chunk arrives, so it
+    can change while connections are open). Runs an asyncio loop on its own thread."""
+
+    def __init__(self, target):
+        self.target, self.delay = target, 0.0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            server = self.loop.run_until_complete(
+                asyncio.start_server(self._connection, "127.0.0.1", 0))
+            self.port = server.sockets[0].getsockname()[1]
+            started.set()
+            self.loop.run_forever()
+            server.close()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        if not started.wait(5):
+            raise RuntimeError("latency proxy not started within 5 s")
+
+    async def _connection(self, client_r, client_w):
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            client_w.close()
+            return
+        for w in (client_w, server_w):
+            w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w),
+                             return_exceptions=True)
+
+    async def _pipe(self, reader, writer):
+        queue = asyncio.Queue()
+
+        async def write():
+            while (item := await queue.get()) is not None:
+                await asyncio.sleep(max(0.0, item[0] - self.loop.time()))
+                writer.write(item[1])
+                await writer.drain()
+            writer.close()
+        task = asyncio.ensure_future(write())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((self.loop.time() + self.delay, data))
+        finally:
+            queue.put_nowait(None)
+            await task
+
+    def stop(self):
+        """Closes every proxied connection, then the loop."""
+        async def shutdown():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self.thread.join(5)
+
+
+def crc16(data):
+    """CRC16-XMODEM, Redis Cluster's key hash (slot = crc16(key) % 16384 without a hash tag)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def redis_cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=10).stdout
+
+
+def info(port, *command):
+    """`name:value` lines of INFO `command` (or of `command` itself, e.g. CLUSTER INFO)."""
+    command = command if len(command) > 1 else ("INFO", *command)
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in
+                                         redis_cli(port, *command).splitlines()) if v}
+
+
+def start_cluster():
+    """Six cluster nodes made three masters with a replica each; returns their ports."""
+    ports = []
+    for _ in range(6):
+        _, port = start_redis("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                              "--cluster-node-timeout", "1000", "--cluster-port",
+                              str(free_port()), "--repl-diskless-sync-delay", "0")
+        ports.append(port)
+    subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                    "--cluster-replicas", "1", "--cluster-yes"], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=60)
+    wait_until(lambda: all(info(p, "CLUSTER", "INFO").get("cluster_state") == "ok"
+                           and info(p, "CLUSTER", "INFO").get("cluster_slots_ok") == "16384"
+                           for p in ports), 30, "cluster_state:ok")
+    wait_until(lambda: sum(info(p, "replication").get("master_link_status") == "up"
+                           for p in ports) == 3, 30, "replicas in sync")
+    return ports
+
+
+def own_slots(port):
+    """The slots the node on `port` serves, from its CLUSTER NODES line."""
+    line = next(ln for ln in redis_cli(port, "CLUSTER", "NODES").splitlines() if "myself" in ln)
+    slots = set()
+    for part in line.split()[8:]:
+        if not part.startswith("["):
+            lo, _, hi = part.partition("-")
+            slots.update(range(int(lo), int(hi or lo) + 1))
+    return slots
+
+
+def start_sentinels(name="rlmaster"):
+    """A master, its replica and three sentinels; returns (master, replica, sentinel ports)."""
+    _, master = start_redis("--repl-diskless-sync-delay", "0")
+    _, replica = start_redis("--replicaof", "127.0.0.1", str(master),
+                             "--repl-diskless-sync-delay", "0")
+    wait_until(lambda: info(replica, "replication").get("master_link_status") == "up",
+               20, "replica in sync")
+    conf = (f"sentinel monitor {name} 127.0.0.1 {master} 2\n"
+            f"sentinel down-after-milliseconds {name} 1000\n"
+            f"sentinel failover-timeout {name} 5000\n")
+    sentinels = [start_redis(conf, sentinel=True)[1] for _ in range(3)]
+
+    def known():
+        for s in sentinels:
+            fields = redis_cli(s, "SENTINEL", "MASTER", name).split()
+            pairs = dict(zip(fields[::2], fields[1::2]))
+            if pairs.get("num-slaves") != "1" or pairs.get("num-other-sentinels") != "2":
+                return False
+        return True
+    wait_until(known, 30, "sentinels know the replica and each other")
+    return master, replica, sentinels
+
+
+def from_redis(stub, value, timeout=0.02):
+    """Whether a call on fresh `value` was answered by Redis (5 - 1 = 4 remaining)."""
+    try:
+        r = stub.ShouldRateLimit(request(value), timeout=timeout)
+    except grpc.RpcError:
+        return False
+    return r.overall_code == rls_pb2.RateLimitResponse.OK and r.statuses[0].limit_remaining == 4
+
+
+def outage_end(addr, values, start, watch=9, bound=30):
+    """Probes one call at a time on `values` (fresh each) for `watch` s from `start`, and on
+    while they fail (up to `bound` s): seconds from `start` until the first call answered by
+    Redis after the longest run of calls that were not (a lone call missing its 20 ms on a
+    loaded host does not end the outage early), None if every call was answered by Redis;
+    and the number of probes."""
+    streak, longest = None, None  # (start index, length)
+    results = []
+    with grpc.insecure_channel(addr) as ch:
+        stub = rls_pb2_grpc.RateLimitServiceStub(ch)
+        for value in values:
+            elapsed = time.monotonic() - start
+            if elapsed > bound or (elapsed > watch and (not results or results[-1][1])):
+                break
+            results.append((elapsed, from_redis(stub, value)))
+            time.sleep(0.005)
+    for i, (_, ok) in enumerate(results):
+        if ok:
+            streak = None
+            continue
+        streak = (streak[0], streak[1] + 1) if streak else (i, 1)
+        if not longest or streak[1] > longest[1]:
+            longest = streak
+    if not longest:
+        return None, len(results)
+    after = longest[0] + longest[1]
+    if after >= len(results):
+        return f">{round(results[-1][0], 1)}", len(results)
+    return round(results[after][0], 3), len(results)
+
+
+def row(got, by_policy, recovered):
+    ms = sorted(got["ms"])
+    failed = sum(got["failed"].values())
+    detail = ",".join(f"{c}:{n}" for c, n in sorted(got["failed"].items()))
+    return (f"calls={got['calls']} failed={failed}{f' ({detail})' if detail else ''} "
+            f"by_policy={by_policy:g} worst_ms={ms[-1]:.1f} "
+            f"p99_ms={ms[int(len(ms) * 0.99) - 1]:.1f} recovery_s={recovered}")
+
+
+def scenario_slow(binary):
+    rows = {}
+    cases = [("before", {"BACKEND_FAILURE_POLICY": "error", "BACKEND_CIRCUIT_FAILURES": "0"},
+              None)]
+    cases += [(p, {"BACKEND_FAILURE_POLICY": p, "EXPECTED_REPLICAS": "2"}, 0.02)
+              for p in ("error", "allow", "deny", "local")]
+    for name, env, timeout in cases:
+        _, port = start_redis()
+        proxy = LatencyProxy(port)
+        try:
+            rld = Ratelimitd(binary, env, redis_port=proxy.port)
+            assert call(rld.grpc, request("warmup"))[0] == "OK"
+            before = policy_answers(rld)
+            proxy.delay = 0.05
+            got = drive(rld.grpc, 3, timeout)
+            by_policy = policy_answers(rld) - before
+            proxy.delay = 0.0
+            rows[f"{name}/slow"] = row(got, by_policy, recovery_seconds(rld.grpc, "slow-rec"))
+        finally:
+            stop_all()
+            proxy.stop()
+    return rows
+
+
+def failover_case(binary, policy, redis_type, url, inject, probe_values, new_master=None):
+    """8 clients for 10 s; `inject()` 1 s in; the row, the recovery from `inject` (see
+    `outage_end`) and, given the port of the `new_master`, when it ran its first script."""
+    env = {"BACKEND_FAILURE_POLICY": policy, "EXPECTED_REPLICAS": "2", "REDIS_TYPE": redis_type}
+    rld = Ratelimitd(binary, env, redis_url=url)
+    wait_until(lambda: call(rld.grpc, request("warmup"))[0] == "OK", 10, "first call")
+    before = policy_answers(rld)
+    with ThreadPoolExecutor(2) as pool:
+        load = pool.submit(drive, rld.grpc, 10, 0.02)
+        time.sleep(1)
+        start = time.monotonic()
+        inject()
+        if new_master:
+            switched = pool.submit(first_script, new_master, start)
+        recovered, probes = outage_end(rld.grpc, probe_values, start)
+        got = load.result()
+    by_policy = policy_answers(rld) - before
+    text = row(got, by_policy, recovered if recovered is not None else "no_outage")
+    text += f" probes={probes}"
+    if new_master:
+        text += f" new_master_first_script_s={switched.result()}"
+    return text
+
+
+def first_script(port, start, bound=30):
+    """Seconds from `start` until the server on `port` has run a script (EVALSHA or EVAL)."""
+    while time.monotonic() - start < bound:
+        stats = info(port, "commandstats")
+        if any(k in stats for k in ("cmdstat_evalsha", "cmdstat_eval")):
+            return round(time.monotonic() - start, 3)
+        time.sleep(0.01)
+    return f">{bound}"
+
+
+def scenario_cluster_failover(binary):
+    rows = {}
+    for policy in ("error", "local"):
+        ports = start_cluster()
+        victim = next(p for p in ports if info(p, "replication").get("role") == "master")
+        slots = own_slots(victim)
+        window = int(time.time()) // 3600 * 3600
+        values = (f"p{i}" for i in range(10**6)
+                  if crc16(f"res_a_p{i}_{window}".encode()) % 16384 in slots)
+        proc = next(p for p in PROCS if str(victim) in p.args)
+
+        def kill():
+            proc.kill()
+            proc.wait()
+        url = ",".join(f"127.0.0.1:{p}" for p in ports)
+        rows[f"{policy}/cluster"] = failover_case(
+            binary, policy, "cluster", url, kill, values)
+        stop_all()
+    return rows
+
+
+def scenario_sentinel_failover(binary):
+    rows = {}
+    for policy in ("error", "local"):
+        _, replica, sentinels = start_sentinels()
+        url = "rlmaster," + ",".join(f"127.0.0.1:{s}" for s in sentinels)
+
+        def failover():
+            reply = redis_cli(sentinels[0], "SENTINEL", "FAILOVER", "rlmaster")
+            assert reply.startswith("OK"), reply
+        rows[f"{policy}/sentinel"] = failover_case(
+            binary, policy, "sentinel", url, failover, (f"s{i}" for i in range(10**6)),
+            new_master=replica)
+        assert info(replica, "replication").get("role") == "master", "no failover"
+        stop_all()
+    return rows
+
+
 def scenario_policy(binary):
     rows = {}
     cases = [("before", {"BACKEND_FAILURE_POLICY": "error", "BACKEND_CIRCUIT_FAILURES": "0"},
@@ -382,20 +694,16 @@ def scenario_policy(binary):
                                          stdout=subprocess.DEVNULL)
                 PROCS.append(redis)
             recovered = recovery_seconds(rld.grpc, f"{failure}-rec")
-            ms = sorted(got["ms"])
-            failed = sum(got["failed"].values())
-            detail = ",".join(f"{c}:{n}" for c, n in sorted(got["failed"].items()))
-            rows[f"{name}/{failure}"] = (
-                f"calls={got['calls']} failed={failed}{f' ({detail})' if detail else ''} "
-                f"by_policy={by_policy:g} worst_ms={ms[-1]:.1f} "
-                f"p99_ms={ms[int(len(ms) * 0.99) - 1]:.1f} recovery_s={recovered}")
+            rows[f"{name}/{failure}"] = row(got, by_policy, recovered)
         stop_all()
     return rows
 
 
 SCENARIOS = {"cancel": scenario_cancel, "fd": scenario_fd, "drain": scenario_drain,
              "silent": scenario_silent, "slow-headers": scenario_slow_headers,
-             "poison": scenario_poison, "policy": scenario_policy}
+             "poison": scenario_poison, "policy": scenario_policy, "slow": scenario_slow,
+             "cluster-failover": scenario_cluster_failover,
+             "sentinel-failover": scenario_sentinel_failover}
 NUMERIC = {"cancel", "fd"}
 
 
@@ -433,9 +741,9 @@ def main():
             for _ in range(args.repeat if name in NUMERIC else 1):
                 runs.append(SCENARIOS[name](os.path.abspath(args.binary)))
                 stop_all()
-            if name == "policy":
-                for row, text in runs[0].items():
-                    print(f"{row:13} {text}", flush=True)
+            if name in ("policy", "slow", "cluster-failover", "sentinel-failover"):
+                for label, text in runs[0].items():
+                    print(f"{label:13} {text}", flush=True)
                 continue
             print(f"{name:13} {summarize(runs)}", flush=True)
     finally:

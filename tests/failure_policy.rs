@@ -1,5 +1,6 @@
 //! `BACKEND_FAILURE_POLICY` against the real binary and a real redis-server that hangs
-//! (SIGSTOP), crashes (SIGKILL) and comes back empty, under continuous calls carrying Envoy's
+//! (SIGSTOP), crashes (SIGKILL) and comes back empty, or answers 50 ms late (a proxy in front of
+//! it, [`support::latency::LatencyProxy`]), under continuous calls carrying Envoy's
 //! 20 ms deadline (`grpc-timeout`). For each policy: every call's answer, a loose bound on every
 //! call's latency (the measured figures are in docs/resilience.md), the local limiter's
 //! per-replica quota, the policy and breaker metrics, and shared counting once Redis is back.
@@ -186,11 +187,14 @@ const ANSWERS: &str = "ratelimitd_backend_policy_answers_total";
 const STATE: &str = "ratelimitd_backend_circuit_state";
 const TRANSITIONS: &str = "ratelimitd_backend_circuit_transitions_total";
 
-async fn scenario(policy: &str) {
+/// Starts ratelimitd with `policy`, counting in the Redis at `redis_url`, and checks the
+/// healthy case: shared counting, the circuit closed.
+async fn start(policy: &str, redis_url: &str) -> (tempfile::TempDir, Ratelimitd, Client) {
     let dir = config_dir(&[("r.yaml", RULES)]);
-    let mut redis = RedisServer::start();
     let rl = Ratelimitd::builder(dir.path())
-        .redis(&redis)
+        .env("BACKEND_TYPE", "redis")
+        .env("REDIS_SOCKET_TYPE", "tcp")
+        .env("REDIS_URL", redis_url)
         .env("BACKEND_FAILURE_POLICY", policy)
         .env("EXPECTED_REPLICAS", "2")
         .env("LIMIT_RULE_HEADER", RULE_HEADER)
@@ -203,11 +207,12 @@ async fn scenario(policy: &str) {
     ensure_window_room(3600, Duration::from_secs(90)).await;
     let mut c = rl.client().await;
 
-    // Healthy: shared counting in Redis.
+    // Healthy: shared counting in Redis (with the generous deadline: the first call may open
+    // the connection, and a policy answer here would blur the policy metric's tally).
     let before: Vec<Answer> = {
         let mut v = Vec::new();
         for _ in 0..=LIMIT {
-            v.push(call(&mut c, "healthy").await);
+            v.push(call_within(&mut c, "healthy", HEALTHY_DEADLINE).await);
         }
         v
     };
@@ -216,6 +221,65 @@ async fn scenario(policy: &str) {
     want.push(Ok(Code::OverLimit));
     assert_eq!(codes, want);
     assert_eq!(metric(&rl, STATE, &[]), 0.0);
+    (dir, rl, c)
+}
+
+/// After recovery from `outages` outages: shared counting in `redis` again, every policy
+/// answer counted once by reason (the tally's), the breaker opened and closed once per outage,
+/// one "opened" log line per outage (two if it flapped while recovering).
+async fn check_recovered(
+    policy: &str,
+    rl: &Ratelimitd,
+    c: &mut Client,
+    redis: &RedisServer,
+    tally: &Tally,
+    outages: usize,
+) {
+    // Shared counting again: LIMIT calls pass, the next is refused, all counted in Redis.
+    for i in 0..=LIMIT {
+        let a = call_within(c, "shared", HEALTHY_DEADLINE).await;
+        let want = if i < LIMIT { Code::Ok } else { Code::OverLimit };
+        assert_eq!(a.code, Ok(want), "call {i} after recovery: {a:?}");
+    }
+    let key = format!("fp_k_shared_{}", unix_now() / 3600 * 3600);
+    assert_eq!(redis.command(&["GET", &key]), "$1\r\n6\r\n");
+
+    // Every policy answer counted once, by reason; the breaker opened and closed.
+    let reasons = ["timeout", "circuit_open", "connection", "error"];
+    let by_reason: Vec<f64> = reasons
+        .iter()
+        .map(|r| metric(rl, ANSWERS, &[("policy", policy), ("reason", r)]))
+        .collect();
+    let counted = by_reason.iter().sum::<f64>() as u64;
+    assert!(
+        (tally.by_policy..=tally.by_policy + tally.cut_off).contains(&counted),
+        "{by_reason:?} {tally:?}"
+    );
+    assert!(by_reason[0] >= 1.0, "timeouts: {by_reason:?}");
+    assert!(by_reason[1] >= 1.0, "circuit_open: {by_reason:?}");
+    assert_eq!(by_reason[3], 0.0, "{by_reason:?}");
+    let times = outages as f64;
+    assert!(metric(rl, TRANSITIONS, &[("to", "open")]) >= times);
+    assert!(metric(rl, TRANSITIONS, &[("to", "half_open")]) >= times);
+    assert!(metric(rl, TRANSITIONS, &[("to", "closed")]) >= times);
+    assert_eq!(metric(rl, STATE, &[]), 0.0);
+    // Logged once per transition, not once per call.
+    let log = rl.log();
+    let opened = log.matches("backend circuit opened").count();
+    assert!(
+        (outages..=2 * outages).contains(&opened),
+        "{opened} 'opened' lines:\n{log}"
+    );
+    let backend_errors = log.matches("backend error").count();
+    assert!(
+        backend_errors <= 2 * outages,
+        "{backend_errors} 'backend error' lines:\n{log}"
+    );
+}
+
+async fn scenario(policy: &str) {
+    let mut redis = RedisServer::start();
+    let (_dir, rl, mut c) = start(policy, &redis.addr()).await;
 
     let mut tally = Tally::default();
     // Redis hangs.
@@ -244,42 +308,36 @@ async fn scenario(policy: &str) {
         crash.iter().map(|a| a.took).max().unwrap(),
     );
 
-    // Shared counting again: LIMIT calls pass, the next is refused, all counted in Redis.
-    for i in 0..=LIMIT {
-        let a = call_within(&mut c, "shared", HEALTHY_DEADLINE).await;
-        let want = if i < LIMIT { Code::Ok } else { Code::OverLimit };
-        assert_eq!(a.code, Ok(want), "call {i} after recovery: {a:?}");
-    }
-    let key = format!("fp_k_shared_{}", unix_now() / 3600 * 3600);
-    assert_eq!(redis.command(&["GET", &key]), "$1\r\n6\r\n");
+    check_recovered(policy, &rl, &mut c, &redis, &tally, 2).await;
+}
 
-    // Every policy answer counted once, by reason; the breaker opened and closed twice.
-    let reasons = ["timeout", "circuit_open", "connection", "error"];
-    let by_reason: Vec<f64> = reasons
-        .iter()
-        .map(|r| metric(&rl, ANSWERS, &[("policy", policy), ("reason", r)]))
-        .collect();
-    let counted = by_reason.iter().sum::<f64>() as u64;
+/// Redis answers, but 50 ms late each way (a proxy in front of it): a call's 10 ms budget
+/// (20 ms less the margin) runs out, the breaker opens, every call is answered by the policy
+/// within the deadline; once the latency is gone the shared counters are used again.
+async fn slow_scenario(policy: &str) {
+    let redis = RedisServer::start();
+    let proxy = latency::LatencyProxy::start(redis.port);
+    let (_dir, rl, mut c) = start(policy, &proxy.addr()).await;
+
+    let mut tally = Tally::default();
+    proxy.set_delay(Duration::from_millis(50));
+    let slow = drive(&mut c, "slow").await;
+    let open = metric(&rl, STATE, &[]);
+    let timeouts = metric(&rl, ANSWERS, &[("policy", policy), ("reason", "timeout")]);
+    proxy.set_delay(Duration::ZERO);
+    check_outage(policy, "slow", &slow, &mut tally);
     assert!(
-        (tally.by_policy..=tally.by_policy + tally.cut_off).contains(&counted),
-        "{by_reason:?} {tally:?}"
+        open == 1.0 || open == 2.0,
+        "circuit state while Redis is slow: {open}"
     );
-    assert!(by_reason[0] >= 1.0, "timeouts: {by_reason:?}");
-    assert!(by_reason[1] >= 1.0, "circuit_open: {by_reason:?}");
-    assert_eq!(by_reason[3], 0.0, "{by_reason:?}");
-    assert!(metric(&rl, TRANSITIONS, &[("to", "open")]) >= 2.0);
-    assert!(metric(&rl, TRANSITIONS, &[("to", "half_open")]) >= 2.0);
-    assert!(metric(&rl, TRANSITIONS, &[("to", "closed")]) >= 2.0);
-    assert_eq!(metric(&rl, STATE, &[]), 0.0);
-    // Logged once per transition, not once per call.
-    let log = rl.log();
-    let opened = log.matches("backend circuit opened").count();
-    assert!((2..=4).contains(&opened), "{opened} 'opened' lines:\n{log}");
-    let backend_errors = log.matches("backend error").count();
-    assert!(
-        backend_errors <= 4,
-        "{backend_errors} 'backend error' lines:\n{log}"
+    assert!(timeouts >= 1.0, "no timeout while Redis is slow");
+    let recovery = recover(&mut c, "after-slow", &mut tally).await;
+    eprintln!(
+        "{policy}: {} slow calls, slowest {:?}; recovered in {recovery:?} after the latency went",
+        slow.len(),
+        slow.iter().map(|a| a.took).max().unwrap(),
     );
+    check_recovered(policy, &rl, &mut c, &redis, &tally, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,4 +358,24 @@ async fn policy_deny_answers_over_limit_within_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_local_enforces_per_replica_limits_within_the_deadline() {
     scenario("local").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_policy_error_fails_calls_within_the_deadline() {
+    slow_scenario("error").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_policy_allow_answers_ok_within_the_deadline() {
+    slow_scenario("allow").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_policy_deny_answers_over_limit_within_the_deadline() {
+    slow_scenario("deny").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_policy_local_enforces_per_replica_limits_within_the_deadline() {
+    slow_scenario("local").await;
 }
