@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 
 use crate::{
+    body::Fired,
     config::{Limit, Rule},
     limiter::engine::Decided,
     metrics::{HitOutcome, Stats},
@@ -56,8 +57,9 @@ pub fn respond(
     global_shadow: &metrics::Counter,
 ) -> RateLimitResponse {
     let mut decided = decided.iter();
-    // The first over-limit descriptor's rule, for LIMIT_RULE_HEADER.
-    let mut fired: Option<&str> = None;
+    // The first over-limit descriptor's rule and the limit it is over, for
+    // LIMIT_RULE_HEADER and LIMIT_RESPONSE_BODY.
+    let mut fired: Option<(&str, Limit)> = None;
     let mut statuses = Vec::with_capacity(resolved.len());
     let (mut failed, mut failed_quota, mut total_quota) = (0usize, 0usize, 0usize);
     // The descriptor closest to its limit, for the RateLimit-* headers (as the reference
@@ -138,13 +140,17 @@ pub fn respond(
             _ => stats.record(&req.domain, stats_key, outcome, ratio),
         }
         if over && fired.is_none() {
-            fired = Some(rule.map_or("limit override", |r| {
+            // From the config only (a name, a path of configured keys and values) or fixed
+            // words: never request data, so a body can carry it unescaped.
+            let name = rule.map_or("limit override", |r| {
                 if r.name.is_empty() {
                     &r.path
                 } else {
                     &r.name
                 }
-            }));
+            });
+            // When over, the shown limit is the first one it is over.
+            fired = Some((name, limit));
         }
         // The longest wait among the limits it is over; else when the shown one resets.
         let wait_ms = own
@@ -210,14 +216,26 @@ pub fn respond(
         overall = Code::Ok;
         global_shadow.increment(1);
     }
+    let mut raw_body = Vec::new();
     if overall == Code::OverLimit {
-        headers.push(header(
-            "Retry-After",
-            retry_after_ms.div_ceil(1000).max(1).to_string(),
-        ));
-        if let (Some(name), Some(rule)) = (&settings.rule_header, fired) {
+        let retry_after = retry_after_ms.div_ceil(1000).max(1);
+        headers.push(header("Retry-After", retry_after.to_string()));
+        if let (Some(name), Some((rule, _))) = (&settings.rule_header, fired) {
             tracing::debug!(domain = %req.domain, rule, "over limit");
             headers.push(header(name, rule.to_owned()));
+        }
+        // An OVER_LIMIT answer has a descriptor over, so `fired` is set.
+        let rendered = fired.and_then(|(rule, limit)| {
+            let fired = Fired {
+                rule,
+                limit,
+                retry_after,
+            };
+            settings.limit_body.render(&fired)
+        });
+        if let Some((body, content_type)) = rendered {
+            headers.push(header("content-type", content_type.to_owned()));
+            raw_body = body;
         }
     }
     RateLimitResponse {
@@ -225,6 +243,7 @@ pub fn respond(
         statuses,
         response_headers_to_add: headers,
         request_headers_to_add: request_headers,
+        raw_body,
         dynamic_metadata: settings
             .dynamic_metadata
             .then(|| crate::metadata::dynamic_metadata(req, passed)),
@@ -307,5 +326,121 @@ pub(crate) fn wire_unit(limit: Limit) -> WireUnit {
         Unit::Week => WireUnit::Week,
         Unit::Month => WireUnit::Month,
         Unit::Year => WireUnit::Year,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        body::LimitBody,
+        limiter::{algorithm::Verdict, Unit},
+        metrics::StatsSettings,
+    };
+
+    /// One limit override of 100 per minute (its rule is `limit override`), over or not, then
+    /// `unmatched` descriptors no rule matches.
+    fn answer(settings: &ServiceSettings, allowed: bool, unmatched: usize) -> RateLimitResponse {
+        let stats = Stats::new(None, StatsSettings::default());
+        let req = RateLimitRequest {
+            domain: "d".into(),
+            ..Default::default()
+        };
+        let mut resolved = vec![Resolved::Limited {
+            limits: Cow::Owned(vec![Limit::fixed(100, Unit::Minute)]),
+            rule: None,
+            shared: Vec::new(),
+            stats_key: Cow::Owned("d.k".into()),
+            cost: 1,
+        }];
+        resolved.extend((0..unmatched).map(|_| Resolved::Nothing));
+        let verdict = Verdict {
+            allowed,
+            remaining: if allowed { 10 } else { 0 },
+            reset_ms: 41_500,
+            retry_ms: if allowed { 0 } else { 41_500 },
+            used: if allowed { 90 } else { 101 },
+        };
+        let decided = [Decided {
+            verdict,
+            charge: None,
+            cached: false,
+        }];
+        respond(
+            settings,
+            &stats,
+            &req,
+            &resolved,
+            &decided,
+            &metrics::Counter::noop(),
+        )
+    }
+
+    fn problem_json() -> ServiceSettings {
+        ServiceSettings {
+            limit_body: LimitBody::ProblemJson,
+            ..ServiceSettings::default()
+        }
+    }
+
+    fn content_type(r: &RateLimitResponse) -> Option<&str> {
+        r.response_headers_to_add
+            .iter()
+            .find(|h| h.key == "content-type")
+            .map(|h| h.value.as_str())
+    }
+
+    #[test]
+    fn over_limit_carries_the_body_built_from_the_limit_that_fired() {
+        let r = answer(&problem_json(), false, 0);
+        assert_eq!(r.overall_code, Code::OverLimit as i32);
+        assert_eq!(
+            std::str::from_utf8(&r.raw_body).unwrap(),
+            r#"{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"rate limit of 100 requests per 1m exceeded (rule limit override); retry after 42 s","rule":"limit override","limit":100,"window":"1m","retry_after":42}"#
+        );
+        assert_eq!(content_type(&r), Some("application/problem+json"));
+        // The same wait as the Retry-After header.
+        let retry = r
+            .response_headers_to_add
+            .iter()
+            .find(|h| h.key == "Retry-After");
+        assert_eq!(retry.map(|h| h.value.as_str()), Some("42"));
+    }
+
+    #[test]
+    fn ok_answers_have_no_body() {
+        let r = answer(&problem_json(), true, 0);
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert!(r.raw_body.is_empty());
+        assert_eq!(content_type(&r), None);
+    }
+
+    #[test]
+    fn shadow_mode_and_quota_passes_have_no_body() {
+        let shadow = ServiceSettings {
+            global_shadow_mode: true,
+            ..problem_json()
+        };
+        let r = answer(&shadow, false, 0);
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert!(r.raw_body.is_empty());
+        assert_eq!(content_type(&r), None);
+        // Quota mode: one of two quota descriptors over passes.
+        let quota = ServiceSettings {
+            global_quota_mode: true,
+            ..problem_json()
+        };
+        let r = answer(&quota, false, 1);
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert!(r.raw_body.is_empty());
+        assert_eq!(content_type(&r), None);
+    }
+
+    #[test]
+    fn no_body_unless_configured() {
+        let r = answer(&ServiceSettings::default(), false, 0);
+        assert_eq!(r.overall_code, Code::OverLimit as i32);
+        assert!(r.raw_body.is_empty());
+        assert_eq!(content_type(&r), None);
     }
 }

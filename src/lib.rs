@@ -11,8 +11,8 @@
 //!   known to be over, answered without the store.
 //! - [`service`]: `ShouldRateLimit`, protobuf in and out ([`resolve`]: the request checked and
 //!   each descriptor matched to its limits); [`answer`] builds the response from
-//!   the store's decisions ([`metadata`]: its `dynamic_metadata`); [`calls`] counts each call
-//!   once.
+//!   the store's decisions ([`metadata`]: its `dynamic_metadata`; [`body`]: an OVER_LIMIT
+//!   answer's body); [`calls`] counts each call once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
 //! - [`failure`]: what a call gets when the store fails (`BACKEND_FAILURE_POLICY`), with the
 //!   caller's deadline and a circuit breaker bounding the store call.
@@ -37,6 +37,7 @@
 
 pub mod admin;
 pub mod answer;
+pub mod body;
 pub mod calls;
 pub mod cli;
 pub mod config;

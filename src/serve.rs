@@ -45,6 +45,8 @@ pub enum ServeError {
     #[error(transparent)]
     HashSecret(#[from] crate::settings::SecretFileError),
     #[error(transparent)]
+    Body(#[from] crate::body::BodyError),
+    #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error("GRPC_SERVER_USE_TLS with GRPC_UDS is not supported: serve TLS on GRPC_HOST:GRPC_PORT, or plaintext on the Unix socket")]
     TlsOnUds,
@@ -77,8 +79,10 @@ pub async fn serve(
     if args.strict_charging && args.stop_cache_key_increment_when_overlimit {
         return Err(ServeError::ChargingConflict);
     }
-    // Read before anything else starts, so a bad secret file stops start-up at once.
+    // Read before anything else starts, so a bad secret or template file stops start-up at
+    // once.
     let keys = cache_keys(&args)?;
+    let service_settings = service_settings(&args, keys.clone())?;
     let grpc_tls = grpc_tls(&args)?;
     for name in &args.unsupported_set {
         tracing::warn!(
@@ -116,7 +120,7 @@ pub async fn serve(
             rules.clone(),
             store,
             clock.clone(),
-            service_settings(&args, keys.clone()),
+            service_settings,
             telemetry.stats.clone(),
         )
         .with_tracer(tracer),
@@ -464,8 +468,16 @@ async fn connect_store(
 }
 
 /// The service's switches, from the settings.
-fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSettings {
-    ServiceSettings {
+fn service_settings(
+    args: &ServeArgs,
+    cache_keys: CacheKeyBuilder,
+) -> Result<ServiceSettings, ServeError> {
+    let limit_body = crate::body::LimitBody::from_settings(
+        args.limit_response_body,
+        args.limit_response_body_template.as_deref(),
+        &args.limit_response_body_content_type,
+    )?;
+    Ok(ServiceSettings {
         cache_keys,
         global_shadow_mode: args.shadow_mode,
         global_quota_mode: args.quota_mode,
@@ -483,6 +495,7 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
         expiration_jitter_max_seconds: args.expiration_jitter_max_seconds,
         near_limit_ratio: args.near_limit_ratio,
         rule_header: args.limit_rule_header.clone().filter(|h| !h.is_empty()),
+        limit_body,
         max_concurrent_calls: args.max_concurrent_calls,
         charging: if args.strict_charging {
             Charging::AllOrNothing
@@ -498,7 +511,7 @@ fn service_settings(args: &ServeArgs, cache_keys: CacheKeyBuilder) -> ServiceSet
             Backend::Memory => 0,
         },
         failure: args.failure.settings(args.memory_max_counters),
-    }
+    })
 }
 
 /// Binds every listener before anything is served, so a taken port stops start-up, and logs

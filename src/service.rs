@@ -90,6 +90,8 @@ pub struct ServiceSettings {
     pub near_limit_ratio: f32,
     /// `LIMIT_RULE_HEADER`: on OVER_LIMIT, a response header naming the rule that fired.
     pub rule_header: Option<String>,
+    /// `LIMIT_RESPONSE_BODY`: the body of an OVER_LIMIT answer.
+    pub limit_body: crate::body::LimitBody,
     /// `MAX_CONCURRENT_CALLS`: calls answered at once; 0 means no bound.
     pub max_concurrent_calls: u64,
     /// `STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`, `STRICT_CHARGING`: which checks a request

@@ -461,3 +461,51 @@ async fn by_default_a_refused_cost_is_still_counted_as_the_reference_counts_it()
     });
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_429_carries_the_problem_json_body_with_its_content_type() {
+    let rl = Ratelimitd::builder(&config())
+        .env("LIMIT_RESPONSE_BODY", "problem-json")
+        .env("LIMIT_RULE_HEADER", "x-ratelimit-rule")
+        .start();
+    let envoy = Envoy::start_patient(&rl.grpc, PATIENT);
+    // api_key: 10 per second; align so the 11 requests share one window.
+    align_to_window(1, Duration::from_millis(20)).await;
+    for i in 0..10 {
+        let (status, headers, body) =
+            http_request(&envoy.ingress, "GET", "/", &[("x-api-key", "body-a")]);
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "hello from the upstream\n"),
+            "request {i}"
+        );
+        assert_eq!(header(&headers, "content-type"), Some("text/plain"));
+    }
+    let (status, headers, body) =
+        http_request(&envoy.ingress, "GET", "/", &[("x-api-key", "body-a")]);
+    assert_eq!(status, 429, "{headers:?}");
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some("application/problem+json"),
+        "{headers:?}"
+    );
+    // Envoy's own text/plain is replaced, not kept beside it.
+    assert_eq!(
+        headers.iter().filter(|(k, _)| k == "content-type").count(),
+        1,
+        "{headers:?}"
+    );
+    // The unnamed api_key rule, named by its path.
+    let rule = header(&headers, "x-ratelimit-rule").unwrap();
+    let retry = header(&headers, "retry-after").unwrap();
+    assert_eq!(
+        body,
+        format!(
+            r#"{{"type":"about:blank","title":"Too Many Requests","status":429,"detail":"rate limit of 10 requests per 1s exceeded (rule {rule}); retry after {retry} s","rule":"{rule}","limit":10,"window":"1s","retry_after":{retry}}}"#
+        )
+    );
+    assert_eq!(
+        header(&headers, "content-length"),
+        Some(body.len().to_string().as_str())
+    );
+}

@@ -442,6 +442,17 @@ pub struct ServeArgs {
     /// descriptor path when unnamed). Unset: no header.
     #[arg(long, env = "LIMIT_RULE_HEADER")]
     pub limit_rule_header: Option<String>,
+    /// The body of an OVER_LIMIT answer (`raw_body`, Envoy's 429 body): none, problem-json
+    /// (RFC 9457 problem details) or template (`LIMIT_RESPONSE_BODY_TEMPLATE`).
+    #[arg(long, env = "LIMIT_RESPONSE_BODY", default_value = "none", value_parser = |s: &str| s.parse::<crate::body::BodyMode>())]
+    pub limit_response_body: crate::body::BodyMode,
+    /// The template file of `LIMIT_RESPONSE_BODY=template`: `{rule}`, `{limit}`, `{window}`
+    /// and `{retry_after}` are filled in, as they are (not escaped).
+    #[arg(long, env = "LIMIT_RESPONSE_BODY_TEMPLATE")]
+    pub limit_response_body_template: Option<PathBuf>,
+    /// The content type of a template's body.
+    #[arg(long, env = "LIMIT_RESPONSE_BODY_CONTENT_TYPE", default_value = crate::body::TEMPLATE_CONTENT_TYPE)]
+    pub limit_response_body_content_type: String,
     /// Send the reference's StatsD stats (its default is on).
     #[arg(long, env = "USE_STATSD", default_value = "true", action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub use_statsd: bool,
