@@ -63,22 +63,7 @@ print(f"1-minute load average during the runs: {min(la):.2f}–{max(la):.2f}")
 PY
 }
 if [ -n "${SUMMARIZE:-}" ]; then summarize "$SUMMARIZE" "from $SUMMARIZE"; exit; fi
-cargo build --release --quiet --bin ratelimitd --example loadgen
-BIN=target/release/ratelimitd
-LOAD=target/release/examples/loadgen
-WORK=$(mktemp -d)
-PIDS=()
-# (each kill may find its process gone already; under set -e that must not end the trap early)
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 
 # One rule per algorithm, and two with three limits. 4,000,000,000 per second is never reached.
 # token_bucket: capacity × window in ms must stay ≤ 2^52 (4e9 × 1000 = 4e12 is); the hour
@@ -107,12 +92,7 @@ YAML
 RULES=(fixed sliding token three_fixed three_mixed)
 "$BIN" check-config --config "$WORK/bench.yaml" >/dev/null
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
-REDIS_PID=$!
-PIDS+=("$REDIS_PID")
-for _ in $(seq 200); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
-redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2; exit 1; }
+start_redis
 
 declare -A ADDR SPID
 start_rl() { # $1 backend name, rest: env assignments
@@ -135,8 +115,6 @@ start_rl() { # $1 backend name, rest: env assignments
 start_rl memory BACKEND_TYPE=memory
 start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT"
 
-cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; } # utime + stime
-field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
 load() { # $1 backend, $2 rule, $3 requests
   "$LOAD" --target "${ADDR[$1]}" --domain bench --key "$2" --keys "$KEYS" --requests "$3" \
     --concurrency "$CONCURRENCY" --connections 4 --max-seconds 30

@@ -17,20 +17,7 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-5}
 REQUESTS=${2:-40000}
 CONCURRENCY=${CONCURRENCY:-64}
-cargo build --release --quiet --bin ratelimitd --example loadgen
-BIN=target/release/ratelimitd
-LOAD=target/release/examples/loadgen
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 
 cat >"$WORK/bench.yaml" <<'YAML'
 domain: bench
@@ -41,12 +28,7 @@ descriptors:
     rate_limit: {unit: second, requests_per_unit: 4000000000}
 YAML
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
-REDIS_PID=$!
-PIDS+=("$REDIS_PID")
-for _ in $(seq 200); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
-redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2; exit 1; }
+start_redis
 
 declare -A ADDR SPID
 start_rl() { # $1 name, rest: env assignments
@@ -70,8 +52,6 @@ start_rl() { # $1 name, rest: env assignments
 start_rl off LOCAL_CACHE_SIZE_IN_BYTES=0
 start_rl on LOCAL_CACHE_SIZE_IN_BYTES=1048576
 
-cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; } # utime + stime
-field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
 load() { # $1 server, $2 rule, $3 requests
   "$LOAD" --target "${ADDR[$1]}" --domain bench --key "$2" --keys 1 --requests "$3" \
     --concurrency "$CONCURRENCY" --connections 4 --max-seconds 30

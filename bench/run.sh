@@ -6,15 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 REQUESTS=${2:-100000}
-cargo build --release --quiet --bin ratelimitd --example loadgen
-BIN=target/release/ratelimitd
-LOAD=target/release/examples/loadgen
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 
 cat > "$WORK/bench.yaml" <<'YAML'
 domain: bench
@@ -23,10 +15,7 @@ descriptors:
     rate_limit: {unit: second, requests_per_unit: 4000000000}
 YAML
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
-PIDS+=($!)
-until redis-cli -p "$RPORT" ping >/dev/null 2>&1; do sleep 0.05; done
+start_redis
 
 start_rl() { # $1 log name, rest: env assignments
   local name=$1; shift

@@ -12,15 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
 REQUESTS=${2:-100000}
-cargo build --release --quiet --bin ratelimitd --example loadgen
-BIN=target/release/ratelimitd
-LOAD=target/release/examples/loadgen
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 
 cat > "$WORK/bench.yaml" <<'YAML'
 domain: bench
@@ -29,10 +21,7 @@ descriptors:
     rate_limit: {unit: second, requests_per_unit: 4000000000}
 YAML
 
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
-PIDS+=($!)
-until redis-cli -p "$RPORT" ping >/dev/null 2>&1; do sleep 0.05; done
+start_redis
 
 SPORT=$(free_port)
 cat > "$WORK/sink.py" <<'PY'
@@ -65,7 +54,6 @@ start_rl() { # $1 name, rest: env assignments; sets ADDR[$1]
   SPID[$name]=$!
 }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

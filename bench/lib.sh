@@ -1,0 +1,40 @@
+# Shared by the bench scripts (sourced, not run): the release build, a work directory, the
+# processes a script starts (stopped by PID at exit, and only those), free loopback ports, a
+# throwaway redis-server, and reading CPU time and loadgen's figures.
+#
+# After sourcing: BIN (ratelimitd), LOAD (examples/loadgen), WORK (a temporary directory,
+# removed at exit) and PIDS (append every process started; each is stopped at exit).
+
+cargo build --release --quiet --bin ratelimitd --example loadgen
+BIN=target/release/ratelimitd
+LOAD=target/release/examples/loadgen
+WORK=$(mktemp -d)
+PIDS=()
+
+# Each kill may find its process gone already; under set -e that must not end the trap early.
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
+  rm -rf "$WORK"
+}
+trap bench_cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# A redis-server on a free loopback port, nothing saved: sets RPORT and REDIS_PID.
+start_redis() {
+  RPORT=$(free_port)
+  redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null &
+  REDIS_PID=$!
+  PIDS+=("$REDIS_PID")
+  for _ in $(seq 200); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  redis-cli -p "$RPORT" ping >/dev/null || { echo "redis-server did not start" >&2; exit 1; }
+}
+
+# utime + stime of process $1, in clock ticks.
+cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+# The value of loadgen's `$1=` field in its output line $2.
+field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
