@@ -94,24 +94,6 @@ RULES=(fixed sliding token three_fixed three_mixed)
 
 start_redis
 
-declare -A ADDR SPID
-start_rl() { # $1 backend name, rest: env assignments
-  local name=$1; shift
-  env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 DEBUG_HOST=127.0.0.1 \
-    DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn "$@" \
-    "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
-  local pid=$!
-  PIDS+=("$pid")
-  for _ in $(seq 600); do
-    grep -qs "ratelimitd listening" "$WORK/$name.log" && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.05
-  done
-  grep -qs "ratelimitd listening" "$WORK/$name.log" ||
-    { echo "ratelimitd ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
-  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
-  SPID[$name]=$pid
-}
 start_rl memory BACKEND_TYPE=memory
 start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT"
 

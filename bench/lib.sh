@@ -38,3 +38,26 @@ cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 # The value of loadgen's `$1=` field in its output line $2.
 field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
+
+# ratelimitd on $WORK/bench.yaml, every listener on a free loopback port, with the env
+# assignments given after its name $1; waits until it listens (or fails loudly) and sets
+# ADDR[$1] (its gRPC address) and SPID[$1] (its PID).
+declare -A ADDR SPID
+start_rl() {
+  local name=$1; shift
+  rm -f "$WORK/$name.log" # a previous run's log would read as ready
+  env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 DEBUG_HOST=127.0.0.1 \
+    DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn "$@" \
+    "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 600); do
+    grep -qs "ratelimitd listening" "$WORK/$name.log" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  grep -qs "ratelimitd listening" "$WORK/$name.log" ||
+    { echo "ratelimitd ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
+  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
+  SPID[$name]=$pid
+}

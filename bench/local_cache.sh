@@ -30,27 +30,9 @@ YAML
 
 start_redis
 
-declare -A ADDR SPID
-start_rl() { # $1 name, rest: env assignments
-  local name=$1; shift
-  env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 DEBUG_HOST=127.0.0.1 \
-    DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp \
-    REDIS_URL="127.0.0.1:$RPORT" "$@" \
-    "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
-  local pid=$!
-  PIDS+=("$pid")
-  for _ in $(seq 600); do
-    grep -qs "ratelimitd listening" "$WORK/$name.log" && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.05
-  done
-  grep -qs "ratelimitd listening" "$WORK/$name.log" ||
-    { echo "ratelimitd ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
-  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
-  SPID[$name]=$pid
-}
-start_rl off LOCAL_CACHE_SIZE_IN_BYTES=0
-start_rl on LOCAL_CACHE_SIZE_IN_BYTES=1048576
+REDIS=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
+start_rl off "${REDIS[@]}" LOCAL_CACHE_SIZE_IN_BYTES=0
+start_rl on "${REDIS[@]}" LOCAL_CACHE_SIZE_IN_BYTES=1048576
 
 load() { # $1 server, $2 rule, $3 requests
   "$LOAD" --target "${ADDR[$1]}" --domain bench --key "$2" --keys 1 --requests "$3" \

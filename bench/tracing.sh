@@ -42,31 +42,21 @@ python3 "$WORK/sink.py" "$SPORT" &
 PIDS+=($!)
 until python3 -c "import socket; socket.create_connection(('127.0.0.1',$SPORT))" 2>/dev/null; do sleep 0.05; done
 
-start_rl() { # $1 name, rest: env assignments; sets ADDR[$1]
-  local name=$1; shift
-  rm -f "$WORK/$name.log" # a previous backend's log would read as ready
-  env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 DEBUG_HOST=127.0.0.1 \
-    DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SPORT" "$@" \
-    "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
-  PIDS+=($!)
-  until grep -q "ratelimitd listening" "$WORK/$name.log"; do sleep 0.05; done
-  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
-  SPID[$name]=$!
-}
+OTLP=OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SPORT"
 
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-declare -A ADDR SPID RPS P50 P99 CPU
+declare -A RPS P50 P99 CPU
 echo "| backend | tracing | rps (median) | p50 µs | p99 µs | server CPU µs/call (median) | rps of each run |"
 echo "|---|---|---|---|---|---|---|"
 for backend in ${BACKENDS:-memory redis}; do
   extra=()
   [ "$backend" = redis ] && extra=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
-  start_rl off "${extra[@]}"
-  start_rl on1 "${extra[@]}" TRACING_ENABLED=true TRACING_SAMPLING_RATE=1
-  start_rl on0 "${extra[@]}" TRACING_ENABLED=true TRACING_SAMPLING_RATE=0
+  start_rl off "$OTLP" "${extra[@]}"
+  start_rl on1 "$OTLP" "${extra[@]}" TRACING_ENABLED=true TRACING_SAMPLING_RATE=1
+  start_rl on0 "$OTLP" "${extra[@]}" TRACING_ENABLED=true TRACING_SAMPLING_RATE=0
   RPS=([off]="" [on1]="" [on0]=""); P50=([off]="" [on1]="" [on0]=""); P99=([off]="" [on1]="" [on0]=""); CPU=([off]="" [on1]="" [on0]="")
   for _ in $(seq "$RUNS"); do
     for s in off on1 on0; do
