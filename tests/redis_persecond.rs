@@ -150,6 +150,24 @@ async fn each_limit_counts_in_its_own_redis_under_the_references_key() {
     assert!(!log.contains("REDIS_PERSECOND"), "no warning: {log}");
 }
 
+/// Fills the per-minute limit of `min=full` (3 calls), then sends it with a fresh per-second
+/// descriptor: the request whose per-minute limit goes over. Its time and answer.
+async fn over_the_minute(c: &mut Client) -> (u64, RateLimitResponse) {
+    ensure_window_room(60, Duration::from_secs(3)).await;
+    for _ in 0..3 {
+        c.should_rate_limit(request("ps", &[&[("min", "full")]]))
+            .await
+            .unwrap();
+    }
+    let t = unix_now();
+    let r = c
+        .should_rate_limit(request("ps", &[&[("sec", "fresh")], &[("min", "full")]]))
+        .await
+        .unwrap()
+        .into_inner();
+    (t, r)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_when_over_charges_only_the_over_limits_across_both_redis() {
     let (_dir, main, per_second, rl) =
@@ -172,19 +190,7 @@ async fn stop_when_over_charges_only_the_over_limits_across_both_redis() {
     );
 
     // The per-minute limit goes over: the per-second one is left alone (no key written).
-    ensure_window_room(60, Duration::from_secs(3)).await;
-    let mut c2 = c.clone();
-    for _ in 0..3 {
-        c2.should_rate_limit(request("ps", &[&[("min", "full")]]))
-            .await
-            .unwrap();
-    }
-    let t = unix_now();
-    let r = c2
-        .should_rate_limit(request("ps", &[&[("sec", "fresh")], &[("min", "full")]]))
-        .await
-        .unwrap()
-        .into_inner();
+    let (t, r) = over_the_minute(&mut c).await;
     assert_eq!(
         answer(&r),
         (Code::OverLimit, vec![(Code::Ok, 2), (Code::OverLimit, 0)])
@@ -221,19 +227,7 @@ async fn strict_charging_is_all_or_nothing_across_both_redis() {
     );
 
     // The per-minute limit would go over: the per-second one is not charged either.
-    ensure_window_room(60, Duration::from_secs(3)).await;
-    let mut c2 = c.clone();
-    for _ in 0..3 {
-        c2.should_rate_limit(request("ps", &[&[("min", "full")]]))
-            .await
-            .unwrap();
-    }
-    let t = unix_now();
-    let r = c2
-        .should_rate_limit(request("ps", &[&[("sec", "fresh")], &[("min", "full")]]))
-        .await
-        .unwrap()
-        .into_inner();
+    let (t, r) = over_the_minute(&mut c).await;
     assert_eq!(
         answer(&r),
         (Code::OverLimit, vec![(Code::Ok, 2), (Code::OverLimit, 0)])
