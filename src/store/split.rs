@@ -27,10 +27,7 @@
 use std::{collections::BTreeMap, future::Future};
 
 use super::{RedisSettings, RedisStore, Store, StoreError};
-use crate::limiter::{
-    algorithm::Algorithm,
-    engine::{refused, Batch, Charging, Check, Decided},
-};
+use crate::limiter::engine::{refused, Batch, Charging, Check, Decided};
 
 /// Stores over which a batch's checks are spread, each check in exactly one part.
 pub(super) trait Parted: Sync {
@@ -71,17 +68,9 @@ pub(super) async fn decide<P: Parted>(
                 // finds over by then.
                 return decide_all(stores, batch, &all, Charging::StopWhenOver).await;
             }
-            // Something over: only the fixed windows that are (and that fit) are charged, as
-            // the engine does; the others answer as they stand.
-            let over = Parts::new(stores, batch.checks, |i, c| {
-                stop_when_over_charges(c) && read.get(i).is_some_and(|d| !d.verdict.allowed)
-            });
-            let charged = decide_parts(stores, batch, &over, Charging::Always).await?;
-            Ok(read
-                .into_iter()
-                .zip(charged)
-                .map(|(read, charged)| charged.unwrap_or(read))
-                .collect())
+            // Something over: the engine's own rule for that case, in every part (only the
+            // checks that would be over are charged; the others answer as they stand).
+            decide_all(stores, batch, &all, Charging::OnlyOver).await
         }
         Charging::AllOrNothing => {
             let read = decide_all(stores, batch, &all, Charging::Never).await?;
@@ -193,11 +182,6 @@ impl<S: Store> Store for SplitStore<S> {
     }
 }
 
-/// Under `StopWhenOver`, whether an over check is charged: a fixed window the cost fits.
-fn stop_when_over_charges(c: &Check) -> bool {
-    c.quota.algorithm == Algorithm::FixedWindow && c.cost <= c.quota.capacity
-}
-
 /// The checks one part decides, and where each is in the batch.
 #[derive(Debug, Default, PartialEq)]
 struct Part {
@@ -259,7 +243,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        limiter::{algorithm::Quota, engine::Role, SystemClock, Unit},
+        limiter::{algorithm::Quota, engine::Role, Algorithm, SystemClock, Unit},
         store::MemoryStore,
     };
 
