@@ -165,14 +165,24 @@ async fn a_new_window_is_asked_of_redis_again() {
     let redis = RedisServer::start();
     let rl = start(&redis, &dir, &[("LOCAL_CACHE_SIZE_IN_BYTES", "1048576")]);
     let sec: &[&[(&str, &str)]] = &[&[("sec", "s")]];
+    let key = |t: u64| format!("lc_sec_s_{t}");
     align_to_window(1, Duration::from_millis(50)).await;
+    let first = unix_now();
     let mut got = Vec::new();
     for _ in 0..3 {
         got.extend(statuses(&ask(&rl, sec).await));
     }
     assert_eq!(got, [(OK, 0), (OVER, 0), (OVER, 0)]);
+    // The third was answered here: Redis saw two.
+    assert_eq!(redis.command(&["GET", &key(first)]), "$1\r\n2\r\n");
     align_to_window(1, Duration::from_millis(50)).await;
+    let next = unix_now();
     assert_eq!(statuses(&ask(&rl, sec).await), [(OK, 0)]);
+    assert_eq!(
+        redis.command(&["GET", &key(next)]),
+        "$1\r\n1\r\n",
+        "counted in Redis"
+    );
 }
 
 /// The reference with STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT: once a key of the request is
