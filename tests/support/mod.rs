@@ -35,6 +35,7 @@ use tonic_health::pb::{
 
 pub mod certs;
 pub mod latency;
+pub mod recipe;
 pub mod topology;
 
 /// How the harness's gRPC clients reach a ratelimitd serving TLS (`GRPC_SERVER_USE_TLS`).
