@@ -48,7 +48,7 @@ fn every_recipe_has_its_files_and_nothing_else_is_in_examples() {
     assert_eq!(found, expected);
     for name in RECIPES {
         let dir = recipe::dir(name);
-        for file in ["envoy.yaml", "README.md"] {
+        for file in ["envoy.yaml", "README.md", "ratelimitd.env"] {
             assert!(dir.join(file).is_file(), "{name}: no {file}");
         }
         assert!(
