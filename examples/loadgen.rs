@@ -1,19 +1,41 @@
-//! A bounded gRPC load generator for ratelimitd (and any RLS v3 server), used for
-//! docs/benchmarks.md. Sends `--requests` calls with `--concurrency` in flight over
-//! `--connections` HTTP/2 connections and prints throughput and latency percentiles.
+//! A bounded gRPC load generator for ratelimitd and any RLS v3 server (docs/benchmarks.md,
+//! bench/compare.sh), for what h2load cannot report: answers by code, several descriptors per
+//! call, key distributions, an open-loop target rate and HDR latency percentiles.
 //!
 //! cargo run --release --example loadgen -- --target 127.0.0.1:8081 --domain example \
-//!     --key api_key --keys 1 --requests 200000 --concurrency 64
+//!     --key api_key --connections 4 --streams 16 --requests 200000 --json
 //!
-//! `--vary-key` puts the running number in the descriptor key instead of its value, and
+//! - Load: `--connections` HTTP/2 connections, each with `--streams` calls in flight (or
+//!   `--concurrency` in flight in all, spread over the connections).
+//! - Bounds: stops after `--requests` calls or `--duration` seconds, whichever comes first, and
+//!   never runs longer than `--max-seconds` (default 60, at most 600).
+//! - `--rate R`: open loop. Call `n` is due at `start + n / R`; latency counts from when it
+//!   was due, not from when a free stream sent it, so a stalled server shows in the
+//!   percentiles instead of slowing the load down (no coordinated omission). Without it the
+//!   load is closed-loop: each stream sends its next call when the last one is answered.
+//! - Keys: `--dist cycle` (the default: `--keys` values in turn; `--keys 1` is one hot key),
+//!   `hot`, `uniform` over `--keys` values, or `zipf` over them with exponent `--zipf-s`.
+//! - `--descriptors D`: D descriptors per call, `KEY=v<n>-<d>` for d in 0..D (one counter each).
+//! - Output: one line (`requests= ok= over_limit= errors= seconds= rps= p50_us= ...`), or a
+//!   JSON object with `--json`.
+//!
+//! `--vary-key` puts the key number in the descriptor key instead of its value, and
 //! `--override-limit N` sends a limit override (N per second) in every descriptor: together
-//! they send a new per-rule stats key with every call (the metrics-cardinality measurement in
-//! docs/benchmarks.md).
+//! they send a new per-rule stats key with every call (the metrics-cardinality measurement).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rand_distr::Zipf;
 use ratelimitd::proto::envoy::{
     extensions::common::ratelimit::v3::{
         rate_limit_descriptor::{Entry, RateLimitOverride},
@@ -32,24 +54,90 @@ struct Args {
     domain: String,
     #[arg(long, default_value = "api_key")]
     key: String,
-    /// Distinct descriptor values cycled through (1 = one hot key).
+    /// Distinct descriptor values (1 = one hot key).
     #[arg(long, default_value_t = 1)]
-    keys: usize,
-    /// Total calls (the run stops after these, or after --max-seconds).
+    keys: u64,
+    /// How keys are picked from the `--keys` values.
+    #[arg(long, value_enum, default_value_t = Dist::Cycle)]
+    dist: Dist,
+    /// Exponent of the zipf distribution (`--dist zipf`).
+    #[arg(long, default_value_t = 1.0)]
+    zipf_s: f64,
+    /// Descriptors per call.
+    #[arg(long, default_value_t = 1)]
+    descriptors: usize,
+    /// Total calls (the run stops after these, `--duration` or `--max-seconds`).
     #[arg(long, default_value_t = 100_000)]
-    requests: usize,
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
+    requests: u64,
+    /// Run for this many seconds (still bounded by `--requests` and `--max-seconds`).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Hard bound on the run, in seconds (at most 600).
     #[arg(long, default_value_t = 60)]
     max_seconds: u64,
+    /// Calls in flight in all (default: connections x streams).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Calls in flight per connection (default 16, unless --concurrency is given).
+    #[arg(long)]
+    streams: Option<usize>,
+    /// Target rate in calls per second, open-loop (see the module docs).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seed of the key picks (runs with the same seed send the same keys).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Vary the descriptor key (`KEY-N`, value `v`) instead of its value.
     #[arg(long)]
     vary_key: bool,
     /// Send this limit (per second) as an override in every descriptor.
     #[arg(long)]
     override_limit: Option<u32>,
+    /// Print one JSON object instead of the key=value line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Dist {
+    Cycle,
+    Hot,
+    Uniform,
+    Zipf,
+}
+
+impl Dist {
+    fn name(self) -> &'static str {
+        match self {
+            Dist::Cycle => "cycle",
+            Dist::Hot => "hot",
+            Dist::Uniform => "uniform",
+            Dist::Zipf => "zipf",
+        }
+    }
+}
+
+/// What one stream saw.
+struct Tally {
+    latency: Histogram<u64>,
+    ok: u64,
+    over: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            // 1 µs to 10 min, 3 significant digits.
+            latency: Histogram::new_with_bounds(1, 600_000_000, 3).unwrap(),
+            ok: 0,
+            over: 0,
+            errors: 0,
+        }
+    }
 }
 
 fn main() {
@@ -60,6 +148,9 @@ fn main() {
             || args.target.starts_with("[::1]"),
         "load is only sent to loopback addresses"
     );
+    assert!(args.max_seconds <= 600, "--max-seconds is at most 600");
+    assert!(args.keys >= 1 && args.descriptors >= 1);
+    assert!(args.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,8 +159,14 @@ fn main() {
 }
 
 async fn run(args: Args) {
+    let args = Arc::new(args);
+    let connections = args.connections.max(1);
+    let in_flight = args
+        .concurrency
+        .unwrap_or(connections * args.streams.unwrap_or(16))
+        .max(1);
     let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
+    for _ in 0..connections {
         channels.push(
             Channel::from_shared(format!("http://{}", args.target))
                 .unwrap()
@@ -78,70 +175,160 @@ async fn run(args: Args) {
                 .expect("connect"),
         );
     }
-    let per_task = args.requests / args.concurrency.max(1);
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let limit = Duration::from_secs(args.max_seconds)
+        .min(args.duration.map_or(Duration::MAX, Duration::from_secs_f64));
     let started = Instant::now();
+    let deadline = started + limit;
+    let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for t in 0..args.concurrency.max(1) {
-        let mut client = RateLimitServiceClient::new(channels[t % channels.len()].clone());
-        let (domain, key, keys) = (args.domain.clone(), args.key.clone(), args.keys.max(1));
-        let (vary_key, override_limit) = (args.vary_key, args.override_limit);
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(per_task);
-            let (mut ok, mut over, mut errors) = (0usize, 0usize, 0usize);
-            for i in 0..per_task {
-                if Instant::now() > deadline {
+    for t in 0..in_flight {
+        let client = RateLimitServiceClient::new(channels[t % connections].clone());
+        let (args, next) = (args.clone(), next.clone());
+        tasks.push(tokio::spawn(stream(
+            client, args, next, started, deadline, t as u64,
+        )));
+    }
+    let mut all = Tally::new();
+    for t in tasks {
+        let tally = t.await.unwrap();
+        all.latency.add(&tally.latency).unwrap();
+        all.ok += tally.ok;
+        all.over += tally.over;
+        all.errors += tally.errors;
+    }
+    report(&args, &all, started.elapsed(), connections, in_flight);
+}
+
+/// One stream: takes call numbers until the run is over.
+async fn stream(
+    mut client: RateLimitServiceClient<Channel>,
+    args: Arc<Args>,
+    next: Arc<AtomicU64>,
+    started: Instant,
+    deadline: Instant,
+    id: u64,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(id));
+    let zipf = (args.dist == Dist::Zipf).then(|| Zipf::new(args.keys as f64, args.zipf_s).unwrap());
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        if n >= args.requests {
+            break;
+        }
+        let due = match args.rate {
+            Some(rate) => {
+                let due = started + Duration::from_secs_f64(n as f64 / rate);
+                if due >= deadline {
                     break;
                 }
-                let n = (t * per_task + i) % keys;
-                let (key, value) = if vary_key {
-                    (format!("{key}-{n}"), "v".to_owned())
-                } else {
-                    (key.clone(), format!("v{n}"))
-                };
-                let req = RateLimitRequest {
-                    domain: domain.clone(),
-                    descriptors: vec![RateLimitDescriptor {
-                        entries: vec![Entry { key, value }],
-                        limit: override_limit.map(|requests_per_unit| RateLimitOverride {
-                            requests_per_unit,
-                            unit: 1, // SECOND
-                        }),
-                        hits_addend: None,
-                    }],
-                    hits_addend: 0,
-                };
-                let s = Instant::now();
-                match client.should_rate_limit(req).await {
-                    Ok(r) if r.get_ref().overall_code == 1 => ok += 1,
-                    Ok(_) => over += 1,
-                    Err(_) => errors += 1,
-                }
-                lat.push(s.elapsed());
+                tokio::time::sleep_until(due.into()).await;
+                due
             }
-            (lat, ok, over, errors)
-        }));
+            None => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                now
+            }
+        };
+        let key = match args.dist {
+            Dist::Cycle => n % args.keys,
+            Dist::Hot => 0,
+            Dist::Uniform => rng.random_range(0..args.keys),
+            // Zipf samples 1..=keys as a float.
+            Dist::Zipf => zipf.as_ref().map_or(0, |z| rng.sample(z) as u64 - 1),
+        };
+        let request = build(&args, key);
+        let answer = client.should_rate_limit(request).await;
+        let waited = due.elapsed();
+        match answer {
+            Ok(r) if r.get_ref().overall_code == 1 => tally.ok += 1,
+            Ok(_) => tally.over += 1,
+            Err(_) => tally.errors += 1,
+        }
+        tally
+            .latency
+            .saturating_record(waited.as_micros().try_into().unwrap_or(u64::MAX));
     }
-    let mut lat = Vec::new();
-    let (mut ok, mut over, mut errors) = (0, 0, 0);
-    for t in tasks {
-        let (l, o, v, e) = t.await.unwrap();
-        lat.extend(l);
-        ok += o;
-        over += v;
-        errors += e;
+    tally
+}
+
+fn build(args: &Args, key: u64) -> RateLimitRequest {
+    let descriptors = (0..args.descriptors)
+        .map(|d| {
+            let suffix = if args.descriptors > 1 {
+                format!("-{d}")
+            } else {
+                String::new()
+            };
+            let (key, value) = if args.vary_key {
+                (format!("{}-{key}{suffix}", args.key), "v".to_owned())
+            } else {
+                (args.key.clone(), format!("v{key}{suffix}"))
+            };
+            RateLimitDescriptor {
+                entries: vec![Entry { key, value }],
+                limit: args
+                    .override_limit
+                    .map(|requests_per_unit| RateLimitOverride {
+                        requests_per_unit,
+                        unit: 1, // SECOND
+                    }),
+                hits_addend: None,
+            }
+        })
+        .collect();
+    RateLimitRequest {
+        domain: args.domain.clone(),
+        descriptors,
+        hits_addend: 0,
     }
-    let elapsed = started.elapsed();
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    println!(
-        "requests={} ok={ok} over_limit={over} errors={errors} seconds={:.2} rps={:.0} p50_us={} p90_us={} p99_us={} max_us={}",
-        lat.len(),
-        elapsed.as_secs_f64(),
-        lat.len() as f64 / elapsed.as_secs_f64(),
-        pct(0.50).as_micros(),
-        pct(0.90).as_micros(),
-        pct(0.99).as_micros(),
-        lat.last().unwrap().as_micros(),
-    );
+}
+
+fn report(args: &Args, all: &Tally, elapsed: Duration, connections: usize, in_flight: usize) {
+    let h = &all.latency;
+    let calls = h.len();
+    let secs = elapsed.as_secs_f64();
+    let rps = calls as f64 / secs;
+    let q = |p: f64| h.value_at_quantile(p);
+    if args.json {
+        let out = serde_json::json!({
+            "requests": calls,
+            "ok": all.ok,
+            "over_limit": all.over,
+            "errors": all.errors,
+            "seconds": secs,
+            "rps": rps,
+            "target_rate": args.rate,
+            "connections": connections,
+            "in_flight": in_flight,
+            "descriptors": args.descriptors,
+            "dist": args.dist.name(),
+            "keys": args.keys,
+            "latency_us": {
+                "mean": h.mean(),
+                "p50": q(0.50),
+                "p90": q(0.90),
+                "p99": q(0.99),
+                "p999": q(0.999),
+                "max": h.max(),
+            },
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "requests={calls} ok={} over_limit={} errors={} seconds={secs:.2} rps={rps:.0} mean_us={:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
+            all.ok,
+            all.over,
+            all.errors,
+            h.mean(),
+            q(0.50),
+            q(0.90),
+            q(0.99),
+            q(0.999),
+            h.max(),
+        );
+    }
 }

@@ -1,0 +1,70 @@
+//! The throughput ceiling for docs/benchmarks.md: an RLS v3 server with the same tonic, the
+//! same protos and the same runtime as ratelimitd that decodes each request and answers `OK`
+//! with one `OK` status per descriptor, doing nothing else. What a load generator gets from it
+//! on a machine is the most any RLS server built this way can get there; ratelimitd's figures
+//! are reported as fractions of it (bench/compare.sh).
+//!
+//! cargo run --release --example noop -- --addr 127.0.0.1:0
+//!
+//! Prints `noop listening grpc=ADDR` once bound, then serves until killed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clap::Parser;
+use ratelimitd::proto::envoy::service::ratelimit::v3::{
+    rate_limit_response::{Code, DescriptorStatus},
+    rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
+    RateLimitRequest, RateLimitResponse,
+};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Parser)]
+struct Args {
+    /// Where to listen (loopback only; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: String,
+}
+
+struct Noop;
+
+#[tonic::async_trait]
+impl RateLimitService for Noop {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let statuses = request
+            .get_ref()
+            .descriptors
+            .iter()
+            .map(|_| DescriptorStatus {
+                code: Code::Ok as i32,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            statuses,
+            ..Default::default()
+        }))
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    assert!(
+        args.addr.starts_with("127.") || args.addr.starts_with("[::1]"),
+        "the no-op server only listens on loopback"
+    );
+    // The runtime ratelimitd's main builds.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.addr).await.unwrap();
+        println!("noop listening grpc={}", listener.local_addr().unwrap());
+        tonic::transport::Server::builder()
+            .add_service(RateLimitServiceServer::new(Noop))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+}
