@@ -37,7 +37,7 @@ start_redis() {
 cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 # The value of loadgen's `$1=` field in its output line $2.
-field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$2"; }
+field() { sed -E "s/(^|.* )$1=([0-9.]+).*/\2/" <<<"$2"; }
 
 # ratelimitd on $WORK/bench.yaml, every listener on a free loopback port, with the env
 # assignments given after its name $1; waits until it listens (or fails loudly) and sets

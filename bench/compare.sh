@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Side by side in one session (issue 14's measuring kit): the no-op ceiling server
+# (examples/noop.rs), ratelimitd in memory and on Redis, and redis-benchmark replaying the
+# exact script call ratelimitd sends (the Redis ceiling). Release builds, loopback only; every
+# process is started here on free ports and stopped by PID at exit.
+#
+# Each run measures, rotating the servers' order from run to run so drift in the machine's
+# load falls on all alike:
+#   throughput   closed loop, CONNS connections x STREAMS streams, REQUESTS calls, one hot key
+#   single       one call at a time (1 x 1), SINGLE calls: mean, max, calls at or over 10 ms
+#   fixed_rate   open loop at RATE calls/s for RATE_REQUESTS calls: server CPU per call
+#   half_rate    Redis backend, open loop at half of this run's Redis throughput: p99
+#   desc5/desc20 Redis backend, 5 and 20 descriptors per call: rps, p50/p99, EVALSHA per call
+# Server CPU is utime+stime from /proc/PID/stat around each measurement; Redis's from its own
+# /proc entry; script calls from INFO commandstats (reset before each measurement).
+# Medians and ranges over runs are printed, with every ratio taken inside one run.
+#
+# Usage: [CONNS=4] [STREAMS=16] [SINGLE=40000] [RATE=10000] [RATE_REQUESTS=50000] \
+#        [OUT=raw.tsv] bench/compare.sh [RUNS] [REQUESTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-5}
+REQUESTS=${2:-100000}
+CONNS=${CONNS:-4}
+STREAMS=${STREAMS:-16}
+SINGLE=${SINGLE:-40000}
+RATE=${RATE:-10000}
+RATE_REQUESTS=${RATE_REQUESTS:-50000}
+source bench/lib.sh
+cargo build --release --quiet --example noop
+NOOP=target/release/examples/noop
+TCK=$(getconf CLK_TCK)
+
+cat >"$WORK/bench.yaml" <<'YAML'
+domain: bench
+descriptors:
+  - key: k
+    rate_limit: {unit: second, requests_per_unit: 4000000000}
+YAML
+
+start_redis
+start_rl memory
+start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT"
+"$NOOP" --addr 127.0.0.1:0 >"$WORK/noop.out" &
+SPID[noop]=$!
+PIDS+=("${SPID[noop]}")
+for _ in $(seq 200); do grep -qs listening "$WORK/noop.out" && break; sleep 0.05; done
+ADDR[noop]=$(sed -E 's/.*grpc=//' "$WORK/noop.out")
+
+RAW=${OUT:-$WORK/raw.tsv}
+printf 'run\tscenario\tserver\trequests\trps\tmean_us\tp50_us\tp99_us\tp999_us\tmax_us\tslow\terrors\tserver_cpu_us\tredis_cpu_us\tevalsha_per_call\tloadavg1\n' >"$RAW"
+
+evalsha_calls() {
+  redis-cli -p "$RPORT" info commandstats | tr -d '\r' |
+    awk -F'[:=,]' '/^cmdstat_evalsha:/ {print $3; f=1} END {if (!f) print 0}'
+}
+
+# measure RUN SCENARIO SERVER LOADGEN-ARGS...: one loadgen run against SERVER, one raw row.
+measure() {
+  local run=$1 scenario=$2 server=$3; shift 3
+  local pid=${SPID[$server]} c0 r0 c1 r1 e1 out n
+  redis-cli -p "$RPORT" config resetstat >/dev/null
+  c0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
+  out=$("$LOAD" --target "${ADDR[$server]}" --domain bench --key k "$@")
+  c1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
+  n=$(field requests "$out")
+  [ "$(field errors "$out")" = 0 ] || { echo "errors in $scenario/$server: $out" >&2; exit 1; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$run" "$scenario" "$server" "$n" "$(field rps "$out")" "$(field mean_us "$out")" \
+    "$(field p50_us "$out")" "$(field p99_us "$out")" "$(field p999_us "$out")" \
+    "$(field max_us "$out")" "$(field slow "$out")" "$(field errors "$out")" \
+    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v e="$e1" -v n="$n" 'BEGIN {printf "%.3f", e/n}')" \
+    "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
+  LAST_RPS=$(field rps "$out")
+}
+
+# Warm-up: connections, the script cache, the allocator.
+for s in noop memory redis; do
+  "$LOAD" --target "${ADDR[$s]}" --domain bench --key k --requests 20000 >/dev/null
+done
+
+SERVERS=(noop memory redis)
+for run in $(seq "$RUNS"); do
+  # Rotate the order: run 1 noop, memory, redis; run 2 memory, redis, noop; ...
+  order=()
+  for i in 0 1 2; do order+=("${SERVERS[$(((i + run - 1) % 3))]}"); done
+  for s in "${order[@]}"; do
+    measure "$run" throughput "$s" --connections "$CONNS" --streams "$STREAMS" --requests "$REQUESTS"
+    [ "$s" = redis ] && redis_rps=$LAST_RPS
+  done
+  for s in "${order[@]}"; do
+    measure "$run" single "$s" --connections 1 --streams 1 --requests "$SINGLE"
+  done
+  for s in "${order[@]}"; do
+    measure "$run" fixed_rate "$s" --connections "$CONNS" --streams "$STREAMS" \
+      --rate "$RATE" --requests "$RATE_REQUESTS"
+  done
+  half=$(awk -v r="$redis_rps" 'BEGIN {printf "%.0f", r/2}')
+  measure "$run" half_rate redis --connections "$CONNS" --streams "$STREAMS" \
+    --rate "$half" --requests $((half * 5))
+  for d in 5 20; do
+    measure "$run" "desc$d" redis --connections "$CONNS" --streams "$STREAMS" \
+      --requests $((REQUESTS / 4)) --descriptors "$d" --keys 1000 --dist uniform
+  done
+  echo "run $run done" >&2
+done
+
+# The Redis ceiling: the exact EVALSHA ratelimitd sends for one call, captured with MONITOR
+# and replayed by redis-benchmark with as many clients as ratelimitd had calls in flight.
+redis-cli -p "$RPORT" monitor >"$WORK/monitor.txt" &
+MON=$!
+PIDS+=("$MON")
+sleep 0.3
+"$LOAD" --target "${ADDR[redis]}" --domain bench --key k --requests 1 --connections 1 --streams 1 >/dev/null
+sleep 0.3
+kill "$MON"
+mapfile -t CALL < <(python3 - "$WORK/monitor.txt" <<'PY'
+import shlex, sys
+for line in open(sys.argv[1]):
+    if '"EVALSHA"' in line or '"evalsha"' in line:
+        for arg in shlex.split(line.split("]", 1)[1]):
+            print(arg)
+        break
+PY
+)
+[ "${#CALL[@]}" -gt 2 ] || { echo "no EVALSHA captured" >&2; exit 1; }
+bench_redis() { # label, command...
+  local label=$1; shift
+  redis-benchmark -p "$RPORT" -c $((CONNS * STREAMS)) -n "$REQUESTS" --csv "$@" |
+    tail -1 | awk -F'","' -v l="$label" '{print l "\t" $2}'
+}
+CEIL=$WORK/ceiling.tsv
+for run in $(seq "$RUNS"); do
+  bench_redis evalsha "${CALL[@]}" >>"$CEIL"
+  bench_redis incrby INCRBY bench_ceiling_key 1 >>"$CEIL"
+done
+
+python3 - "$RAW" "$CEIL" "$RUNS" "$REQUESTS" "$CONNS" "$STREAMS" "$SINGLE" "$RATE" <<'PY'
+import csv, statistics, sys
+raw, ceil, runs, requests, conns, streams, single, rate = sys.argv[1:]
+rows = list(csv.DictReader(open(raw), delimiter="\t"))
+med = statistics.median
+def get(sc, sv, k, run=None):
+    return [float(r[k]) for r in rows if r["scenario"] == sc and r["server"] == sv and (run is None or r["run"] == run)]
+def one(sc, sv, k, run):
+    v = get(sc, sv, k, run)
+    return v[0] if v else None
+def cell(v, fmt):
+    return f"{fmt(med(v))} ({fmt(min(v))}–{fmt(max(v))})" if v else "–"
+def ratio(sc_a, sv_a, sc_b, sv_b, k):
+    out = []
+    for run in sorted({r["run"] for r in rows}):
+        a, b = one(sc_a, sv_a, k, run), one(sc_b, sv_b, k, run)
+        if a is not None and b:
+            out.append(a / b)
+    return out
+i0 = lambda x: f"{x:,.0f}"; f1 = lambda x: f"{x:.1f}"; f2 = lambda x: f"{x:.2f}"; f3 = lambda x: f"{x:.3f}"
+la = [float(r["loadavg1"]) for r in rows]
+print(f"{runs} runs; median (range); ratios within each run. Load average during the runs: {min(la):.1f}–{max(la):.1f}")
+print()
+print(f"Throughput: closed loop, {conns} connections x {streams} streams, {requests} calls, one hot key")
+print()
+print("| server | rps | ÷ no-op | p50 µs | p99 µs | p99.9 µs | server CPU µs/call | Redis CPU µs/call | EVALSHA/call |")
+print("|---|---|---|---|---|---|---|---|---|")
+for s in ("noop", "memory", "redis"):
+    print(f"| {s} | {cell(get('throughput', s, 'rps'), i0)} | {cell(ratio('throughput', s, 'throughput', 'noop', 'rps'), f2)} "
+          f"| {cell(get('throughput', s, 'p50_us'), i0)} | {cell(get('throughput', s, 'p99_us'), i0)} | {cell(get('throughput', s, 'p999_us'), i0)} "
+          f"| {cell(get('throughput', s, 'server_cpu_us'), f1)} | {cell(get('throughput', s, 'redis_cpu_us'), f1) if s == 'redis' else '–'} "
+          f"| {cell(get('throughput', s, 'evalsha_per_call'), f3) if s == 'redis' else '–'} |")
+print()
+print(f"One call at a time: {single} calls per server and run")
+print()
+print("| server | mean µs | p50 µs | p99 µs | p99.9 µs | max µs | calls ≥ 10 ms |")
+print("|---|---|---|---|---|---|---|")
+for s in ("noop", "memory", "redis"):
+    print(f"| {s} | {cell(get('single', s, 'mean_us'), i0)} | {cell(get('single', s, 'p50_us'), i0)} | {cell(get('single', s, 'p99_us'), i0)} "
+          f"| {cell(get('single', s, 'p999_us'), i0)} | {cell(get('single', s, 'max_us'), i0)} | {cell(get('single', s, 'slow'), i0)} |")
+print()
+print(f"Server CPU per call at a fixed {rate} calls/s (open loop)")
+print()
+print("| server | server CPU µs/call | ÷ no-op | ÷ memory | Redis CPU µs/call | p99 µs |")
+print("|---|---|---|---|---|---|")
+for s in ("noop", "memory", "redis"):
+    print(f"| {s} | {cell(get('fixed_rate', s, 'server_cpu_us'), f1)} | {cell(ratio('fixed_rate', s, 'fixed_rate', 'noop', 'server_cpu_us'), f2)} "
+          f"| {cell(ratio('fixed_rate', s, 'fixed_rate', 'memory', 'server_cpu_us'), f2)} "
+          f"| {cell(get('fixed_rate', s, 'redis_cpu_us'), f1) if s == 'redis' else '–'} | {cell(get('fixed_rate', s, 'p99_us'), i0)} |")
+print()
+print("Redis backend at half its saturating rate (open loop), and with several descriptors (1,000 uniform keys)")
+print()
+print("| scenario | rps | p50 µs | p99 µs | max µs | EVALSHA/call | Redis CPU µs/call |")
+print("|---|---|---|---|---|---|---|")
+for sc in ("half_rate", "desc5", "desc20"):
+    print(f"| {sc} | {cell(get(sc, 'redis', 'rps'), i0)} | {cell(get(sc, 'redis', 'p50_us'), i0)} | {cell(get(sc, 'redis', 'p99_us'), i0)} "
+          f"| {cell(get(sc, 'redis', 'max_us'), i0)} | {cell(get(sc, 'redis', 'evalsha_per_call'), f3)} | {cell(get(sc, 'redis', 'redis_cpu_us'), f1)} |")
+print()
+c = {}
+for line in open(ceil):
+    label, rps = line.rstrip("\n").split("\t")
+    c.setdefault(label, []).append(float(rps))
+print(f"Redis ceiling (redis-benchmark, {int(conns) * int(streams)} clients, no pipelining): "
+      f"our EVALSHA {cell(c.get('evalsha', []), i0)} rps, INCRBY {cell(c.get('incrby', []), i0)} rps; "
+      f"ratelimitd on Redis reaches {f2(med(get('throughput', 'redis', 'rps')) / med(c['evalsha']))} of the EVALSHA ceiling (medians)")
+PY
