@@ -303,7 +303,7 @@ async fn each_tier_limits_each_user_and_anonymous_clients_are_limited_per_ip() {
         assert_eq!((status, body.as_str()), (200, "hello from the upstream\n"));
         assert_eq!(header(&headers, "x-ratelimit-remaining"), Some(left));
         assert!(
-            header(&headers, "x-ratelimit-limit").is_some_and(|v| v.starts_with("2, 2;w=60")),
+            header(&headers, "x-ratelimit-limit") == Some(r#"2, 2;w=60;name="anonymous""#),
             "{headers:?}"
         );
     }
@@ -327,7 +327,7 @@ async fn each_tier_limits_each_user_and_anonymous_clients_are_limited_per_ip() {
         assert_eq!(status, 200, "{headers:?}");
         assert_eq!(header(&headers, "x-ratelimit-remaining"), Some(left));
         assert!(
-            header(&headers, "x-ratelimit-limit").is_some_and(|v| v.starts_with("5, 5;w=60")),
+            header(&headers, "x-ratelimit-limit") == Some(r#"5, 5;w=60;name="standard""#),
             "{headers:?}"
         );
     }
@@ -351,18 +351,22 @@ async fn each_tier_limits_each_user_and_anonymous_clients_are_limited_per_ip() {
     let (status, headers, _) = as_user(&carol);
     assert_eq!(status, 429, "{headers:?}");
     assert!(
-        header(&headers, "x-ratelimit-limit").is_some_and(|v| v.starts_with("20, 20;w=60")),
+        header(&headers, "x-ratelimit-limit") == Some(r#"20, 20;w=60;name="premium""#),
         "{headers:?}"
     );
 
     // A verified token without a tier claim is standard; an unknown tier gets the catch-all
     // rule's limit (also 5), counted under its own tier value.
-    for token in [&dave, &erin] {
+    for (token, rule) in [(&dave, "standard"), (&erin, "unknown-tier")] {
         for _ in 0..5 {
             assert_eq!(as_user(token).0, 200);
         }
         let (status, headers, _) = as_user(token);
         assert_eq!(status, 429, "{headers:?}");
+        assert_eq!(
+            header(&headers, "x-ratelimit-limit"),
+            Some(format!(r#"5, 5;w=60;name="{rule}""#).as_str())
+        );
     }
 
     // Exactly these counters, each holding every request it saw (a fixed window counts the
