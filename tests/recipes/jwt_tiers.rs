@@ -369,6 +369,27 @@ async fn each_tier_limits_each_user_and_anonymous_clients_are_limited_per_ip() {
         );
     }
 
+    // A verified token whose user_id is not a string (here a number) has no user to count:
+    // it is counted as anonymous, per IP (from 127.0.0.3, a budget of its own).
+    let numeric = idp.sign(&json!({
+        "iss": ISSUER, "aud": AUDIENCE, "exp": unix_now() + 3600,
+        "user_id": 42, "tier": "premium",
+    }));
+    let auth = bearer(&numeric);
+    let (status, headers, _) = http_request_from(
+        Ipv4Addr::new(127, 0, 0, 3),
+        ingress,
+        "GET",
+        "/",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, 200, "{headers:?}");
+    assert_eq!(
+        header(&headers, "x-ratelimit-limit"),
+        Some(r#"2, 2;w=60;name="anonymous""#)
+    );
+
     // Exactly these counters, each holding every request it saw (a fixed window counts the
     // refused ones too, as the reference does).
     assert_eq!(unix_now() / 60 * 60, window, "the test ran in one window");
@@ -381,6 +402,7 @@ async fn each_tier_limits_each_user_and_anonymous_clients_are_limited_per_ip() {
         (key("tier_standard_user_id_dave"), 6),
         (key("user_id_anonymous_remote_address_127.0.0.1"), 3),
         (key("user_id_anonymous_remote_address_127.0.0.2"), 1),
+        (key("user_id_anonymous_remote_address_127.0.0.3"), 1),
     ];
     assert_eq!(
         redis_keys(&recipe.redis),
