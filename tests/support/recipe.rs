@@ -148,7 +148,8 @@ pub fn ratelimitd(name: &str, redis: &RedisServer, extra: &[(&str, &str)]) -> Ra
 }
 
 /// [`super::http_request`] from the loopback address `source` (e.g. 127.0.0.2, another
-/// client as Envoy's `remote_address` sees it): (status, lower-cased headers, body).
+/// client as Envoy's `remote_address` sees it; Linux answers on all of 127.0.0.0/8):
+/// (status, lower-cased headers, body).
 pub async fn http_request_from(
     source: std::net::Ipv4Addr,
     addr: &str,
