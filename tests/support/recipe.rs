@@ -49,9 +49,21 @@ pub const PATIENT: Duration = Duration::from_secs(5);
 /// The recipe's Envoy config pointed at ratelimitd's gRPC address `rls` (`127.0.0.1:port`),
 /// with its ports moved to free ones: (config, ingress port, admin port).
 pub fn envoy_config(name: &str, rls: &str, timeout: Duration) -> (String, u16, u16) {
+    envoy_config_edited(name, rls, timeout, |shipped| shipped.to_owned())
+}
+
+/// [`envoy_config`], with the shipped text passed through `edit` first (e.g. a key made in the
+/// test in place of the recipe's demo key). The port conventions are checked after the edit.
+pub fn envoy_config_edited(
+    name: &str,
+    rls: &str,
+    timeout: Duration,
+    edit: impl FnOnce(&str) -> String,
+) -> (String, u16, u16) {
     let path = dir(name).join("envoy.yaml");
     let shipped =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let shipped = edit(&shipped);
     for needle in [
         "port_value: 10000",
         "port_value: 8081",
@@ -90,9 +102,19 @@ pub struct Recipe {
 impl Recipe {
     /// Starts the recipe `name` with its shipped settings, then `extra` (which win).
     pub fn start(name: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_with_envoy_edit(name, extra, str::to_owned)
+    }
+
+    /// [`Recipe::start`], with the shipped envoy.yaml passed through `edit` before Envoy runs
+    /// it (only for what a test cannot take as shipped, such as a key pair made in the test).
+    pub fn start_with_envoy_edit(
+        name: &str,
+        extra: &[(&str, &str)],
+        edit: impl FnOnce(&str) -> String,
+    ) -> Self {
         let redis = RedisServer::start();
         let rl = ratelimitd(name, &redis, extra);
-        let (config, ingress, admin) = envoy_config(name, &rl.grpc, PATIENT);
+        let (config, ingress, admin) = envoy_config_edited(name, &rl.grpc, PATIENT, edit);
         let envoy = Envoy::start_config(&config, ingress, admin);
         Recipe {
             envoy,
@@ -123,4 +145,44 @@ pub fn ratelimitd(name: &str, redis: &RedisServer, extra: &[(&str, &str)]) -> Ra
         b = b.env(k, v);
     }
     b.start()
+}
+
+/// [`super::http_request`] from the loopback address `source` (e.g. 127.0.0.2, another
+/// client as Envoy's `remote_address` sees it; Linux answers on all of 127.0.0.0/8):
+/// (status, lower-cased headers, body).
+pub async fn http_request_from(
+    source: std::net::Ipv4Addr,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut s = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
 }
