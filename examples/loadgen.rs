@@ -16,6 +16,7 @@
 //! - Keys: `--dist cycle` (the default: `--keys` values in turn; `--keys 1` is one hot key),
 //!   `hot`, `uniform` over `--keys` values, or `zipf` over them with exponent `--zipf-s`.
 //! - `--descriptors D`: D descriptors per call, `KEY=v<n>-<d>` for d in 0..D (one counter each).
+//! - `slow` counts calls that took `--slow-ms` (default 10) or longer.
 //! - Output: one line (`requests= ok= over_limit= errors= seconds= rps= p50_us= ...`), or a
 //!   JSON object with `--json`.
 //!
@@ -96,6 +97,9 @@ struct Args {
     /// Send this limit (per second) as an override in every descriptor.
     #[arg(long)]
     override_limit: Option<u32>,
+    /// Calls at or above this latency (ms) are counted as `slow`.
+    #[arg(long, default_value_t = 10)]
+    slow_ms: u64,
     /// Print one JSON object instead of the key=value line.
     #[arg(long)]
     json: bool,
@@ -293,6 +297,9 @@ fn report(args: &Args, all: &Tally, elapsed: Duration, connections: usize, in_fl
     let secs = elapsed.as_secs_f64();
     let rps = calls as f64 / secs;
     let q = |p: f64| h.value_at_quantile(p);
+    // Recorded values are rounded within 3 significant digits: a call just under the bound
+    // may count, never one at or above it that is missed.
+    let slow = h.count_between(h.lowest_equivalent(args.slow_ms * 1000), u64::MAX);
     if args.json {
         let out = serde_json::json!({
             "requests": calls,
@@ -307,6 +314,8 @@ fn report(args: &Args, all: &Tally, elapsed: Duration, connections: usize, in_fl
             "descriptors": args.descriptors,
             "dist": args.dist.name(),
             "keys": args.keys,
+            "slow_ms": args.slow_ms,
+            "slow": slow,
             "latency_us": {
                 "mean": h.mean(),
                 "p50": q(0.50),
@@ -319,7 +328,7 @@ fn report(args: &Args, all: &Tally, elapsed: Duration, connections: usize, in_fl
         println!("{out}");
     } else {
         println!(
-            "requests={calls} ok={} over_limit={} errors={} seconds={secs:.2} rps={rps:.0} mean_us={:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={}",
+            "requests={calls} ok={} over_limit={} errors={} seconds={secs:.2} rps={rps:.0} mean_us={:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} slow={slow}",
             all.ok,
             all.over,
             all.errors,
