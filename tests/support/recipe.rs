@@ -1,6 +1,8 @@
 //! Starts one recipe of `examples/<name>/` exactly as shipped: its `envoy.yaml` (ports moved
 //! to free ones), its `rules/` directory and the settings in its `ratelimitd.env`, with a
-//! real redis-server behind ratelimitd. A recipe's files are the test's input, never copies.
+//! real redis-server behind ratelimitd. A recipe's files are the test's input, never copies
+//! (but for a test that edits the rules to see a hot reload: it gets a fresh copy of them, see
+//! [`Recipe::start_with_copied_rules`]).
 //!
 //! Conventions every `examples/*/envoy.yaml` follows, so a user can run it as written next to
 //! `ratelimitd serve --config examples/<name>/rules`:
