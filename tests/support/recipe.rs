@@ -1,6 +1,8 @@
 //! Starts one recipe of `examples/<name>/` exactly as shipped: its `envoy.yaml` (ports moved
 //! to free ones), its `rules/` directory and the settings in its `ratelimitd.env`, with a
-//! real redis-server behind ratelimitd. A recipe's files are the test's input, never copies.
+//! real redis-server behind ratelimitd. A recipe's files are the test's input, never copies
+//! (but for a test that edits the rules to see a hot reload: it gets a fresh copy of them, see
+//! [`Recipe::start_with_copied_rules`]).
 //!
 //! Conventions every `examples/*/envoy.yaml` follows, so a user can run it as written next to
 //! `ratelimitd serve --config examples/<name>/rules`:
@@ -14,6 +16,8 @@ use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
+
+use tempfile::TempDir;
 
 use super::{free_ports, Envoy, Ratelimitd, RedisServer};
 
@@ -97,12 +101,17 @@ pub struct Recipe {
     pub rl: Ratelimitd,
     pub redis: RedisServer,
     pub name: String,
+    /// The rules directory ratelimitd serves: `examples/<name>/rules`, or the copy of it made
+    /// by [`Recipe::start_with_copied_rules`].
+    pub rules: PathBuf,
+    /// Holds that copy, when there is one.
+    _copy: Option<TempDir>,
 }
 
 impl Recipe {
     /// Starts the recipe `name` with its shipped settings, then `extra` (which win).
     pub fn start(name: &str, extra: &[(&str, &str)]) -> Self {
-        Self::start_with_envoy_edit(name, extra, str::to_owned)
+        Self::start_serving(name, dir(name).join("rules"), None, extra, str::to_owned)
     }
 
     /// [`Recipe::start`], with the shipped envoy.yaml passed through `edit` before Envoy runs
@@ -112,8 +121,28 @@ impl Recipe {
         extra: &[(&str, &str)],
         edit: impl FnOnce(&str) -> String,
     ) -> Self {
+        Self::start_serving(name, dir(name).join("rules"), None, extra, edit)
+    }
+
+    /// [`Recipe::start`], with ratelimitd serving a fresh copy of the recipe's rules
+    /// directory ([`Recipe::rules`]), which the test may edit to see a hot reload: write a
+    /// file aside and rename it over the old one, as an operator would.
+    pub fn start_with_copied_rules(name: &str, extra: &[(&str, &str)]) -> Self {
+        let copy = TempDir::new().unwrap();
+        let rules = copy.path().join("rules");
+        copy_dir(&dir(name).join("rules"), &rules);
+        Self::start_serving(name, rules, Some(copy), extra, str::to_owned)
+    }
+
+    fn start_serving(
+        name: &str,
+        rules: PathBuf,
+        copy: Option<TempDir>,
+        extra: &[(&str, &str)],
+        edit: impl FnOnce(&str) -> String,
+    ) -> Self {
         let redis = RedisServer::start();
-        let rl = ratelimitd(name, &redis, extra);
+        let rl = ratelimitd_serving(name, &rules, &redis, extra);
         let (config, ingress, admin) = envoy_config_edited(name, &rl.grpc, PATIENT, edit);
         let envoy = Envoy::start_config(&config, ingress, admin);
         Recipe {
@@ -121,6 +150,8 @@ impl Recipe {
             rl,
             redis,
             name: name.to_owned(),
+            rules,
+            _copy: copy,
         }
     }
 
@@ -131,13 +162,67 @@ impl Recipe {
         self.rl.terminate();
         let mut all = extra.to_vec();
         all.push(("GRPC_PORT", &port));
-        self.rl = ratelimitd(&self.name, &self.redis, &all);
+        self.rl = ratelimitd_serving(&self.name, &self.rules, &self.redis, &all);
+    }
+
+    /// Every key in the recipe's Redis, sorted.
+    pub fn redis_keys(&self) -> Vec<String> {
+        let reply = self.redis.command(&["KEYS", "*"]);
+        let mut keys: Vec<String> = reply
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty() && !l.starts_with('$'))
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// A command's reply as a number: `GET` of a counter (`None` when the key is absent),
+    /// `TTL`, ...
+    pub fn redis_number(&self, args: &[&str]) -> Option<i64> {
+        let reply = self.redis.command(args);
+        if let Some(n) = reply.strip_prefix(':') {
+            return Some(n.trim_end().parse().unwrap());
+        }
+        match reply.split("\r\n").nth(1) {
+            Some(v) if !reply.starts_with("$-1") => Some(
+                v.parse()
+                    .unwrap_or_else(|e| panic!("{args:?}: {reply:?}: {e}")),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Copies the files of `from` into `to` (created), subdirectories too.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
     }
 }
 
 /// ratelimitd serving `examples/<name>/rules` with the recipe's settings, counting in `redis`.
 pub fn ratelimitd(name: &str, redis: &RedisServer, extra: &[(&str, &str)]) -> Ratelimitd {
-    let mut b = Ratelimitd::builder(&dir(name).join("rules")).redis(redis);
+    ratelimitd_serving(name, &dir(name).join("rules"), redis, extra)
+}
+
+/// [`ratelimitd`] serving the rules in `rules` (a copy of the recipe's, say) with the
+/// recipe's settings.
+pub fn ratelimitd_serving(
+    name: &str,
+    rules: &Path,
+    redis: &RedisServer,
+    extra: &[(&str, &str)],
+) -> Ratelimitd {
+    let mut b = Ratelimitd::builder(rules).redis(redis);
     for (k, v) in settings(name) {
         b = b.env(&k, &v);
     }
