@@ -6,7 +6,8 @@
 //! - a trial key's burst of 3 passes, the 4th request is 429 with `Retry-After` equal to the
 //!   exact time until the next token (from the bucket's state in Redis), and a problem+json
 //!   body naming the rule; a refused request does not move the bucket;
-//! - a request without a key is limited per client IP, apart from the keyed requests;
+//! - a request without a key is limited per client IP, apart from the keyed requests (an
+//!   empty key is a key: the shared key `""`);
 //! - with ratelimitd stopped every request passes (fail-open), each counted once in Envoy's
 //!   `failure_mode_allowed`, and once it is back the same bucket refuses again.
 
@@ -249,6 +250,21 @@ fn requests_without_a_key_are_limited_per_client_ip() {
     assert_eq!(
         redis_keys(&recipe),
         [
+            "api_keys_api_key_key-carol_bucket_1minute_100",
+            "api_keys_no_api_key_true_remote_address_127.0.0.1_bucket_1hour_60",
+        ]
+    );
+
+    // An empty x-api-key header is present: it is the key "" (one bucket shared by everyone
+    // sending it, the README's caveat), not the per-IP limit.
+    let (status, headers, _) =
+        http_request(&recipe.envoy.ingress, "GET", "/", &[("x-api-key", "")]);
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-ratelimit-remaining"), Some("149"));
+    assert_eq!(
+        redis_keys(&recipe),
+        [
+            "api_keys_api_key__bucket_1minute_100",
             "api_keys_api_key_key-carol_bucket_1minute_100",
             "api_keys_no_api_key_true_remote_address_127.0.0.1_bucket_1hour_60",
         ]
