@@ -155,11 +155,14 @@ impl Recipe {
         }
     }
 
-    /// Stops ratelimitd and starts it again (same rules, settings and Redis) on the same gRPC
-    /// port, so the running Envoy reaches it again.
+    /// Stops ratelimitd (unless a test already stopped it, e.g. with `rl.terminate()` to show
+    /// Envoy failing open) and starts it again (same rules, settings and Redis) on the same
+    /// gRPC port, so the running Envoy reaches it again.
     pub fn restart_ratelimitd(&mut self, extra: &[(&str, &str)]) {
         let port = self.rl.grpc.rsplit_once(':').unwrap().1.to_owned();
-        self.rl.terminate();
+        if self.rl.running() {
+            self.rl.terminate();
+        }
         let mut all = extra.to_vec();
         all.push(("GRPC_PORT", &port));
         self.rl = ratelimitd_serving(&self.name, &self.rules, &self.redis, &all);
