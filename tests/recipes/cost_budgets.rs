@@ -33,12 +33,12 @@ fn secs_to_day_end() -> u64 {
     86400 - unix_now() % 86400
 }
 
-/// The `retry-after` header's seconds.
-fn retry_after(headers: &[(String, String)]) -> u64 {
-    let value = header(headers, "retry-after");
+/// The seconds in header `name` (`retry-after`, `ratelimit-reset`).
+fn secs(headers: &[(String, String)], name: &str) -> u64 {
+    let value = header(headers, name);
     value
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("retry-after {value:?}: {headers:?}"))
+        .unwrap_or_else(|| panic!("{name} {value:?}: {headers:?}"))
 }
 
 /// The value of a Redis bulk-string reply (`$2\r\n10\r\n` is `10`), `None` for a missing key.
@@ -95,7 +95,9 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
 
     // $2 + $2: passes, the user's budget is the one with the least left.
     for left in ["3000000", "1000000"] {
+        let before = secs_to_day_end();
         let (status, headers, body) = spend("alice", "2000000");
+        let after = secs_to_day_end();
         assert_eq!(
             (status, body.as_str()),
             (200, "hello from the upstream\n"),
@@ -103,6 +105,12 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
         );
         assert_eq!(header(&headers, "ratelimit-limit"), Some(USER_LIMIT));
         assert_eq!(header(&headers, "ratelimit-remaining"), Some(left));
+        // Reset: when the budget renews, at the end of the UTC day.
+        let reset = secs(&headers, "ratelimit-reset");
+        assert!(
+            reset == before || reset == after,
+            "RateLimit-Reset {reset} not in {before}..{after}"
+        );
     }
 
     // $1.50 does not fit the $1 left: refused until the day ends, and charged nowhere.
@@ -111,7 +119,7 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
     let after = secs_to_day_end();
     assert_eq!(status, 429, "{headers:?}");
     assert_eq!(header(&headers, "x-envoy-ratelimited"), Some("true"));
-    let wait = retry_after(&headers);
+    let wait = secs(&headers, "retry-after");
     assert!(
         wait == before || wait == after,
         "Retry-After {wait} not in {before}..{after}"

@@ -31,12 +31,12 @@ fn secs_to_window_end(secs: u64) -> u64 {
     secs - unix_now() % secs
 }
 
-/// The `retry-after` header's seconds.
-fn retry_after(headers: &[(String, String)]) -> u64 {
-    let value = header(headers, "retry-after");
+/// The seconds in header `name` (`retry-after`, `ratelimit-reset`).
+fn secs(headers: &[(String, String)], name: &str) -> u64 {
+    let value = header(headers, name);
     value
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("retry-after {value:?}: {headers:?}"))
+        .unwrap_or_else(|| panic!("{name} {value:?}: {headers:?}"))
 }
 
 /// The Redis keys of `user`'s minute, hour and day counters at `now` (the layout `ratelimitd
@@ -69,7 +69,9 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
 
     // Ten requests pass; the minute is the window with the fewest left.
     for left in (0..10).rev() {
+        let before = secs_to_window_end(60);
         let (status, headers, body) = get("alice");
+        let after = secs_to_window_end(60);
         assert_eq!(
             (status, body.as_str()),
             (200, "hello from the upstream\n"),
@@ -83,6 +85,12 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
             header(&headers, "ratelimit-remaining"),
             Some(left.to_string().as_str())
         );
+        // Reset: when the reported window, the minute, ends.
+        let reset = secs(&headers, "ratelimit-reset");
+        assert!(
+            reset == before || reset == after,
+            "RateLimit-Reset {reset} not in {before}..{after}"
+        );
     }
 
     // The 11th and 12th: refused until the minute ends.
@@ -92,7 +100,7 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
         let after = secs_to_window_end(60);
         assert_eq!(status, 429, "{headers:?}");
         assert_eq!(header(&headers, "x-envoy-ratelimited"), Some("true"));
-        let wait = retry_after(&headers);
+        let wait = secs(&headers, "retry-after");
         assert!(
             wait == before || wait == after,
             "Retry-After {wait} not in {before}..{after}"
@@ -128,20 +136,28 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
         r.redis.command(&["SET", &hour, "99", "EX", "3600"]),
         "+OK\r\n"
     );
+    let before = secs_to_window_end(3600);
     let (status, headers, _) = get("carol");
+    let after = secs_to_window_end(3600);
     assert_eq!(status, 200, "the hour's 100th: {headers:?}");
-    // Reported: the hour, now with the fewest left (the minute has 9).
+    // Reported: the hour, now with the fewest left (the minute has 9), resetting when the
+    // hour ends.
     assert_eq!(
         header(&headers, "ratelimit-limit"),
         Some(format!("100, {WINDOWS}").as_str())
     );
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
+    let reset = secs(&headers, "ratelimit-reset");
+    assert!(
+        reset == before || reset == after,
+        "RateLimit-Reset {reset} not in {before}..{after}"
+    );
     for _ in 0..2 {
         let before = secs_to_window_end(3600);
         let (status, headers, _) = get("carol");
         let after = secs_to_window_end(3600);
         assert_eq!(status, 429, "over the hour, within the minute: {headers:?}");
-        let wait = retry_after(&headers);
+        let wait = secs(&headers, "retry-after");
         assert!(
             wait == before || wait == after,
             "Retry-After {wait} not in {before}..{after} (the hour's end)"
