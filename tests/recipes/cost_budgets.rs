@@ -3,7 +3,7 @@
 //! response says what is left. Proved through the real Envoy, ratelimitd and Redis with the
 //! recipe's own files:
 //! - a request without a user or a well-formed cost is refused by Envoy (400) and charged
-//!   nowhere;
+//!   nowhere; a cost of 0 is charged as 1;
 //! - costs summing to exactly $5 pass, with `RateLimit-Remaining` the user's budget left in
 //!   micro-dollars;
 //! - a cost that does not fit is 429 (until the day ends) and charges nothing, in Redis, to
@@ -137,6 +137,14 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
     assert_eq!(status, 429, "{headers:?}");
     assert_eq!(spent(&alice).as_deref(), Some("5000000"));
     assert_eq!(spent(&global).as_deref(), Some("5000000"));
+
+    // A cost of 0 is charged as 1 (a request's hits_addend of 0 means 1).
+    let dave = format!("{NAME}_user_dave_{day}");
+    let (status, headers, _) = spend("dave", "0");
+    assert_eq!(status, 200, "{headers:?}");
+    assert_eq!(header(&headers, "ratelimit-remaining"), Some("4999999"));
+    assert_eq!(spent(&dave).as_deref(), Some("1"));
+    assert_eq!(spent(&global).as_deref(), Some("5000001"));
 
     // Everyone else has spent $99 today (set directly in Redis, with a TTL as ratelimitd
     // would give it): bob's $1 fits the global budget exactly, then the global budget, not
