@@ -26,7 +26,9 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// Seconds until the current window of `secs` seconds ends, as a fixed window reports them.
+/// Seconds until the current window of `secs` seconds ends, as a fixed window reports them
+/// (read before and after a request, they bound what ratelimitd reported, however slow the
+/// machine).
 fn secs_to_window_end(secs: u64) -> u64 {
     secs - unix_now() % secs
 }
@@ -88,8 +90,8 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
         // Reset: when the reported window, the minute, ends.
         let reset = secs(&headers, "ratelimit-reset");
         assert!(
-            reset == before || reset == after,
-            "RateLimit-Reset {reset} not in {before}..{after}"
+            (after..=before).contains(&reset),
+            "RateLimit-Reset {reset} not in {after}..={before}"
         );
     }
 
@@ -102,8 +104,8 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
         assert_eq!(header(&headers, "x-envoy-ratelimited"), Some("true"));
         let wait = secs(&headers, "retry-after");
         assert!(
-            wait == before || wait == after,
-            "Retry-After {wait} not in {before}..{after}"
+            (after..=before).contains(&wait),
+            "Retry-After {wait} not in {after}..={before}"
         );
         assert_eq!(
             header(&headers, "ratelimit-limit"),
@@ -149,8 +151,8 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
     let reset = secs(&headers, "ratelimit-reset");
     assert!(
-        reset == before || reset == after,
-        "RateLimit-Reset {reset} not in {before}..{after}"
+        (after..=before).contains(&reset),
+        "RateLimit-Reset {reset} not in {after}..={before}"
     );
     for _ in 0..2 {
         let before = secs_to_window_end(3600);
@@ -159,8 +161,8 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
         assert_eq!(status, 429, "over the hour, within the minute: {headers:?}");
         let wait = secs(&headers, "retry-after");
         assert!(
-            wait == before || wait == after,
-            "Retry-After {wait} not in {before}..{after} (the hour's end)"
+            (after..=before).contains(&wait),
+            "Retry-After {wait} not in {after}..={before} (the hour's end)"
         );
         assert_eq!(
             header(&headers, "ratelimit-limit"),
