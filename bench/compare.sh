@@ -31,12 +31,7 @@ cargo build --release --quiet --example noop
 NOOP=target/release/examples/noop
 TCK=$(getconf CLK_TCK)
 
-cat >"$WORK/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: k
-    rate_limit: {unit: second, requests_per_unit: 4000000000}
-YAML
+write_unreachable_rule
 
 start_redis
 start_rl memory

@@ -61,3 +61,14 @@ start_rl() {
   ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
   SPID[$name]=$pid
 }
+
+# $WORK/bench.yaml: domain `bench`, one rule `k` at 4,000,000,000 per second, a limit no
+# answer reaches, so every call does the full work (match, count, answer).
+write_unreachable_rule() {
+  cat >"$WORK/bench.yaml" <<'YAML'
+domain: bench
+descriptors:
+  - key: k
+    rate_limit: {unit: second, requests_per_unit: 4000000000}
+YAML
+}

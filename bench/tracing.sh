@@ -14,12 +14,7 @@ RUNS=${1:-5}
 REQUESTS=${2:-100000}
 source bench/lib.sh
 
-cat > "$WORK/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: k
-    rate_limit: {unit: second, requests_per_unit: 4000000000}
-YAML
+write_unreachable_rule
 
 start_redis
 

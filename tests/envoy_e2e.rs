@@ -5,17 +5,11 @@ mod support;
 
 use std::time::Duration;
 
+use support::http_header as header;
 use support::*;
 
 fn config() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 #[test]
@@ -30,18 +24,7 @@ fn every_shipped_envoy_config_validates() {
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
-        let out = std::process::Command::new(envoy_binary())
-            .args(["--mode", "validate", "-c"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && text.contains("OK"),
-            "{}: {text}",
-            path.display()
-        );
+        envoy_validate(&path);
         checked += 1;
     }
     assert!(checked >= 2);

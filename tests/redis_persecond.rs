@@ -40,15 +40,7 @@ fn start(extra: &[(&str, &str)]) -> (tempfile::TempDir, RedisServer, RedisServer
 
 /// Every key in `redis`, sorted.
 fn keys(redis: &RedisServer) -> Vec<String> {
-    let reply = redis.command(&["KEYS", "*"]);
-    let mut keys: Vec<String> = reply
-        .split("\r\n")
-        .skip(1)
-        .filter(|l| !l.is_empty() && !l.starts_with('$'))
-        .map(str::to_owned)
-        .collect();
-    keys.sort();
-    keys
+    redis.keys()
 }
 
 /// A key's count (`None` when absent).

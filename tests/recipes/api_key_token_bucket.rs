@@ -11,6 +11,7 @@
 //! - with ratelimitd stopped every request passes (fail-open), each counted once in Envoy's
 //!   `failure_mode_allowed`, and once it is back the same bucket refuses again.
 
+use crate::support::http_header as header;
 use crate::support::{http_request, recipe::Recipe};
 
 const RECIPE: &str = "api-key-token-bucket";
@@ -23,13 +24,6 @@ const FAILURE_MODE_ALLOWED: &str = "cluster.upstream.ratelimit.failure_mode_allo
 const TRIAL_KEY: &str = "key-trial-7f3a";
 const TRIAL_BUCKET: &str = "api_keys_api_key_key-trial-7f3a_bucket_1hour_10";
 const TRIAL_INTERVAL_MS: u64 = 360_000;
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -10,17 +10,11 @@
 
 use std::time::Duration;
 
+use crate::support::http_header as header;
 use crate::support::{ensure_window_room, http_request, recipe::Recipe, unix_now};
 
 const RECIPE: &str = "client-ip-behind-proxies";
 const UPSTREAM: &str = "hello from the upstream\n";
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
 
 /// A GET of `path` as the load balancer forwards it, with this X-Forwarded-For.
 fn get(recipe: &Recipe, path: &str, xff: &str) -> (u16, Vec<(String, String)>, String) {

@@ -16,29 +16,15 @@
 use std::time::Duration;
 
 use crate::support::{ensure_window_room, http_request, recipe::Recipe, unix_now};
+use crate::support::{http_header as header, recipe::header_secs as secs};
 
 const NAME: &str = "cost-budgets";
 const USER_LIMIT: &str = "5000000";
 const GLOBAL_LIMIT: &str = "100000000";
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 /// Seconds until the current UTC day ends, as a fixed window reports them.
 fn secs_to_day_end() -> u64 {
     86400 - unix_now() % 86400
-}
-
-/// The seconds in header `name` (`retry-after`, `ratelimit-reset`).
-fn secs(headers: &[(String, String)], name: &str) -> u64 {
-    let value = header(headers, name);
-    value
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} {value:?}: {headers:?}"))
 }
 
 /// The value of a Redis bulk-string reply (`$2\r\n10\r\n` is `10`), `None` for a missing key.

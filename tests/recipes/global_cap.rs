@@ -15,16 +15,10 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::http_header as header;
 use crate::support::{
     ensure_window_room, http_get, http_request, recipe::Recipe, sample, unix_now,
 };
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
 
 /// A GET of `/` as the user `user` (`None`: no x-user-id): (status, headers, body).
 fn get(r: &Recipe, user: Option<&str>) -> (u16, Vec<(String, String)>, String) {

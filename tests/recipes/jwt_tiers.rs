@@ -12,6 +12,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use rcgen::{KeyPair, SigningKey, PKCS_ED25519};
 use serde_json::{json, Value};
 
+use crate::support::http_header as header;
 use crate::support::{
     ensure_window_room, http_request,
     recipe::{http_request_from, Recipe},
@@ -97,13 +98,6 @@ fn start(idp: &Idp) -> Recipe {
         assert_eq!(shipped.matches(placeholder).count(), 1);
         shipped.replace(placeholder, &idp.jwk_x())
     })
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
 }
 
 fn bearer(token: &str) -> String {

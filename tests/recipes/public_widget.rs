@@ -12,14 +12,14 @@
 //! - a spoofed X-Forwarded-For does not move a client to another session;
 //! - every call was answered (no call failed open).
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::Duration,
+use std::{net::Ipv4Addr, time::Duration};
+
+use crate::support::http_header as header;
+use crate::support::{
+    ensure_window_room,
+    recipe::{http_request_from, Recipe},
+    unix_now,
 };
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::support::{ensure_window_room, recipe::Recipe, unix_now};
 
 const ACME: &str = "pk_acme_7f3k";
 
@@ -31,42 +31,7 @@ async fn get_from(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, Vec<(String, String)>, String) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind(SocketAddr::new(IpAddr::V4(from), 0))
-        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
-    let mut stream = socket.connect(ingress.parse().unwrap()).await.unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: widget\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .expect("Envoy answers within 10 s")
-        .unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    http_request_from(from, ingress, "GET", path, headers).await
 }
 
 /// A counter's value (`None`: no such key).

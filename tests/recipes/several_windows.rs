@@ -14,31 +14,17 @@
 use std::time::Duration;
 
 use crate::support::{ensure_window_room, http_request, recipe::Recipe, unix_now};
+use crate::support::{http_header as header, recipe::header_secs as secs};
 
 const NAME: &str = "several-windows";
 /// Every window, as ratelimitd's `RateLimit-Limit` lists them after the reported limit.
 const WINDOWS: &str = "10;w=60, 100;w=3600, 500;w=86400";
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
 
 /// Seconds until the current window of `secs` seconds ends, as a fixed window reports them
 /// (read before and after a request, they bound what ratelimitd reported, however slow the
 /// machine).
 fn secs_to_window_end(secs: u64) -> u64 {
     secs - unix_now() % secs
-}
-
-/// The seconds in header `name` (`retry-after`, `ratelimit-reset`).
-fn secs(headers: &[(String, String)], name: &str) -> u64 {
-    let value = header(headers, name);
-    value
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} {value:?}: {headers:?}"))
 }
 
 /// The Redis keys of `user`'s minute, hour and day counters at `now` (the layout `ratelimitd

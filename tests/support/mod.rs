@@ -235,6 +235,19 @@ impl RedisServer {
             .ok()
     }
 
+    /// Every key, sorted (`KEYS *`).
+    pub fn keys(&self) -> Vec<String> {
+        let reply = self.command(&["KEYS", "*"]);
+        let mut keys: Vec<String> = reply
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty() && !l.starts_with('$'))
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -1032,7 +1045,13 @@ pub fn http_request(
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let raw = String::from_utf8_lossy(&raw).into_owned();
+    parse_http_response(&raw)
+}
+
+/// An HTTP/1.1 response read to its end: (status, lower-cased headers, body); status 0 when
+/// there is no status line.
+pub fn parse_http_response(raw: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let raw = String::from_utf8_lossy(raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let mut lines = head.lines();
     let status = lines
@@ -1045,6 +1064,31 @@ pub fn http_request(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     (status, headers, body.to_owned())
+}
+
+/// The first value of header `name` (lower case) in headers from [`http_request`].
+pub fn http_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Runs `envoy --mode validate -c path` and fails the test with Envoy's output unless it
+/// says the config is OK.
+pub fn envoy_validate(path: &Path) {
+    let out = Command::new(envoy_binary())
+        .args(["--mode", "validate", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("OK"),
+        "{}: {text}",
+        path.display()
+    );
 }
 
 /// The value of the sample `name{labels}` (labels in any order; no other labels).

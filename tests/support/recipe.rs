@@ -19,7 +19,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use super::{free_ports, Envoy, Ratelimitd, RedisServer};
+use super::{free_ports, http_header, Envoy, Ratelimitd, RedisServer};
 
 /// `examples/<name>`.
 pub fn dir(name: &str) -> PathBuf {
@@ -170,15 +170,7 @@ impl Recipe {
 
     /// Every key in the recipe's Redis, sorted.
     pub fn redis_keys(&self) -> Vec<String> {
-        let reply = self.redis.command(&["KEYS", "*"]);
-        let mut keys: Vec<String> = reply
-            .split("\r\n")
-            .skip(1)
-            .filter(|l| !l.is_empty() && !l.starts_with('$'))
-            .map(str::to_owned)
-            .collect();
-        keys.sort();
-        keys
+        self.redis.keys()
     }
 
     /// A command's reply as a number: `GET` of a counter (`None` when the key is absent),
@@ -256,21 +248,18 @@ pub async fn http_request_from(
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
-        .expect("an answer within 5 s")
+        .expect("an answer within 10 s")
         .unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
+    super::parse_http_response(&raw)
+}
+
+/// The whole seconds in header `name` of a response (`retry-after`, `ratelimit-reset`); fails
+/// the test when it is missing or not a number.
+pub fn header_secs(headers: &[(String, String)], name: &str) -> u64 {
+    let value = http_header(headers, name);
+    value
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} {value:?}: {headers:?}"))
 }
