@@ -26,7 +26,7 @@ fn main() -> ExitCode {
                 eprintln!("ratelimitd: {e}");
                 return ExitCode::from(2);
             }
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match ratelimitd::serve::runtime(&args) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("ratelimitd: cannot start the async runtime: {e}");

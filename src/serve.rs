@@ -21,7 +21,7 @@ use crate::{
     metrics::{count_load, ConfigMetrics, Exporter, Stats, StatsSettings},
     server,
     service::{HeaderNames, RateLimiter, ServiceSettings},
-    settings::{ConfigType, ServeArgs, DEFAULT_REDIS_URL},
+    settings::{ConfigType, RuntimeFlavor, ServeArgs, DEFAULT_REDIS_URL},
     statsd::{Statsd, StatsdError, StatsdSettings},
     store::{uses_tls, AnyStore, Backend, RedisSettings, RedisTls},
     tls::ServerTls,
@@ -571,6 +571,21 @@ fn spawn_backend_probe(store: Arc<AnyStore>, health: Arc<Health>) {
             health.set(Component::Backend, store.ping().await.is_ok());
         }
     });
+}
+
+/// The tokio runtime `serve` runs on, as `RUNTIME_FLAVOR` and `WORKER_THREADS` say.
+pub fn runtime(args: &ServeArgs) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match args.runtime_flavor {
+        RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        RuntimeFlavor::MultiThread => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if args.worker_threads > 0 {
+                b.worker_threads(args.worker_threads);
+            }
+            b
+        }
+    };
+    builder.enable_all().build()
 }
 
 /// Registers SIGTERM and SIGINT handlers now (so a signal arriving right after start-up is

@@ -26,3 +26,54 @@ async fn shipped_example_config_serves_in_memory() {
     );
     assert!((8..=9).contains(&r.statuses[0].limit_remaining));
 }
+
+#[tokio::test]
+async fn every_runtime_setting_serves_and_counts_exactly() {
+    let rules =
+        "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 2}\n";
+    let dir = config_dir(&[("rules.yaml", rules)]);
+    for env in [
+        [("RUNTIME_FLAVOR", "multi_thread"), ("WORKER_THREADS", "1")],
+        [
+            ("RUNTIME_FLAVOR", "current_thread"),
+            ("WORKER_THREADS", "0"),
+        ],
+        [("RUNTIME_FLAVOR", "multi-thread"), ("WORKER_THREADS", "3")],
+    ] {
+        let mut b = Ratelimitd::builder(dir.path());
+        for (k, v) in env {
+            b = b.env(k, v);
+        }
+        let rl = b.start();
+        let mut c = rl.client().await;
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let r = c
+                .should_rate_limit(request("d", &[&[("k", "v")]]))
+                .await
+                .unwrap()
+                .into_inner();
+            answers.push((r.overall_code, r.statuses[0].limit_remaining));
+        }
+        assert_eq!(
+            answers,
+            [
+                (Code::Ok as i32, 1),
+                (Code::Ok as i32, 0),
+                (Code::OverLimit as i32, 0)
+            ],
+            "{env:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_runtime_flavor_refuses_to_start_and_names_the_setting() {
+    let dir = config_dir(&[("rules.yaml", "domain: d\n")]);
+    let (code, err) = serve_expecting_refusal(dir.path(), &[("RUNTIME_FLAVOR", "per_core")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("invalid RUNTIME_FLAVOR 'per_core' (expected multi_thread or current_thread)"),
+        "{err}"
+    );
+}

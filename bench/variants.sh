@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Builds or settings of ratelimitd side by side in one session: each variant's throughput
+# (closed loop, CONNS x STREAMS, one hot key) and server CPU per call at a fixed RATE (open
+# loop), in memory and on Redis, rotating the variants' order from run to run. Ratios are
+# against the first variant in the same run. Release builds, loopback only; everything is
+# started here on free ports and stopped by PID.
+#
+# Usage: [CONNS=4] [STREAMS=16] [RATE=8000] [RATE_REQUESTS=40000] [BACKENDS="memory redis"] \
+#   bench/variants.sh RUNS REQUESTS 'label|binary|ENV=v ENV=v' ...
+# e.g. the runtime settings of one build:
+#   bench/variants.sh 5 100000 'default|target/release/ratelimitd|' \
+#     'one worker|target/release/ratelimitd|WORKER_THREADS=1' \
+#     'current thread|target/release/ratelimitd|RUNTIME_FLAVOR=current_thread'
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=$1
+REQUESTS=$2
+shift 2
+VARIANTS=("$@")
+CONNS=${CONNS:-4}
+STREAMS=${STREAMS:-16}
+RATE=${RATE:-8000}
+RATE_REQUESTS=${RATE_REQUESTS:-40000}
+BACKENDS=${BACKENDS:-memory redis}
+source bench/lib.sh
+TCK=$(getconf CLK_TCK)
+write_unreachable_rule
+start_redis
+
+declare -A LABEL
+for i in "${!VARIANTS[@]}"; do
+  IFS='|' read -r label bin envs <<<"${VARIANTS[$i]}"
+  LABEL[$i]=$label
+  for b in $BACKENDS; do
+    extra=()
+    [ "$b" = redis ] && extra=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
+    # shellcheck disable=SC2086
+    BIN=$bin start_rl "v$i-$b" "${extra[@]}" $envs
+  done
+done
+
+RAW=$WORK/raw.tsv
+printf 'run\tvariant\tbackend\tscenario\trps\tp50_us\tp99_us\tcpu_us\n' >"$RAW"
+measure() { # run, variant index, backend, scenario, loadgen args...
+  local run=$1 i=$2 b=$3 sc=$4; shift 4
+  local name="v$i-$b" c0 c1 out n
+  c0=$(cpu_ticks "${SPID[$name]}")
+  out=$("$LOAD" --target "${ADDR[$name]}" --domain bench --key k "$@")
+  c1=$(cpu_ticks "${SPID[$name]}")
+  n=$(field requests "$out")
+  [ "$(field errors "$out")" = 0 ] || { echo "errors ($name): $out" >&2; exit 1; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$i" "$b" "$sc" "$(field rps "$out")" \
+    "$(field p50_us "$out")" "$(field p99_us "$out")" \
+    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" >>"$RAW"
+}
+for i in "${!VARIANTS[@]}"; do for b in $BACKENDS; do
+  "$LOAD" --target "${ADDR[v$i-$b]}" --domain bench --key k --requests 20000 >/dev/null
+done; done
+n=${#VARIANTS[@]}
+for run in $(seq "$RUNS"); do
+  for b in $BACKENDS; do
+    for k in $(seq 0 $((n - 1))); do
+      i=$(((k + run - 1) % n))
+      measure "$run" "$i" "$b" throughput --connections "$CONNS" --streams "$STREAMS" --requests "$REQUESTS"
+      measure "$run" "$i" "$b" fixed_rate --connections "$CONNS" --streams "$STREAMS" --rate "$RATE" --requests "$RATE_REQUESTS"
+    done
+  done
+  echo "run $run done" >&2
+done
+
+labels=$(for i in "${!VARIANTS[@]}"; do printf '%s\t' "${LABEL[$i]}"; done)
+python3 - "$RAW" "$labels" "$RUNS" "$REQUESTS" "$CONNS" "$STREAMS" "$RATE" <<'PY'
+import csv, statistics, sys
+raw, labels, runs, requests, conns, streams, rate = sys.argv[1:]
+labels = labels.rstrip("\t").split("\t")
+rows = list(csv.DictReader(open(raw), delimiter="\t"))
+med = statistics.median
+def vals(v, b, sc, k): return {r["run"]: float(r[k]) for r in rows if r["variant"] == v and r["backend"] == b and r["scenario"] == sc}
+def cell(v, f): return f"{f(med(v))} ({f(min(v))}–{f(max(v))})" if v else "–"
+i0 = lambda x: f"{x:,.0f}"; f1 = lambda x: f"{x:.1f}"; f2 = lambda x: f"{x:.2f}"
+print(f"{runs} runs; throughput: {requests} calls, {conns} x {streams}; CPU: open loop at {rate}/s. Median (range); ratios against `{labels[0]}` in the same run.")
+print()
+print("| backend | variant | rps | ÷ first | p50 µs | p99 µs | CPU µs/call at fixed rate | ÷ first |")
+print("|---|---|---|---|---|---|---|---|")
+for b in sorted({r["backend"] for r in rows}, key=lambda x: x != "memory"):
+    base_rps, base_cpu = vals("0", b, "throughput", "rps"), vals("0", b, "fixed_rate", "cpu_us")
+    for v, label in enumerate(labels):
+        v = str(v)
+        rps, cpu = vals(v, b, "throughput", "rps"), vals(v, b, "fixed_rate", "cpu_us")
+        r_rps = [rps[k] / base_rps[k] for k in rps if base_rps.get(k)]
+        r_cpu = [cpu[k] / base_cpu[k] for k in cpu if base_cpu.get(k)]
+        print(f"| {b} | {label} | {cell(list(rps.values()), i0)} | {cell(r_rps, f2)} "
+              f"| {cell(list(vals(v, b, 'throughput', 'p50_us').values()), i0)} | {cell(list(vals(v, b, 'throughput', 'p99_us').values()), i0)} "
+              f"| {cell(list(cpu.values()), f1)} | {cell(r_cpu, f2)} |")
+la = sorted(float(x) for x in open("/proc/loadavg").read().split()[:1])
+PY
