@@ -21,14 +21,15 @@ K=${K:-100000}
 source bench/lib.sh
 
 # Rule `A` is measured, `warm_A` (same limits) takes the warm-up call; limits one hit never
-# reaches. A token bucket's key lives until the bucket is full again (plus jitter): at 10 per hour
-# one hit keeps it six minutes, longer than the run.
+# reaches. The four rule keys (fixed, slide, token, three) have one length, so key names differ
+# only by what each algorithm adds. A token bucket's key lives until the bucket is full again
+# (plus jitter): at 10 per hour one hit keeps it six minutes, longer than the run.
 {
   printf 'domain: bench\ndescriptors:\n'
   for key in fixed warm_fixed; do
     printf '  - key: %s\n    rate_limit: {unit: hour, requests_per_unit: 1000, algorithm: fixed_window}\n' "$key"
   done
-  for key in sliding warm_sliding; do
+  for key in slide warm_slide; do
     printf '  - key: %s\n    rate_limit: {unit: hour, requests_per_unit: 1000, algorithm: sliding_window}\n' "$key"
   done
   for key in token warm_token; do
@@ -40,8 +41,8 @@ source bench/lib.sh
   done
 } >"$WORK/bench.yaml"
 "$BIN" check-config --config "$WORK/bench.yaml" >/dev/null
-ALGS=(fixed sliding token three)
-declare -A PER_VALUE=([fixed]=1 [sliding]=1 [token]=1 [three]=3)
+ALGS=(fixed slide token three)
+declare -A PER_VALUE=([fixed]=1 [slide]=1 [token]=1 [three]=3)
 
 info_field() { redis-cli -p "$RPORT" info memory | tr -d '\r' | awk -F: -v f="$1" '$1 == f {print $2}'; }
 
@@ -99,9 +100,9 @@ raw, samples, runs, k, version = sys.argv[1:]
 rows = list(csv.DictReader(open(raw), delimiter="\t"))
 smp = list(csv.DictReader(open(samples), delimiter="\t"))
 med = statistics.median
-names = {"fixed": "fixed_window (the reference's layout)", "sliding": "sliding_window",
+names = {"fixed": "fixed_window (the reference's layout)", "slide": "sliding_window",
          "token": "token_bucket", "three": "three limits (minute, hour, day; fixed windows)"}
-algs = [a for a in ("fixed", "sliding", "token", "three") if any(r["alg"] == a for r in rows)]
+algs = [a for a in ("fixed", "slide", "token", "three") if any(r["alg"] == a for r in rows)]
 def cell(v):
     return f"{med(v):.1f} ({min(v):.1f}–{max(v):.1f})" if len(set(v)) > 1 else f"{v[0]:.1f}"
 fixed = {r["run"]: float(r["bytes_per_value"]) for r in rows if r["alg"] == "fixed"}
