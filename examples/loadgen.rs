@@ -20,6 +20,9 @@
 //! - Output: one line (`requests= ok= over_limit= errors= seconds= rps= p50_us= ...`), or a
 //!   JSON object with `--json`.
 //!
+//! `--parent KEY=VALUE` (repeatable) puts these entries before the varied one in every
+//! descriptor, to reach nested rules (bench/rules.sh).
+//!
 //! `--vary-key` puts the key number in the descriptor key instead of its value, and
 //! `--override-limit N` sends a limit override (N per second) in every descriptor: together
 //! they send a new per-rule stats key with every call (the metrics-cardinality measurement).
@@ -64,6 +67,9 @@ struct Args {
     /// Exponent of the zipf distribution (`--dist zipf`).
     #[arg(long, default_value_t = 1.0)]
     zipf_s: f64,
+    /// Entries before the varied one in every descriptor (`KEY=VALUE`, repeatable), for nested rules.
+    #[arg(long = "parent", value_parser = parse_entry)]
+    parents: Vec<(String, String)>,
     /// Descriptors per call.
     #[arg(long, default_value_t = 1)]
     descriptors: usize,
@@ -103,6 +109,12 @@ struct Args {
     /// Print one JSON object instead of the key=value line.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_entry(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -272,8 +284,17 @@ fn build(args: &Args, key: u64) -> RateLimitRequest {
             } else {
                 (args.key.clone(), format!("v{key}{suffix}"))
             };
+            let mut entries: Vec<Entry> = args
+                .parents
+                .iter()
+                .map(|(key, value)| Entry {
+                    key: key.clone(),
+                    value: value.clone(),
+                })
+                .collect();
+            entries.push(Entry { key, value });
             RateLimitDescriptor {
-                entries: vec![Entry { key, value }],
+                entries,
                 limit: args
                     .override_limit
                     .map(|requests_per_unit| RateLimitOverride {
