@@ -87,7 +87,7 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 
 use super::{Store, StoreError};
 use crate::limiter::{
-    algorithm::State,
+    algorithm::{Algorithm, State},
     engine::{self, Batch, Decided},
     Clock,
 };
@@ -160,37 +160,64 @@ impl Fingerprinter {
     }
 }
 
-/// One counter (or a token bucket's TAT, with its remainder in `extra`): 32 bytes, checked
-/// below.
+/// One counter: a window's count, or a token bucket's TAT and remainder. 32 bytes (checked
+/// below): a window's end and a bucket's remainder share a word, since a bucket's end follows
+/// from its TAT.
 struct Slot {
     /// The key's fingerprint, not the key: see the module doc.
     fp: [u64; 2],
     /// A window's count (up to `MAX_COUNT`) or a bucket's TAT in ms.
     value: u64,
-    /// A token bucket's remainder in 1/limit ms, below its limit, which is a `u32`
-    /// (`requests_per_unit`, only ever divided since: `failure::per_replica_limit`). Window
-    /// checks carry what they read, or 0 with a previous window; the one case that can carry
-    /// more (a fixed window after a sliding one on the same key in one request, which carries
-    /// the previous window's count) saturates, harmlessly: no window check reads `extra` (a
-    /// fixed window ignores it, a sliding one reads the previous window's `value`).
-    extra: u32,
-    /// When it may go (Unix seconds): its window's end, or when its bucket is full again.
-    /// A bucket's grows as it is charged; the sweeper then keeps it (see [`MemoryStore::sweep`]).
-    /// Saturates at `u32::MAX` (2106-02-07); see the module doc.
-    expires: u32,
+    /// A window's end (Unix seconds: a u64 of ms over 1000, so below 2^54), or [`BUCKET`] with
+    /// a bucket's remainder in 1/limit ms (at most 2^53: `algorithm::bucket` caps the debt it
+    /// is taken from there). Set by the last check that charged the key, as its end was before.
+    tail: u64,
 }
+
+/// The bit of [`Slot::tail`] that marks a token bucket.
+const BUCKET: u64 = 1 << 63;
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 32);
 
 impl Slot {
+    /// `fp`'s counter as `check` charged it (`ends` from [`engine::Check::ends_ms`], in ms).
+    fn charged(fp: Fingerprint, check: &engine::Check, charge: State, ends_ms: u64) -> Slot {
+        let tail = match check.quota.algorithm {
+            Algorithm::TokenBucket => BUCKET | charge.b.min(!BUCKET),
+            // Windows read their `b` from the previous window's counter (a fixed window
+            // ignores it), never from here.
+            Algorithm::FixedWindow | Algorithm::SlidingWindow => ends_ms.div_ceil(1000),
+        };
+        Slot {
+            fp: fp.0,
+            value: charge.a,
+            tail,
+        }
+    }
+
     fn hash(&self) -> u64 {
         self.fp[0]
     }
-}
 
-/// `expires` as stored: exact until 2106-02-07, that instant after.
-fn expires_secs(secs: u64) -> u32 {
-    u32::try_from(secs).unwrap_or(u32::MAX)
+    /// A bucket's remainder; 0 for a window.
+    fn remainder(&self) -> u64 {
+        if self.tail & BUCKET == 0 {
+            0
+        } else {
+            self.tail & !BUCKET
+        }
+    }
+
+    /// When it may go (Unix seconds): its window's end, or when its bucket is full again (its
+    /// TAT plus 1 ms, rounded up, as [`engine::Check::ends_ms`] has it). A bucket's grows as
+    /// it is charged; the sweeper then keeps it (see [`MemoryStore::sweep`]).
+    fn expires(&self) -> u64 {
+        if self.tail & BUCKET == 0 {
+            self.tail
+        } else {
+            self.value.saturating_add(1).div_ceil(1000)
+        }
+    }
 }
 
 /// One shard of the counters, on its own cache lines so shards do not share them.
@@ -462,7 +489,7 @@ impl MemoryStore {
     fn remove_ended(&self, hash: u64, end: u64) -> Option<u64> {
         let mut table = lock(self.shard(hash));
         let slot = table.slots.find_entry(hash, |s| s.hash() == hash).ok()?;
-        let expires = u64::from(slot.get().expires);
+        let expires = slot.get().expires();
         if expires > end {
             return Some(expires);
         }
@@ -535,17 +562,17 @@ impl MemoryStore {
                 .iter()
                 .find(|(i, _)| *i == shard_of(fp))
                 .and_then(|(_, t)| t.find(fp))
-                .map(|s| (s.value, u64::from(s.extra)))
+                .map(|s| (s.value, s.remainder()))
         };
         let states: Vec<State> = batch
             .checks
             .iter()
             .zip(fps)
             .map(|(c, (f, p))| {
-                let (a, extra) = find(&guards, *f).unwrap_or_default();
+                let (a, remainder) = find(&guards, *f).unwrap_or_default();
                 let b = match (&c.previous, p) {
                     (Some(_), Some(p)) => find(&guards, *p).map_or(0, |(v, _)| v),
-                    _ => extra,
+                    _ => remainder,
                 };
                 State { a, b }
             })
@@ -555,34 +582,21 @@ impl MemoryStore {
         for ((c, (fp, _)), d) in batch.checks.iter().zip(fps).zip(&decided) {
             let Some(charge) = d.charge else { continue };
             // No jitter: it spreads Redis expiries; here it would only blur the eviction order.
-            let ends = c.ends_ms(batch.now_ms, &charge).div_ceil(1000);
-            let expires = expires_secs(ends);
-            let extra = if c.previous.is_some() {
-                0
-            } else {
-                u32::try_from(charge.b).unwrap_or(u32::MAX)
-            };
+            let slot = Slot::charged(*fp, c, charge, c.ends_ms(batch.now_ms, &charge));
             let Some((_, table)) = guards.iter_mut().find(|(i, _)| *i == shard_of(*fp)) else {
                 continue;
             };
-            if let Some(slot) = table.slots.find_mut(fp.hash(), |s| s.fp == fp.0) {
-                slot.value = charge.a;
-                slot.extra = extra;
-                slot.expires = expires;
+            if let Some(old) = table.slots.find_mut(fp.hash(), |s| s.fp == fp.0) {
+                *old = slot;
                 continue;
             }
-            table.insert(Slot {
-                fp: fp.0,
-                value: charge.a,
-                extra,
-                expires,
-            });
-            created.push((ends, fp.hash()));
+            created.push((slot.expires(), fp.hash()));
+            table.insert(slot);
         }
         // `order` is never taken while a shard lock is held.
         drop(guards);
-        for (ends, hash) in created {
-            self.track(ends, hash);
+        for (expires, hash) in created {
+            self.track(expires, hash);
         }
         decided
     }
@@ -907,8 +921,7 @@ mod tests {
         let slot = |fp: [u64; 2]| Slot {
             fp,
             value: 1,
-            extra: 0,
-            expires: 0,
+            tail: 0,
         };
         let mut table = Table::default();
         let mut live = VecDeque::new();
@@ -989,18 +1002,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_window_ending_after_2106_is_counted_and_kept() {
-        // A 200-year window from 1970 ends in 2170, past a u32 of seconds.
+    async fn an_end_past_32_bits_of_seconds_is_kept_exactly() {
+        // A 200-year window from 1970 ends in 2170.
+        let long = 200 * 365 * 86_400;
         let clock = clock_at(1_000);
         let store = store(clock.clone(), 100);
-        let long = 200 * 365 * 86_400;
         assert_eq!(add(&store, hit("long", 2, long, 1_000), 1_000).await, 2);
+        clock.0.store(long, Ordering::SeqCst);
+        assert_eq!(store.sweep(), 0, "its last second");
         assert_eq!(add(&store, hit("long", 3, long, 1_000), 1_000).await, 5);
-        assert_eq!(expires_secs(u64::from(u32::MAX) + 1), u32::MAX);
-        assert_eq!(expires_secs(4_000_000_000), 4_000_000_000);
-        clock.0.store(4_000_000_000, Ordering::SeqCst);
-        assert_eq!(store.sweep(), 0);
-        assert_eq!(value(&store, &format!("long_{}", 0)), Some(5));
+        clock.0.store(long + GRACE_SECS, Ordering::SeqCst);
+        assert_eq!(store.sweep(), 1, "gone after the grace");
     }
 
     mod engine {
