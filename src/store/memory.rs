@@ -13,32 +13,31 @@
 //!   distinct ends (a handful per rule), never a scan.
 //!
 //! **Fingerprints, not keys.** A counter is stored as a 32-byte [`Slot`]: a 128-bit
-//! fingerprint of its key (SipHash-1-3 keyed with a secret drawn at start-up), its value,
-//! a bucket's remainder and its end, and no key text. A million counters take about 48 MB
-//! (the tables at 76% of their buckets, see [`shard_count`], plus `order`), against about
-//! 176 MB with the keys (measured in docs/benchmarks.md). Two keys share a counter if and
+//! fingerprint of its key (SipHash-1-3 keyed with a secret drawn at start-up), its value, and
+//! its window's end or its bucket's remainder; no key text. Two keys share a counter if and
 //! only if their fingerprints are equal. With n live counters, the chance that any two of
 //! them share one is at most n(n−1)/2 · 2^−128 ≈ n²/2^129: about 1.5·10^−27 for a million,
 //! 1.5·10^−21 for a billion. Clients cannot do better than that by choosing keys, since they
-//! do not know the secret; each new key they send matches one of the n fingerprints with
-//! probability at most n/2^128. A collision would make two keys count on one counter (each
-//! limited by their sum) until it ends; nothing else. Nothing reads keys back from the store
-//! (the usage view and the local failure policy decide through it like any request), so
-//! keeping no key text loses nothing.
+//! do not know the secret: each new key they send matches one of the n fingerprints with
+//! probability at most n/2^128. A collision would make two keys count together on one
+//! counter until it ends; nothing else. Nothing reads keys back from the store (the usage
+//! view and the local failure policy decide through it like any request), so keeping no key
+//! text loses nothing.
+//!
+//! **Sizing.** hashbrown tables have a power of two of buckets and double when 7/8 full, so
+//! the shard count is chosen from `max` ([`shard_count`]) to hold `max` counters at about 3/4
+//! of their buckets rather than just under half (a million counters: 10 shards of 2^17
+//! buckets instead of 8 of 2^18). A full store, removing a counter for each it creates, also
+//! leaves tombstones in its tables; [`Table::insert`] clears them instead of letting hashbrown
+//! double the table. A million counters then take about 52 MB (33 bytes a bucket, plus 8 per
+//! counter in `order`), against about 165 MB when the keys were stored (measured in
+//! docs/benchmarks.md).
 //!
 //! `order` holds the first 64 bits of the fingerprint (the table hash) rather than all 128;
 //! removing by hash takes any counter with that hash from its shard. Two live keys sharing
 //! a 64-bit hash (about one chance in 4·10^7 with a million counters, n²/2^65) may swap the
 //! moment they are removed, nothing worse: each `order` entry stands for exactly one counter
 //! with its hash, so the count stays exact.
-//!
-//! **Ends after 2106.** A slot keeps its end as 32-bit Unix seconds, saturated at
-//! 2106-02-07 06:28:15 UTC; `order` keeps the exact end it was created with. Only the sweeper
-//! reads a slot's end, when its `order` entry has ended, which before that date is below the
-//! saturation, so comparing there is exact. The one difference: a token bucket charged after
-//! creation whose new end lies past 2106 is put back in `order` at 2106, among the other
-//! counters that end that late (a window of more than 80 years, a bucket refilling for
-//! decades), rather than at its exact end.
 //!
 //! **Windows come from the caller.** The service reads the clock once per request: that
 //! instant ([`Batch::now_ms`]) names the window in each [`engine::Check`]'s key and is the
