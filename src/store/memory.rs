@@ -119,8 +119,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A counter key's 128-bit keyed SipHash-1-3, which stands for the key in the store (see the
-/// module doc for the collision bound). Two words rather than a `u128`, whose 16-byte
-/// alignment would pad [`Slot`].
+/// module doc for the collision bound). Two words rather than a `u128`, so [`Slot`] needs no
+/// 16-byte alignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fingerprint([u64; 2]);
 
