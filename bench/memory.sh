@@ -5,7 +5,8 @@
 # per cap given. Everything on loopback, free ports, USE_STATSD=false; every run is bounded by
 # its request count and by loadgen's --max-seconds; servers are stopped by PID.
 # Usage: bench/memory.sh [RUNS] [DISTINCT] [CAP...]   (BIN=path/to/ratelimitd to compare builds;
-# DISTINCT=0 skips the distinct-key part)
+# DISTINCT=0 skips the distinct-key part). "bytes per counter" is the RSS the distinct keys
+# added (after WARMUP calls on one key, default 200000) over ratelimitd_memory_counters.
 #   bench/memory.sh 3 2000000 default 100000
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,7 @@ start_rl() { # $1 rules file, rest: env assignments
 }
 stop_rl() { kill "$RL_PID"; wait "$RL_PID" 2>/dev/null || true; RL_PID=; }
 rss_mib() { awk -v k="$1" '$1 == k":" {printf "%d", $2 / 1024}' "/proc/$RL_PID/status"; }
+rss_kib() { awk -v k="$1" '$1 == k":" {printf "%d", $2}' "/proc/$RL_PID/status"; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 load() { # $1 keys, $2 requests, $3 max seconds
   "$LOAD" --target "$RL_ADDR" --domain bench --key k --keys "$1" --requests "$2" \
@@ -73,17 +75,26 @@ stop_rl
 
 [ "$DISTINCT" -gt 0 ] || exit 0
 echo
-echo "| $DISTINCT distinct day-window keys | rps | server RSS MiB (peak) | ratelimitd_memory_counters | ratelimitd_memory_evictions_total |"
-echo "|---|---|---|---|---|"
+echo "| $DISTINCT distinct day-window keys | rps | server RSS KiB before | after (peak) | bytes per counter | ratelimitd_memory_counters | ratelimitd_memory_evictions_total |"
+echo "|---|---|---|---|---|---|---|"
 for cap in "${CAPS[@]}"; do
   if [ "$cap" = default ]; then start_rl "$WORK/day.yaml"; else start_rl "$WORK/day.yaml" MEMORY_MAX_COUNTERS="$cap"; fi
+  # RSS after WARMUP calls on one key at the same concurrency (connections, buffers, malloc
+  # arenas and metrics warmed up by traffic, one counter held), so the difference below is
+  # what the counters cost. WARMUP=1 measures from a server that answered one call.
+  out=$(load 1 "${WARMUP:-200000}" 60)
+  grep -q "errors=0" <<<"$out" || { echo "errors in run: $out" >&2; exit 1; }
+  before=$(rss_kib VmRSS)
   out=$(load "$DISTINCT" "$DISTINCT" 180)
   grep -q "errors=0" <<<"$out" || { echo "errors in run: $out" >&2; exit 1; }
   metrics=$(curl -s "http://$RL_HTTP/metrics")
   gauge=$(awk '$1 == "ratelimitd_memory_counters" {print $2}' <<<"$metrics")
   evicted=$(awk '$1 == "ratelimitd_memory_evictions_total" {print $2}' <<<"$metrics")
-  printf '| MEMORY_MAX_COUNTERS=%s (%s requests sent) | %s | %s (%s) | %s | %s |\n' "$cap" \
+  after=$(rss_kib VmRSS)
+  per=n/a
+  [ -n "$gauge" ] && [ "${gauge%.*}" -gt 0 ] && per=$(( (after - before) * 1024 / ${gauge%.*} ))
+  printf '| MEMORY_MAX_COUNTERS=%s (%s requests sent) | %s | %s | %s (%s) | %s | %s | %s |\n' "$cap" \
     "$(sed -E 's/requests=([0-9]+).*/\1/' <<<"$out")" "$(sed -E 's/.* rps=([0-9]+).*/\1/' <<<"$out")" \
-    "$(rss_mib VmRSS)" "$(rss_mib VmHWM)" "${gauge:-n/a}" "${evicted:-n/a}"
+    "$before" "$after" "$(rss_kib VmHWM)" "$per" "${gauge:-n/a}" "${evicted:-n/a}"
   stop_rl
 done

@@ -2,21 +2,42 @@
 //!
 //! Two structures:
 //! - `shards`: the keys' states (a window's count, a bucket's TAT and remainder) in hash
-//!   tables, each behind its own lock, chosen by the key's hash. A request takes the locks of
-//!   every shard its checks' keys live in (in index order, so requests never wait on each
-//!   other in a cycle), reads the states, decides with [`engine::decide`] and writes the
+//!   tables, each behind its own lock, chosen by the key's fingerprint. A request takes the
+//!   locks of every shard its checks' keys live in (in index order, so requests never wait on
+//!   each other in a cycle), reads the states, decides with [`engine::decide`] and writes the
 //!   charged states before letting go (a few instructions, never across an await): requests
 //!   on one key are decided one at a time, so counts are exact under concurrency, and
 //!   charging an existing key allocates nothing.
-//! - `order`: the key hash of every counter, sorted by when it ends and then by creation,
+//! - `order`: the table hash of every counter, sorted by when it ends and then by creation,
 //!   behind one lock. Only creating or removing a counter takes it, for O(log w) work with w
 //!   distinct ends (a handful per rule), never a scan.
 //!
-//! `order` holds 8-byte hashes rather than a second copy of each key; removing by hash takes
-//! any counter with that hash from its shard. Two live keys sharing a 64-bit hash (about one
-//! chance in 10^7 with a million counters) may swap the moment they are removed, nothing
-//! worse: each `order` entry stands for exactly one counter with its hash, so the count stays
-//! exact.
+//! **Fingerprints, not keys.** A counter is stored as a 32-byte [`Slot`]: a 128-bit
+//! fingerprint of its key (SipHash-1-3 keyed with a secret drawn at start-up), its value, and
+//! its window's end or its bucket's remainder; no key text. Two keys share a counter if and
+//! only if their fingerprints are equal. With n live counters, the chance that any two of
+//! them share one is at most n(n−1)/2 · 2^−128 ≈ n²/2^129: about 1.5·10^−27 for a million,
+//! 1.5·10^−21 for a billion. Clients cannot do better than that by choosing keys, since they
+//! do not know the secret: each new key they send matches one of the n fingerprints with
+//! probability at most n/2^128. A collision would make two keys count together on one
+//! counter until it ends; nothing else. Nothing reads keys back from the store (the usage
+//! view and the local failure policy decide through it like any request), so keeping no key
+//! text loses nothing.
+//!
+//! **Sizing.** hashbrown tables have a power of two of buckets and double when 7/8 full, so
+//! the shard count is chosen from `max` ([`shard_count`]) to hold `max` counters at about 3/4
+//! of their buckets rather than just under half (a million counters: 10 shards of 2^17
+//! buckets instead of 8 of 2^18). A full store, removing a counter for each it creates, also
+//! leaves tombstones in its tables; [`Table::insert`] clears them instead of letting hashbrown
+//! double the table. A million counters then take about 52 MB (33 bytes a bucket, plus 8 per
+//! counter in `order`), against about 165 MB when the keys were stored (measured in
+//! docs/benchmarks.md).
+//!
+//! `order` holds the first 64 bits of the fingerprint (the table hash) rather than all 128;
+//! removing by hash takes any counter with that hash from its shard. Two live keys sharing
+//! a 64-bit hash (about one chance in 4·10^7 with a million counters, n²/2^65) may swap the
+//! moment they are removed, nothing worse: each `order` entry stands for exactly one counter
+//! with its hash, so the count stays exact.
 //!
 //! **Windows come from the caller.** The service reads the clock once per request: that
 //! instant ([`Batch::now_ms`]) names the window in each [`engine::Check`]'s key and is the
@@ -45,13 +66,13 @@
 //!
 //! Why not `dashmap` (used elsewhere) or `moka`: with `dashmap` the eviction order needs its
 //! own copy of every key, since its map cannot be searched by hash alone (a shared `Arc<str>`
-//! measured about 240 bytes per counter in the server, this layout about 160; see
-//! docs/benchmarks.md); `moka` evicts by frequency and recency, not by window end, and needs a
-//! compute closure per increment.
+//! measured about 240 bytes per counter in the server, hashbrown tables of `Box<str>` keys
+//! about 176, and these fingerprints about 50; see docs/benchmarks.md); `moka` evicts by
+//! frequency and recency, not by window end, and needs a compute closure per increment.
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    hash::BuildHasher,
+    hash::{BuildHasher, Hasher},
     num::NonZeroUsize,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -61,10 +82,11 @@ use std::{
 };
 
 use hashbrown::HashTable;
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 use super::{Store, StoreError};
 use crate::limiter::{
-    algorithm::State,
+    algorithm::{Algorithm, State},
     engine::{self, Batch, Decided},
     Clock,
 };
@@ -80,6 +102,12 @@ pub const GRACE_SECS: u64 = 1;
 /// are delayed by a bounded amount of work even when a million counters end at once.
 const SWEEP_BATCH: usize = 4_096;
 
+/// Most items per bucket the shards are sized for at `max` counters (see [`shard_count`]):
+/// below hashbrown's 7/8, so the binomial spread of keys over shards never pushes one past
+/// it, and enough empty buckets remain that the tombstones left by removals in a full store
+/// are reused rather than forcing a table to double.
+const LOAD_AT_MAX: (usize, usize) = (4, 5);
+
 /// Locks `m`. Every critical section here only moves values between collections and cannot
 /// panic half-way through in a way that breaks an invariant the next holder relies on, so a
 /// poisoned lock is used as is.
@@ -90,20 +118,158 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-/// One counter (or a token bucket's TAT, with its remainder in `extra`).
+/// A counter key's 128-bit keyed SipHash-1-3, which stands for the key in the store (see the
+/// module doc for the collision bound). Two words rather than a `u128`, so [`Slot`] needs no
+/// 16-byte alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint([u64; 2]);
+
+impl Fingerprint {
+    /// The table hash, also the `order` entry. hashbrown places an entry by its low bits and
+    /// tags it with the top 7; the shard comes from the bits between (see
+    /// [`MemoryStore::shard_index`]).
+    fn hash(self) -> u64 {
+        self.0[0]
+    }
+}
+
+/// Keys [`Fingerprint`]s with a secret drawn once per process, so clients cannot choose keys
+/// that collide.
+struct Fingerprinter {
+    k0: u64,
+    k1: u64,
+}
+
+impl Fingerprinter {
+    /// A fresh secret: two outputs of std's `RandomState` (SipHash under a key the OS's random
+    /// source seeded), so no RNG crate is needed.
+    fn random() -> Self {
+        let seed = std::collections::hash_map::RandomState::new();
+        Fingerprinter {
+            k0: seed.hash_one(0_u8),
+            k1: seed.hash_one(1_u8),
+        }
+    }
+
+    fn of(&self, key: &str) -> Fingerprint {
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write(key.as_bytes());
+        let out = h.finish128();
+        Fingerprint([out.h1, out.h2])
+    }
+}
+
+/// One counter: a window's count, or a token bucket's TAT and remainder. 32 bytes (checked
+/// below): a window's end and a bucket's remainder share a word, since a bucket's end follows
+/// from its TAT.
 struct Slot {
-    key: Box<str>,
+    /// The key's fingerprint, not the key: see the module doc.
+    fp: [u64; 2],
+    /// A window's count (up to `MAX_COUNT`) or a bucket's TAT in ms.
     value: u64,
-    extra: u64,
-    /// When it may go (Unix seconds): its window's end, or when its bucket is full again.
-    /// A bucket's grows as it is charged; the sweeper then keeps it (see [`MemoryStore::sweep`]).
-    expires: u64,
+    /// A window's end (Unix seconds: a u64 of ms over 1000, so below 2^54), or [`BUCKET`] with
+    /// a bucket's remainder in 1/limit ms (at most 2^53: `algorithm::bucket` caps the debt it
+    /// is taken from there). Set by the last check that charged the key, as its end was before.
+    tail: u64,
+}
+
+/// The bit of [`Slot::tail`] that marks a token bucket.
+const BUCKET: u64 = 1 << 63;
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 32);
+
+impl Slot {
+    /// `fp`'s counter as `check` charged it (`ends` from [`engine::Check::ends_ms`], in ms).
+    fn charged(fp: Fingerprint, check: &engine::Check, charge: State, ends_ms: u64) -> Slot {
+        let tail = match check.quota.algorithm {
+            Algorithm::TokenBucket => BUCKET | charge.b.min(!BUCKET),
+            // Windows read their `b` from the previous window's counter (a fixed window
+            // ignores it), never from here.
+            Algorithm::FixedWindow | Algorithm::SlidingWindow => ends_ms.div_ceil(1000),
+        };
+        Slot {
+            fp: fp.0,
+            value: charge.a,
+            tail,
+        }
+    }
+
+    fn hash(&self) -> u64 {
+        self.fp[0]
+    }
+
+    /// A bucket's remainder; 0 for a window.
+    fn remainder(&self) -> u64 {
+        if self.tail & BUCKET == 0 {
+            0
+        } else {
+            self.tail & !BUCKET
+        }
+    }
+
+    /// When it may go (Unix seconds): its window's end, or when its bucket is full again (its
+    /// TAT plus 1 ms, rounded up, as [`engine::Check::ends_ms`] has it). A bucket's grows as
+    /// it is charged; the sweeper then keeps it (see [`MemoryStore::sweep`]).
+    fn expires(&self) -> u64 {
+        if self.tail & BUCKET == 0 {
+            self.tail
+        } else {
+            self.value.saturating_add(1).div_ceil(1000)
+        }
+    }
 }
 
 /// One shard of the counters, on its own cache lines so shards do not share them.
 #[repr(align(128))]
 #[derive(Default)]
-struct Shard(Mutex<HashTable<Slot>>);
+struct Shard(Mutex<Table>);
+
+/// Smallest table [`Table::insert`] rebuilds rather than let hashbrown grow it: smaller ones
+/// cost little either way.
+const REBUILD_FROM: usize = 1_024;
+
+/// A shard's counters.
+#[derive(Default)]
+struct Table {
+    slots: HashTable<Slot>,
+    /// The most counters `slots` holds without growing (7/8 of its buckets): its
+    /// `capacity()` when it has no tombstones, which is the largest it has reported, since a
+    /// table never shrinks.
+    full: usize,
+}
+
+impl Table {
+    fn find(&self, fp: Fingerprint) -> Option<&Slot> {
+        self.slots.find(fp.hash(), |s| s.fp == fp.0)
+    }
+
+    /// Adds a counter whose fingerprint is not in the table.
+    ///
+    /// A removal in a crowded part of a hashbrown table leaves a tombstone, which uses up
+    /// room until an insertion reuses it or the table is rehashed; when room runs out with
+    /// more than half the buckets' worth of counters, hashbrown moves them into a table of
+    /// twice the buckets, even if the counters alone still fit. A store held at
+    /// `MEMORY_MAX_COUNTERS`, removing one counter for each it creates, gets there: it
+    /// measured at twice the table memory after a million evictions. So when room runs out
+    /// while at least 1/16 of it is tombstones, the counters move into a fresh table of the
+    /// same size instead (one pass over the shard, as hashbrown's own rehash is; no key is
+    /// hashed again, the fingerprint is the hash).
+    fn insert(&mut self, slot: Slot) {
+        let len = self.slots.len();
+        if len == self.slots.capacity()
+            && self.full >= REBUILD_FROM
+            && len < self.full - self.full / 16
+        {
+            let mut fresh = HashTable::with_capacity(self.full);
+            for s in self.slots.drain() {
+                fresh.insert_unique(s.hash(), s, Slot::hash);
+            }
+            self.slots = fresh;
+        }
+        self.slots.insert_unique(slot.hash(), slot, Slot::hash);
+        self.full = self.full.max(self.slots.capacity());
+    }
+}
 
 /// Counter hashes by window end, for removal in the order their loss costs least.
 #[derive(Default)]
@@ -143,11 +309,31 @@ impl Order {
     }
 }
 
+/// How many shards a store of at most `max` counters gets on `cores` cores: at least four per
+/// core, as dashmap sizes its own, so contention stays rare; and among the counts from there
+/// to twice that, the one whose tables hold `max` counters in the fewest buckets in all.
+/// hashbrown's tables have a power of two of buckets and double past 7/8 full, so with a
+/// power of two of shards a store just past 7/8 of a power of two of buckets (a million
+/// counters: 7/8 of 2^20 is 917,504) holds twice the buckets it needs; 10 shards of 2^17
+/// buckets hold a million at 76%.
+fn shard_count(max: usize, cores: usize) -> usize {
+    let least = cores.max(1).saturating_mul(4);
+    let (num, den) = LOAD_AT_MAX;
+    let buckets = |n: usize| {
+        let per_shard = max.div_ceil(n).saturating_mul(den).div_ceil(num);
+        n.saturating_mul(per_shard.checked_next_power_of_two().unwrap_or(usize::MAX))
+    };
+    // The largest count among those with the fewest buckets: the least contention.
+    (least..least.saturating_mul(2))
+        .min_by_key(|&n| (buckets(n), std::cmp::Reverse(n)))
+        .unwrap_or(least)
+}
+
 /// What the store shares between its clones and the sweeper.
 struct Inner {
-    /// Keyed SipHash: keys come from traffic, so their hashes must not be predictable.
-    hasher: std::collections::hash_map::RandomState,
-    /// A power of two of them; see [`MemoryStore::shard`].
+    /// Fingerprints of keys, which come from traffic: keyed, so they cannot be predicted.
+    fingerprinter: Fingerprinter,
+    /// See [`shard_count`] and [`MemoryStore::shard_index`].
     shards: Box<[Shard]>,
     /// A std Mutex, not a tokio one: held for a few collection operations, never across an
     /// await, and never while a shard lock is held.
@@ -174,14 +360,13 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// A store keeping at most `max` counters (plus the slack described in the module doc).
     pub fn new(clock: Arc<dyn Clock>, max: NonZeroUsize) -> Self {
-        // Four shards per core, as dashmap sizes its own: contention stays rare.
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-        let shards = (cores * 4).next_power_of_two();
+        let shards = shard_count(max.get(), cores);
         let counters_metric = metrics::gauge!(crate::metrics::MEMORY_COUNTERS);
         counters_metric.set(0.0);
         Self {
             inner: Arc::new(Inner {
-                hasher: Default::default(),
+                fingerprinter: Fingerprinter::random(),
                 shards: (0..shards).map(|_| Shard::default()).collect(),
                 order: Mutex::new(Order::default()),
                 max: max.get(),
@@ -240,7 +425,11 @@ impl MemoryStore {
     /// Counters in the shards (for tests): at most `max` plus the slack of creations in
     /// flight.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(&s.0).len()).sum()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(&s.0).slots.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -265,26 +454,31 @@ impl MemoryStore {
         })
     }
 
-    fn hash(&self, key: &str) -> u64 {
-        self.inner.hasher.hash_one(key)
+    fn fingerprint(&self, key: &str) -> Fingerprint {
+        self.inner.fingerprinter.of(key)
     }
 
-    /// The shard of `hash`, from bits the tables do not use to place keys (they take the low
-    /// bits for the bucket and the top 7 as a tag).
-    fn shard(&self, hash: u64) -> &Mutex<HashTable<Slot>> {
-        let index = (hash >> 32) as usize & (self.inner.shards.len() - 1);
+    /// The shard of table hash `hash`: 32 bits the tables do not use to place keys (they take
+    /// the low bits for the bucket and the top 7 as a tag), mapped onto the shard count by
+    /// multiplication (any count, not only powers of two; see [`shard_count`]).
+    fn shard_index(&self, hash: u64) -> usize {
+        let bits = (hash >> 25) & u64::from(u32::MAX);
+        ((bits * self.inner.shards.len() as u64) >> 32) as usize
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<Table> {
         &self
             .inner
             .shards
-            .get(index)
-            .expect("masked by the shard count, a power of two")
+            .get(self.shard_index(hash))
+            .expect("a 32-bit fraction of the shard count is below it")
             .0
     }
 
-    /// Removes one counter with this key hash (see the module doc on shared hashes).
+    /// Removes one counter with this table hash (see the module doc on shared hashes).
     fn remove(&self, hash: u64) {
         let mut table = lock(self.shard(hash));
-        if let Ok(slot) = table.find_entry(hash, |s| self.hash(&s.key) == hash) {
+        if let Ok(slot) = table.slots.find_entry(hash, |s| s.hash() == hash) {
             slot.remove();
         }
     }
@@ -293,8 +487,8 @@ impl MemoryStore {
     /// (a charged token bucket): then returns when.
     fn remove_ended(&self, hash: u64, end: u64) -> Option<u64> {
         let mut table = lock(self.shard(hash));
-        let slot = table.find_entry(hash, |s| self.hash(&s.key) == hash).ok()?;
-        let expires = slot.get().expires;
+        let slot = table.slots.find_entry(hash, |s| s.hash() == hash).ok()?;
+        let expires = slot.get().expires();
         if expires > end {
             return Some(expires);
         }
@@ -325,80 +519,78 @@ impl MemoryStore {
         }
     }
 
-    /// Decides `batch` under the locks of every shard its keys live in (taken in index order,
-    /// so two requests never wait on each other in a cycle): the states are read, decided and
-    /// the charged ones written with no other request in between on those keys.
+    /// Decides `batch` under the locks of every shard its keys live in: see
+    /// [`MemoryStore::decide_fingerprinted`].
     fn decide_locked(&self, batch: &Batch<'_>) -> Vec<Decided> {
-        let hashes: Vec<(u64, Option<u64>)> = batch
+        let fps: Vec<(Fingerprint, Option<Fingerprint>)> = batch
             .checks
             .iter()
             .map(|c| {
                 (
-                    self.hash(&c.key),
-                    c.previous.as_deref().map(|p| self.hash(p)),
+                    self.fingerprint(&c.key),
+                    c.previous.as_deref().map(|p| self.fingerprint(p)),
                 )
             })
             .collect();
-        let mask = self.inner.shards.len() - 1;
-        let shard_of = |hash: u64| (hash >> 32) as usize & mask;
-        let mut wanted: Vec<usize> = hashes
+        self.decide_fingerprinted(batch, &fps)
+    }
+
+    /// Decides `batch`, whose checks' keys (and previous windows' keys) have the fingerprints
+    /// `fps`, under the locks of every shard they live in (taken in index order, so two
+    /// requests never wait on each other in a cycle): the states are read, decided and the
+    /// charged ones written with no other request in between on those keys.
+    fn decide_fingerprinted(
+        &self,
+        batch: &Batch<'_>,
+        fps: &[(Fingerprint, Option<Fingerprint>)],
+    ) -> Vec<Decided> {
+        let shard_of = |fp: Fingerprint| self.shard_index(fp.hash());
+        let mut wanted: Vec<usize> = fps
             .iter()
-            .flat_map(|(h, p)| std::iter::once(*h).chain(*p))
+            .flat_map(|(f, p)| std::iter::once(*f).chain(*p))
             .map(shard_of)
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let mut guards: Vec<(usize, MutexGuard<'_, HashTable<Slot>>)> = wanted
+        let mut guards: Vec<(usize, MutexGuard<'_, Table>)> = wanted
             .iter()
             .filter_map(|&i| Some((i, lock(&self.inner.shards.get(i)?.0))))
             .collect();
-        let find = |guards: &[(usize, MutexGuard<'_, HashTable<Slot>>)], hash: u64, key: &str| {
+        let find = |guards: &[(usize, MutexGuard<'_, Table>)], fp: Fingerprint| {
             guards
                 .iter()
-                .find(|(i, _)| *i == shard_of(hash))
-                .and_then(|(_, t)| t.find(hash, |s| *s.key == *key))
-                .map(|s| (s.value, s.extra))
+                .find(|(i, _)| *i == shard_of(fp))
+                .and_then(|(_, t)| t.find(fp))
+                .map(|s| (s.value, s.remainder()))
         };
         let states: Vec<State> = batch
             .checks
             .iter()
-            .zip(&hashes)
-            .map(|(c, (h, p))| {
-                let (a, extra) = find(&guards, *h, &c.key).unwrap_or_default();
+            .zip(fps)
+            .map(|(c, (f, p))| {
+                let (a, remainder) = find(&guards, *f).unwrap_or_default();
                 let b = match (&c.previous, p) {
-                    (Some(prev), Some(p)) => find(&guards, *p, prev).map_or(0, |(v, _)| v),
-                    _ => extra,
+                    (Some(_), Some(p)) => find(&guards, *p).map_or(0, |(v, _)| v),
+                    _ => remainder,
                 };
                 State { a, b }
             })
             .collect();
         let decided = engine::decide(batch, &states);
         let mut created = Vec::new();
-        for ((c, (hash, _)), d) in batch.checks.iter().zip(&hashes).zip(&decided) {
+        for ((c, (fp, _)), d) in batch.checks.iter().zip(fps).zip(&decided) {
             let Some(charge) = d.charge else { continue };
             // No jitter: it spreads Redis expiries; here it would only blur the eviction order.
-            let expires = c.ends_ms(batch.now_ms, &charge).div_ceil(1000);
-            let extra = if c.previous.is_some() { 0 } else { charge.b };
-            let Some((_, table)) = guards.iter_mut().find(|(i, _)| *i == shard_of(*hash)) else {
+            let slot = Slot::charged(*fp, c, charge, c.ends_ms(batch.now_ms, &charge));
+            let Some((_, table)) = guards.iter_mut().find(|(i, _)| *i == shard_of(*fp)) else {
                 continue;
             };
-            if let Some(slot) = table.find_mut(*hash, |s| *s.key == *c.key) {
-                slot.value = charge.a;
-                slot.extra = extra;
-                slot.expires = expires;
+            if let Some(old) = table.slots.find_mut(fp.hash(), |s| s.fp == fp.0) {
+                *old = slot;
                 continue;
             }
-            table.insert_unique(
-                *hash,
-                Slot {
-                    key: c.key.as_str().into(),
-                    value: charge.a,
-                    extra,
-                    expires,
-                },
-                |s| self.hash(&s.key),
-            );
-            created.push((expires, *hash));
+            created.push((slot.expires(), fp.hash()));
+            table.insert(slot);
         }
         // `order` is never taken while a shard lock is held.
         drop(guards);
@@ -495,10 +687,8 @@ mod tests {
 
     /// A counter's value without touching it (a check of cost 0 would create it).
     fn value(s: &MemoryStore, key: &str) -> Option<u64> {
-        let hash = s.hash(key);
-        lock(s.shard(hash))
-            .find(hash, |slot| &*slot.key == key)
-            .map(|slot| slot.value)
+        let fp = s.fingerprint(key);
+        lock(s.shard(fp.hash())).find(fp).map(|slot| slot.value)
     }
 
     #[tokio::test]
@@ -661,6 +851,167 @@ mod tests {
         }
         assert_eq!(store.len(), MAX);
         assert_eq!(store.evictions(), 8_000 - MAX as u64);
+    }
+
+    /// Decides `checks` at `now` as if their keys had the fingerprints `fps`.
+    async fn count_as(
+        s: &MemoryStore,
+        checks: &[Check],
+        fps: &[(Fingerprint, Option<Fingerprint>)],
+        now: u64,
+    ) -> Vec<u64> {
+        let batch = Batch {
+            checks,
+            roles: &[Role::default()],
+            quota_total: 0,
+            charging: Charging::Always,
+            never_refuse: false,
+            now_ms: now * 1000,
+        };
+        s.decide_fingerprinted(&batch, fps)
+            .iter()
+            .map(|d| d.charge.expect("allowed, so charged").a)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn keys_share_a_counter_only_when_their_whole_fingerprints_are_equal() {
+        let store = store(clock_at(1_000), 100);
+        let (a, b) = (hit("a", 1, 60, 1_000), hit("b", 1, 60, 1_000));
+        // The same table hash (so the same shard and bucket), different second words: two
+        // counters.
+        let fa = Fingerprint([0x1234_5678_9abc_def0, 1]);
+        let fb = Fingerprint([0x1234_5678_9abc_def0, 2]);
+        for i in 1..=3 {
+            assert_eq!(
+                count_as(&store, std::slice::from_ref(&a), &[(fa, None)], 1_000).await,
+                [i]
+            );
+        }
+        assert_eq!(
+            count_as(&store, std::slice::from_ref(&b), &[(fb, None)], 1_000).await,
+            [1]
+        );
+        assert_eq!(store.len(), 2);
+        // A forced collision: a third key with `fa` is counted on `a`'s counter. This is what
+        // a fingerprint collision would mean (see the module doc for how unlikely it is).
+        let c = hit("c", 1, 60, 1_000);
+        assert_eq!(count_as(&store, &[c], &[(fa, None)], 1_000).await, [4]);
+        assert_eq!(store.len(), 2);
+        // Both sharing a table hash, each is still swept once, at its own end.
+        let store_clock = clock_at(1_000);
+        let s2 = MemoryStore::new(store_clock.clone(), NonZeroUsize::new(100).unwrap());
+        count_as(&s2, &[hit("a", 1, 1, 1_000)], &[(fa, None)], 1_000).await;
+        count_as(&s2, &[hit("b", 1, 60, 1_000)], &[(fb, None)], 1_000).await;
+        store_clock.0.store(1_002, Ordering::SeqCst);
+        assert_eq!(s2.sweep(), 1);
+        store_clock.0.store(1_021, Ordering::SeqCst);
+        assert_eq!(s2.sweep(), 1);
+        assert!(s2.is_empty());
+    }
+
+    #[test]
+    fn a_table_held_full_by_removals_and_creations_keeps_its_size() {
+        // 76% of 2^14 buckets, as the shards of a full store are (see `shard_count`), then
+        // ten times as many creations, each after removing the oldest counter, as a full store
+        // evicts.
+        const N: usize = 12_450;
+        let mut rng = fastrand::Rng::with_seed(14);
+        let slot = |fp: [u64; 2]| Slot {
+            fp,
+            value: 1,
+            tail: 0,
+        };
+        let mut table = Table::default();
+        let mut live = VecDeque::new();
+        for _ in 0..N {
+            let fp = [rng.u64(..), rng.u64(..)];
+            table.insert(slot(fp));
+            live.push_back(fp);
+        }
+        let full = table.full;
+        assert_eq!(full, 14_336, "7/8 of 2^14 buckets");
+        for _ in 0..10 * N {
+            let old = live.pop_front().unwrap();
+            let Ok(entry) = table.slots.find_entry(old[0], |s| s.fp == old) else {
+                panic!("{old:?} is live");
+            };
+            entry.remove();
+            let fp = [rng.u64(..), rng.u64(..)];
+            table.insert(slot(fp));
+            live.push_back(fp);
+        }
+        assert_eq!(table.slots.len(), N);
+        assert_eq!(table.full, full, "never grew");
+        for fp in live {
+            assert!(table.find(Fingerprint(fp)).is_some());
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_per_store_and_stable_within_one() {
+        let (one, two) = (store(clock_at(0), 1), store(clock_at(0), 1));
+        assert_eq!(one.fingerprint("k_60"), one.fingerprint("k_60"));
+        assert_ne!(one.fingerprint("k_60"), one.fingerprint("k_61"));
+        assert_ne!(
+            one.fingerprint("k_60"),
+            two.fingerprint("k_60"),
+            "each store draws its own secret"
+        );
+    }
+
+    #[test]
+    fn shards_hold_max_counters_below_hashbrowns_limit_in_the_fewest_buckets() {
+        // 10 shards of 2^17 buckets for a million counters on 2 cores: 76% full, where 8 or
+        // 16 shards (powers of two) would need 2^21 buckets in all, 48% full.
+        assert_eq!(shard_count(1_000_000, 2), 10);
+        for cores in [1, 2, 3, 4, 8, 64] {
+            for max in [
+                1, 100, 1_000, 65_536, 100_000, 917_504, 1_000_000, 10_000_000,
+            ] {
+                let n = shard_count(max, cores);
+                assert!((cores * 4..cores * 8).contains(&n), "{max} on {cores}: {n}");
+                let per_shard = max.div_ceil(n);
+                let buckets = (per_shard * 5).div_ceil(4).next_power_of_two();
+                if max >= 1_000 {
+                    assert!(per_shard * 8 <= buckets * 7, "{max} on {cores}: {n}");
+                    // Never worse than the best power-of-two count from `cores * 4` up.
+                    let pow2 = (cores * 4).next_power_of_two();
+                    let pow2_buckets =
+                        pow2 * (max.div_ceil(pow2) * 5).div_ceil(4).next_power_of_two();
+                    assert!(n * buckets <= pow2_buckets, "{max} on {cores}: {n}");
+                }
+            }
+        }
+        assert!((8..16).contains(&shard_count(usize::MAX, 2)), "no overflow");
+    }
+
+    #[test]
+    fn every_table_hash_maps_to_a_shard() {
+        let s = store(clock_at(0), 1_000_000);
+        let n = s.inner.shards.len();
+        for hash in [0, u64::MAX, 1 << 25, u64::MAX >> 7, 0xdead_beef_dead_beef] {
+            assert!(s.shard_index(hash) < n);
+        }
+        let mut seen = vec![0_usize; n];
+        for i in 0..10_000 {
+            seen[s.shard_index(s.fingerprint(&format!("k{i}")).hash())] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 0), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn an_end_past_32_bits_of_seconds_is_kept_exactly() {
+        // A 200-year window from 1970 ends in 2170.
+        let long = 200 * 365 * 86_400;
+        let clock = clock_at(1_000);
+        let store = store(clock.clone(), 100);
+        assert_eq!(add(&store, hit("long", 2, long, 1_000), 1_000).await, 2);
+        clock.0.store(long, Ordering::SeqCst);
+        assert_eq!(store.sweep(), 0, "its last second");
+        assert_eq!(add(&store, hit("long", 3, long, 1_000), 1_000).await, 5);
+        clock.0.store(long + GRACE_SECS, Ordering::SeqCst);
+        assert_eq!(store.sweep(), 1, "gone after the grace");
     }
 
     mod engine {
