@@ -6,7 +6,7 @@ use std::{borrow::Cow, cell::RefCell};
 
 use crate::{
     answer::Resolved,
-    config::{Limit, Rule, RuleTree},
+    config::{Limit, Node, Rule, RuleTree},
     error::ServiceError,
     limiter::{Algorithm, Unit},
     matcher,
@@ -77,20 +77,29 @@ pub fn resolve<'a>(
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
 ) -> Result<Vec<Resolved<'a>>, ServiceError> {
+    resolve_in(tree.domains.get(&req.domain), req, default_algorithm)
+}
+
+/// [`resolve`] with the request's domain already looked up (`None`: not configured), so a
+/// request looks its domain up once, whatever its descriptors.
+pub fn resolve_in<'a>(
+    root: Option<&'a Node>,
+    req: &RateLimitRequest,
+    default_algorithm: Algorithm,
+) -> Result<Vec<Resolved<'a>>, ServiceError> {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut scratch) => resolve_with(tree, req, default_algorithm, &mut scratch),
+        Ok(mut scratch) => resolve_with(root, req, default_algorithm, &mut scratch),
         // Not reentered today; were it, a fresh buffer rather than a panic.
-        Err(_) => resolve_with(tree, req, default_algorithm, &mut String::new()),
+        Err(_) => resolve_with(root, req, default_algorithm, &mut String::new()),
     })
 }
 
 fn resolve_with<'a>(
-    tree: &'a RuleTree,
+    root: Option<&'a Node>,
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
     scratch: &mut String,
 ) -> Result<Vec<Resolved<'a>>, ServiceError> {
-    let known_domain = tree.domains.contains_key(&req.domain);
     // The reference's rules: a request addend of 0 means 1; a descriptor's own addend, 0
     // included (check without charging), wins. Counters saturate at MAX_COUNT on both
     // backends, so a larger addend is counted as MAX_COUNT (over any limit).
@@ -99,7 +108,7 @@ fn resolve_with<'a>(
     let mut out = Vec::with_capacity(req.descriptors.len());
     for (i, d) in req.descriptors.iter().enumerate() {
         let cost = d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT);
-        out.push(if !known_domain {
+        out.push(if root.is_none() {
             Resolved::Nothing
         } else if let Some(o) = &d.limit {
             let limit = OverrideLimit {
@@ -109,7 +118,7 @@ fn resolve_with<'a>(
             };
             override_limit(i, &req.domain, d, limit, cost)?
         } else {
-            match matcher::find(tree, &req.domain, &d.entries, scratch) {
+            match root.and_then(|root| matcher::find_in(root, &req.domain, &d.entries, scratch)) {
                 None => Resolved::Nothing,
                 Some(m) => {
                     let rule: &'a Rule = m.rule;
