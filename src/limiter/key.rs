@@ -95,35 +95,12 @@ const SUFFIX_ROOM: usize = 48;
 /// limits of one rule never share a counter.
 /// The base is extended in place: built with room for the suffix, a key costs one allocation.
 pub fn window_key(mut key: String, start_secs: u64, tag: Option<(u32, Unit)>) -> String {
-    push_decimal(&mut key, start_secs);
+    use std::fmt::Write;
+    let _ = write!(key, "{start_secs}");
     if let Some((multiplier, unit)) = tag {
-        key.push('_');
-        push_decimal(&mut key, u64::from(multiplier));
-        key.push_str(unit.name());
+        let _ = write!(key, "_{multiplier}{}", unit.name());
     }
     key
-}
-
-/// Appends `n` in decimal, as `write!(key, "{n}")` does, without the formatting machinery
-/// (`fmt::write`, `pad_integral`): every counter key ends with a window start.
-fn push_decimal(key: &mut String, mut n: u64) {
-    // u64::MAX has 20 digits.
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start = start.saturating_sub(1);
-        if let Some(d) = digits.get_mut(start) {
-            // n % 10 < 10: the cast keeps it whole.
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in digits.get(start..).unwrap_or_default() {
-        key.push(char::from(d));
-    }
 }
 
 /// A copy of `base` with room for a suffix, for a descriptor's second key (a clone keeps no
@@ -217,28 +194,6 @@ mod tests {
 
     fn hashed(prefix: &str, secret: &[u8]) -> CacheKeyBuilder {
         CacheKeyBuilder::new(prefix).with_value_hasher(ValueHasher::try_new(secret).unwrap())
-    }
-
-    #[test]
-    fn push_decimal_writes_what_display_writes() {
-        let mut values = vec![
-            0,
-            1,
-            9,
-            10,
-            99,
-            100,
-            1_000_019,
-            u64::from(u32::MAX),
-            u64::MAX,
-        ];
-        values.extend((0..64).map(|i| 1u64 << i));
-        values.extend((1..20).map(|i| 10u64.pow(i) - 1));
-        for n in values {
-            let mut key = String::from("p_");
-            push_decimal(&mut key, n);
-            assert_eq!(key, format!("p_{n}"));
-        }
     }
 
     #[test]
