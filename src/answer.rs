@@ -56,7 +56,8 @@ pub fn respond(
     decided: &[Decided],
     global_shadow: &metrics::Counter,
 ) -> RateLimitResponse {
-    let mut decided = decided.iter();
+    // The decisions not yet taken by a descriptor (each takes one per limit).
+    let mut rest = decided;
     // The first over-limit descriptor's rule and the limit it is over, for
     // LIMIT_RULE_HEADER and LIMIT_RESPONSE_BODY.
     let mut fired: Option<(&str, Limit)> = None;
@@ -102,10 +103,12 @@ pub fn respond(
                 ..
             } => (limits, *rule, stats_key, *cost),
         };
-        let own: Vec<Decided> = decided.by_ref().take(limits.len()).copied().collect();
+        // Borrowed, not copied: no allocation per descriptor.
+        let (own, tail) = rest.split_at(limits.len().min(rest.len()));
+        rest = tail;
         // One decision per limit, so both are there; were one missing, the descriptor would
         // still get its status (OK, nothing known), keeping statuses in request order.
-        let shown = reported(&own).and_then(|i| Some((*limits.get(i)?, *own.get(i)?)));
+        let shown = reported(own).and_then(|i| Some((*limits.get(i)?, *own.get(i)?)));
         let Some((
             limit,
             Decided {
@@ -434,6 +437,53 @@ mod tests {
         assert_eq!(r.overall_code, Code::Ok as i32);
         assert!(r.raw_body.is_empty());
         assert_eq!(content_type(&r), None);
+    }
+
+    /// Decisions are taken in order, each descriptor its own (borrowed, not copied); one
+    /// missing at the end still leaves the descriptor its OK status, in request order.
+    #[test]
+    fn each_descriptor_takes_its_own_decisions_and_a_missing_one_answers_ok() {
+        let stats = Stats::new(None, StatsSettings::default());
+        let req = RateLimitRequest {
+            domain: "d".into(),
+            ..Default::default()
+        };
+        let limited = |n: usize| Resolved::Limited {
+            limits: Cow::Owned(vec![Limit::fixed(10, Unit::Minute); n]),
+            rule: None,
+            shared: Vec::new(),
+            stats_key: Cow::Owned("d.k".into()),
+            cost: 1,
+        };
+        let decided = |remaining: u64| Decided {
+            verdict: Verdict {
+                allowed: true,
+                remaining,
+                reset_ms: 1_000,
+                retry_ms: 0,
+                used: 10 - remaining,
+            },
+            charge: None,
+            cached: false,
+        };
+        // Two limits (5 and 3 left: 3 shown), one limit (7 left), then one with no decision.
+        let resolved = [limited(2), Resolved::Nothing, limited(1), limited(1)];
+        let r = respond(
+            &ServiceSettings::default(),
+            &stats,
+            &req,
+            &resolved,
+            &[decided(5), decided(3), decided(7)],
+            &metrics::Counter::noop(),
+        );
+        let remaining: Vec<(i32, u32)> = r
+            .statuses
+            .iter()
+            .map(|s| (s.code, s.limit_remaining))
+            .collect();
+        let ok = Code::Ok as i32;
+        assert_eq!(remaining, [(ok, 3), (ok, 0), (ok, 7), (ok, 0)]);
+        assert!(r.statuses[3].current_limit.is_none());
     }
 
     #[test]

@@ -83,7 +83,17 @@ pub fn find<'a, E: EntryRef>(
     entries: &[E],
     scratch: &mut String,
 ) -> Option<Matched<'a>> {
-    let root = tree.domains.get(domain)?;
+    find_in(tree.domains.get(domain)?, domain, entries, scratch)
+}
+
+/// [`find`] under `root`, the node of `domain` the caller looked up already (once for all
+/// of a request's descriptors).
+pub fn find_in<'a, E: EntryRef>(
+    root: &'a Node,
+    domain: &str,
+    entries: &[E],
+    scratch: &mut String,
+) -> Option<Matched<'a>> {
     let mut node = root;
     let mut shared = Vec::new();
     let mut value_to_metric = false;

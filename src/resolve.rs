@@ -2,11 +2,11 @@
 //! ([`validate`]), then each descriptor matched to what applies to it ([`resolve`]): nothing,
 //! unlimited, or a rule's limits (or the limit Envoy sent), with its cost.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, cell::RefCell};
 
 use crate::{
     answer::Resolved,
-    config::{Limit, Rule, RuleTree},
+    config::{Limit, Node, Rule, RuleTree},
     error::ServiceError,
     limiter::{Algorithm, Unit},
     matcher,
@@ -63,23 +63,52 @@ pub fn validate(req: &RateLimitRequest) -> Result<(), ServiceError> {
     Ok(())
 }
 
+thread_local! {
+    /// The matcher's composite `key_value` lookups, one buffer per thread reused by every
+    /// request instead of a new string per request. Resolving never awaits, so a borrow never
+    /// spans a task switch; it keeps the capacity of the longest entry seen (at most twice
+    /// [`MAX_ENTRY_BYTES`] and a byte).
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
 /// Finds what applies to each descriptor, then drops limits other matched rules replace.
 pub fn resolve<'a>(
     tree: &'a RuleTree,
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
 ) -> Result<Vec<Resolved<'a>>, ServiceError> {
-    let known_domain = tree.domains.contains_key(&req.domain);
+    resolve_in(tree.domains.get(&req.domain), req, default_algorithm)
+}
+
+/// [`resolve`] with the request's domain already looked up (`None`: not configured), so a
+/// request looks its domain up once, whatever its descriptors.
+pub fn resolve_in<'a>(
+    root: Option<&'a Node>,
+    req: &RateLimitRequest,
+    default_algorithm: Algorithm,
+) -> Result<Vec<Resolved<'a>>, ServiceError> {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => resolve_with(root, req, default_algorithm, &mut scratch),
+        // Not reentered today; were it, a fresh buffer rather than a panic.
+        Err(_) => resolve_with(root, req, default_algorithm, &mut String::new()),
+    })
+}
+
+fn resolve_with<'a>(
+    root: Option<&'a Node>,
+    req: &RateLimitRequest,
+    default_algorithm: Algorithm,
+    scratch: &mut String,
+) -> Result<Vec<Resolved<'a>>, ServiceError> {
     // The reference's rules: a request addend of 0 means 1; a descriptor's own addend, 0
     // included (check without charging), wins. Counters saturate at MAX_COUNT on both
     // backends, so a larger addend is counted as MAX_COUNT (over any limit).
     let request_hits = u64::from(req.hits_addend.max(1));
-    let mut scratch = String::new();
     let mut replaced: Vec<&'a str> = Vec::new();
     let mut out = Vec::with_capacity(req.descriptors.len());
     for (i, d) in req.descriptors.iter().enumerate() {
         let cost = d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT);
-        out.push(if !known_domain {
+        out.push(if root.is_none() {
             Resolved::Nothing
         } else if let Some(o) = &d.limit {
             let limit = OverrideLimit {
@@ -89,7 +118,7 @@ pub fn resolve<'a>(
             };
             override_limit(i, &req.domain, d, limit, cost)?
         } else {
-            match matcher::find(tree, &req.domain, &d.entries, &mut scratch) {
+            match root.and_then(|root| matcher::find_in(root, &req.domain, &d.entries, scratch)) {
                 None => Resolved::Nothing,
                 Some(m) => {
                     let rule: &'a Rule = m.rule;
@@ -181,6 +210,49 @@ mod tests {
                 })
                 .collect(),
             ..Default::default()
+        }
+    }
+
+    /// The thread's reused buffer holds the previous request's composite key: each lookup
+    /// must start from an empty one (a long value, then a short exact one, then key-only).
+    #[test]
+    fn the_reused_lookup_buffer_never_leaks_one_request_into_the_next() {
+        use crate::config::{compile, parse};
+        let raw = parse(
+            "r.yaml",
+            "
+domain: d
+descriptors:
+  - key: k
+    rate_limit: {unit: second, requests_per_unit: 1}
+  - key: k
+    value: v
+    rate_limit: {unit: second, requests_per_unit: 2}
+",
+        )
+        .unwrap();
+        let tree = compile(&[("r.yaml".to_owned(), raw)], false).unwrap();
+        let limit_of = |value: &str| {
+            let req = RateLimitRequest {
+                domain: "d".into(),
+                descriptors: vec![descriptor(&[("k", value)])],
+                hits_addend: 0,
+            };
+            match resolve(&tree, &req, Algorithm::FixedWindow)
+                .unwrap()
+                .first()
+            {
+                Some(Resolved::Limited { limits, .. }) => {
+                    limits.first().map(|l| l.requests_per_unit)
+                }
+                _ => None,
+            }
+        };
+        let long = "v".repeat(MAX_ENTRY_BYTES);
+        for _ in 0..2 {
+            assert_eq!(limit_of(&long), Some(1), "key-only");
+            assert_eq!(limit_of("v"), Some(2), "exact");
+            assert_eq!(limit_of(""), Some(1), "key-only, empty value");
         }
     }
 

@@ -30,7 +30,7 @@ use crate::{
     proto::envoy::service::ratelimit::v3::{
         rate_limit_service_server::RateLimitService, RateLimitRequest, RateLimitResponse,
     },
-    resolve::{resolve, validate},
+    resolve::{resolve, resolve_in, validate},
     store::Store,
 };
 
@@ -264,12 +264,14 @@ impl<S: Store> RateLimiter<S> {
         }
         // One clock read: every key and every decision of the request uses it.
         let now_ms = self.clock.now_millis();
-        if !tree.domains.contains_key(&req.domain) {
+        // One lookup of the domain for the whole request.
+        let root = tree.domains.get(&req.domain);
+        if root.is_none() {
             // As the reference: once per descriptor (its GetLimit's first step).
             let descriptors = u64::try_from(req.descriptors.len()).unwrap_or(u64::MAX);
             self.stats.domain_not_found(&req.domain, descriptors);
         }
-        let resolved = resolve(&tree, req, self.settings.default_algorithm)?;
+        let resolved = resolve_in(root, req, self.settings.default_algorithm)?;
 
         let plan = self.plan(req, &resolved, now_ms);
         let decided = self.run(&plan, self.settings.charging, now_ms, ctx).await?;

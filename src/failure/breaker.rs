@@ -138,10 +138,23 @@ impl Breaker {
         lock(&self.inner).state
     }
 
+    /// Whether a call made now goes to the store: [`Breaker::admit`], reading the clock only
+    /// when the circuit is not plainly closed (a closed circuit costs one atomic load).
+    pub fn admit_now(&self) -> Admit {
+        if self.plainly_closed() {
+            return Admit::Call;
+        }
+        self.admit(Instant::now())
+    }
+
+    /// No breaker (`failures` 0), or a closed circuit.
+    fn plainly_closed(&self) -> bool {
+        self.settings.failures == 0 || self.state.load(Ordering::Acquire) == State::Closed as u8
+    }
+
     /// Whether a call at `now` goes to the store.
     pub fn admit(&self, now: Instant) -> Admit {
-        if self.settings.failures == 0 || self.state.load(Ordering::Acquire) == State::Closed as u8
-        {
+        if self.plainly_closed() {
             return Admit::Call;
         }
         let mut inner = lock(&self.inner);
@@ -242,6 +255,19 @@ mod tests {
             },
             t0,
         )
+    }
+
+    #[test]
+    fn admit_now_calls_while_closed_and_rejects_while_open() {
+        let t0 = Instant::now();
+        let b = breaker(t0);
+        assert_eq!(b.admit_now(), Admit::Call, "closed");
+        for _ in 0..3 {
+            b.failure(Instant::now());
+        }
+        assert_eq!(b.state(), State::Open);
+        // Opened for a second just now: still open when read a moment later.
+        assert_eq!(b.admit_now(), Admit::Reject);
     }
 
     #[test]

@@ -243,7 +243,7 @@ impl Guard {
         ctx: CallContext,
         tracer: Option<&Tracer>,
     ) -> Result<Decisions, ServiceError> {
-        if self.breaker.admit(Instant::now()) == Admit::Reject {
+        if self.breaker.admit_now() == Admit::Reject {
             return self.fallback(batch, ctx, StoreError::CircuitOpen).await;
         }
         let result = {

@@ -122,10 +122,9 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
         _ => Vec::new(),
     };
     let any_over = batch.charging == Charging::OnlyOver || would_over.iter().any(|&o| o);
-    let mut charged: Vec<Option<State>> = Vec::with_capacity(checks.len());
-    let mut out = Vec::with_capacity(checks.len());
+    let mut out: Vec<Decided> = Vec::with_capacity(checks.len());
     for (i, c) in checks.iter().enumerate() {
-        let state = current(checks, states, &charged, i);
+        let state = current(checks, states, &out, i);
         let o = evaluate(&c.quota, state, c.cost, now);
         let fixed = c.quota.algorithm == Algorithm::FixedWindow;
         let charge = fits(c)
@@ -138,7 +137,6 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
                 Charging::AllOrNothing => true,
                 Charging::Never => false,
             };
-        charged.push(charge.then_some(o.charged));
         out.push(Decided {
             verdict: if charge || !o.verdict.allowed {
                 o.verdict
@@ -175,18 +173,19 @@ fn standing(c: &Check, state: State, now: u64) -> Verdict {
 }
 
 /// Check `i`'s state: as read, unless an earlier check of the batch charged its key (or, for
-/// a sliding window, its previous window's key).
-fn current(checks: &[Check], states: &[State], charged: &[Option<State>], i: usize) -> State {
+/// a sliding window, its previous window's key). `decided` holds the checks before `i`, whose
+/// `charge` is what they wrote (no second list of charges is kept).
+fn current(checks: &[Check], states: &[State], decided: &[Decided], i: usize) -> State {
     let (Some(c), Some(read)) = (checks.get(i), states.get(i)) else {
         return State::default();
     };
     let latest = |key: &str| {
         checks
             .iter()
-            .zip(charged)
+            .zip(decided)
             .take(i)
             .rev()
-            .find_map(|(other, ch)| ch.filter(|_| other.key == key))
+            .find_map(|(other, d)| d.charge.filter(|_| other.key == key))
     };
     let mut state = *read;
     if let Some(s) = latest(&c.key) {

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Instructions and heap allocations per ShouldRateLimit call (issue 14), counted by valgrind:
+# machine-independent, so figures from a shared, noisy machine still compare.
+#
+# Each target is run twice under valgrind, for N1 and then N2 calls, and the figure is
+# (total(N2) - total(N1)) / (N2 - N1): start-up, connection set-up and shutdown cancel out.
+# Targets (TARGETS, space-separated):
+#   noop     examples/noop.rs over gRPC: the ceiling (tonic, h2, prost, tokio; nothing else)
+#   memory   ratelimitd serve, memory backend, over gRPC
+#   redis    ratelimitd serve on a throwaway redis-server (only ratelimitd is counted)
+#   hotpath  examples/hotpath.rs: the service called in-process, no network, one thread
+# memory - noop is ratelimitd's own work per call. Calls go one at a time (loadgen
+# --connections 1 --streams 1) to bench/lib.sh's unreachable rule (one descriptor, one hot key,
+# every call counted and answered OK).
+# Tools (TOOLS): callgrind (instructions, Ir) and dhat (heap blocks allocated).
+# OUT (default target/callgrind) keeps every valgrind output file, a TSV of the totals
+# (results.tsv) and callgrind_annotate's top functions of each target's N2 run
+# (<target>.top.txt, inclusive and exclusive).
+#
+# Usage: [TARGETS="noop memory redis hotpath"] [TOOLS="callgrind dhat"] [OUT=dir] \
+#        bench/callgrind.sh [N1] [N2]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N1=${1:-2000}
+N2=${2:-12000}
+TARGETS=${TARGETS:-noop memory redis hotpath}
+TOOLS=${TOOLS:-callgrind dhat}
+OUT=${OUT:-target/callgrind}
+command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
+source bench/lib.sh
+cargo build --release --quiet --example noop --example hotpath
+NOOP=target/release/examples/noop
+HOT=target/release/examples/hotpath
+mkdir -p "$OUT"
+write_unreachable_rule
+[[ " $TARGETS " == *" redis "* ]] && start_redis
+
+# valgrind_args TOOL FILE: the tool's options, its output going to FILE.
+valgrind_args() {
+  case $1 in
+    callgrind) echo "--tool=callgrind --callgrind-out-file=$2" ;;
+    dhat) echo "--tool=dhat --dhat-out-file=$2" ;;
+  esac
+}
+
+# total TOOL FILE LOG: Ir from a callgrind output file, or blocks from dhat's log.
+total() {
+  case $1 in
+    callgrind) awk '/^(summary|totals):/ {print $2; exit}' "$2" ;;
+    dhat) sed -nE 's/.*Total: +[0-9,]+ bytes in ([0-9,]+) blocks.*/\1/p' "$3" | tr -d , | head -1 ;;
+  esac
+}
+
+# serve TARGET TOOL N: starts TARGET under valgrind, sends N calls, stops it (SIGTERM, which
+# valgrind passes on, so the output is written at a normal exit). A start that has not
+# printed its address within a minute (seen once on a loaded machine) is stopped and retried.
+serve() {
+  local attempt
+  for attempt in 1 2; do
+    start_under_valgrind "$@" && return 0
+    echo "$1 did not start under valgrind (attempt $attempt)" >&2
+  done
+  cat "$OUT/$1.out" "$OUT/$1.$2.$3.log" >&2
+  exit 1
+}
+
+start_under_valgrind() {
+  local target=$1 tool=$2 n=$3 file="$OUT/$1.$2.$3" log="$OUT/$1.$2.$3.log" pid addr
+  rm -f "$file" "$log"
+  case $target in
+    noop)
+      # shellcheck disable=SC2046
+      valgrind $(valgrind_args "$tool" "$file") --log-file="$log" "$NOOP" --addr 127.0.0.1:0 \
+        >"$OUT/noop.out" &
+      pid=$!
+      ;;
+    memory | redis)
+      local backend=()
+      [[ $target == redis ]] && backend=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
+      # shellcheck disable=SC2046
+      env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 \
+        DEBUG_HOST=127.0.0.1 DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn "${backend[@]}" \
+        valgrind $(valgrind_args "$tool" "$file") --log-file="$log" \
+        "$BIN" serve --config "$WORK/bench.yaml" 2>"$OUT/$target.out" &
+      pid=$!
+      ;;
+  esac
+  PIDS+=("$pid")
+  for _ in $(seq 600); do
+    grep -qs "listening" "$OUT/$target.out" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -qs "listening" "$OUT/$target.out"; then
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    return 1
+  fi
+  addr=$(grep -m1 "listening" "$OUT/$target.out" | sed -E 's/.*grpc=([^ ]+).*/\1/')
+  "$LOAD" --target "$addr" --domain bench --key k --connections 1 --streams 1 \
+    --requests "$n" --max-seconds 600 >"$OUT/$target.$tool.$n.load"
+  grep -q " errors=0" "$OUT/$target.$tool.$n.load" ||
+    { echo "$target: loadgen saw errors: $(cat "$OUT/$target.$tool.$n.load")" >&2; exit 1; }
+  kill -TERM "$pid"
+  wait "$pid" || true
+}
+
+# inprocess TOOL N: examples/hotpath.rs under valgrind for N calls.
+inprocess() {
+  local tool=$1 n=$2 file="$OUT/hotpath.$1.$2" log="$OUT/hotpath.$1.$2.log"
+  rm -f "$file" "$log"
+  # shellcheck disable=SC2046
+  valgrind $(valgrind_args "$tool" "$file") --log-file="$log" "$HOT" --requests "$n" >/dev/null
+}
+
+printf 'target\ttool\tn1\ttotal_n1\tn2\ttotal_n2\tper_call\n' >"$OUT/results.tsv"
+for target in $TARGETS; do
+  for tool in $TOOLS; do
+    for n in "$N1" "$N2"; do
+      if [[ $target == hotpath ]]; then inprocess "$tool" "$n"; else serve "$target" "$tool" "$n"; fi
+    done
+    t1=$(total "$tool" "$OUT/$target.$tool.$N1" "$OUT/$target.$tool.$N1.log")
+    t2=$(total "$tool" "$OUT/$target.$tool.$N2" "$OUT/$target.$tool.$N2.log")
+    per=$(awk -v a="$t1" -v b="$t2" -v n1="$N1" -v n2="$N2" 'BEGIN {printf "%.1f", (b - a) / (n2 - n1)}')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$tool" "$N1" "$t1" "$N2" "$t2" "$per" >>"$OUT/results.tsv"
+  done
+  if [[ " $TOOLS " == *" callgrind "* ]]; then
+    {
+      echo "== $target: inclusive (N2=$N2 calls) =="
+      callgrind_annotate --inclusive=yes "$OUT/$target.callgrind.$N2" 2>/dev/null | sed -n '1,60p'
+      echo "== $target: exclusive (N2=$N2 calls) =="
+      callgrind_annotate "$OUT/$target.callgrind.$N2" 2>/dev/null | sed -n '1,60p'
+    } >"$OUT/$target.top.txt"
+  fi
+done
+
+# Per call, and ratelimitd's own work (memory - noop, redis - noop).
+column -t -s $'\t' "$OUT/results.tsv"
+awk -F'\t' 'NR > 1 {v[$1 "," $2] = $7}
+  END {
+    for (t in v) {
+      split(t, p, ",")
+      if (p[1] != "noop" && p[1] != "hotpath" && ("noop," p[2]) in v)
+        printf "%s - noop (%s): %.1f per call\n", p[1], p[2], v[t] - v["noop," p[2]]
+    }
+  }' "$OUT/results.tsv"
+echo "valgrind files, results.tsv and <target>.top.txt in $OUT"
