@@ -31,4 +31,7 @@ fi
 # Style gates first: a formatting or lint failure fails CI before the tests run.
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked -- --test-threads=4
+# Libtest targets with 4 test threads; then the criterion benches (benches/), each case run
+# once as a check: their own argument parser refuses libtest's --test-threads.
+cargo test --lib --bins --tests --examples --locked -- --test-threads=4
+cargo test --locked --bench '*'
