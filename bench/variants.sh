@@ -92,5 +92,5 @@ for b in sorted({r["backend"] for r in rows}, key=lambda x: x != "memory"):
         print(f"| {b} | {label} | {cell(list(rps.values()), i0)} | {cell(r_rps, f2)} "
               f"| {cell(list(vals(v, b, 'throughput', 'p50_us').values()), i0)} | {cell(list(vals(v, b, 'throughput', 'p99_us').values()), i0)} "
               f"| {cell(list(cpu.values()), f1)} | {cell(r_cpu, f2)} |")
-la = sorted(float(x) for x in open("/proc/loadavg").read().split()[:1])
 PY
+echo; echo "Load average at the end: $(cut -d" " -f1-3 /proc/loadavg)"
