@@ -35,10 +35,15 @@ fn now_ms() -> u64 {
 /// An HTTP answer: status, lower-cased headers, body.
 type Answer = (u16, Vec<(String, String)>, String);
 
+/// A GET of `/` through the recipe's Envoy with `headers`.
+fn get(recipe: &Recipe, headers: &[(&str, &str)]) -> Answer {
+    http_request(&recipe.envoy.ingress, "GET", "/", headers)
+}
+
 /// A GET of `/` through the recipe's Envoy, with the current Unix time in ms before and after.
 fn timed_get(recipe: &Recipe, headers: &[(&str, &str)]) -> (u64, Answer, u64) {
     let before = now_ms();
-    let answer = http_request(&recipe.envoy.ingress, "GET", "/", headers);
+    let answer = get(recipe, headers);
     (before, answer, now_ms())
 }
 
@@ -120,12 +125,7 @@ fn each_key_has_its_own_bucket_and_an_empty_one_answers_429_with_the_exact_wait(
         defaults.push((key, before, after));
     }
     // A listed key: its own limit and burst.
-    let (status, headers, _) = http_request(
-        &recipe.envoy.ingress,
-        "GET",
-        "/",
-        &[("x-api-key", "key-partner-acme")],
-    );
+    let (status, headers, _) = get(&recipe, &[("x-api-key", "key-partner-acme")]);
     assert_eq!(status, 200);
     assert_eq!(
         header(&headers, "x-ratelimit-limit"),
@@ -188,21 +188,11 @@ fn each_key_has_its_own_bucket_and_an_empty_one_answers_429_with_the_exact_wait(
     assert_eq!(body, problem("trial", 10, "1h", retry_after));
 
     // A refused request takes no token: the bucket, and so the wait, stay as they were.
-    let (status, _, _) = http_request(
-        &recipe.envoy.ingress,
-        "GET",
-        "/",
-        &[("x-api-key", TRIAL_KEY)],
-    );
+    let (status, _, _) = get(&recipe, &[("x-api-key", TRIAL_KEY)]);
     assert_eq!(status, 429);
     assert_eq!(bucket_tat(&recipe, TRIAL_BUCKET), tat);
     // Other keys are not affected.
-    let (status, _, _) = http_request(
-        &recipe.envoy.ingress,
-        "GET",
-        "/",
-        &[("x-api-key", "key-bob")],
-    );
+    let (status, _, _) = get(&recipe, &[("x-api-key", "key-bob")]);
     assert_eq!(status, 200);
 }
 
@@ -211,7 +201,7 @@ fn requests_without_a_key_are_limited_per_client_ip() {
     let recipe = Recipe::start(RECIPE, &[]);
     // Envoy sees the test's connections from 127.0.0.1: 5 at once (the burst), then 429.
     for left in [4, 3, 2, 1, 0] {
-        let (status, headers, body) = http_request(&recipe.envoy.ingress, "GET", "/", &[]);
+        let (status, headers, body) = get(&recipe, &[]);
         assert_eq!((status, body.as_str()), (200, UPSTREAM), "{headers:?}");
         assert_eq!(
             header(&headers, "x-ratelimit-limit"),
@@ -222,7 +212,7 @@ fn requests_without_a_key_are_limited_per_client_ip() {
             Some(left.to_string().as_str())
         );
     }
-    let (status, headers, body) = http_request(&recipe.envoy.ingress, "GET", "/", &[]);
+    let (status, headers, body) = get(&recipe, &[]);
     assert_eq!(status, 429, "{headers:?}");
     let retry_after: u64 = header(&headers, "retry-after").unwrap().parse().unwrap();
     // A token a minute: the next one is less than a minute away.
@@ -234,12 +224,7 @@ fn requests_without_a_key_are_limited_per_client_ip() {
     );
 
     // The same client with an API key is counted by its key, not its address.
-    let (status, _, _) = http_request(
-        &recipe.envoy.ingress,
-        "GET",
-        "/",
-        &[("x-api-key", "key-carol")],
-    );
+    let (status, _, _) = get(&recipe, &[("x-api-key", "key-carol")]);
     assert_eq!(status, 200);
     assert_eq!(
         redis_keys(&recipe),
@@ -251,8 +236,7 @@ fn requests_without_a_key_are_limited_per_client_ip() {
 
     // An empty x-api-key header is present: it is the key "" (one bucket shared by everyone
     // sending it, the README's caveat), not the per-IP limit.
-    let (status, headers, _) =
-        http_request(&recipe.envoy.ingress, "GET", "/", &[("x-api-key", "")]);
+    let (status, headers, _) = get(&recipe, &[("x-api-key", "")]);
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-ratelimit-remaining"), Some("149"));
     assert_eq!(
@@ -269,12 +253,7 @@ fn requests_without_a_key_are_limited_per_client_ip() {
 fn requests_pass_while_ratelimitd_is_down_and_envoy_counts_each_one() {
     let mut recipe = Recipe::start(RECIPE, &[]);
     spend_trial_burst(&recipe);
-    let (status, _, _) = http_request(
-        &recipe.envoy.ingress,
-        "GET",
-        "/",
-        &[("x-api-key", TRIAL_KEY)],
-    );
+    let (status, _, _) = get(&recipe, &[("x-api-key", TRIAL_KEY)]);
     assert_eq!(status, 429);
     let allowed = |recipe: &Recipe| {
         recipe
@@ -297,8 +276,7 @@ fn requests_pass_while_ratelimitd_is_down_and_envoy_counts_each_one() {
         &[],
     ];
     for headers in requests {
-        let (status, answer_headers, body) =
-            http_request(&recipe.envoy.ingress, "GET", "/", headers);
+        let (status, answer_headers, body) = get(&recipe, headers);
         assert_eq!((status, body.as_str()), (200, UPSTREAM), "{headers:?}");
         // No answer from ratelimitd, so no X-RateLimit-* headers.
         assert_eq!(header(&answer_headers, "x-ratelimit-remaining"), None);
@@ -307,12 +285,7 @@ fn requests_pass_while_ratelimitd_is_down_and_envoy_counts_each_one() {
 
     // Back on the same port with the same Redis: the trial bucket is still empty.
     recipe.restart_ratelimitd(&[]);
-    let (status, _, _) = http_request(
-        &recipe.envoy.ingress,
-        "GET",
-        "/",
-        &[("x-api-key", TRIAL_KEY)],
-    );
+    let (status, _, _) = get(&recipe, &[("x-api-key", TRIAL_KEY)]);
     assert_eq!(status, 429);
     assert_eq!(allowed(&recipe), requests.len() as u64);
 }

@@ -935,13 +935,7 @@ impl Envoy {
             );
             shipped = shipped.replace(SHIPPED, &format!("timeout: {}s", timeout.as_secs_f64()));
         }
-        let rls_port = rls.rsplit_once(':').unwrap().1;
-        let [ingress, upstream, admin] = free_ports();
-        let config = shipped
-            .replace("port_value: 10000", &format!("port_value: {ingress}"))
-            .replace("port_value: 10001", &format!("port_value: {upstream}"))
-            .replace("port_value: 8081", &format!("port_value: {rls_port}"))
-            .replace("port_value: 9901", &format!("port_value: {admin}"));
+        let (config, ingress, admin) = move_envoy_ports(&shipped, rls);
         Self::start_config(&config, ingress, admin)
     }
 
@@ -1013,6 +1007,20 @@ impl Drop for Envoy {
             let _ = c.wait();
         }
     }
+}
+
+/// A shipped Envoy config (ingress 10000, upstream 10001, ratelimitd 8081, admin 9901) moved
+/// to free ports and pointed at ratelimitd's gRPC address `rls` (`127.0.0.1:port`):
+/// (config, ingress port, admin port).
+pub fn move_envoy_ports(shipped: &str, rls: &str) -> (String, u16, u16) {
+    let rls_port = rls.rsplit_once(':').unwrap().1;
+    let [ingress, upstream, admin] = free_ports();
+    let config = shipped
+        .replace("port_value: 10000", &format!("port_value: {ingress}"))
+        .replace("port_value: 10001", &format!("port_value: {upstream}"))
+        .replace("port_value: 8081", &format!("port_value: {rls_port}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"));
+    (config, ingress, admin)
 }
 
 /// The Envoy binary: .venv/bin/envoy (scripts/test.sh installs it), else `envoy` on PATH.

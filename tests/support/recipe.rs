@@ -19,7 +19,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use super::{free_ports, http_header, Envoy, Ratelimitd, RedisServer};
+use super::{http_header, move_envoy_ports, Envoy, Ratelimitd, RedisServer};
 
 /// `examples/<name>`.
 pub fn dir(name: &str) -> PathBuf {
@@ -80,18 +80,11 @@ pub fn envoy_config_edited(
             path.display()
         );
     }
-    let rls_port = rls.rsplit_once(':').unwrap().1;
-    let [ingress, upstream, admin] = free_ports();
-    let config = shipped
-        .replace("port_value: 10000", &format!("port_value: {ingress}"))
-        .replace("port_value: 10001", &format!("port_value: {upstream}"))
-        .replace("port_value: 8081", &format!("port_value: {rls_port}"))
-        .replace("port_value: 9901", &format!("port_value: {admin}"))
-        .replace(
-            "timeout: 0.02s",
-            &format!("timeout: {}s", timeout.as_secs_f64()),
-        );
-    (config, ingress, admin)
+    let patient = shipped.replace(
+        "timeout: 0.02s",
+        &format!("timeout: {}s", timeout.as_secs_f64()),
+    );
+    move_envoy_ports(&patient, rls)
 }
 
 /// One recipe running: Redis, ratelimitd with the recipe's rules and settings, and Envoy.
