@@ -92,17 +92,8 @@ impl ClusterStore {
             let _ = rustls::crypto::ring::default_provider().install_default();
             builder = builder.tls(TlsMode::Secure);
             let files = &s.tls_files;
-            if files.root_cert.is_some() || files.client.is_some() {
-                builder = builder.certs(redis::TlsCertificates {
-                    client_tls: files
-                        .client
-                        .as_ref()
-                        .map(|(cert, key)| redis::ClientTlsConfig {
-                            client_cert: cert.clone(),
-                            client_key: key.clone(),
-                        }),
-                    root_cert: files.root_cert.clone(),
-                });
+            if let Some(certs) = files.certificates() {
+                builder = builder.certs(certs);
             }
             if files.skip_hostname_verification {
                 builder = builder.danger_accept_invalid_hostnames(true);

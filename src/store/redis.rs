@@ -84,6 +84,26 @@ pub struct RedisTls {
     pub skip_hostname_verification: bool,
 }
 
+impl RedisTls {
+    /// The files as redis-rs takes them, when there are any (else its defaults: the public
+    /// roots and no client certificate).
+    pub(super) fn certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.root_cert.is_none() && self.client.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.root_cert.clone(),
+        })
+    }
+}
+
 impl std::fmt::Debug for RedisTls {
     // The key is never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -313,17 +333,7 @@ pub(super) fn open_client(
     if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
         return redis::Client::open(info);
     }
-    let mut info = if tls.root_cert.is_some() || tls.client.is_some() {
-        let certs = redis::TlsCertificates {
-            client_tls: tls
-                .client
-                .as_ref()
-                .map(|(cert, key)| redis::ClientTlsConfig {
-                    client_cert: cert.clone(),
-                    client_key: key.clone(),
-                }),
-            root_cert: tls.root_cert.clone(),
-        };
+    let mut info = if let Some(certs) = tls.certificates() {
         redis::Client::build_with_tls(info, certs)?
             .get_connection_info()
             .clone()

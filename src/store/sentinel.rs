@@ -110,21 +110,26 @@ impl SentinelStore {
         Ok(store)
     }
 
-    /// A plain client per sentinel, for the watcher.
-    fn sentinel_clients(&self, files: &RedisTls) -> Result<Vec<redis::Client>, RedisError> {
+    /// Each sentinel's address, over TLS when Redis is.
+    fn sentinel_addrs(&self) -> impl Iterator<Item = ConnectionAddr> + '_ {
         self.url
             .sentinels
             .iter()
-            .map(|(host, port)| {
-                let addr = match self.tls {
-                    Some(_) => ConnectionAddr::TcpTls {
-                        host: host.clone(),
-                        port: *port,
-                        insecure: false,
-                        tls_params: None,
-                    },
-                    None => ConnectionAddr::Tcp(host.clone(), *port),
-                };
+            .map(|(host, port)| match self.tls {
+                Some(_) => ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    insecure: false,
+                    tls_params: None,
+                },
+                None => ConnectionAddr::Tcp(host.clone(), *port),
+            })
+    }
+
+    /// A plain client per sentinel, for the watcher.
+    fn sentinel_clients(&self, files: &RedisTls) -> Result<Vec<redis::Client>, RedisError> {
+        self.sentinel_addrs()
+            .map(|addr| {
                 let mut info = addr.into_connection_info()?;
                 if let Some((user, pass)) = topology::credentials(&self.sentinel_auth) {
                     let mut redis = info.redis_settings().clone().set_password(pass);
@@ -140,19 +145,7 @@ impl SentinelStore {
 
     /// A client resolving the master through the sentinels (no I/O until used).
     fn client(&self) -> Result<SentinelClient, RedisError> {
-        let sentinels = self
-            .url
-            .sentinels
-            .iter()
-            .map(|(host, port)| match self.tls {
-                Some(_) => ConnectionAddr::TcpTls {
-                    host: host.clone(),
-                    port: *port,
-                    insecure: false,
-                    tls_params: None,
-                },
-                None => ConnectionAddr::Tcp(host.clone(), *port),
-            });
+        let sentinels = self.sentinel_addrs();
         let nodelay = redis::io::tcp::TcpSettings::default().set_nodelay(true);
         let mut b =
             SentinelClientBuilder::new(sentinels, &self.url.master, SentinelServerType::Master)?
@@ -174,20 +167,10 @@ impl SentinelStore {
             b = b
                 .set_client_to_redis_tls_mode(TlsMode::Secure)
                 .set_client_to_sentinel_tls_mode(TlsMode::Secure);
-            if files.root_cert.is_some() || files.client.is_some() {
-                let certs = || redis::TlsCertificates {
-                    client_tls: files
-                        .client
-                        .as_ref()
-                        .map(|(cert, key)| redis::ClientTlsConfig {
-                            client_cert: cert.clone(),
-                            client_key: key.clone(),
-                        }),
-                    root_cert: files.root_cert.clone(),
-                };
+            if let Some(certs) = files.certificates() {
                 b = b
-                    .set_client_to_redis_certificates(certs())
-                    .set_client_to_sentinel_certificates(certs());
+                    .set_client_to_redis_certificates(certs.clone())
+                    .set_client_to_sentinel_certificates(certs);
             }
         }
         b.build()
