@@ -194,13 +194,14 @@ pub(crate) fn override_limit<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::proto::envoy::extensions::common::ratelimit::v3::{
         rate_limit_descriptor::Entry, RateLimitDescriptor,
     };
 
-    fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    /// A request descriptor with these entries (also used by the service's tests).
+    pub(crate) fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
         RateLimitDescriptor {
             entries: entries
                 .iter()

@@ -566,22 +566,7 @@ impl<S: Store> RateLimitService for GrpcService<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::envoy::extensions::common::ratelimit::v3::{
-        rate_limit_descriptor::Entry, RateLimitDescriptor,
-    };
-
-    fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-        RateLimitDescriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| Entry {
-                    key: (*k).to_owned(),
-                    value: (*v).to_owned(),
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
+    use crate::resolve::tests::descriptor;
 
     mod answers {
         use std::{

@@ -284,11 +284,9 @@ mod tests {
         }
     }
 
-    /// One store, and the same split in two, with check `i` charged `seed[i]` beforehand.
-    async fn stores(checks: &[Check], seed: &[u64]) -> (MemoryStore, SplitStore<MemoryStore>) {
-        let one = memory();
-        let split = SplitStore::new(memory(), memory());
-        let seeded: Vec<Check> = checks
+    /// The checks that charge check `i` by `seed[i]` (those with 0 left out).
+    fn seeded(checks: &[Check], seed: &[u64]) -> Vec<Check> {
+        checks
             .iter()
             .zip(seed)
             .filter(|(_, &n)| n > 0)
@@ -296,7 +294,14 @@ mod tests {
                 cost: n,
                 ..c.clone()
             })
-            .collect();
+            .collect()
+    }
+
+    /// One store, and the same split in two, with check `i` charged `seed[i]` beforehand.
+    async fn stores(checks: &[Check], seed: &[u64]) -> (MemoryStore, SplitStore<MemoryStore>) {
+        let one = memory();
+        let split = SplitStore::new(memory(), memory());
+        let seeded = seeded(checks, seed);
         let roles = vec![Role::default(); checks.len()];
         let b = batch(&seeded, &roles, Charging::Always);
         one.decide(&b).await.unwrap();
@@ -510,15 +515,7 @@ mod tests {
             for seed in seeds {
                 let one = memory();
                 let three = Three([memory(), memory(), memory()]);
-                let seeded: Vec<Check> = checks
-                    .iter()
-                    .zip(seed)
-                    .filter(|(_, &n)| n > 0)
-                    .map(|(c, &n)| Check {
-                        cost: n,
-                        ..c.clone()
-                    })
-                    .collect();
+                let seeded = seeded(&checks, seed);
                 let b = batch(&seeded, &roles, Charging::Always);
                 one.decide(&b).await.unwrap();
                 decide(&three, &b).await.unwrap();
