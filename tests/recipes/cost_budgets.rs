@@ -16,7 +16,10 @@
 use std::time::Duration;
 
 use crate::support::{ensure_window_room, http_request, recipe::Recipe, unix_now};
-use crate::support::{http_header as header, recipe::header_secs as secs};
+use crate::support::{
+    http_header as header,
+    recipe::{header_secs as secs, secs_to_window_end},
+};
 
 const NAME: &str = "cost-budgets";
 const USER_LIMIT: &str = "5000000";
@@ -24,20 +27,7 @@ const GLOBAL_LIMIT: &str = "100000000";
 
 /// Seconds until the current UTC day ends, as a fixed window reports them.
 fn secs_to_day_end() -> u64 {
-    86400 - unix_now() % 86400
-}
-
-/// The value of a Redis bulk-string reply (`$2\r\n10\r\n` is `10`), `None` for a missing key.
-fn value(reply: &str) -> Option<String> {
-    if reply == "$-1\r\n" {
-        return None;
-    }
-    let v = reply
-        .split("\r\n")
-        .nth(1)
-        .filter(|_| reply.starts_with('$'))
-        .unwrap_or_else(|| panic!("not a bulk string: {reply:?}"));
-    Some(v.to_owned())
+    secs_to_window_end(86_400)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +41,7 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
             &[("x-user-id", user), ("x-cost-microdollars", cost)],
         )
     };
-    let spent = |key: &str| value(&r.redis.command(&["GET", key]));
+    let spent = |key: &str| r.redis_number(&["GET", key]);
 
     // Everything below happens in one UTC day (one window of both budgets).
     ensure_window_room(86400, Duration::from_secs(60)).await;
@@ -112,8 +102,8 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
     );
     assert_eq!(header(&headers, "ratelimit-limit"), Some(USER_LIMIT));
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
-    assert_eq!(spent(&alice).as_deref(), Some("4000000"));
-    assert_eq!(spent(&global).as_deref(), Some("4000000"));
+    assert_eq!(spent(&alice), Some(4000000));
+    assert_eq!(spent(&global), Some(4000000));
 
     // $1 still fits: the budget is spent to the last micro-dollar, and then nothing fits.
     let (status, headers, _) = spend("alice", "1000000");
@@ -121,16 +111,16 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
     let (status, headers, _) = spend("alice", "1");
     assert_eq!(status, 429, "{headers:?}");
-    assert_eq!(spent(&alice).as_deref(), Some("5000000"));
-    assert_eq!(spent(&global).as_deref(), Some("5000000"));
+    assert_eq!(spent(&alice), Some(5000000));
+    assert_eq!(spent(&global), Some(5000000));
 
     // A cost of 0 is charged as 1 (a request's hits_addend of 0 means 1).
     let dave = format!("{NAME}_user_dave_{day}");
     let (status, headers, _) = spend("dave", "0");
     assert_eq!(status, 200, "{headers:?}");
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("4999999"));
-    assert_eq!(spent(&dave).as_deref(), Some("1"));
-    assert_eq!(spent(&global).as_deref(), Some("5000001"));
+    assert_eq!(spent(&dave), Some(1));
+    assert_eq!(spent(&global), Some(5000001));
 
     // Everyone else has spent $99 today (set directly in Redis, with a TTL as ratelimitd
     // would give it): bob's $1 fits the global budget exactly, then the global budget, not
@@ -148,8 +138,8 @@ async fn costs_fill_the_budget_exactly_a_cost_that_does_not_fit_charges_nothing(
     assert_eq!(status, 429, "{headers:?}");
     assert_eq!(header(&headers, "ratelimit-limit"), Some(GLOBAL_LIMIT));
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
-    assert_eq!(spent(&bob).as_deref(), Some("1000000"), "$4 of bob's left");
-    assert_eq!(spent(&global).as_deref(), Some("100000000"));
+    assert_eq!(spent(&bob), Some(1000000), "$4 of bob's left");
+    assert_eq!(spent(&global), Some(100000000));
 
     // Money fails closed: with ratelimitd gone, Envoy refuses (503) instead of letting
     // unmetered spending through.

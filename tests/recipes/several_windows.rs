@@ -14,18 +14,14 @@
 use std::time::Duration;
 
 use crate::support::{ensure_window_room, http_request, recipe::Recipe, unix_now};
-use crate::support::{http_header as header, recipe::header_secs as secs};
+use crate::support::{
+    http_header as header,
+    recipe::{header_secs as secs, secs_to_window_end},
+};
 
 const NAME: &str = "several-windows";
 /// Every window, as ratelimitd's `RateLimit-Limit` lists them after the reported limit.
 const WINDOWS: &str = "10;w=60, 100;w=3600, 500;w=86400";
-
-/// Seconds until the current window of `secs` seconds ends, as a fixed window reports them
-/// (read before and after a request, they bound what ratelimitd reported, however slow the
-/// machine).
-fn secs_to_window_end(secs: u64) -> u64 {
-    secs - unix_now() % secs
-}
 
 /// The Redis keys of `user`'s minute, hour and day counters at `now` (the layout `ratelimitd
 /// explain` prints: a rule with several limits adds the window to the reference's key).
@@ -34,21 +30,11 @@ fn keys(user: &str, now: u64) -> [String; 3] {
         .map(|(w, tag)| format!("{NAME}_user_{user}_{}_{tag}", now - now % w))
 }
 
-/// The value of a Redis bulk-string reply (`$2\r\n10\r\n` is `10`).
-fn value(reply: &str) -> String {
-    reply
-        .split("\r\n")
-        .nth(1)
-        .filter(|_| reply.starts_with('$'))
-        .unwrap_or_else(|| panic!("not a bulk string: {reply:?}"))
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window() {
     let r = Recipe::start(NAME, &[]);
     let get = |user: &str| http_request(&r.envoy.ingress, "GET", "/", &[("x-user-id", user)]);
-    let count = |key: &String| value(&r.redis.command(&["GET", key]));
+    let count = |key: &String| r.redis_number(&["GET", key]);
 
     // Everything below happens in one minute (hence one hour and one day): an hour or a day
     // ends only where a minute does.
@@ -105,7 +91,7 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
     }
     // Strict charging: the two refused requests are in none of the windows.
     for key in &keys("alice", now) {
-        assert_eq!(count(key), "10", "{key}");
+        assert_eq!(count(key), Some(10), "{key}");
     }
 
     // Another user, in the same minute, has all three windows to themselves.
@@ -113,7 +99,7 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
     assert_eq!(status, 200, "{headers:?}");
     assert_eq!(header(&headers, "ratelimit-remaining"), Some("9"));
     for key in &keys("bob", now) {
-        assert_eq!(count(key), "1", "{key}");
+        assert_eq!(count(key), Some(1), "{key}");
     }
 
     // The hour window refuses too: carol has already made 99 requests this hour (as if
@@ -157,7 +143,7 @@ async fn the_minute_refuses_the_eleventh_and_refused_requests_charge_no_window()
         assert_eq!(header(&headers, "ratelimit-remaining"), Some("0"));
     }
     // The minute and the day counted the one admitted request only.
-    assert_eq!(count(&minute), "1");
-    assert_eq!(count(&hour), "100");
-    assert_eq!(count(&day), "1");
+    assert_eq!(count(&minute), Some(1));
+    assert_eq!(count(&hour), Some(100));
+    assert_eq!(count(&day), Some(1));
 }

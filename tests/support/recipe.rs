@@ -256,3 +256,10 @@ pub fn header_secs(headers: &[(String, String)], name: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} {value:?}: {headers:?}"))
 }
+
+/// Seconds until the current window of `secs` seconds ends, as a fixed window reports them
+/// (read before and after a request, they bound what ratelimitd reported, however slow the
+/// machine).
+pub fn secs_to_window_end(secs: u64) -> u64 {
+    secs - super::unix_now() % secs
+}
