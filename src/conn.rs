@@ -48,18 +48,33 @@ const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// A listening socket `Incoming` can accept from.
 pub trait Listen: Unpin + Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// A just-accepted connection detached from its runtime, to move to another
+    /// ([`crate::workers`]): a tokio socket belongs to the reactor it was registered with.
+    type Detached: Send + 'static;
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>>;
     /// Socket options for a new connection.
     fn prepare(io: &Self::Io) -> io::Result<()>;
+    /// Detaches a connection nothing has been read from yet.
+    fn detach(io: Self::Io) -> io::Result<Self::Detached>;
+    /// Registers a detached connection with the current runtime.
+    fn attach(detached: Self::Detached) -> io::Result<Self::Io>;
 }
 
 impl Listen for TcpListener {
     type Io = TcpStream;
+    type Detached = std::net::TcpStream;
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
         TcpListener::poll_accept(self, cx).map_ok(|(s, _)| s)
     }
     fn prepare(io: &TcpStream) -> io::Result<()> {
         io.set_nodelay(true)
+    }
+    fn detach(io: TcpStream) -> io::Result<std::net::TcpStream> {
+        io.into_std()
+    }
+    fn attach(detached: std::net::TcpStream) -> io::Result<TcpStream> {
+        // `into_std` left the socket non-blocking, as `from_std` needs.
+        TcpStream::from_std(detached)
     }
 }
 
@@ -67,11 +82,18 @@ impl Listen for TcpListener {
 /// TCP ones are not touched.
 impl Listen for UnixListener {
     type Io = AuthorityFix<UnixStream>;
+    type Detached = std::os::unix::net::UnixStream;
     fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>> {
         UnixListener::poll_accept(self, cx).map_ok(|(s, _)| AuthorityFix::new(s))
     }
     fn prepare(_: &Self::Io) -> io::Result<()> {
         Ok(())
+    }
+    fn detach(io: Self::Io) -> io::Result<Self::Detached> {
+        io.into_inner().into_std()
+    }
+    fn attach(detached: Self::Detached) -> io::Result<Self::Io> {
+        UnixStream::from_std(detached).map(AuthorityFix::new)
     }
 }
 
@@ -135,34 +157,72 @@ fn per_connection(e: &io::Error) -> bool {
     )
 }
 
+impl<L: Listen> Incoming<L> {
+    /// The next connection, its socket options set.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<L::Io> {
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            match ready!(self.listener.poll_accept(cx)) {
+                Ok(io) => {
+                    self.backoff = MIN_BACKOFF;
+                    if self.log.success() {
+                        tracing::info!(listener = self.name, "accepting connections again");
+                    }
+                    if let Err(e) = L::prepare(&io) {
+                        // The peer is already gone (setsockopt on a reset socket); next.
+                        tracing::debug!(listener = self.name, error = %e, "cannot set socket options");
+                        continue;
+                    }
+                    return Poll::Ready(io);
+                }
+                Err(e) if per_connection(&e) => continue,
+                Err(e) => self.failed(&e),
+            }
+        }
+    }
+
+    /// The next connection, detached to be moved to another runtime (see [`attached`]).
+    pub async fn next_detached(&mut self) -> L::Detached {
+        loop {
+            let io = std::future::poll_fn(|cx| self.poll_accept(cx)).await;
+            match L::detach(io) {
+                Ok(detached) => return detached,
+                Err(e) => {
+                    tracing::debug!(listener = self.name, error = %e, "cannot detach a connection")
+                }
+            }
+        }
+    }
+}
+
 impl<L: Listen> Stream for Incoming<L> {
     type Item = io::Result<ConnIo<L::Io>>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        loop {
-            if let Some(pause) = this.pause.as_mut() {
-                ready!(pause.as_mut().poll(cx));
-                this.pause = None;
-            }
-            match ready!(this.listener.poll_accept(cx)) {
-                Ok(io) => {
-                    this.backoff = MIN_BACKOFF;
-                    if this.log.success() {
-                        tracing::info!(listener = this.name, "accepting connections again");
-                    }
-                    if let Err(e) = L::prepare(&io) {
-                        // The peer is already gone (setsockopt on a reset socket); next.
-                        tracing::debug!(listener = this.name, error = %e, "cannot set socket options");
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(ConnIo::new(io, &this.policy))));
-                }
-                Err(e) if per_connection(&e) => continue,
-                Err(e) => this.failed(&e),
-            }
-        }
+        let io = ready!(this.poll_accept(cx));
+        Poll::Ready(Some(Ok(ConnIo::new(io, &this.policy))))
     }
+}
+
+/// Connections detached by [`Incoming::next_detached`] on another runtime, registered with
+/// the runtime that polls this stream and wrapped as `Incoming` wraps them. Like `Incoming`,
+/// it never yields an error; it ends when the sending side is dropped.
+pub fn attached<L: Listen>(
+    detached: tokio::sync::mpsc::Receiver<L::Detached>,
+    policy: ConnPolicy,
+) -> impl Stream<Item = io::Result<ConnIo<L::Io>>> + Unpin + Send + 'static {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(detached).filter_map(move |d| match L::attach(d) {
+        Ok(io) => Some(Ok(ConnIo::new(io, &policy))),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot register a connection with its runtime");
+            None
+        }
+    })
 }
 
 /// Resolves when shutdown begins (never, if the sender is gone without a shutdown).
@@ -207,8 +267,17 @@ impl<T> ConnIo<T> {
         &self.inner
     }
 
+    /// Whether this connection may have to close now: while opening, or once the deadline
+    /// has fired. Cheap (no timer poll), for every read and write; [`ConnIo::closing`] says
+    /// for sure.
+    fn may_close(&self) -> bool {
+        self.opening.is_some() || self.deadline.as_ref().is_some_and(|d| d.is_elapsed())
+    }
+
     /// An error once the connection must close; otherwise registers the waker, so the
-    /// connection task wakes up at the deadline even when the peer is idle.
+    /// connection task wakes up at the deadline even when the peer is idle. Polling the
+    /// timers costs more than the rest of a read, so it is done only when the connection is
+    /// about to wait (a read or write returned `Pending`) or [`ConnIo::may_close`] says so.
     fn closing(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         if let Some(o) = self.opening.as_mut() {
             if o.timeout.as_mut().poll(cx).is_ready() {
@@ -235,6 +304,15 @@ impl<T> ConnIo<T> {
             )
         })
     }
+
+    /// The inner connection returned `Pending`: the task is about to wait, so the timers
+    /// must be able to wake it.
+    fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        match self.closing(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
@@ -243,11 +321,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(e) = self.closing(cx) {
-            return Poll::Ready(Err(e));
+        if self.may_close() {
+            if let Some(e) = self.closing(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
         let before = buf.filled().len();
-        let result = ready!(Pin::new(&mut self.inner).poll_read(cx, buf));
+        let Poll::Ready(result) = Pin::new(&mut self.inner).poll_read(cx, buf) else {
+            return self.waiting(cx);
+        };
         if buf.filled().len() > before {
             self.opening = None;
         }
@@ -261,10 +343,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.closing(cx) {
-            return Poll::Ready(Err(e));
+        if self.may_close() {
+            if let Some(e) = self.closing(cx) {
+                return Poll::Ready(Err(e));
+            }
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.waiting(cx),
+            ready => ready,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

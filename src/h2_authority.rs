@@ -346,6 +346,12 @@ impl<T> AuthorityFix<T> {
         }
     }
 
+    /// The wrapped connection, for a connection nothing has been read from yet (anything read
+    /// and not yet handed on would be lost).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     /// The wrapped connection.
     pub fn get_ref(&self) -> &T {
         &self.inner

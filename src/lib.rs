@@ -20,6 +20,8 @@
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout);
 //!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket;
 //!   [`tls`]: TLS (and mTLS) on the gRPC listener, its files reloaded when they change.
+//!   [`workers`]: `RUNTIME_FLAVOR=per_core`, one single-threaded runtime per core serving
+//!   the gRPC connections handed to it.
 //! - [`health`]: the health state behind `/healthcheck` and `grpc.health.v1`.
 //! - [`otel`]: OpenTelemetry spans of calls and store calls (`TRACING_*`), OTLP export.
 //! - [`metrics`]: one metrics pipeline, each event recorded once through the `metrics` facade
@@ -67,4 +69,5 @@ pub mod statsd;
 pub mod store;
 pub mod tls;
 pub mod usage;
+pub mod workers;
 pub mod xds;

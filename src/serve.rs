@@ -25,6 +25,7 @@ use crate::{
     statsd::{Statsd, StatsdError, StatsdSettings},
     store::{uses_tls, AnyStore, Backend, RedisSettings, RedisTls},
     tls::ServerTls,
+    workers::Workers,
 };
 
 /// Why `serve` stopped before serving, or failed while serving. Each wraps the part that
@@ -62,6 +63,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Bind(#[from] server::BindError),
+    #[error("cannot start the per-core runtimes: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error("cannot read the gRPC listener's address: {0}")]
     LocalAddr(#[source] std::io::Error),
     #[error("server failed: {0}")]
@@ -387,7 +390,7 @@ async fn connect_store(
         auth: args.redis_auth.clone(),
         tls: args.redis_tls,
         tls_files: RedisTls::default(),
-        pool_size: args.redis_pool_size,
+        pool_size: pool_size(args, args.redis_pool_size),
         timeout: args.redis_timeout,
         redis_type: args.redis_type,
         sentinel_auth: args.redis_sentinel_auth.clone(),
@@ -399,7 +402,7 @@ async fn connect_store(
         auth: args.redis_persecond_auth.clone(),
         tls: args.redis_persecond_tls,
         tls_files: RedisTls::default(),
-        pool_size: args.redis_persecond_pool_size,
+        pool_size: pool_size(args, args.redis_persecond_pool_size),
         timeout: args.redis_persecond_timeout,
         redis_type: args.redis_persecond_type,
         sentinel_auth: args.redis_persecond_sentinel_auth.clone(),
@@ -467,6 +470,17 @@ async fn connect_store(
     Ok(store)
 }
 
+/// Redis connections to open (`REDIS_TYPE=single`): under `per_core` one per runtime (the
+/// one that serves no calls included: its start-up and health checks), each used by its
+/// runtime only (the store picks its connection by runtime); otherwise `REDIS_POOL_SIZE`,
+/// capped at the cores.
+fn pool_size(args: &ServeArgs, configured: usize) -> usize {
+    match args.runtime_flavor {
+        RuntimeFlavor::PerCore => crate::workers::count(args.worker_threads) + 1,
+        _ => crate::store::connection_count(configured),
+    }
+}
+
 /// The service's switches, from the settings.
 fn service_settings(
     args: &ServeArgs,
@@ -527,6 +541,13 @@ async fn bind_listeners(args: &ServeArgs) -> Result<server::Listeners, ServeErro
     };
     let http = server::bind(&args.host, args.port).await?;
     let debug_listener = server::bind(&args.debug_host, args.debug_port).await?;
+    let workers = match args.runtime_flavor {
+        RuntimeFlavor::PerCore => Some(
+            Workers::start(crate::workers::count(args.worker_threads))
+                .map_err(ServeError::Runtime)?,
+        ),
+        _ => None,
+    };
     let prometheus = if args.use_prometheus {
         Some((
             server::bind_addr(&args.prometheus_addr).await?,
@@ -559,6 +580,7 @@ async fn bind_listeners(args: &ServeArgs) -> Result<server::Listeners, ServeErro
         opening_timeout: args.connection_opening_timeout,
         header_read_timeout: args.http_header_read_timeout,
         tls: None,
+        workers,
     })
 }
 
@@ -573,10 +595,17 @@ fn spawn_backend_probe(store: Arc<AnyStore>, health: Arc<Health>) {
     });
 }
 
-/// The tokio runtime `serve` runs on, as `RUNTIME_FLAVOR` and `WORKER_THREADS` say.
+/// The tokio runtime `serve` runs on, as `RUNTIME_FLAVOR` and `WORKER_THREADS` say; call it
+/// on the thread that will run it.
 pub fn runtime(args: &ServeArgs) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match args.runtime_flavor {
         RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        RuntimeFlavor::PerCore => {
+            // This thread runs runtime 0 (no calls; see crate::workers); `serve` starts the
+            // others.
+            crate::workers::enter(0);
+            tokio::runtime::Builder::new_current_thread()
+        }
         RuntimeFlavor::MultiThread => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             if args.worker_threads > 0 {

@@ -10,12 +10,17 @@ use hyper_util::{
     server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::StreamExt;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::watch,
+};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, Router};
 
 use crate::{
     admin::{self, State},
-    conn::{ConnPolicy, Incoming},
+    conn::{ConnIo, ConnPolicy, Incoming, Listen},
     health::Component,
     proto::{
         envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer,
@@ -23,6 +28,7 @@ use crate::{
     },
     service::GrpcService,
     tls::ServerTls,
+    workers::Workers,
 };
 
 /// Largest accepted gRPC message. Envoy's requests are a few hundred bytes; this bounds what
@@ -63,6 +69,9 @@ pub struct Listeners {
     /// `GRPC_SERVER_USE_TLS`: the gRPC listener's TLS config (TCP only); the HTTP listeners
     /// stay plaintext, as the reference's do.
     pub tls: Option<Arc<ServerTls>>,
+    /// `RUNTIME_FLAVOR=per_core`: the runtimes that serve gRPC connections (this one then
+    /// only accepts them).
+    pub workers: Option<Workers>,
 }
 
 /// Why the servers stopped with an error.
@@ -72,6 +81,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("a per-core runtime's gRPC server failed: {0}")]
+    Runtime(#[source] tokio::task::JoinError),
 }
 
 /// Serves until `shutdown` resolves, then drains (see the module doc).
@@ -104,9 +115,6 @@ pub async fn run(
         health.set(Component::Sigterm, false);
         let _ = tx.send(true);
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
 
     let router = tonic::transport::Server::builder()
         // GOAWAY at the max age; the close after the grace is ConnIo's (see conn).
@@ -129,34 +137,20 @@ pub async fn run(
             .saturating_add(listeners.max_connection_age_grace),
     ));
     let mut uds_path = None;
+    let workers = listeners.workers;
     let grpc = async {
-        match (listeners.grpc, listeners.tls) {
-            (GrpcListener::Tcp(l), Some(tls)) => {
-                let incoming = Incoming::new(l, "grpc", grpc_policy.clone());
-                router
-                    .serve_with_incoming_shutdown(
-                        crate::tls::accept::incoming(incoming, tls, grpc_policy),
-                        stopped(rx.clone()),
-                    )
-                    .await
-            }
-            (GrpcListener::Tcp(l), None) => {
-                router
-                    .serve_with_incoming_shutdown(
-                        Incoming::new(l, "grpc", grpc_policy),
-                        stopped(rx.clone()),
-                    )
-                    .await
-            }
+        let grpc = Grpc {
+            router,
+            tls: listeners.tls,
+            policy: grpc_policy,
+            shutdown: rx.clone(),
+        };
+        match listeners.grpc {
+            GrpcListener::Tcp(l) => grpc.serve(l, workers.as_ref()).await,
             // serve refuses TLS on the Unix socket at start-up.
-            (GrpcListener::Unix(l, path), _) => {
+            GrpcListener::Unix(l, path) => {
                 uds_path = Some(path);
-                router
-                    .serve_with_incoming_shutdown(
-                        Incoming::new(l, "grpc", grpc_policy),
-                        stopped(rx.clone()),
-                    )
-                    .await
+                grpc.serve(l, workers.as_ref()).await
             }
         }
     };
@@ -194,18 +188,99 @@ pub async fn run(
         }
     };
     let result = tokio::select! {
-        (g, (), (), ()) = all => g.map_err(Into::into),
+        (g, (), (), ()) = all => g,
         _ = drain_limit => {
             tracing::warn!(timeout = ?listeners.drain_timeout, "drain timeout: closing with calls still in flight");
             Ok(())
         }
     };
+    // Stops the other runtimes, dropping what is still open there after a drain timeout.
+    drop(workers);
     if let Some(path) = uds_path {
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the gRPC socket file");
         }
     }
     result
+}
+
+/// Resolves when shutdown begins.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Connections a per-core runtime has been handed and has not yet taken; beyond this the
+/// acceptor waits (and the kernel's backlog holds new connections).
+const HANDED_QUEUE: usize = 64;
+
+/// The gRPC server's parts, for each runtime that serves it.
+#[derive(Clone)]
+struct Grpc {
+    router: Router,
+    tls: Option<Arc<ServerTls>>,
+    policy: ConnPolicy,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Grpc {
+    /// Serves gRPC on `listener` until shutdown: here, or with `workers` on those runtimes,
+    /// each new connection handed to the next in turn (see [`crate::workers`]).
+    async fn serve<L: Listen>(
+        self,
+        listener: L,
+        workers: Option<&Workers>,
+    ) -> Result<(), ServerError>
+    where
+        L::Io: Connected,
+        <L::Io as Connected>::ConnectInfo: Clone + Send + Sync + 'static,
+    {
+        let mut incoming = Incoming::new(listener, "grpc", self.policy.clone());
+        let Some(workers) = workers else {
+            return Ok(self.serve_on(incoming).await?);
+        };
+        let mut queues = Vec::new();
+        let mut servers = Vec::new();
+        for runtime in workers.handles() {
+            let (tx, rx) = tokio::sync::mpsc::channel(HANDED_QUEUE);
+            queues.push(tx);
+            let conns = crate::conn::attached::<L>(rx, self.policy.clone());
+            servers.push(runtime.spawn(self.clone().serve_on(conns)));
+        }
+        let mut stop = std::pin::pin!(stopped(self.shutdown.clone()));
+        for queue in queues.iter().cycle() {
+            let conn = tokio::select! {
+                conn = incoming.next_detached() => conn,
+                () = &mut stop => break,
+            };
+            tokio::select! {
+                sent = queue.send(conn) => if sent.is_err() { break },
+                () = &mut stop => break,
+            }
+        }
+        // Stop listening; each runtime's server drains its connections.
+        drop((incoming, queues));
+        for server in servers {
+            server.await.map_err(ServerError::Runtime)??;
+        }
+        Ok(())
+    }
+
+    /// Serves the connections of `conns` on the current runtime until shutdown.
+    async fn serve_on<S, T>(self, conns: S) -> Result<(), tonic::transport::Error>
+    where
+        S: Stream<Item = std::io::Result<ConnIo<T>>> + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        T::ConnectInfo: Clone + Send + Sync + 'static,
+    {
+        let stop = stopped(self.shutdown);
+        match self.tls {
+            Some(tls) => {
+                let conns = crate::tls::accept::incoming(conns, tls, self.policy);
+                self.router.serve_with_incoming_shutdown(conns, stop).await
+            }
+            None => self.router.serve_with_incoming_shutdown(conns, stop).await,
+        }
+    }
 }
 
 /// Serves HTTP/1 and HTTP/2 on `incoming` until `stopped`, then lets open requests finish.

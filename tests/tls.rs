@@ -229,6 +229,62 @@ async fn mtls_accepts_only_current_client_certificates_from_the_ca() {
 }
 
 #[tokio::test]
+async fn per_core_runtimes_each_handshake_and_count_together() {
+    let rules = config_dir(&[("r.yaml", RULES)]);
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    ca.server(1).write(certs.path(), "server");
+    let good = ca.client(&["envoy.example.com"]);
+    let rl = start_tls(
+        rules.path(),
+        certs.path(),
+        &ca,
+        Some(&good),
+        &[
+            (
+                "GRPC_CLIENT_TLS_CACERT",
+                ca.write(certs.path(), "ca.crt").to_str().unwrap(),
+            ),
+            ("RUNTIME_FLAVOR", "per_core"),
+            ("WORKER_THREADS", "2"),
+        ],
+    );
+    ensure_window_room(60, Duration::from_secs(5)).await;
+    // Four connections, handed to the two runtimes in turn, share one counter (3 a minute).
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let (channel, _) = tls_channel(&rl.grpc, &ca.pem, Some(&good));
+        answers.push(call(channel, "per-core").await.unwrap());
+    }
+    assert_eq!(
+        answers,
+        [
+            (Code::Ok, 2),
+            (Code::Ok, 1),
+            (Code::Ok, 0),
+            (Code::OverLimit, 0)
+        ]
+    );
+    // Clients without a certificate are refused on each runtime, and counted.
+    for _ in 0..2 {
+        assert!(
+            !accepted(&rl.grpc, &ca, None).await,
+            "no client certificate"
+        );
+    }
+    let (_, metrics) = http_get(&rl.http, "/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "ratelimitd_tls_handshake_errors_total",
+            &[("reason", "refused")],
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn the_client_san_is_required_and_envoy_gateways_ca_setting_is_accepted() {
     let rules = config_dir(&[("r.yaml", RULES)]);
     let certs = tempfile::tempdir().unwrap();

@@ -18,7 +18,9 @@ mod topology;
 use std::future::Future;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{uses_tls, RedisSettings, RedisStore, RedisTls, SocketType};
+pub use self::redis::{
+    connection_count, uses_tls, RedisSettings, RedisStore, RedisTls, SocketType,
+};
 pub use self::split::SplitStore;
 pub use self::topology::{RedisType, UrlError};
 

@@ -16,7 +16,7 @@
 //! `sentinel.rs`'s or `cluster.rs`'s, chosen once at start-up. The reference's pool and
 //! pipeline settings describe radix pools and have no counterpart on multiplexed connections:
 //! `REDIS_POOL_SIZE` is the number of connections for `single` (capped at the cores, see
-//! [`connection_count`]) and ignored by `sentinel` (one connection to the master) and `cluster`
+//! [`connection_count`]; under `RUNTIME_FLAVOR=per_core`, one per runtime) and ignored by `sentinel` (one connection to the master) and `cluster`
 //! (one per node, redis-rs's); `REDIS_PIPELINE_WINDOW`/`_LIMIT` are what a multiplexed
 //! connection does on its own (concurrent calls share writes); `REDIS_POOL_ON_EMPTY_BEHAVIOR`
 //! has nothing to wait for (no checkout); `REDIS_CLUSTER_PIPELINE_PARALLELISM` is always
@@ -57,7 +57,7 @@ pub struct RedisSettings {
     pub tls: bool,
     /// `REDIS_TLS_*`: used by a TLS connection (`tls`, or a `rediss://` URL), else ignored.
     pub tls_files: RedisTls,
-    /// Number of multiplexed connections.
+    /// Number of multiplexed connections (`single`); at least one is opened.
     pub pool_size: usize,
     /// Bound on every Redis operation, connecting included.
     pub timeout: Duration,
@@ -222,7 +222,7 @@ impl Single {
             .set_exponent_base(2.0)
             .set_number_of_retries(4);
         let make = || ConnectionManager::new_lazy_with_config(client.clone(), config.clone());
-        let conns = (0..connection_count(settings.pool_size))
+        let conns = (0..settings.pool_size.max(1))
             .map(|_| make().map(ArcSwap::from_pointee))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::Settings)?;
@@ -246,9 +246,14 @@ impl Single {
         self.answered(i, result).map(drop)
     }
 
-    /// A connection, round robin, and its index.
+    /// A connection and its index: on a per-core runtime its own (so that redis-rs's driver
+    /// task, spawned where the connection was first used, runs on the caller's thread; see
+    /// [`crate::workers`]), elsewhere round robin.
     fn conn(&self) -> Result<(usize, ConnectionManager), StoreError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len().max(1);
+        let i = match crate::workers::index() {
+            Some(runtime) => runtime,
+            None => self.next.fetch_add(1, Ordering::Relaxed),
+        } % self.conns.len().max(1);
         // `conns` is never empty (pool_size.max(1)); `get` keeps that from being a panic path.
         match self.conns.get(i) {
             Some(c) => Ok((i, (**c.load()).clone())),

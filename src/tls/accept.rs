@@ -1,7 +1,7 @@
 //! The TLS handshake of each accepted gRPC connection, off the accept loop.
 //!
 //! tonic reads connections from a stream. A handshake awaited inside that stream would hold
-//! up every accept behind one slow or silent client, so the accept loop ([`Incoming`]) runs
+//! up every accept behind one slow or silent client, so the accept loop ([`crate::conn::Incoming`]) runs
 //! in a task of its own, each accepted connection gets a task of its own for its handshake,
 //! and finished handshakes come back through a channel: the stream tonic reads.
 //!
@@ -19,7 +19,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 
 use super::ServerTls;
 use crate::{
-    conn::{ConnIo, ConnPolicy, Incoming, Listen},
+    conn::{ConnIo, ConnPolicy},
     log_throttle::LogThrottle,
 };
 
@@ -73,13 +73,18 @@ struct Handshakes {
     log: LogThrottle,
 }
 
-/// The stream of TLS connections for tonic: accepts from `incoming` (until shutdown begins or
-/// the stream is dropped) and runs each handshake in a task of its own.
-pub fn incoming<L: Listen>(
-    mut incoming: Incoming<L>,
+/// The stream of TLS connections for tonic: takes connections from `incoming` (an
+/// [`crate::conn::Incoming`] or [`crate::conn::attached`]) until shutdown begins or the
+/// stream is dropped, and runs each handshake in a task of its own.
+pub fn incoming<T, S>(
+    mut incoming: S,
     tls: Arc<ServerTls>,
     policy: ConnPolicy,
-) -> impl Stream<Item = io::Result<TlsConn<L::Io>>> {
+) -> impl Stream<Item = io::Result<TlsConn<T>>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Stream<Item = io::Result<ConnIo<T>>> + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let mut shutdown = policy.shutdown.clone();
     let shared = Arc::new(Handshakes {
