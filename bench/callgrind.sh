@@ -17,8 +17,11 @@
 # (results.tsv) and callgrind_annotate's top functions of each target's N2 run
 # (<target>.top.txt, inclusive and exclusive).
 #
+# BIN measures another build of ratelimitd; RL_ENV adds its settings (e.g.
+# RL_ENV="RUNTIME_FLAVOR=per_core").
+#
 # Usage: [TARGETS="noop memory redis hotpath"] [TOOLS="callgrind dhat"] [OUT=dir] \
-#        bench/callgrind.sh [N1] [N2]
+#        [BIN=path] [RL_ENV="VAR=value ..."] bench/callgrind.sh [N1] [N2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-2000}
@@ -77,10 +80,10 @@ start_under_valgrind() {
     memory | redis)
       local backend=()
       [[ $target == redis ]] && backend=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
-      # shellcheck disable=SC2046
+      # shellcheck disable=SC2046,SC2086
       env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 \
         DEBUG_HOST=127.0.0.1 DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn "${backend[@]}" \
-        valgrind $(valgrind_args "$tool" "$file") --log-file="$log" \
+        ${RL_ENV:-} valgrind $(valgrind_args "$tool" "$file") --log-file="$log" \
         "$BIN" serve --config "$WORK/bench.yaml" 2>"$OUT/$target.out" &
       pid=$!
       ;;

@@ -2,11 +2,12 @@
 # processes a script starts (stopped by PID at exit, and only those), free loopback ports, a
 # throwaway redis-server, and reading CPU time and loadgen's figures.
 #
-# After sourcing: BIN (ratelimitd), LOAD (examples/loadgen), WORK (a temporary directory,
-# removed at exit) and PIDS (append every process started; each is stopped at exit).
+# After sourcing: BIN (ratelimitd; another build when BIN is set), LOAD (examples/loadgen),
+# WORK (a temporary directory, removed at exit) and PIDS (append every process started; each
+# is stopped at exit).
 
 cargo build --release --quiet --bin ratelimitd --example loadgen
-BIN=target/release/ratelimitd
+BIN=${BIN:-target/release/ratelimitd}
 LOAD=target/release/examples/loadgen
 WORK=$(mktemp -d)
 PIDS=()

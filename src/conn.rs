@@ -240,6 +240,9 @@ pub struct ConnIo<T> {
     /// `Some` until the peer's first bytes arrive.
     opening: Option<Opening>,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The waker the timers were last polled with: they wake it when they fire, so while
+    /// the connection task's waker stays the same they need no polling again.
+    armed: Option<std::task::Waker>,
 }
 
 impl<T> ConnIo<T> {
@@ -259,6 +262,7 @@ impl<T> ConnIo<T> {
             deadline: policy
                 .lifetime
                 .map(|after| Box::pin(tokio::time::sleep(after))),
+            armed: None,
         }
     }
 
@@ -308,9 +312,17 @@ impl<T> ConnIo<T> {
     /// The inner connection returned `Pending`: the task is about to wait, so the timers
     /// must be able to wake it.
     fn waiting<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let armed =
+            self.opening.is_none() && self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if armed {
+            return Poll::Pending;
+        }
         match self.closing(cx) {
             Some(e) => Poll::Ready(Err(e)),
-            None => Poll::Pending,
+            None => {
+                self.armed = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }
@@ -435,6 +447,35 @@ mod tests {
         talker.write_all(b"ok").await.unwrap();
         spoke.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_spoke_and_went_idle_is_closed_at_its_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_tx, mut p) = policy(Duration::from_secs(10));
+        p.lifetime = Some(Duration::from_millis(150));
+        let mut incoming = Incoming::new(l, "test", p);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        let accepted = std::time::Instant::now();
+        // Busy before the deadline: reads and writes go through without touching the timers.
+        let mut buf = [0u8; 2];
+        for _ in 0..3 {
+            client.write_all(b"hi").await.unwrap();
+            conn.read_exact(&mut buf).await.unwrap();
+            conn.write_all(b"ok").await.unwrap();
+            client.read_exact(&mut buf).await.unwrap();
+        }
+        // Idle: the pending read is woken by the deadline and fails.
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(accepted.elapsed() >= Duration::from_millis(150));
+        // Once past it, writes fail too.
+        assert_eq!(
+            conn.write_all(b"late").await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
     }
 
     #[tokio::test]
