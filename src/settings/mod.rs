@@ -499,11 +499,11 @@ pub struct ServeArgs {
     #[arg(long, env = "METRICS_IDLE_TIMEOUT", default_value = "10m", value_parser = duration("METRICS_IDLE_TIMEOUT", Bound::Positive, YEAR))]
     pub metrics_idle_timeout: Duration,
 
-    /// How calls are scheduled: `multi_thread` (tokio's work-stealing runtime, the default),
-    /// `current_thread` (everything on one thread; one core's worth of work, none of the
-    /// cross-thread hand-offs) or `per_core` (one single-threaded runtime per core, each
-    /// gRPC connection served by one of them for its life; see [`crate::workers`]).
-    #[arg(long, env = "RUNTIME_FLAVOR", default_value = "multi_thread", value_parser = parse_runtime_flavor)]
+    /// How calls are scheduled: `per_core` (the default: one single-threaded runtime per core,
+    /// each gRPC connection served by one of them for its life; see [`crate::workers`]),
+    /// `multi_thread` (tokio's work-stealing runtime) or `current_thread` (everything on one
+    /// thread; one core's worth of work, none of the cross-thread hand-offs).
+    #[arg(long, env = "RUNTIME_FLAVOR", default_value = "per_core", value_parser = parse_runtime_flavor)]
     pub runtime_flavor: RuntimeFlavor,
     /// Worker threads of the `multi_thread` runtime, or runtimes of `per_core`; 0 (the default)
     /// is one per CPU core the process may use (for `multi_thread`, `TOKIO_WORKER_THREADS`
@@ -525,9 +525,9 @@ pub enum RuntimeFlavor {
 
 fn parse_runtime_flavor(s: &str) -> Result<RuntimeFlavor, String> {
     match s.to_ascii_lowercase().replace('-', "_").as_str() {
-        "multi_thread" | "" => Ok(RuntimeFlavor::MultiThread),
+        "multi_thread" => Ok(RuntimeFlavor::MultiThread),
         "current_thread" => Ok(RuntimeFlavor::CurrentThread),
-        "per_core" => Ok(RuntimeFlavor::PerCore),
+        "per_core" | "" => Ok(RuntimeFlavor::PerCore),
         _ => Err(format!(
             "invalid RUNTIME_FLAVOR '{s}' (expected multi_thread, current_thread or per_core)"
         )),
