@@ -15,10 +15,12 @@
 # /proc entry; script calls from INFO commandstats (reset before each measurement).
 # Medians and ranges over runs are printed, with every ratio taken inside one run.
 #
-# RL_ENV adds settings to both ratelimitd servers (e.g. RL_ENV="RUNTIME_FLAVOR=per_core").
+# RL_ENV adds settings to both ratelimitd servers (e.g. RL_ENV="RUNTIME_FLAVOR=multi_thread");
+# NOOP_RUNTIME is the no-op's runtime (per_core, ratelimitd's default, or multi_thread).
 #
 # Usage: [CONNS=4] [STREAMS=16] [SINGLE=40000] [RATE=10000] [RATE_REQUESTS=50000] \
-#        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] bench/compare.sh [RUNS] [REQUESTS]
+#        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] [NOOP_RUNTIME=per_core] \
+#        bench/compare.sh [RUNS] [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-5}
@@ -40,7 +42,7 @@ start_redis
 start_rl memory ${RL_ENV:-}
 # shellcheck disable=SC2086
 start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT" ${RL_ENV:-}
-"$NOOP" --addr 127.0.0.1:0 >"$WORK/noop.out" &
+"$NOOP" --addr 127.0.0.1:0 --runtime "${NOOP_RUNTIME:-per_core}" >"$WORK/noop.out" &
 SPID[noop]=$!
 PIDS+=("${SPID[noop]}")
 for _ in $(seq 200); do grep -qs listening "$WORK/noop.out" && break; sleep 0.05; done

@@ -4,7 +4,11 @@
 //! on a machine is the most any RLS server built this way can get there; ratelimitd's figures
 //! are reported as fractions of it (bench/compare.sh).
 //!
-//! cargo run --release --example noop -- --addr 127.0.0.1:0
+//! cargo run --release --example noop -- --addr 127.0.0.1:0 [--runtime per_core|multi_thread]
+//!
+//! `--runtime` follows ratelimitd's `RUNTIME_FLAVOR` (default `per_core`, as ratelimitd's):
+//! `per_core` hands each connection, round robin, to one of `ratelimitd::workers`'
+//! single-threaded runtimes; `multi_thread` serves on tokio's work-stealing runtime.
 //!
 //! Prints `noop listening grpc=ADDR` once bound, then serves until killed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -23,6 +27,9 @@ struct Args {
     /// Where to listen (loopback only; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     addr: String,
+    /// `per_core` or `multi_thread`, as ratelimitd's RUNTIME_FLAVOR.
+    #[arg(long, default_value = "per_core")]
+    runtime: String,
 }
 
 struct Noop;
@@ -56,15 +63,53 @@ fn main() {
         args.addr.starts_with("127.") || args.addr.starts_with("[::1]"),
         "the no-op server only listens on loopback"
     );
-    // The runtime ratelimitd's main builds.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+    match args.runtime.as_str() {
+        "multi_thread" => {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&args.addr).await.unwrap();
+                println!("noop listening grpc={}", listener.local_addr().unwrap());
+                tonic::transport::Server::builder()
+                    .add_service(RateLimitServiceServer::new(Noop))
+                    .serve_with_incoming(TcpListenerStream::new(listener))
+                    .await
+                    .unwrap();
+            });
+        }
+        "per_core" => per_core(&args.addr),
+        other => panic!("--runtime {other}: expected per_core or multi_thread"),
+    }
+}
+
+/// ratelimitd's `per_core`: this thread accepts; each connection is served by one of the
+/// per-core runtimes, moved there as a std socket (no ratelimitd connection wrapper).
+fn per_core(addr: &str) {
+    let workers = ratelimitd::workers::Workers::start(ratelimitd::workers::count(0)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.addr).await.unwrap();
+        let mut queues = Vec::new();
+        for handle in workers.handles() {
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::net::TcpStream>(64);
+            queues.push(tx);
+            let conns = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                tokio::net::TcpStream::from_std,
+            );
+            handle.spawn(
+                tonic::transport::Server::builder()
+                    .add_service(RateLimitServiceServer::new(Noop))
+                    .serve_with_incoming(conns),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         println!("noop listening grpc={}", listener.local_addr().unwrap());
-        tonic::transport::Server::builder()
-            .add_service(RateLimitServiceServer::new(Noop))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .unwrap();
+        for queue in queues.iter().cycle() {
+            let (conn, _) = listener.accept().await.unwrap();
+            conn.set_nodelay(true).unwrap();
+            queue.send(conn.into_std().unwrap()).await.unwrap();
+        }
     });
 }
