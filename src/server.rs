@@ -239,12 +239,12 @@ impl Grpc {
             return Ok(self.serve_on(incoming).await?);
         };
         let mut queues = Vec::new();
-        let mut servers = Vec::new();
+        let mut servers = tokio::task::JoinSet::new();
         for runtime in workers.handles() {
             let (tx, rx) = tokio::sync::mpsc::channel(HANDED_QUEUE);
             queues.push(tx);
             let conns = crate::conn::attached::<L>(rx, self.policy.clone());
-            servers.push(runtime.spawn(self.clone().serve_on(conns)));
+            servers.spawn_on(self.clone().serve_on(conns), runtime);
         }
         let mut stop = std::pin::pin!(stopped(self.shutdown.clone()));
         for queue in queues.iter().cycle() {
@@ -253,14 +253,16 @@ impl Grpc {
                 () = &mut stop => break,
             };
             tokio::select! {
+                // A runtime's server only ends early by failing: stop, and report it below.
                 sent = queue.send(conn) => if sent.is_err() { break },
                 () = &mut stop => break,
             }
         }
-        // Stop listening; each runtime's server drains its connections.
+        // Stop listening; each runtime's server drains its connections. The first to fail
+        // (in the order they end) is the error.
         drop((incoming, queues));
-        for server in servers {
-            server.await.map_err(ServerError::Runtime)??;
+        while let Some(served) = servers.join_next().await {
+            served.map_err(ServerError::Runtime)??;
         }
         Ok(())
     }
