@@ -187,23 +187,41 @@ async fn grpc_over_tls_answers_exactly_and_plaintext_is_refused() {
     drop((channel, c));
 }
 
-#[tokio::test]
-async fn mtls_accepts_only_current_client_certificates_from_the_ca() {
+/// ratelimitd requiring client certificates from `ca`; `good` is one it accepts.
+struct Mtls {
+    rl: Ratelimitd,
+    ca: Ca,
+    good: Pair,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// Starts [`Mtls`] with `env` added.
+fn start_mtls(env: &[(&str, &str)]) -> Mtls {
     let rules = config_dir(&[("r.yaml", RULES)]);
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
     ca.server(1).write(certs.path(), "server");
     let good = ca.client(&["envoy.example.com"]);
-    let rl = start_tls(
-        rules.path(),
-        certs.path(),
-        &ca,
-        Some(&good),
-        &[(
-            "GRPC_CLIENT_TLS_CACERT",
-            ca.write(certs.path(), "ca.crt").to_str().unwrap(),
-        )],
-    );
+    let ca_file = ca.write(certs.path(), "ca.crt");
+    let mut env = env.to_vec();
+    env.push(("GRPC_CLIENT_TLS_CACERT", ca_file.to_str().unwrap()));
+    let rl = start_tls(rules.path(), certs.path(), &ca, Some(&good), &env);
+    Mtls {
+        rl,
+        ca,
+        good,
+        _dirs: (rules, certs),
+    }
+}
+
+#[tokio::test]
+async fn mtls_accepts_only_current_client_certificates_from_the_ca() {
+    let Mtls {
+        rl,
+        ca,
+        good,
+        _dirs,
+    } = start_mtls(&[]);
     assert!(accepted(&rl.grpc, &ca, Some(&good)).await);
     assert!(
         !accepted(&rl.grpc, &ca, None).await,
@@ -230,25 +248,12 @@ async fn mtls_accepts_only_current_client_certificates_from_the_ca() {
 
 #[tokio::test]
 async fn per_core_runtimes_each_handshake_and_count_together() {
-    let rules = config_dir(&[("r.yaml", RULES)]);
-    let certs = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test CA");
-    ca.server(1).write(certs.path(), "server");
-    let good = ca.client(&["envoy.example.com"]);
-    let rl = start_tls(
-        rules.path(),
-        certs.path(),
-        &ca,
-        Some(&good),
-        &[
-            (
-                "GRPC_CLIENT_TLS_CACERT",
-                ca.write(certs.path(), "ca.crt").to_str().unwrap(),
-            ),
-            ("RUNTIME_FLAVOR", "per_core"),
-            ("WORKER_THREADS", "2"),
-        ],
-    );
+    let Mtls {
+        rl,
+        ca,
+        good,
+        _dirs,
+    } = start_mtls(&[("RUNTIME_FLAVOR", "per_core"), ("WORKER_THREADS", "2")]);
     ensure_window_room(60, Duration::from_secs(5)).await;
     // Four connections, handed to the two runtimes in turn, share one counter (3 a minute).
     let mut answers = Vec::new();

@@ -16,7 +16,8 @@
 //! `sentinel.rs`'s or `cluster.rs`'s, chosen once at start-up. The reference's pool and
 //! pipeline settings describe radix pools and have no counterpart on multiplexed connections:
 //! `REDIS_POOL_SIZE` is the number of connections for `single` (capped at the cores, see
-//! [`connection_count`]; under `RUNTIME_FLAVOR=per_core`, one per runtime) and ignored by `sentinel` (one connection to the master) and `cluster`
+//! [`connection_count`]; under `RUNTIME_FLAVOR=per_core`, one per runtime instead) and
+//! ignored by `sentinel` (one connection to the master) and `cluster`
 //! (one per node, redis-rs's); `REDIS_PIPELINE_WINDOW`/`_LIMIT` are what a multiplexed
 //! connection does on its own (concurrent calls share writes); `REDIS_POOL_ON_EMPTY_BEHAVIOR`
 //! has nothing to wait for (no checkout); `REDIS_CLUSTER_PIPELINE_PARALLELISM` is always
