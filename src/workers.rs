@@ -2,10 +2,10 @@
 //! gRPC connections handed to it.
 //!
 //! Why: under tokio's work-stealing runtime a call's tasks (the HTTP/2 connection, redis-rs's
-//! connection driver) wake each other across threads, and on Redis those hand-offs cost more
-//! CPU than the call's own work (docs/benchmarks.md). Here a connection stays on one thread for
-//! its life, and with `REDIS_TYPE=single` each thread uses its own Redis connection, so those
-//! wake-ups stay on one thread.
+//! connection driver) wake each other across threads; on Redis a call took about 30% less CPU
+//! on a single-threaded runtime (docs/benchmarks.md). Here a connection stays on one thread
+//! for its life, and with `REDIS_TYPE=single` each thread uses its own Redis connection, so
+//! those wake-ups stay on one thread.
 //!
 //! The thread that runs `serve` is runtime 0 and serves no calls: it runs the acceptor, the
 //! admin listeners, reloads and exporters, so a metrics scrape or a reload never delays a
@@ -42,8 +42,8 @@ pub fn count(worker_threads: usize) -> usize {
     }
 }
 
-/// The runtimes of `per_core` that serve calls, each on a thread of its own; dropping stops them (their tasks
-/// are dropped) and joins the threads.
+/// The runtimes of `per_core` that serve calls, each on a thread of its own; dropping stops
+/// them (their tasks are dropped) and joins the threads.
 pub struct Workers {
     threads: Vec<Worker>,
 }
