@@ -65,30 +65,8 @@ PY
 if [ -n "${SUMMARIZE:-}" ]; then summarize "$SUMMARIZE" "from $SUMMARIZE"; exit; fi
 source bench/lib.sh
 
-# One rule per algorithm, and two with three limits. 4,000,000,000 per second is never reached.
-# token_bucket: capacity × window in ms must stay ≤ 2^52 (4e9 × 1000 = 4e12 is); the hour
-# bucket holds 1e9 (× 3.6e6 ms = 3.6e15 ≤ 4.5e15) and refills 1e9 per hour, far more than
-# the calls a session sends.
-cat > "$WORK/bench.yaml" <<'YAML'
-domain: bench
-descriptors:
-  - key: fixed
-    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: fixed_window}
-  - key: sliding
-    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: sliding_window}
-  - key: token
-    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: token_bucket, burst: 4000000000}
-  - key: three_fixed
-    rate_limits:
-      - {unit: second, requests_per_unit: 4000000000}
-      - {unit: minute, requests_per_unit: 4000000000}
-      - {unit: hour, requests_per_unit: 4000000000}
-  - key: three_mixed
-    rate_limits:
-      - {unit: second, requests_per_unit: 4000000000, algorithm: fixed_window}
-      - {unit: minute, requests_per_unit: 4000000000, algorithm: sliding_window}
-      - {unit: hour, requests_per_unit: 1000000000, algorithm: token_bucket, burst: 1000000000}
-YAML
+# One rule per algorithm, and two with three limits (bench/rules/algorithms.yaml).
+cp bench/rules/algorithms.yaml "$WORK/bench.yaml"
 RULES=(fixed sliding token three_fixed three_mixed)
 "$BIN" check-config --config "$WORK/bench.yaml" >/dev/null
 

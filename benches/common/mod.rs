@@ -16,27 +16,8 @@ use ratelimitd::{
     service::limit_keys,
 };
 
-/// One rule per algorithm and two with three limits, as in `bench/algorithms.sh`.
-pub const RULES: &str = "
-domain: bench
-descriptors:
-  - key: fixed
-    rate_limit: {unit: second, requests_per_unit: 4000000000}
-  - key: sliding
-    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: sliding_window}
-  - key: token
-    rate_limit: {unit: second, requests_per_unit: 4000000000, algorithm: token_bucket}
-  - key: three_fixed
-    rate_limits:
-      - {unit: second, requests_per_unit: 4000000000}
-      - {unit: minute, requests_per_unit: 4000000000}
-      - {unit: hour, requests_per_unit: 4000000000}
-  - key: three_mixed
-    rate_limits:
-      - {unit: second, requests_per_unit: 4000000000, algorithm: fixed_window}
-      - {unit: minute, requests_per_unit: 4000000000, algorithm: sliding_window}
-      - {unit: hour, requests_per_unit: 1000000000, algorithm: token_bucket, burst: 1000000000}
-";
+/// One rule per algorithm and two with three limits: the rules `bench/algorithms.sh` serves.
+pub const RULES: &str = include_str!("../../bench/rules/algorithms.yaml");
 
 /// A fixed instant (ms), half a second into a second, so every run builds the same keys.
 pub const NOW_MS: u64 = 1_764_000_030_500;
