@@ -89,17 +89,11 @@ start_under_valgrind() {
       ;;
   esac
   PIDS+=("$pid")
-  for _ in $(seq 600); do
-    grep -qs "listening" "$OUT/$target.out" && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if ! grep -qs "listening" "$OUT/$target.out"; then
+  if ! addr=$(listening_addr "$OUT/$target.out" "$pid" 600 0.1); then
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     return 1
   fi
-  addr=$(grep -m1 "listening" "$OUT/$target.out" | sed -E 's/.*grpc=([^ ]+).*/\1/')
   "$LOAD" --target "$addr" --domain bench --key k --connections 1 --streams 1 \
     --requests "$n" --max-seconds 600 >"$OUT/$target.$tool.$n.load"
   grep -q " errors=0" "$OUT/$target.$tool.$n.load" ||

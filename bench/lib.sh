@@ -40,6 +40,19 @@ cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 # The value of loadgen's `$1=` field in its output line $2.
 field() { sed -E "s/(^|.* )$1=([0-9.]+).*/\2/" <<<"$2"; }
 
+# Waits until log $1 has the server's "listening grpc=" line (ratelimitd's or the no-op's)
+# while process $2 runs, checking $3 times every $4 s, then prints its gRPC address; fails
+# when the process ends or the time runs out first.
+listening_addr() {
+  local log=$1 pid=$2 tries=$3 pause=$4
+  for _ in $(seq "$tries"); do
+    grep -qs "listening grpc=" "$log" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep "$pause"
+  done
+  grep -m1 "listening grpc=" "$log" 2>/dev/null | sed -E 's/.*grpc=([^ ]+).*/\1/' | grep .
+}
+
 # ratelimitd on $WORK/bench.yaml, every listener on a free loopback port, with the env
 # assignments given after its name $1; waits until it listens (or fails loudly) and sets
 # ADDR[$1] (its gRPC address) and SPID[$1] (its PID).
@@ -52,14 +65,8 @@ start_rl() {
     "$BIN" serve --config "$WORK/bench.yaml" 2>"$WORK/$name.log" &
   local pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 600); do
-    grep -qs "ratelimitd listening" "$WORK/$name.log" && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.05
-  done
-  grep -qs "ratelimitd listening" "$WORK/$name.log" ||
+  ADDR[$name]=$(listening_addr "$WORK/$name.log" "$pid" 600 0.05) ||
     { echo "ratelimitd ($name) did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
-  ADDR[$name]=$(grep "ratelimitd listening" "$WORK/$name.log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
   SPID[$name]=$pid
 }
 

@@ -91,16 +91,11 @@ start_n() {
     "$BIN" serve --config "$WORK/n$n/bench.yaml" 2>"$log" &
   pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 6000); do
-    grep -qs "ratelimitd listening" "$log" && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.01
-  done
-  grep -qs "ratelimitd listening" "$log" || { echo "ratelimitd (N=$n) did not start:" >&2; cat "$log" >&2; exit 1; }
+  ADDR[$n]=$(listening_addr "$log" "$pid" 6000 0.01) ||
+    { echo "ratelimitd (N=$n) did not start:" >&2; cat "$log" >&2; exit 1; }
   START_MS[$n]=$((($(date +%s%N) - t0) / 1000000))
   START_CPU_MS[$n]=$(($(cpu_ticks "$pid") * 1000 / TCK))
   RSS_KB[$n]=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")
-  ADDR[$n]=$(grep "ratelimitd listening" "$log" | sed -E 's/.*grpc=([^ ]+).*/\1/')
   SPID[$n]=$pid
 }
 
