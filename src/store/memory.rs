@@ -660,18 +660,25 @@ mod tests {
         }
     }
 
-    /// Decides `checks` at `now` (Unix seconds) through [`Store::decide`] and returns the
-    /// counts they bring their counters to.
-    async fn count(s: &MemoryStore, checks: &[Check], now: u64) -> Vec<u64> {
-        let batch = Batch {
+    /// `checks` of one descriptor at `now` (Unix seconds), always charged.
+    fn batch_at(checks: &[Check], now: u64) -> Batch<'_> {
+        Batch {
             checks,
-            roles: &[Role::default()],
+            roles: &[Role {
+                shadow: false,
+                quota: false,
+            }],
             quota_total: 0,
             charging: Charging::Always,
             never_refuse: false,
             now_ms: now * 1000,
-        };
-        let decided = s.decide(&batch).await.unwrap();
+        }
+    }
+
+    /// Decides `checks` at `now` (Unix seconds) through [`Store::decide`] and returns the
+    /// counts they bring their counters to.
+    async fn count(s: &MemoryStore, checks: &[Check], now: u64) -> Vec<u64> {
+        let decided = s.decide(&batch_at(checks, now)).await.unwrap();
         decided
             .iter()
             .map(|d| {
@@ -860,15 +867,7 @@ mod tests {
         fps: &[(Fingerprint, Option<Fingerprint>)],
         now: u64,
     ) -> Vec<u64> {
-        let batch = Batch {
-            checks,
-            roles: &[Role::default()],
-            quota_total: 0,
-            charging: Charging::Always,
-            never_refuse: false,
-            now_ms: now * 1000,
-        };
-        s.decide_fingerprinted(&batch, fps)
+        s.decide_fingerprinted(&batch_at(checks, now), fps)
             .iter()
             .map(|d| d.charge.expect("allowed, so charged").a)
             .collect()
