@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds or settings of ratelimitd side by side in one session: each variant's throughput
 # (closed loop, CONNS x STREAMS, one hot key) and server CPU per call at a fixed RATE (open
-# loop), in memory and on Redis, rotating the variants' order from run to run. Ratios are
+# loop; on Redis, redis-server's CPU per call too), in memory and on Redis, rotating the variants' order from run to run. Ratios are
 # against the first variant in the same run. Release builds, loopback only; everything is
 # started here on free ports and stopped by PID.
 #
@@ -40,18 +40,21 @@ for i in "${!VARIANTS[@]}"; do
 done
 
 RAW=$WORK/raw.tsv
-printf 'run\tvariant\tbackend\tscenario\trps\tp50_us\tp99_us\tcpu_us\n' >"$RAW"
+printf 'run\tvariant\tbackend\tscenario\trps\tp50_us\tp99_us\tcpu_us\tredis_cpu_us\n' >"$RAW"
 measure() { # run, variant index, backend, scenario, loadgen args...
   local run=$1 i=$2 b=$3 sc=$4; shift 4
-  local name="v$i-$b" c0 c1 out n
+  local name="v$i-$b" c0 c1 r0 r1 out n
   c0=$(cpu_ticks "${SPID[$name]}")
+  r0=$(cpu_ticks "$REDIS_PID")
   out=$("$LOAD" --target "${ADDR[$name]}" --domain bench --key k "$@")
   c1=$(cpu_ticks "${SPID[$name]}")
+  r1=$(cpu_ticks "$REDIS_PID")
   n=$(field requests "$out")
   [ "$(field errors "$out")" = 0 ] || { echo "errors ($name): $out" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$i" "$b" "$sc" "$(field rps "$out")" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$i" "$b" "$sc" "$(field rps "$out")" \
     "$(field p50_us "$out")" "$(field p99_us "$out")" \
-    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" >>"$RAW"
+    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" >>"$RAW"
 }
 for i in "${!VARIANTS[@]}"; do for b in $BACKENDS; do
   "$LOAD" --target "${ADDR[v$i-$b]}" --domain bench --key k --requests 20000 >/dev/null
@@ -80,8 +83,8 @@ def cell(v, f): return f"{f(med(v))} ({f(min(v))}–{f(max(v))})" if v else "–
 i0 = lambda x: f"{x:,.0f}"; f1 = lambda x: f"{x:.1f}"; f2 = lambda x: f"{x:.2f}"
 print(f"{runs} runs; throughput: {requests} calls, {conns} x {streams}; CPU: open loop at {rate}/s. Median (range); ratios against `{labels[0]}` in the same run.")
 print()
-print("| backend | variant | rps | ÷ first | p50 µs | p99 µs | CPU µs/call at fixed rate | ÷ first |")
-print("|---|---|---|---|---|---|---|---|")
+print("| backend | variant | rps | ÷ first | p50 µs | p99 µs | CPU µs/call at fixed rate | ÷ first | Redis CPU µs/call |")
+print("|---|---|---|---|---|---|---|---|---|")
 for b in sorted({r["backend"] for r in rows}, key=lambda x: x != "memory"):
     base_rps, base_cpu = vals("0", b, "throughput", "rps"), vals("0", b, "fixed_rate", "cpu_us")
     for v, label in enumerate(labels):
@@ -89,8 +92,9 @@ for b in sorted({r["backend"] for r in rows}, key=lambda x: x != "memory"):
         rps, cpu = vals(v, b, "throughput", "rps"), vals(v, b, "fixed_rate", "cpu_us")
         r_rps = [rps[k] / base_rps[k] for k in rps if base_rps.get(k)]
         r_cpu = [cpu[k] / base_cpu[k] for k in cpu if base_cpu.get(k)]
+        redis_cpu = list(vals(v, b, "fixed_rate", "redis_cpu_us").values()) if b == "redis" else []
         print(f"| {b} | {label} | {cell(list(rps.values()), i0)} | {cell(r_rps, f2)} "
               f"| {cell(list(vals(v, b, 'throughput', 'p50_us').values()), i0)} | {cell(list(vals(v, b, 'throughput', 'p99_us').values()), i0)} "
-              f"| {cell(list(cpu.values()), f1)} | {cell(r_cpu, f2)} |")
+              f"| {cell(list(cpu.values()), f1)} | {cell(r_cpu, f2)} | {cell(redis_cpu, f1)} |")
 PY
 echo; echo "Load average at the end: $(cut -d" " -f1-3 /proc/loadavg)"

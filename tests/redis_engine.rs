@@ -1,7 +1,8 @@
-//! The counting engine's Redis script (`src/store/engine.lua`) against a real `redis-server`:
-//! the same decisions as the in-memory store (which runs the Rust model) on random request
-//! sequences, exact counts under concurrency from two stores, recovery after `SCRIPT FLUSH`,
-//! saturation at 2^63 - 1, the keys' TTLs, and foreign values refused before any write.
+//! The counting engine's Redis scripts (`src/store/engine.lua`, and `fixed.lua` for fixed
+//! windows charged always) against a real `redis-server`: the same decisions as the in-memory
+//! store (which runs the Rust model) on random request sequences, exact counts under
+//! concurrency from two stores, recovery after `SCRIPT FLUSH`, saturation at 2^63 - 1, the
+//! keys' TTLs, and foreign values leaving nothing written.
 #![allow(clippy::unwrap_used)]
 mod support;
 
@@ -131,13 +132,19 @@ struct Case {
     steps: Vec<Step>,
 }
 
-fn limit() -> impl Strategy<Value = Limit> {
+/// A limit of any algorithm, or (`fixed`) a fixed window.
+fn limit(fixed: bool) -> impl Strategy<Value = Limit> {
     (
-        prop_oneof![
-            Just(Algorithm::FixedWindow),
-            Just(Algorithm::SlidingWindow),
-            Just(Algorithm::TokenBucket)
-        ],
+        if fixed {
+            Just(Algorithm::FixedWindow).boxed()
+        } else {
+            prop_oneof![
+                Just(Algorithm::FixedWindow),
+                Just(Algorithm::SlidingWindow),
+                Just(Algorithm::TokenBucket)
+            ]
+            .boxed()
+        },
         // Mostly small limits, where costs reach past them; some large ones, where a sliding
         // window's estimate has fractions that need rounding.
         prop_oneof![1 => Just(0u32), 8 => 1..=8u32, 2 => 9..=100_000u32],
@@ -154,10 +161,10 @@ fn limit() -> impl Strategy<Value = Limit> {
         })
 }
 
-fn descriptor() -> impl Strategy<Value = Descriptor> {
+fn descriptor(fixed: bool) -> impl Strategy<Value = Descriptor> {
     (
         prop_oneof![6 => Just((false, false)), 1 => Just((true, false)), 2 => Just((false, true)), 1 => Just((true, true))],
-        proptest::collection::vec(limit(), 1..=3),
+        proptest::collection::vec(limit(fixed), 1..=3),
     )
         .prop_map(|((shadow, quota), limits)| Descriptor {
             role: Role { shadow, quota },
@@ -189,16 +196,23 @@ fn step() -> impl Strategy<Value = Step> {
         })
 }
 
-fn case() -> impl Strategy<Value = Case> {
+/// A case of any algorithms and charging, or (`fixed`) of fixed windows charged always: the
+/// requests `fixed.lua` takes, except a step whose cost exceeds a limit (`engine.lua` then).
+fn case(fixed: bool) -> impl Strategy<Value = Case> {
     (
-        proptest::collection::vec(descriptor(), 1..=3),
-        prop_oneof![
-            3 => Just(Charging::Always),
-            3 => Just(Charging::StopWhenOver),
-            1 => Just(Charging::OnlyOver),
-            3 => Just(Charging::AllOrNothing),
-            1 => Just(Charging::Never)
-        ],
+        proptest::collection::vec(descriptor(fixed), 1..=3),
+        if fixed {
+            Just(Charging::Always).boxed()
+        } else {
+            prop_oneof![
+                3 => Just(Charging::Always),
+                3 => Just(Charging::StopWhenOver),
+                1 => Just(Charging::OnlyOver),
+                3 => Just(Charging::AllOrNothing),
+                1 => Just(Charging::Never)
+            ]
+            .boxed()
+        },
         proptest::bool::weighted(0.1),
         proptest::bool::weighted(0.25),
         prop_oneof![4 => Just(0usize), 1 => Just(1usize)],
@@ -277,6 +291,18 @@ fn checks(id: u64, case: &Case, step: &Step, now: u64) -> Vec<Check> {
 /// the same states, and any difference is a difference in arithmetic or charging.
 #[test]
 fn model_and_redis_decide_alike() {
+    decide_alike(case(false));
+}
+
+/// As [`model_and_redis_decide_alike`], with only fixed windows charged always, so that most
+/// requests take `fixed.lua` (INCRBY and EXPIRE) and their decisions are made in Rust from the
+/// counts it returns: the same as the model's, shared keys included.
+#[test]
+fn fixed_windows_charged_always_decide_alike() {
+    decide_alike(case(true));
+}
+
+fn decide_alike(cases: impl Strategy<Value = Case>) {
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -289,7 +315,7 @@ fn model_and_redis_decide_alike() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let result = runner.run(&case(), |case| {
+    let result = runner.run(&cases, |case| {
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let memory = memory_store();
         let roles: Vec<Role> = case.descriptors.iter().map(|d| d.role).collect();
@@ -498,6 +524,51 @@ async fn counts_saturate_at_the_largest_redis_integer_alike() {
     );
 }
 
+/// The same for fixed windows charged always (`fixed.lua`, INCRBY): an increment that would
+/// overflow leaves 2^63 - 1, and counts beyond 2^53 come back exact, as the model has them.
+#[tokio::test]
+async fn fixed_counts_saturate_and_stay_exact_alike() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis);
+    let memory = memory_store();
+    let now = T0 + 1_234;
+    let odd = (1u64 << 53) + 1;
+    for (key, value) in [("fs:near", MAX_COUNT - 3), ("fs:odd", odd)] {
+        redis.command(&["SET", key, &value.to_string()]);
+        seed_memory(&memory, key, value, now).await;
+    }
+    let check = |key: &str, cost| {
+        let mut c = one_check(
+            key,
+            None,
+            Quota::new(Algorithm::FixedWindow, 5, Unit::Hour, 1, None),
+        );
+        c.cost = cost;
+        c
+    };
+    for cost in [0, 1, 5, 2] {
+        // fs:near twice: the second increment starts from the first's (saturated) count.
+        let checks = [
+            check("fs:near", cost),
+            check("fs:odd", cost),
+            check("fs:near", cost),
+        ];
+        let batch = fixed_batch(&checks, now);
+        let want = memory.decide(&batch).await.unwrap();
+        let got = store.decide(&batch).await.unwrap();
+        assert_eq!(got, want, "cost {cost}");
+    }
+    assert_eq!(
+        redis.command(&["GET", "fs:near"]),
+        format!("$19\r\n{MAX_COUNT}\r\n")
+    );
+    let odd_now = (odd + 1 + 5 + 2).to_string();
+    assert_eq!(
+        redis.command(&["GET", "fs:odd"]),
+        format!("${}\r\n{odd_now}\r\n", odd_now.len())
+    );
+}
+
 /// Allowed requests from `tasks` concurrent clients over two stores (two connections), each
 /// sending `per_task` requests of `checks` at one instant.
 async fn allowed_concurrently(
@@ -660,27 +731,41 @@ fn fixed_batch(checks: &[Check], now_ms: u64) -> Batch<'_> {
 }
 
 /// After `SCRIPT FLUSH` (what a restarted Redis looks like to EVALSHA) the next call gets
-/// NOSCRIPT, runs the script with EVAL, and Redis has it cached again.
+/// NOSCRIPT, runs its script with EVAL, and Redis has it cached again: `fixed.lua` for fixed
+/// windows charged always, `engine.lua` for the rest.
 #[tokio::test]
 async fn a_flushed_script_is_sent_again_and_counts_continue() {
     let redis = RedisServer::start();
     let store = redis_store(&redis);
-    let checks = [one_check(
+    let fixed = [one_check(
         "ns:fixed",
         None,
         Quota::new(Algorithm::FixedWindow, 5, Unit::Hour, 1, None),
     )];
-    let sha = redis::Script::new(include_str!("../src/store/engine.lua"))
-        .get_hash()
-        .to_owned();
-    let d = store.decide(&fixed_batch(&checks, T0)).await.unwrap();
+    let bucket = [one_check(
+        "ns:bucket",
+        None,
+        Quota::new(Algorithm::TokenBucket, 5, Unit::Hour, 1, None),
+    )];
+    let sha = |source: &str| redis::Script::new(source).get_hash().to_owned();
+    let (fixed_sha, engine_sha) = (
+        sha(include_str!("../src/store/fixed.lua")),
+        sha(include_str!("../src/store/engine.lua")),
+    );
+    let exists = || redis.command(&["SCRIPT", "EXISTS", &fixed_sha, &engine_sha]);
+    let d = store.decide(&fixed_batch(&fixed, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 4);
-    assert_eq!(redis.command(&["SCRIPT", "EXISTS", &sha]), "*1\r\n:1\r\n");
+    assert_eq!(exists(), "*2\r\n:1\r\n:0\r\n", "fixed.lua alone so far");
+    let d = store.decide(&fixed_batch(&bucket, T0)).await.unwrap();
+    assert_eq!(d[0].verdict.remaining, 4);
+    assert_eq!(exists(), "*2\r\n:1\r\n:1\r\n");
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]), "+OK\r\n");
-    assert_eq!(redis.command(&["SCRIPT", "EXISTS", &sha]), "*1\r\n:0\r\n");
-    let d = store.decide(&fixed_batch(&checks, T0)).await.unwrap();
+    assert_eq!(exists(), "*2\r\n:0\r\n:0\r\n");
+    let d = store.decide(&fixed_batch(&fixed, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 3, "charged once, not twice");
-    assert_eq!(redis.command(&["SCRIPT", "EXISTS", &sha]), "*1\r\n:1\r\n");
+    let d = store.decide(&fixed_batch(&bucket, T0)).await.unwrap();
+    assert_eq!(d[0].verdict.remaining, 3, "charged once, not twice");
+    assert_eq!(exists(), "*2\r\n:1\r\n:1\r\n");
     assert_eq!(redis.command(&["GET", "ns:fixed"]), "$1\r\n2\r\n");
 }
 
@@ -788,6 +873,19 @@ async fn keys_live_as_long_as_they_are_read() {
         );
     }
     assert_eq!(redis.command(&["EXISTS", "ttl:sliding:prev"]), ":0\r\n");
+    // A fixed window alone takes fixed.lua (INCRBY, EXPIRE): the same TTL.
+    let alone = [Check {
+        key: "ttl:fixed:alone".into(),
+        ..checks[0].clone()
+    }];
+    let started = std::time::Instant::now();
+    store.decide(&fixed_batch(&alone, now)).await.unwrap();
+    let got = pttl(&redis, "ttl:fixed:alone");
+    let slack = started.elapsed().as_millis() as u64 + 1;
+    assert!(
+        got <= 127_000 && got + slack >= 127_000,
+        "ttl:fixed:alone: pttl {got}"
+    );
     assert_eq!(
         d[2].charge,
         Some(State {
@@ -820,4 +918,62 @@ async fn a_foreign_value_fails_the_call_before_any_write() {
     assert!(!e.is_transient(), "{e}");
     assert!(e.to_string().contains("not a bucket"), "{e}");
     assert_eq!(redis.command(&["EXISTS", "fv:fixed"]), ":0\r\n");
+}
+
+/// `fixed.lua` writes as it goes (INCRBY), so a key holding someone else's value (a word, a
+/// negative number, another type) fails the call only after the keys before it were
+/// incremented: those are put back as they were, values and TTLs, and a key the call created
+/// is gone again. Nothing else is written.
+#[tokio::test]
+async fn a_foreign_value_fails_a_fixed_window_call_and_its_increments_are_undone() {
+    let redis = RedisServer::start();
+    let store = redis_store(&redis);
+    let fixed = |key: &str| {
+        one_check(
+            key,
+            None,
+            Quota::new(Algorithm::FixedWindow, 5, Unit::Hour, 1, None),
+        )
+    };
+    redis.command(&["SET", "fu:held", "2", "EX", "1000"]);
+    redis.command(&["SET", "fu:near", &(MAX_COUNT - 1).to_string(), "EX", "900"]);
+    for (foreign, setup, message) in [
+        ("fu:word", vec!["SET", "fu:word", "abc"], "not an integer"),
+        ("fu:neg", vec!["SET", "fu:neg", "-3"], "negative"),
+        ("fu:list", vec!["RPUSH", "fu:list", "x"], "WRONGTYPE"),
+    ] {
+        redis.command(&setup);
+        // fu:held twice, fu:near saturated, fu:fresh created, then the foreign key.
+        let checks = [
+            fixed("fu:held"),
+            fixed("fu:near"),
+            fixed("fu:fresh"),
+            fixed("fu:held"),
+            fixed(foreign),
+        ];
+        let e = store.decide(&fixed_batch(&checks, T0)).await.unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        assert!(e.to_string().contains(message), "{foreign}: {e}");
+        assert_eq!(
+            redis.command(&["GET", "fu:held"]),
+            "$1\r\n2\r\n",
+            "{foreign}"
+        );
+        let near = (MAX_COUNT - 1).to_string();
+        assert_eq!(
+            redis.command(&["GET", "fu:near"]),
+            format!("$19\r\n{near}\r\n"),
+            "{foreign}"
+        );
+        assert_eq!(
+            redis.command(&["EXISTS", "fu:fresh"]),
+            ":0\r\n",
+            "{foreign}"
+        );
+        // The TTLs as they were (less the time since), not the window's hour.
+        assert!(pttl(&redis, "fu:held") <= 1_000_000, "{foreign}");
+        assert!(pttl(&redis, "fu:near") <= 900_000, "{foreign}");
+    }
+    assert_eq!(redis.command(&["GET", "fu:neg"]), "$2\r\n-3\r\n");
+    assert_eq!(redis.command(&["GET", "fu:word"]), "$3\r\nabc\r\n");
 }

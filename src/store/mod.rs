@@ -2,7 +2,8 @@
 //!
 //! A request's checks go to the store in one call, [`Store::decide`] (one Redis round trip):
 //! the store runs the counting engine on them atomically (memory: under the locks of every
-//! key they touch; Redis: one Lua script, `engine.lua`) and returns every check's decision.
+//! key they touch; Redis: one Lua script, `engine.lua`, or `fixed.lua` for fixed windows
+//! alone) and returns every check's decision.
 //! With `REDIS_PERSECOND=true`, [`SplitStore`] sends per-second limits to a second Redis.
 //! Either Redis may be a single server, a Sentinel-managed master or a cluster (`REDIS_TYPE`,
 //! `topology.rs`): `redis.rs`, `sentinel.rs`, `cluster.rs`.

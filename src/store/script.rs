@@ -1,35 +1,68 @@
-//! The counting engine's Redis side: `engine.lua` (one script decides a whole request), the
-//! KEYS and ARGV it is called with, and its reply read back into [`Decided`]s.
+//! The counting engine's Redis side: the scripts that decide a whole request in one call, the
+//! KEYS and ARGV they are called with, and their replies read back into [`Decided`]s.
 //!
-//! The layout is documented at the top of `engine.lua` and in the README ("The Redis
-//! script"); this file is its only writer and reader.
+//! Two scripts. `engine.lua` runs every algorithm and charging mode (what it writes depends on
+//! what it reads). `fixed.lua` takes the commonest request, the reference's own case: every
+//! check a fixed window that fits, charged unconditionally (`Charging::Always`), where nothing
+//! written depends on what is read. It sends INCRBY and EXPIRE per key and returns the counts,
+//! and [`decisions`] feeds them to [`engine::decide`] as the states read, which decides
+//! exactly what `engine.lua` would. Redis spends about a fifth of the CPU on it
+//! (docs/benchmarks.md, "Fixed windows in Redis").
+//!
+//! The layouts are documented at the top of each script and in the README ("The Redis
+//! script"); this file is their only writer and reader.
 
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use super::StoreError;
 use crate::limiter::{
     algorithm::{Algorithm, State, Verdict},
-    engine::{Batch, Charging, Decided},
+    engine::{self, Batch, Charging, Decided},
+    MAX_COUNT,
 };
 
-/// The script's source, sent with `EVAL` only when Redis does not know its SHA1.
+/// `engine.lua`'s source, sent with `EVAL` only when Redis does not know its SHA1.
 pub const SOURCE: &str = include_str!("engine.lua");
+/// `fixed.lua`'s source, likewise.
+pub const FIXED_SOURCE: &str = include_str!("fixed.lua");
 
-/// Fields per check in ARGV, and values per check in the reply.
+/// Fields per check in ARGV, and values per check in the reply (`engine.lua`).
 const ARGV_PER_CHECK: usize = 8;
 const REPLY_PER_CHECK: usize = 8;
 
-/// The script and its SHA1, computed once.
+/// The two scripts and their SHA1s, computed once.
 pub struct EngineScript {
-    script: redis::Script,
+    engine: redis::Script,
+    fixed: redis::Script,
 }
 
 impl Default for EngineScript {
     fn default() -> Self {
         Self {
-            script: redis::Script::new(SOURCE),
+            engine: redis::Script::new(SOURCE),
+            fixed: redis::Script::new(FIXED_SOURCE),
         }
     }
+}
+
+/// A script's reply, and which script gave it.
+#[derive(Debug)]
+pub enum Reply {
+    /// `engine.lua`'s: [`REPLY_PER_CHECK`] values per check.
+    Engine(Value),
+    /// `fixed.lua`'s: each check's count after its increment.
+    Fixed(Value),
+}
+
+/// Whether `batch` takes `fixed.lua`: every check a fixed window whose cost fits (so it is
+/// charged whatever it reads, see [`engine::decide`]), under `Charging::Always`.
+pub fn fixed_only(batch: &Batch<'_>) -> bool {
+    batch.charging == Charging::Always
+        && batch.checks.iter().all(|c| {
+            c.quota.algorithm == Algorithm::FixedWindow
+                && c.cost <= c.quota.capacity
+                && c.cost <= MAX_COUNT
+        })
 }
 
 impl EngineScript {
@@ -39,8 +72,13 @@ impl EngineScript {
     /// be on another node); `read` is empty otherwise.
     pub fn evalsha(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash());
-        push_keys_and_args(&mut cmd, batch, read);
+        if fixed_only(batch) {
+            cmd.arg(self.fixed.get_hash());
+            push_fixed(&mut cmd, batch);
+        } else {
+            cmd.arg(self.engine.get_hash());
+            push_keys_and_args(&mut cmd, batch, read);
+        }
         cmd
     }
 
@@ -49,25 +87,51 @@ impl EngineScript {
     /// again, so the next call's `EVALSHA` finds it.
     pub fn eval(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(SOURCE);
-        push_keys_and_args(&mut cmd, batch, read);
+        if fixed_only(batch) {
+            cmd.arg(FIXED_SOURCE);
+            push_fixed(&mut cmd, batch);
+        } else {
+            cmd.arg(SOURCE);
+            push_keys_and_args(&mut cmd, batch, read);
+        }
         cmd
     }
 
-    /// Runs the script on `conn`: EVALSHA, then EVAL when the server answers NOSCRIPT (nothing
-    /// ran, so nothing can be charged twice). Unbounded: the caller applies `REDIS_TIMEOUT`.
+    /// Runs the batch's script on `conn`: EVALSHA, then EVAL when the server answers NOSCRIPT
+    /// (nothing ran, so nothing can be charged twice). Unbounded: the caller applies
+    /// `REDIS_TIMEOUT`.
     pub async fn run<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
         batch: &Batch<'_>,
         read: &[Option<String>],
-    ) -> Result<Value, redis::RedisError> {
-        match self.evalsha(batch, read).query_async::<Value>(conn).await {
+    ) -> Result<Reply, redis::RedisError> {
+        let value = match self.evalsha(batch, read).query_async::<Value>(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.eval(batch, read).query_async::<Value>(conn).await
             }
             other => other,
-        }
+        }?;
+        Ok(if fixed_only(batch) {
+            Reply::Fixed(value)
+        } else {
+            Reply::Engine(value)
+        })
+    }
+}
+
+/// `fixed.lua`'s KEYS and ARGV: each check's key; then its cost and TTL in seconds (the
+/// window, at least a second, plus the jitter: `engine.lua`'s for a fixed window).
+fn push_fixed(cmd: &mut Cmd, batch: &Batch<'_>) {
+    cmd.arg(batch.checks.len());
+    for c in batch.checks {
+        cmd.arg(&c.key);
+    }
+    for c in batch.checks {
+        let ttl = (c.quota.window_ms / 1000)
+            .max(1)
+            .saturating_add(c.jitter_secs);
+        cmd.arg(c.cost).arg(ttl);
     }
 }
 
@@ -143,8 +207,52 @@ fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>, read: &[Option<String>])
     );
 }
 
-/// Reads the script's reply: [`REPLY_PER_CHECK`] values per check, in order.
-pub fn decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, StoreError> {
+/// Reads a script's reply into the batch's decisions, in order.
+pub fn decisions(batch: &Batch<'_>, reply: Reply) -> Result<Vec<Decided>, StoreError> {
+    match reply {
+        Reply::Engine(v) => engine_decisions(batch, v),
+        Reply::Fixed(v) => fixed_decisions(batch, v),
+    }
+}
+
+/// `fixed.lua`'s counts, decided by [`engine::decide`]: a key's state as read is its first
+/// count less that check's cost (for a saturated count, any value from which the cost
+/// saturates: the verdict and the charged state are the same). A later check of the same key
+/// sees what the earlier ones charged, as in the script, which ran them one after another.
+fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, StoreError> {
+    let Value::Array(values) = reply else {
+        return Err(StoreError::Reply(format!(
+            "fixed-window script: expected an array, got {reply:?}"
+        )));
+    };
+    if values.len() != batch.checks.len() {
+        return Err(StoreError::Reply(format!(
+            "fixed-window script: expected {} counts, got {}",
+            batch.checks.len(),
+            values.len()
+        )));
+    }
+    let states = values
+        .iter()
+        .zip(batch.checks)
+        .map(|(v, c)| {
+            let count = number(v)?;
+            if count > MAX_COUNT {
+                return Err(StoreError::Reply(format!(
+                    "fixed-window script: count {count} above 2^63-1"
+                )));
+            }
+            Ok(State {
+                a: count.saturating_sub(c.cost),
+                b: 0,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(engine::decide(batch, &states))
+}
+
+/// `engine.lua`'s reply: [`REPLY_PER_CHECK`] values per check, in order.
+fn engine_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, StoreError> {
     let Value::Array(values) = reply else {
         return Err(StoreError::Reply(format!(
             "counting script: expected an array, got {reply:?}"
@@ -265,6 +373,133 @@ mod tests {
         assert_eq!(got[2..], want);
     }
 
+    fn always(checks: &[Check]) -> Batch<'_> {
+        Batch {
+            checks,
+            roles: &[Role {
+                shadow: false,
+                quota: false,
+            }],
+            quota_total: 0,
+            charging: Charging::Always,
+            never_refuse: false,
+            now_ms: 1_700_000_040_123,
+        }
+    }
+
+    #[test]
+    fn fixed_windows_charged_always_take_the_fixed_script() {
+        let mut checks = [
+            check(0, Algorithm::FixedWindow, None),
+            check(0, Algorithm::FixedWindow, None),
+        ];
+        checks[1].key = "k0".into();
+        checks[1].cost = 5;
+        checks[1].jitter_secs = 0;
+        checks[1].quota = Quota::new(Algorithm::FixedWindow, 5, Unit::Second, 1, None);
+        let script = EngineScript::default();
+        let got = args(&script.evalsha(&always(&checks), &[]));
+        assert_eq!(got[1], script.fixed.get_hash());
+        // Both keys (one repeated), then cost and TTL: 120 s + 4 s jitter, and 1 s.
+        assert_eq!(got[2..], ["2", "k0", "k0", "3", "124", "5", "1"]);
+        let got = args(&script.eval(&always(&checks), &[]));
+        assert_eq!((got[0].as_str(), got[1].as_str()), ("EVAL", FIXED_SOURCE));
+
+        // Anything else takes the engine: a cost above the limit (never charged) ...
+        checks[1].cost = 6;
+        assert!(!fixed_only(&always(&checks)));
+        assert_eq!(
+            args(&script.evalsha(&always(&checks), &[]))[1],
+            script.engine.get_hash()
+        );
+        // ... another algorithm, or another charging mode.
+        checks[1].cost = 1;
+        assert!(fixed_only(&always(&checks)));
+        let mut other = checks.clone();
+        other[1].quota.algorithm = Algorithm::SlidingWindow;
+        assert!(!fixed_only(&always(&other)));
+        for charging in [
+            Charging::StopWhenOver,
+            Charging::OnlyOver,
+            Charging::AllOrNothing,
+            Charging::Never,
+        ] {
+            let batch = Batch {
+                charging,
+                ..always(&checks)
+            };
+            assert!(!fixed_only(&batch), "{charging:?}");
+        }
+    }
+
+    #[test]
+    fn fixed_counts_decide_as_the_engine_does_from_the_states_before() {
+        // k0 twice (3 then 2), k1 once (3): counts 4, 6 (k0 held 1) and 5 (k1 held 2).
+        let mut checks = [
+            check(0, Algorithm::FixedWindow, None),
+            check(1, Algorithm::FixedWindow, None),
+            check(0, Algorithm::FixedWindow, None),
+        ];
+        checks[2].cost = 2;
+        let batch = always(&checks);
+        let got = decisions(
+            &batch,
+            Reply::Fixed(Value::Array(vec![
+                Value::Int(4),
+                Value::Int(5),
+                Value::Int(6),
+            ])),
+        )
+        .unwrap();
+        let want = engine::decide(
+            &batch,
+            &[
+                State { a: 1, b: 0 },
+                State { a: 2, b: 0 },
+                State { a: 1, b: 0 },
+            ],
+        );
+        assert_eq!(got, want);
+        let remaining: Vec<u64> = got.iter().map(|d| d.verdict.remaining).collect();
+        assert_eq!(remaining, [1, 0, 0]);
+        assert!(!got[2].verdict.allowed, "6 of 5");
+        assert_eq!(got[2].charge, Some(State { a: 6, b: 0 }));
+
+        // A saturated count, beyond a double's exact integers, as a string.
+        let one = [check(0, Algorithm::FixedWindow, None)];
+        let got = decisions(
+            &always(&one),
+            Reply::Fixed(Value::Array(vec![Value::BulkString(
+                MAX_COUNT.to_string().into_bytes(),
+            )])),
+        )
+        .unwrap();
+        assert_eq!(got[0].verdict.used, MAX_COUNT);
+        assert_eq!(got[0].charge, Some(State { a: MAX_COUNT, b: 0 }));
+    }
+
+    #[test]
+    fn refuses_malformed_fixed_replies() {
+        let checks = [check(0, Algorithm::FixedWindow, None)];
+        let batch = always(&checks);
+        for bad in [
+            Value::Nil,
+            Value::Array(vec![]),
+            Value::Array(vec![Value::Int(1), Value::Int(2)]),
+            Value::Array(vec![Value::Int(-1)]),
+            Value::Array(vec![Value::BulkString(b"9223372036854775808".to_vec())]),
+            Value::Array(vec![Value::BulkString(b"x".to_vec())]),
+        ] {
+            assert!(
+                matches!(
+                    decisions(&batch, Reply::Fixed(bad.clone())),
+                    Err(StoreError::Reply(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
     #[test]
     fn sends_previous_windows_read_beforehand_in_argv() {
         let checks = [
@@ -311,21 +546,21 @@ mod tests {
             Value::BulkString(b"3".to_vec()),
             int(0),
         ];
-        let d = decisions(&batch, Value::Array(good.clone())).unwrap();
+        let d = decisions(&batch, Reply::Engine(Value::Array(good.clone()))).unwrap();
         assert_eq!(d[0].verdict.used, 9_223_372_036_854_775_807);
         assert_eq!(d[0].charge, Some(State { a: 3, b: 0 }));
         let mut short = good.clone();
         short.pop();
         assert!(matches!(
-            decisions(&batch, Value::Array(short)),
+            decisions(&batch, Reply::Engine(Value::Array(short))),
             Err(StoreError::Reply(_))
         ));
         let mut bad_flag = good.clone();
         bad_flag[0] = int(2);
-        assert!(decisions(&batch, Value::Array(bad_flag)).is_err());
+        assert!(decisions(&batch, Reply::Engine(Value::Array(bad_flag))).is_err());
         let mut negative = good;
         negative[1] = int(-1);
-        assert!(decisions(&batch, Value::Array(negative)).is_err());
-        assert!(decisions(&batch, Value::Nil).is_err());
+        assert!(decisions(&batch, Reply::Engine(Value::Array(negative))).is_err());
+        assert!(decisions(&batch, Reply::Engine(Value::Nil)).is_err());
     }
 }
