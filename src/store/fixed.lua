@@ -53,8 +53,11 @@ for i, key in ipairs(KEYS) do
       redis.call('SET', key, MAX_COUNT, 'KEEPTTL')
       v = MAX_COUNT
     else
+      -- Not a count (WRONGTYPE, not an integer), or no write at all (READONLY on a replica,
+      -- OOM): Redis's own error, its code first, so the caller sorts it as it sorts
+      -- engine.lua's (READONLY replaces the connection).
       undo(i - 1)
-      return redis.error_reply('ratelimitd: ' .. key .. ' holds no count: ' .. v.err)
+      return redis.error_reply(v.err .. ' (ratelimitd: ' .. key .. ')')
     end
   elseif v < tonumber(ARGV[2 * i - 1]) then
     -- Negative before: not a count of ours (engine.lua refuses it too).

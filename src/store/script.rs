@@ -237,13 +237,14 @@ fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, Stor
         .zip(batch.checks)
         .map(|(v, c)| {
             let count = number(v)?;
-            if count > MAX_COUNT {
+            if count > MAX_COUNT || count < c.cost {
                 return Err(StoreError::Reply(format!(
-                    "fixed-window script: count {count} above 2^63-1"
+                    "fixed-window script: count {count} for a cost of {}",
+                    c.cost
                 )));
             }
             Ok(State {
-                a: count.saturating_sub(c.cost),
+                a: count - c.cost,
                 b: 0,
             })
         })
@@ -487,6 +488,8 @@ mod tests {
             Value::Array(vec![]),
             Value::Array(vec![Value::Int(1), Value::Int(2)]),
             Value::Array(vec![Value::Int(-1)]),
+            // Below the check's cost of 3: no increment gives that.
+            Value::Array(vec![Value::Int(2)]),
             Value::Array(vec![Value::BulkString(b"9223372036854775808".to_vec())]),
             Value::Array(vec![Value::BulkString(b"x".to_vec())]),
         ] {
