@@ -8,6 +8,8 @@
 # load falls on all alike:
 #   throughput   closed loop, CONNS connections x STREAMS streams, REQUESTS calls, one hot key
 #   single       one call at a time (1 x 1), SINGLE calls: mean, max, calls at or over 10 ms
+#   single_h2load the same with h2load (a lighter client than loadgen, the one issue 14's
+#                one-call targets were set with): mean, min, max
 #   fixed_rate   open loop at RATE calls/s for RATE_REQUESTS calls: server CPU per call
 #   half_rate    Redis backend, open loop at half of this run's Redis throughput: p99
 #   desc5/desc20 Redis backend, 5 and 20 descriptors per call: rps, p50/p99, EVALSHA per call
@@ -77,6 +79,25 @@ measure() {
   LAST_RPS=$(field rps "$out")
 }
 
+# measure_h2load RUN SERVER: SINGLE calls one at a time with h2load, one raw row (h2load gives
+# the mean, min and max; min goes in the p50 column, the percentiles it lacks stay empty).
+measure_h2load() {
+  local run=$1 server=$2 pid=${SPID[$2]} c0 r0 c1 r1 e1 out
+  redis-cli -p "$RPORT" config resetstat >/dev/null
+  c0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
+  out=$(h2load_single "$SINGLE" "${ADDR[$server]}" "$WORK/body1")
+  c1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
+  [ "$(field failed "$out")" = 0 ] || { echo "h2load failures against $server: $out" >&2; exit 1; }
+  printf '%s\tsingle_h2load\t%s\t%s\t%s\t%s\t%s\t\t\t%s\t\t0\t%s\t%s\t%s\t%s\n' \
+    "$run" "$server" "$SINGLE" "$(field rps "$out")" "$(field mean_us "$out")" "$(field min_us "$out")" \
+    "$(field max_us "$out")" \
+    "$(awk -v a="$c0" -v b="$c1" -v n="$SINGLE" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v a="$r0" -v b="$r1" -v n="$SINGLE" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v e="$e1" -v n="$SINGLE" 'BEGIN {printf "%.3f", e/n}')" \
+    "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
+}
+write_grpc_body "$WORK/body1" 1
+
 # Warm-up: connections, the script cache, the allocator.
 for s in noop memory redis; do
   "$LOAD" --target "${ADDR[$s]}" --domain bench --key k --requests 20000 >/dev/null
@@ -93,6 +114,9 @@ for run in $(seq "$RUNS"); do
   done
   for s in "${order[@]}"; do
     measure "$run" single "$s" --connections 1 --streams 1 --requests "$SINGLE"
+  done
+  for s in "${order[@]}"; do
+    measure_h2load "$run" "$s"
   done
   for s in "${order[@]}"; do
     measure "$run" fixed_rate "$s" --connections "$CONNS" --streams "$STREAMS" \
@@ -178,6 +202,14 @@ print("|---|---|---|---|---|---|---|")
 for s in ("noop", "memory", "redis"):
     print(f"| {s} | {cell(get('single', s, 'mean_us'), i0)} | {cell(get('single', s, 'p50_us'), i0)} | {cell(get('single', s, 'p99_us'), i0)} "
           f"| {cell(get('single', s, 'p999_us'), i0)} | {cell(get('single', s, 'max_us'), i0)} | {cell(get('single', s, 'slow'), i0)} |")
+print()
+print(f"One call at a time with h2load (-c 1 -m 1): {single} calls per server and run")
+print()
+print("| server | mean µs | ÷ no-op | min µs | max µs |")
+print("|---|---|---|---|---|")
+for s in ("noop", "memory", "redis"):
+    print(f"| {s} | {cell(get('single_h2load', s, 'mean_us'), i0)} | {cell(ratio('single_h2load', s, 'single_h2load', 'noop', 'mean_us'), f2)} "
+          f"| {cell(get('single_h2load', s, 'p50_us'), i0)} | {cell(get('single_h2load', s, 'max_us'), i0)} |")
 print()
 print(f"Server CPU per call at a fixed {rate} calls/s (open loop)")
 print()

@@ -80,3 +80,42 @@ descriptors:
     rate_limit: {unit: second, requests_per_unit: 4000000000}
 YAML
 }
+
+# $1: a gRPC-framed RateLimitRequest{domain: "bench", descriptors: [{entries: [{key: "k",
+# value: "vI"}]} for I in 0..$2]}, protobuf-encoded by hand (field 1 domain, field 2
+# descriptors; Entry: key 1, value 2) behind the gRPC frame header (1 byte: not compressed,
+# 4 bytes: big-endian length), for h2load's -d.
+write_grpc_body() {
+  python3 - "$1" "$2" <<'PY'
+import struct, sys
+def ld(field, data):
+    n = len(data); out = bytes([field << 3 | 2])
+    while True:
+        b = n & 0x7F; n >>= 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n: return out + data
+msg = ld(1, b"bench")
+for i in range(int(sys.argv[2])):
+    entry = ld(1, b"k") + ld(2, b"v%d" % i)
+    msg += ld(2, ld(1, entry))
+open(sys.argv[1], "wb").write(struct.pack(">BI", 0, len(msg)) + msg)
+PY
+}
+
+# h2load, one connection and one stream: $1 calls to gRPC address $2 with body file $3.
+# Prints "rps=… mean_us=… min_us=… max_us=… failed=…" (h2load's own times, in µs); fails
+# when h2load is missing.
+h2load_single() {
+  command -v h2load >/dev/null || { echo "needs h2load: apt-get install -y nghttp2-client" >&2; return 1; }
+  h2load -n "$1" -c 1 -m 1 -d "$3" -H 'content-type: application/grpc' -H 'te: trailers' \
+    "http://$2/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" | awk '
+    function us(v) {
+      if (v ~ /us$/) return v + 0
+      if (v ~ /ms$/) return v * 1000
+      return v * 1000000
+    }
+    /^finished in/ { rps = $4 }
+    /^requests:/ { failed = $10 + $12 }
+    /^time for request:/ { min = us($4); max = us($5); mean = us($6) }
+    END { printf "rps=%s mean_us=%.1f min_us=%.1f max_us=%.1f failed=%d\n", rps, mean, min, max, failed }'
+}
