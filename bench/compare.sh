@@ -11,7 +11,8 @@
 #   single_h2load the same with h2load (a lighter client than loadgen, the one issue 14's
 #                one-call targets were set with): mean, min, max
 #   fixed_rate   open loop at RATE calls/s for RATE_REQUESTS calls: server CPU per call
-#   half_rate    Redis backend, open loop at half of this run's Redis throughput: p99
+#   half_rate    Redis backend, open loop at half of this run's Redis throughput: p99; and the
+#                no-op at the same rate, the floor this machine and load generator measure
 #   desc5/desc20 Redis backend, 5 and 20 descriptors per call: rps, p50/p99, EVALSHA per call
 # Server CPU is utime+stime from /proc/PID/stat around each measurement; Redis's from its own
 # /proc entry; script calls from INFO commandstats (reset before each measurement).
@@ -123,8 +124,10 @@ for run in $(seq "$RUNS"); do
       --rate "$RATE" --requests "$RATE_REQUESTS"
   done
   half=$(awk -v r="$redis_rps" 'BEGIN {printf "%.0f", r/2}')
-  measure "$run" half_rate redis --connections "$CONNS" --streams "$STREAMS" \
-    --rate "$half" --requests $((half * 5))
+  for s in redis noop; do
+    measure "$run" half_rate "$s" --connections "$CONNS" --streams "$STREAMS" \
+      --rate "$half" --requests $((half * 5))
+  done
   for d in 5 20; do
     measure "$run" "desc$d" redis --connections "$CONNS" --streams "$STREAMS" \
       --requests $((REQUESTS / 4)) --descriptors "$d" --keys 1000 --dist uniform
@@ -220,13 +223,15 @@ for s in ("noop", "memory", "redis"):
           f"| {cell(ratio('fixed_rate', s, 'fixed_rate', 'memory', 'server_cpu_us'), f2)} "
           f"| {cell(get('fixed_rate', s, 'redis_cpu_us'), f1) if s == 'redis' else '–'} | {cell(get('fixed_rate', s, 'p99_us'), i0)} |")
 print()
-print("Redis backend at half its saturating rate (open loop), and with several descriptors (1,000 uniform keys)")
+print("Redis backend at half its saturating rate (open loop; the no-op at the same rate), and with several descriptors (1,000 uniform keys)")
 print()
 print("| scenario | rps | p50 µs | p99 µs | max µs | EVALSHA/call | Redis CPU µs/call |")
 print("|---|---|---|---|---|---|---|")
-for sc in ("half_rate", "desc5", "desc20"):
-    print(f"| {sc} | {cell(get(sc, 'redis', 'rps'), i0)} | {cell(get(sc, 'redis', 'p50_us'), i0)} | {cell(get(sc, 'redis', 'p99_us'), i0)} "
-          f"| {cell(get(sc, 'redis', 'max_us'), i0)} | {cell(get(sc, 'redis', 'evalsha_per_call'), f3)} | {cell(get(sc, 'redis', 'redis_cpu_us'), f1)} |")
+for sc, sv in (("half_rate", "redis"), ("half_rate", "noop"), ("desc5", "redis"), ("desc20", "redis")):
+    label = sc if sv == "redis" else f"{sc}, no-op"
+    redis_only = lambda k, f: cell(get(sc, sv, k), f) if sv == "redis" else "–"
+    print(f"| {label} | {cell(get(sc, sv, 'rps'), i0)} | {cell(get(sc, sv, 'p50_us'), i0)} | {cell(get(sc, sv, 'p99_us'), i0)} "
+          f"| {cell(get(sc, sv, 'max_us'), i0)} | {redis_only('evalsha_per_call', f3)} | {redis_only('redis_cpu_us', f1)} |")
 print()
 c = {}
 for line in open(ceil):

@@ -11,8 +11,12 @@
 //!   never runs longer than `--max-seconds` (default 60, at most 600).
 //! - `--rate R`: open loop. Call `n` is due at `start + n / R`; latency counts from when it
 //!   was due, not from when a free stream sent it, so a stalled server shows in the
-//!   percentiles instead of slowing the load down (no coordinated omission). Without it the
-//!   load is closed-loop: each stream sends its next call when the last one is answered.
+//!   percentiles instead of slowing the load down (no coordinated omission). A pacing thread
+//!   releases each call at its time (`std::thread::sleep`, accurate to ~0.1 ms) to whichever
+//!   stream is free: tokio's own timer has a 1 ms resolution and would send the calls in
+//!   bursts at each millisecond, which queue behind each other and add ~0.5 ms to every
+//!   percentile. Without `--rate` the load is closed-loop: each stream sends its next call
+//!   when the last one is answered.
 //! - Keys: `--dist cycle` (the default: `--keys` values in turn; `--keys 1` is one hot key),
 //!   `hot`, `uniform` over `--keys` values, or `zipf` over them with exponent `--zipf-s`.
 //! - `--descriptors D`: D descriptors per call, `KEY=v<n>-<d>` for d in 0..D (one counter each).
@@ -196,12 +200,15 @@ async fn run(args: Args) {
     let started = Instant::now();
     let deadline = started + limit;
     let next = Arc::new(AtomicU64::new(0));
+    let paced = args
+        .rate
+        .map(|rate| pace(rate, args.requests, limit, started, in_flight));
     let mut tasks = Vec::new();
     for t in 0..in_flight {
         let client = RateLimitServiceClient::new(channels[t % connections].clone());
-        let (args, next) = (args.clone(), next.clone());
+        let (args, next, paced) = (args.clone(), next.clone(), paced.clone());
         tasks.push(tokio::spawn(stream(
-            client, args, next, started, deadline, t as u64,
+            client, args, next, paced, started, deadline, t as u64,
         )));
     }
     let mut all = Tally::new();
@@ -215,11 +222,39 @@ async fn run(args: Args) {
     report(&args, &all, started.elapsed(), connections, in_flight);
 }
 
+/// Open loop: the calls due within `limit` (at most `requests`), and a semaphore that a
+/// pacing thread gives one permit at each call's time, then `streams` more once all are
+/// out, so that every stream wakes and finds nothing left.
+#[derive(Clone)]
+struct Paced {
+    calls: u64,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+fn pace(rate: f64, requests: u64, limit: Duration, started: Instant, streams: usize) -> Paced {
+    let calls = requests.min((limit.as_secs_f64() * rate).ceil() as u64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(0));
+    let releases = permits.clone();
+    std::thread::spawn(move || {
+        for n in 0..calls {
+            let due = started + Duration::from_secs_f64(n as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            releases.add_permits(1);
+        }
+        releases.add_permits(streams);
+    });
+    Paced { calls, permits }
+}
+
 /// One stream: takes call numbers until the run is over.
 async fn stream(
     mut client: RateLimitServiceClient<Channel>,
     args: Arc<Args>,
     next: Arc<AtomicU64>,
+    paced: Option<Paced>,
     started: Instant,
     deadline: Instant,
     id: u64,
@@ -228,20 +263,24 @@ async fn stream(
     let mut rng = SmallRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(id));
     let zipf = (args.dist == Dist::Zipf).then(|| Zipf::new(args.keys as f64, args.zipf_s).unwrap());
     loop {
+        if let Some(p) = &paced {
+            match p.permits.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
+            }
+        }
         let n = next.fetch_add(1, Ordering::Relaxed);
         if n >= args.requests {
             break;
         }
-        let due = match args.rate {
-            Some(rate) => {
-                let due = started + Duration::from_secs_f64(n as f64 / rate);
-                if due >= deadline {
+        let due = match (&paced, args.rate) {
+            (Some(p), Some(rate)) => {
+                if n >= p.calls {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
-                due
+                started + Duration::from_secs_f64(n as f64 / rate)
             }
-            None => {
+            _ => {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
