@@ -15,10 +15,10 @@
 --
 -- Counts saturate at 2^63-1 as engine.lua's do: where INCRBY would overflow, the key is set
 -- to 2^63-1. A key holding anything but a count (what INCRBY refuses, or a negative
--- integer) fails the call, and what the earlier
--- INCRBYs wrote is undone first (newest first; a key this call created is deleted), so a
--- failed call writes nothing, as engine.lua guarantees by reading before it writes. TTLs are
--- set only once every INCRBY has succeeded, so an undone key keeps the TTL it had.
+-- integer) fails the call, and what the earlier INCRBYs wrote is undone first (newest first;
+-- a key this call created is deleted), so a failed call writes nothing, as engine.lua
+-- guarantees by reading before it writes. TTLs are set only once every INCRBY has
+-- succeeded, so an undone key keeps the TTL it had.
 
 local MAX_COUNT = '9223372036854775807'
 local EXACT = 9007199254740992 -- 2^53

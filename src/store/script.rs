@@ -56,7 +56,7 @@ pub enum Reply {
 
 /// Whether `batch` takes `fixed.lua`: every check a fixed window whose cost fits (so it is
 /// charged whatever it reads, see [`engine::decide`]), under `Charging::Always`.
-pub fn fixed_only(batch: &Batch<'_>) -> bool {
+fn fixed_only(batch: &Batch<'_>) -> bool {
     batch.charging == Charging::Always
         && batch.checks.iter().all(|c| {
             c.quota.algorithm == Algorithm::FixedWindow
@@ -66,53 +66,67 @@ pub fn fixed_only(batch: &Batch<'_>) -> bool {
 }
 
 impl EngineScript {
-    /// `EVALSHA sha numkeys KEYS… ARGV…`: the usual call, which sends only the hash.
-    /// `read[i]`, when `Some`, is check `i`'s previous-window value as stored (`"0"` for no
-    /// key), sent in ARGV instead of its key in KEYS (`REDIS_TYPE=cluster`, where that key may
-    /// be on another node); `read` is empty otherwise.
-    pub fn evalsha(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        if fixed_only(batch) {
-            cmd.arg(self.fixed.get_hash());
+    /// The usual call, `EVALSHA sha numkeys KEYS… ARGV…` (tests read its layout).
+    #[cfg(test)]
+    fn evalsha(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
+        self.command(false, fixed_only(batch), batch, read)
+    }
+
+    /// The call after `NOSCRIPT`, `EVAL source numkeys KEYS… ARGV…`.
+    #[cfg(test)]
+    fn eval(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
+        self.command(true, fixed_only(batch), batch, read)
+    }
+
+    /// `EVAL` with the source, or `EVALSHA` with the hash, of `fixed.lua` or `engine.lua`.
+    fn command(
+        &self,
+        source: bool,
+        fixed: bool,
+        batch: &Batch<'_>,
+        read: &[Option<String>],
+    ) -> Cmd {
+        let mut cmd = redis::cmd(if source { "EVAL" } else { "EVALSHA" });
+        let (text, script) = if fixed {
+            (FIXED_SOURCE, &self.fixed)
+        } else {
+            (SOURCE, &self.engine)
+        };
+        if source {
+            cmd.arg(text);
+        } else {
+            cmd.arg(script.get_hash());
+        }
+        if fixed {
             push_fixed(&mut cmd, batch);
         } else {
-            cmd.arg(self.engine.get_hash());
             push_keys_and_args(&mut cmd, batch, read);
         }
         cmd
     }
 
-    /// `EVAL source numkeys KEYS… ARGV…`, `read` as for [`EngineScript::evalsha`]: after
-    /// `NOSCRIPT` (Redis restarted or `SCRIPT FLUSH`). It runs the script and caches it
-    /// again, so the next call's `EVALSHA` finds it.
-    pub fn eval(&self, batch: &Batch<'_>, read: &[Option<String>]) -> Cmd {
-        let mut cmd = redis::cmd("EVAL");
-        if fixed_only(batch) {
-            cmd.arg(FIXED_SOURCE);
-            push_fixed(&mut cmd, batch);
-        } else {
-            cmd.arg(SOURCE);
-            push_keys_and_args(&mut cmd, batch, read);
-        }
-        cmd
-    }
-
-    /// Runs the batch's script on `conn`: EVALSHA, then EVAL when the server answers NOSCRIPT
-    /// (nothing ran, so nothing can be charged twice). Unbounded: the caller applies
-    /// `REDIS_TIMEOUT`.
+    /// Runs the batch's script on `conn`: `EVALSHA`, which sends only the hash, then `EVAL`
+    /// with the source when the server answers NOSCRIPT (Redis restarted or `SCRIPT FLUSH`:
+    /// nothing ran, so nothing can be charged twice; `EVAL` caches it again). `read[i]`, when
+    /// `Some`, is check `i`'s previous-window value as stored (`"0"` for no key), sent in ARGV
+    /// instead of its key in KEYS (`REDIS_TYPE=cluster`, where that key may be on another
+    /// node); `read` is empty otherwise. Unbounded: the caller applies `REDIS_TIMEOUT`.
     pub async fn run<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
         batch: &Batch<'_>,
         read: &[Option<String>],
     ) -> Result<Reply, redis::RedisError> {
-        let value = match self.evalsha(batch, read).query_async::<Value>(conn).await {
+        let fixed = fixed_only(batch);
+        let sent = self.command(false, fixed, batch, read);
+        let value = match sent.query_async::<Value>(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.eval(batch, read).query_async::<Value>(conn).await
+                let with_source = self.command(true, fixed, batch, read);
+                with_source.query_async::<Value>(conn).await
             }
             other => other,
         }?;
-        Ok(if fixed_only(batch) {
+        Ok(if fixed {
             Reply::Fixed(value)
         } else {
             Reply::Engine(value)
@@ -375,17 +389,7 @@ mod tests {
     }
 
     fn always(checks: &[Check]) -> Batch<'_> {
-        Batch {
-            checks,
-            roles: &[Role {
-                shadow: false,
-                quota: false,
-            }],
-            quota_total: 0,
-            charging: Charging::Always,
-            never_refuse: false,
-            now_ms: 1_700_000_040_123,
-        }
+        Batch::plain(checks, 1_700_000_040_123)
     }
 
     #[test]
