@@ -479,14 +479,7 @@ fn seed(rt: &tokio::runtime::Runtime, store: &MemoryStore, key: String, count: u
         jitter_secs: 0,
         per_second: false,
     }];
-    let batch = Batch {
-        checks: &checks,
-        roles: &[Role::default()],
-        quota_total: 0,
-        charging: Charging::Always,
-        never_refuse: false,
-        now_ms: now,
-    };
+    let batch = Batch::plain(&checks, now);
     let d = rt.block_on(store.decide(&batch)).unwrap();
     assert_eq!(d[0].charge.map(|s| s.a), Some(count));
 }
@@ -539,14 +532,7 @@ fn a_sliding_window_retry_is_the_first_instant_the_request_fits() {
             let ask = |model: &mut Model, at: u64| -> Result<Expected, TestCaseError> {
                 let want = model.decide(&l, at, cost, false);
                 let checks = [check(&l, at, cost)];
-                let batch = Batch {
-                    checks: &checks,
-                    roles: &[Role::default()],
-                    quota_total: 0,
-                    charging: Charging::Always,
-                    never_refuse: false,
-                    now_ms: at,
-                };
+                let batch = Batch::plain(&checks, at);
                 let d = rt.block_on(store.decide(&batch)).unwrap()[0];
                 let got = Expected {
                     allowed: d.verdict.allowed,

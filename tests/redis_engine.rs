@@ -68,14 +68,7 @@ async fn seed_memory(memory: &MemoryStore, key: &str, count: u64, now_ms: u64) {
         jitter_secs: 0,
         per_second: false,
     }];
-    let batch = Batch {
-        checks: &checks,
-        roles: &[Role::default()],
-        quota_total: 0,
-        charging: Charging::Always,
-        never_refuse: false,
-        now_ms,
-    };
+    let batch = Batch::plain(&checks, now_ms);
     let d = memory.decide(&batch).await.unwrap();
     assert_eq!(d[0].charge, Some(State { a: count, b: 0 }), "{key}");
 }
@@ -553,7 +546,7 @@ async fn fixed_counts_saturate_and_stay_exact_alike() {
             check("fs:odd", cost),
             check("fs:near", cost),
         ];
-        let batch = fixed_batch(&checks, now);
+        let batch = Batch::plain(&checks, now);
         let want = memory.decide(&batch).await.unwrap();
         let got = store.decide(&batch).await.unwrap();
         assert_eq!(got, want, "cost {cost}");
@@ -716,20 +709,6 @@ async fn strict_charging_leaves_the_losing_requests_uncounted_under_concurrency(
     );
 }
 
-fn fixed_batch(checks: &[Check], now_ms: u64) -> Batch<'_> {
-    Batch {
-        checks,
-        roles: &[Role {
-            shadow: false,
-            quota: false,
-        }],
-        quota_total: 0,
-        charging: Charging::Always,
-        never_refuse: false,
-        now_ms,
-    }
-}
-
 /// After `SCRIPT FLUSH` (what a restarted Redis looks like to EVALSHA) the next call gets
 /// NOSCRIPT, runs its script with EVAL, and Redis has it cached again: `fixed.lua` for fixed
 /// windows charged always, `engine.lua` for the rest.
@@ -753,17 +732,17 @@ async fn a_flushed_script_is_sent_again_and_counts_continue() {
         sha(include_str!("../src/store/engine.lua")),
     );
     let exists = || redis.command(&["SCRIPT", "EXISTS", &fixed_sha, &engine_sha]);
-    let d = store.decide(&fixed_batch(&fixed, T0)).await.unwrap();
+    let d = store.decide(&Batch::plain(&fixed, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 4);
     assert_eq!(exists(), "*2\r\n:1\r\n:0\r\n", "fixed.lua alone so far");
-    let d = store.decide(&fixed_batch(&bucket, T0)).await.unwrap();
+    let d = store.decide(&Batch::plain(&bucket, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 4);
     assert_eq!(exists(), "*2\r\n:1\r\n:1\r\n");
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]), "+OK\r\n");
     assert_eq!(exists(), "*2\r\n:0\r\n:0\r\n");
-    let d = store.decide(&fixed_batch(&fixed, T0)).await.unwrap();
+    let d = store.decide(&Batch::plain(&fixed, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 3, "charged once, not twice");
-    let d = store.decide(&fixed_batch(&bucket, T0)).await.unwrap();
+    let d = store.decide(&Batch::plain(&bucket, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 3, "charged once, not twice");
     assert_eq!(exists(), "*2\r\n:1\r\n:1\r\n");
     assert_eq!(redis.command(&["GET", "ns:fixed"]), "$1\r\n2\r\n");
@@ -780,14 +759,14 @@ async fn a_restarted_redis_gets_the_script_again() {
         None,
         Quota::new(Algorithm::TokenBucket, 5, Unit::Hour, 1, None),
     )];
-    let d = store.decide(&fixed_batch(&checks, T0)).await.unwrap();
+    let d = store.decide(&Batch::plain(&checks, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 4);
     redis.restart();
     // The first calls may meet the dropped connection (a transient error, never retried by
     // the store); the connection comes back within about a second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let d = loop {
-        match store.decide(&fixed_batch(&checks, T0)).await {
+        match store.decide(&Batch::plain(&checks, T0)).await {
             Ok(d) => break d,
             Err(e) => {
                 assert!(
@@ -803,7 +782,7 @@ async fn a_restarted_redis_gets_the_script_again() {
         }
     };
     assert_eq!(d[0].verdict.remaining, 4, "a fresh Redis: a full bucket");
-    let d = store.decide(&fixed_batch(&checks, T0)).await.unwrap();
+    let d = store.decide(&Batch::plain(&checks, T0)).await.unwrap();
     assert_eq!(d[0].verdict.remaining, 3);
 }
 
@@ -848,14 +827,7 @@ async fn keys_live_as_long_as_they_are_read() {
         c.cost = 3;
         c.jitter_secs = 7;
     }
-    let batch = Batch {
-        checks: &checks,
-        roles: &[Role::default()],
-        quota_total: 0,
-        charging: Charging::Always,
-        never_refuse: false,
-        now_ms: now,
-    };
+    let batch = Batch::plain(&checks, now);
     let started = std::time::Instant::now();
     let d = store.decide(&batch).await.unwrap();
     assert!(d.iter().all(|d| d.verdict.allowed && d.charge.is_some()));
@@ -879,7 +851,7 @@ async fn keys_live_as_long_as_they_are_read() {
         ..checks[0].clone()
     }];
     let started = std::time::Instant::now();
-    store.decide(&fixed_batch(&alone, now)).await.unwrap();
+    store.decide(&Batch::plain(&alone, now)).await.unwrap();
     let got = pttl(&redis, "ttl:fixed:alone");
     let slack = started.elapsed().as_millis() as u64 + 1;
     assert!(
@@ -914,7 +886,7 @@ async fn a_foreign_value_fails_the_call_before_any_write() {
             Quota::new(Algorithm::TokenBucket, 5, Unit::Hour, 1, None),
         ),
     ];
-    let e = store.decide(&fixed_batch(&checks, T0)).await.unwrap_err();
+    let e = store.decide(&Batch::plain(&checks, T0)).await.unwrap_err();
     assert!(!e.is_transient(), "{e}");
     assert!(e.to_string().contains("not a bucket"), "{e}");
     assert_eq!(redis.command(&["EXISTS", "fv:fixed"]), ":0\r\n");
@@ -951,7 +923,7 @@ async fn a_foreign_value_fails_a_fixed_window_call_and_its_increments_are_undone
             fixed("fu:held"),
             fixed(foreign),
         ];
-        let e = store.decide(&fixed_batch(&checks, T0)).await.unwrap_err();
+        let e = store.decide(&Batch::plain(&checks, T0)).await.unwrap_err();
         assert!(!e.is_transient(), "{e}");
         assert!(e.to_string().contains(message), "{foreign}: {e}");
         assert_eq!(

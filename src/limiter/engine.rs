@@ -94,6 +94,24 @@ pub struct Batch<'a> {
     pub now_ms: u64,
 }
 
+impl<'a> Batch<'a> {
+    /// `checks`, all of one plain descriptor (neither shadowed nor a quota one), under the
+    /// default charging, at `now_ms`: the commonest request.
+    pub fn plain(checks: &'a [Check], now_ms: u64) -> Self {
+        Batch {
+            checks,
+            roles: &[Role {
+                shadow: false,
+                quota: false,
+            }],
+            quota_total: 0,
+            charging: Charging::Always,
+            never_refuse: false,
+            now_ms,
+        }
+    }
+}
+
 /// One check's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decided {

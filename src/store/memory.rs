@@ -662,17 +662,7 @@ mod tests {
 
     /// `checks` of one descriptor at `now` (Unix seconds), always charged.
     fn batch_at(checks: &[Check], now: u64) -> Batch<'_> {
-        Batch {
-            checks,
-            roles: &[Role {
-                shadow: false,
-                quota: false,
-            }],
-            quota_total: 0,
-            charging: Charging::Always,
-            never_refuse: false,
-            now_ms: now * 1000,
-        }
+        Batch::plain(checks, now * 1000)
     }
 
     /// Decides `checks` at `now` (Unix seconds) through [`Store::decide`] and returns the
