@@ -10,6 +10,8 @@
 #   single       one call at a time (1 x 1), SINGLE calls: mean, max, calls at or over 10 ms
 #   single_h2load the same with h2load (a lighter client than loadgen, the one issue 14's
 #                one-call targets were set with): mean, min, max
+#   throughput_h2load closed loop with h2load, H2_CLIENTS connections x H2_STREAMS streams
+#                (16 x 16 by default, issue 14's own set-up), REQUESTS calls: rps, CPU per call
 #   fixed_rate   open loop at RATE calls/s for RATE_REQUESTS calls: server CPU per call
 #   half_rate    Redis backend, open loop at half of this run's Redis throughput: p99; and the
 #                no-op at the same rate, the floor this machine and load generator measure
@@ -22,6 +24,7 @@
 # NOOP_RUNTIME is the no-op's runtime (per_core, ratelimitd's default, or multi_thread).
 #
 # Usage: [CONNS=4] [STREAMS=16] [SINGLE=40000] [RATE=10000] [RATE_REQUESTS=50000] \
+#        [H2_CLIENTS=16] [H2_STREAMS=16] \
 #        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] [NOOP_RUNTIME=per_core] \
 #        bench/compare.sh [RUNS] [REQUESTS]
 set -euo pipefail
@@ -80,21 +83,22 @@ measure() {
   LAST_RPS=$(field rps "$out")
 }
 
-# measure_h2load RUN SERVER: SINGLE calls one at a time with h2load, one raw row (h2load gives
-# the mean, min and max; min goes in the p50 column, the percentiles it lacks stay empty).
+# measure_h2load RUN SCENARIO SERVER N CLIENTS STREAMS: N calls with h2load, one raw row
+# (h2load gives the mean, min and max; min goes in the p50 column, the percentiles it lacks
+# stay empty).
 measure_h2load() {
-  local run=$1 server=$2 pid=${SPID[$2]} c0 r0 c1 r1 e1 out
+  local run=$1 scenario=$2 server=$3 n=$4 pid=${SPID[$3]} c0 r0 c1 r1 e1 out
   redis-cli -p "$RPORT" config resetstat >/dev/null
   c0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
-  out=$(h2load_single "$SINGLE" "${ADDR[$server]}" "$WORK/body1")
+  out=$(h2load_calls "$n" "$5" "$6" "${ADDR[$server]}" "$WORK/body1")
   c1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
   [ "$(field failed "$out")" = 0 ] || { echo "h2load failures against $server: $out" >&2; exit 1; }
-  printf '%s\tsingle_h2load\t%s\t%s\t%s\t%s\t%s\t\t\t%s\t\t0\t%s\t%s\t%s\t%s\n' \
-    "$run" "$server" "$SINGLE" "$(field rps "$out")" "$(field mean_us "$out")" "$(field min_us "$out")" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t%s\t\t0\t%s\t%s\t%s\t%s\n' \
+    "$run" "$scenario" "$server" "$n" "$(field rps "$out")" "$(field mean_us "$out")" "$(field min_us "$out")" \
     "$(field max_us "$out")" \
-    "$(awk -v a="$c0" -v b="$c1" -v n="$SINGLE" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v a="$r0" -v b="$r1" -v n="$SINGLE" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v e="$e1" -v n="$SINGLE" 'BEGIN {printf "%.3f", e/n}')" \
+    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v e="$e1" -v n="$n" 'BEGIN {printf "%.3f", e/n}')" \
     "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
 }
 write_grpc_body "$WORK/body1" 1
@@ -117,7 +121,10 @@ for run in $(seq "$RUNS"); do
     measure "$run" single "$s" --connections 1 --streams 1 --requests "$SINGLE"
   done
   for s in "${order[@]}"; do
-    measure_h2load "$run" "$s"
+    measure_h2load "$run" single_h2load "$s" "$SINGLE" 1 1
+  done
+  for s in "${order[@]}"; do
+    measure_h2load "$run" throughput_h2load "$s" "$REQUESTS" "${H2_CLIENTS:-16}" "${H2_STREAMS:-16}"
   done
   for s in "${order[@]}"; do
     measure "$run" fixed_rate "$s" --connections "$CONNS" --streams "$STREAMS" \
@@ -213,6 +220,16 @@ print("|---|---|---|---|---|")
 for s in ("noop", "memory", "redis"):
     print(f"| {s} | {cell(get('single_h2load', s, 'mean_us'), i0)} | {cell(ratio('single_h2load', s, 'single_h2load', 'noop', 'mean_us'), f2)} "
           f"| {cell(get('single_h2load', s, 'p50_us'), i0)} | {cell(get('single_h2load', s, 'max_us'), i0)} |")
+print()
+print(f"Throughput with h2load (-c 16 -m 16 unless H2_CLIENTS/H2_STREAMS say otherwise): {requests} calls")
+print()
+print("| server | rps | ÷ no-op | server CPU µs/call | ÷ no-op | ÷ memory | Redis CPU µs/call |")
+print("|---|---|---|---|---|---|---|")
+for s in ("noop", "memory", "redis"):
+    print(f"| {s} | {cell(get('throughput_h2load', s, 'rps'), i0)} | {cell(ratio('throughput_h2load', s, 'throughput_h2load', 'noop', 'rps'), f2)} "
+          f"| {cell(get('throughput_h2load', s, 'server_cpu_us'), f1)} | {cell(ratio('throughput_h2load', s, 'throughput_h2load', 'noop', 'server_cpu_us'), f2)} "
+          f"| {cell(ratio('throughput_h2load', s, 'throughput_h2load', 'memory', 'server_cpu_us'), f2)} "
+          f"| {cell(get('throughput_h2load', s, 'redis_cpu_us'), f1) if s == 'redis' else '–'} |")
 print()
 print(f"Server CPU per call at a fixed {rate} calls/s (open loop)")
 print()

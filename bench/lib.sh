@@ -102,13 +102,13 @@ open(sys.argv[1], "wb").write(struct.pack(">BI", 0, len(msg)) + msg)
 PY
 }
 
-# h2load, one connection and one stream: $1 calls to gRPC address $2 with body file $3.
+# h2load: $1 calls over $2 connections with $3 streams each to gRPC address $4, body file $5.
 # Prints "rps=… mean_us=… min_us=… max_us=… failed=…" (h2load's own times, in µs); fails
 # when h2load is missing.
-h2load_single() {
+h2load_calls() {
   command -v h2load >/dev/null || { echo "needs h2load: apt-get install -y nghttp2-client" >&2; return 1; }
-  h2load -n "$1" -c 1 -m 1 -d "$3" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://$2/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" | awk '
+  h2load -n "$1" -c "$2" -m "$3" -d "$5" -H 'content-type: application/grpc' -H 'te: trailers' \
+    "http://$4/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" | awk '
     function us(v) {
       if (v ~ /us$/) return v + 0
       if (v ~ /ms$/) return v * 1000

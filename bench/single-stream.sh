@@ -19,6 +19,6 @@ start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RP
 for backend in memory redis; do
   for d in 1 100; do
     printf '%-7s %3s descriptor(s): %s\n' "$backend" "$d" \
-      "$(h2load_single "$N" "${ADDR[$backend]}" "$WORK/body$d")"
+      "$(h2load_calls "$N" 1 1 "${ADDR[$backend]}" "$WORK/body$d")"
   done
 done
