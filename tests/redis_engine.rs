@@ -915,10 +915,15 @@ async fn a_foreign_value_fails_a_fixed_window_call_and_its_increments_are_undone
         ("fu:list", vec!["RPUSH", "fu:list", "x"], "WRONGTYPE"),
     ] {
         redis.command(&setup);
-        // fu:held twice, fu:near saturated, fu:fresh created, then the foreign key.
+        // fu:held twice, fu:near saturated (2^63 - 2 + 5 would overflow: set to 2^63 - 1),
+        // fu:fresh created, then the foreign key.
+        let near = Check {
+            cost: 5,
+            ..fixed("fu:near")
+        };
         let checks = [
             fixed("fu:held"),
-            fixed("fu:near"),
+            near,
             fixed("fu:fresh"),
             fixed("fu:held"),
             fixed(foreign),
