@@ -10,7 +10,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use ratelimitd::limiter::{
     algorithm::State,
-    engine::{decide, Batch, Charging},
+    engine::{decide, Batch},
 };
 
 fn decisions(c: &mut Criterion) {
@@ -25,14 +25,7 @@ fn decisions(c: &mut Criterion) {
     ];
     for (name, key) in cases {
         let checks = common::checks(&tree, key, "user-1234567");
-        let batch = Batch {
-            checks: &checks,
-            roles: &common::ROLES,
-            quota_total: 0,
-            charging: Charging::Always,
-            never_refuse: false,
-            now_ms: common::NOW_MS,
-        };
+        let batch = Batch::plain(&checks, common::NOW_MS);
         // The keys' states after one earlier call in the same window: a counted window (and
         // a previous one for the sliding window), a bucket with a TAT ahead of now.
         let fresh = vec![State::default(); checks.len()];

@@ -18,7 +18,7 @@ use std::{
 use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, Criterion};
 use ratelimitd::{
-    limiter::engine::{Batch, Charging, Check},
+    limiter::engine::{Batch, Check},
     metrics::{Stats, StatsSettings},
     proto::envoy::{
         extensions::common::ratelimit::v3::{rate_limit_descriptor::Entry, RateLimitDescriptor},
@@ -56,14 +56,7 @@ fn store(max_counters: usize) -> MemoryStore {
 }
 
 fn batch(checks: &[Check]) -> Batch<'_> {
-    Batch {
-        checks,
-        roles: &common::ROLES,
-        quota_total: 0,
-        charging: Charging::Always,
-        never_refuse: false,
-        now_ms: common::NOW_MS,
-    }
+    Batch::plain(checks, common::NOW_MS)
 }
 
 /// Distinct counters cycled through by the many-keys cases.

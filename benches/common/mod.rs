@@ -8,10 +8,7 @@ use std::sync::Arc;
 
 use ratelimitd::{
     config::{compile, parse, RuleTree},
-    limiter::{
-        engine::{Check, Role},
-        CacheKeyBuilder, Clock, Unit,
-    },
+    limiter::{engine::Check, CacheKeyBuilder, Clock, Unit},
     matcher,
     service::limit_keys,
 };
@@ -71,9 +68,3 @@ pub fn checks(tree: &RuleTree, key: &str, value: &str) -> Vec<Check> {
         })
         .collect()
 }
-
-/// The one role of a one-descriptor request: neither shadow nor quota.
-pub const ROLES: [Role; 1] = [Role {
-    shadow: false,
-    quota: false,
-}];

@@ -612,7 +612,7 @@ mod tests {
     use super::*;
     use crate::limiter::{
         algorithm::{Algorithm, Quota},
-        engine::{Charging, Check, Role},
+        engine::Check,
         MAX_COUNT,
     };
 
@@ -1022,15 +1022,7 @@ mod tests {
         }
 
         fn run(store: &MemoryStore, checks: &[Check], now_ms: u64) -> Vec<Decided> {
-            let roles = [Role::default()];
-            store.decide_locked(&Batch {
-                checks,
-                roles: &roles,
-                quota_total: 0,
-                charging: Charging::Always,
-                never_refuse: false,
-                now_ms,
-            })
+            store.decide_locked(&Batch::plain(checks, now_ms))
         }
 
         #[test]

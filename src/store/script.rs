@@ -514,14 +514,7 @@ mod tests {
             check(1, Algorithm::SlidingWindow, Some("p1")),
             check(2, Algorithm::FixedWindow, Some("ignored")),
         ];
-        let batch = Batch {
-            checks: &checks,
-            roles: &[Role::default()],
-            quota_total: 0,
-            charging: Charging::Always,
-            never_refuse: false,
-            now_ms: 5,
-        };
+        let batch = Batch::plain(&checks, 5);
         let read = [Some("17".to_owned()), None, Some("9".to_owned())];
         let got = args(&EngineScript::default().evalsha(&batch, &read));
         // Check 0's previous window travels as a value, check 1's as a key; a fixed window
@@ -534,14 +527,7 @@ mod tests {
     #[test]
     fn refuses_malformed_replies() {
         let checks = [check(0, Algorithm::FixedWindow, None)];
-        let batch = Batch {
-            checks: &checks,
-            roles: &[Role::default()],
-            quota_total: 0,
-            charging: Charging::Always,
-            never_refuse: false,
-            now_ms: 0,
-        };
+        let batch = Batch::plain(&checks, 0);
         let int = Value::Int;
         let good = vec![
             int(1),
