@@ -308,11 +308,9 @@ async fn envoy_gateway_environment_limits_per_user_through_envoy() {
         ("USE_PROMETHEUS", "true"),
         ("PROMETHEUS_ADDR", &prometheus),
     ];
-    let mut builder = Ratelimitd::from_runtime_root().bare(&program);
-    for (k, v) in eg_env {
-        builder = builder.env(k, v);
-    }
-    let mut rl = builder
+    let mut rl = Ratelimitd::from_runtime_root()
+        .bare(&program)
+        .envs(&eg_env)
         .env("PROMETHEUS_MAPPER_YAML", mapper.to_str().unwrap())
         // Not Envoy Gateway's: it sets no Redis CA, so the reference checks Redis's
         // certificate against the system's roots. Ours come from the test's CA.

@@ -28,14 +28,12 @@ descriptors:
 "#;
 
 fn start(redis: &RedisServer, dir: &tempfile::TempDir, env: &[(&str, &str)]) -> Ratelimitd {
-    let mut b = Ratelimitd::builder(dir.path())
+    Ratelimitd::builder(dir.path())
         .redis(redis)
         .env("EXPIRATION_JITTER_MAX_SECONDS", "0")
-        .env("REDIS_TIMEOUT", "300ms");
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    b.start()
+        .env("REDIS_TIMEOUT", "300ms")
+        .envs(env)
+        .start()
 }
 
 async fn ask(rl: &Ratelimitd, descriptors: &[&[(&str, &str)]]) -> RateLimitResponse {

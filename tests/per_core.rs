@@ -91,13 +91,11 @@ async fn connections_on_three_runtimes_count_exactly_in_memory_and_on_redis() {
 async fn calls_in_flight_on_every_runtime_finish_at_sigterm() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let redis = RedisServer::start();
-    let mut b = Ratelimitd::builder(dir.path())
+    let mut rl = Ratelimitd::builder(dir.path())
         .redis(&redis)
-        .env("DRAIN_TIMEOUT", "10s");
-    for (k, v) in PER_CORE {
-        b = b.env(k, v);
-    }
-    let mut rl = b.start();
+        .env("DRAIN_TIMEOUT", "10s")
+        .envs(&PER_CORE)
+        .start();
     // Each client's connection opened (and handed to its runtime) before Redis stalls.
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -153,11 +151,10 @@ async fn a_unix_socket_is_served_by_every_runtime() {
     let dir = config_dir(&[("r.yaml", RULES)]);
     let sock_dir = tempfile::TempDir::new().unwrap();
     let sock = sock_dir.path().join("rl.sock");
-    let mut b = Ratelimitd::builder(dir.path()).env("GRPC_UDS", sock.to_str().unwrap());
-    for (k, v) in PER_CORE {
-        b = b.env(k, v);
-    }
-    let mut rl = b.start();
+    let mut rl = Ratelimitd::builder(dir.path())
+        .env("GRPC_UDS", sock.to_str().unwrap())
+        .envs(&PER_CORE)
+        .start();
     let answers = concurrent_calls(&rl, 6, 10).await;
     assert_counted_exactly(&answers, "unix socket");
     assert_eq!(rl.terminate().code(), Some(0));

@@ -27,15 +27,14 @@ fn start(extra: &[(&str, &str)]) -> (tempfile::TempDir, RedisServer, RedisServer
     let dir = config_dir(&[("r.yaml", RULES)]);
     let main = RedisServer::start();
     let per_second = RedisServer::start();
-    let mut b = Ratelimitd::builder(dir.path())
+    let rl = Ratelimitd::builder(dir.path())
         .redis(&main)
         .env("REDIS_PERSECOND", "true")
         .env("REDIS_PERSECOND_SOCKET_TYPE", "tcp")
-        .env("REDIS_PERSECOND_URL", &per_second.addr());
-    for (k, v) in extra {
-        b = b.env(k, v);
-    }
-    (dir, main, per_second, b.start())
+        .env("REDIS_PERSECOND_URL", &per_second.addr())
+        .envs(extra)
+        .start();
+    (dir, main, per_second, rl)
 }
 
 /// Every key in `redis`, sorted.

@@ -42,11 +42,7 @@ async fn every_runtime_setting_serves_and_counts_exactly() {
         [("RUNTIME_FLAVOR", "per_core"), ("WORKER_THREADS", "0")],
         [("RUNTIME_FLAVOR", "per-core"), ("WORKER_THREADS", "1")],
     ] {
-        let mut b = Ratelimitd::builder(dir.path());
-        for (k, v) in env {
-            b = b.env(k, v);
-        }
-        let rl = b.start();
+        let rl = Ratelimitd::builder(dir.path()).envs(&env).start();
         let mut c = rl.client().await;
         let mut answers = Vec::new();
         for _ in 0..3 {

@@ -74,7 +74,7 @@ fn start_tls(
     identity: Option<&Pair>,
     env: &[(&str, &str)],
 ) -> Ratelimitd {
-    let mut b = Ratelimitd::builder(rules)
+    Ratelimitd::builder(rules)
         .env("GRPC_SERVER_USE_TLS", "true")
         .env(
             "GRPC_SERVER_TLS_CERT",
@@ -84,11 +84,9 @@ fn start_tls(
             "GRPC_SERVER_TLS_KEY",
             dir.join("server.key").to_str().unwrap(),
         )
-        .client_tls(client_tls(ca, identity));
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    b.start()
+        .client_tls(client_tls(ca, identity))
+        .envs(env)
+        .start()
 }
 
 #[tokio::test]
@@ -559,16 +557,14 @@ fn assert_redis_has_tls() {
 
 /// ratelimitd using the Redis at 127.0.0.1:`port` over TLS, with `env` added.
 fn redis_tls_client(rules: &Path, port: u16, env: &[(&str, &str)]) -> Ratelimitd {
-    let mut b = Ratelimitd::builder(rules)
+    Ratelimitd::builder(rules)
         .env("BACKEND_TYPE", "redis")
         .env("REDIS_SOCKET_TYPE", "tcp")
         .env("REDIS_URL", &format!("127.0.0.1:{port}"))
         .env("REDIS_TLS", "true")
-        .env("REDIS_TIMEOUT", "2s");
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    b.start()
+        .env("REDIS_TIMEOUT", "2s")
+        .envs(env)
+        .start()
 }
 
 #[tokio::test]

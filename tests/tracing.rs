@@ -39,18 +39,16 @@ fn start(
     protocol: &str,
     extra: &[(&str, &str)],
 ) -> Ratelimitd {
-    let mut b = Ratelimitd::builder(dir.path())
+    Ratelimitd::builder(dir.path())
         .redis(redis)
         .env("TRACING_ENABLED", "true")
         .env("TRACING_EXPORTER_PROTOCOL", protocol)
         .env("TRACING_SERVICE_NAME", "rl-under-test")
         .env("TRACING_SERVICE_NAMESPACE", "edge")
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint())
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50");
-    for (k, v) in extra {
-        b = b.env(k, v);
-    }
-    b.start()
+        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
+        .envs(extra)
+        .start()
 }
 
 /// One call for user `value`, with `headers` as gRPC metadata.

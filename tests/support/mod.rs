@@ -342,6 +342,11 @@ impl RatelimitdBuilder {
         self
     }
 
+    /// [`RatelimitdBuilder::env`] for each pair, in order.
+    pub fn envs(self, pairs: &[(&str, &str)]) -> Self {
+        pairs.iter().fold(self, |b, (k, v)| b.env(k, v))
+    }
+
     /// The harness's gRPC clients (readiness, [`Ratelimitd::client`]) connect with TLS.
     pub fn client_tls(mut self, tls: ClientTls) -> Self {
         self.tls = Some(tls);
@@ -1148,11 +1153,8 @@ pub fn start_service(backend: &str, rules: &str, env: &[(&str, &str)]) -> Servic
     if let Some(r) = &redis {
         b = b.redis(r);
     }
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
     Service {
-        rl: b.start(),
+        rl: b.envs(env).start(),
         redis,
         dir,
     }

@@ -214,10 +214,7 @@ pub fn ratelimitd_serving(
     for (k, v) in settings(name) {
         b = b.env(&k, &v);
     }
-    for (k, v) in extra {
-        b = b.env(k, v);
-    }
-    b.start()
+    b.envs(extra).start()
 }
 
 /// [`super::http_request`] from the loopback address `source` (e.g. 127.0.0.2, another
