@@ -62,24 +62,35 @@ evalsha_calls() {
     awk -F'[:=,]' '/^cmdstat_evalsha:/ {print $3; f=1} END {if (!f) print 0}'
 }
 
-# measure RUN SCENARIO SERVER LOADGEN-ARGS...: one loadgen run against SERVER, one raw row.
-measure() {
-  local run=$1 scenario=$2 server=$3; shift 3
-  local pid=${SPID[$server]} c0 r0 c1 r1 e1 out n
+# started SERVER: resets Redis's command stats and notes SERVER's and Redis's CPU time, for
+# the row written after the measurement.
+started() {
   redis-cli -p "$RPORT" config resetstat >/dev/null
-  c0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
-  out=$("$LOAD" --target "${ADDR[$server]}" --domain bench --key k "$@")
-  c1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
-  n=$(field requests "$out")
-  [ "$(field errors "$out")" = 0 ] || { echo "errors in $scenario/$server: $out" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-    "$run" "$scenario" "$server" "$n" "$(field rps "$out")" "$(field mean_us "$out")" \
-    "$(field p50_us "$out")" "$(field p99_us "$out")" "$(field p999_us "$out")" \
-    "$(field max_us "$out")" "$(field slow "$out")" "$(field errors "$out")" \
-    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+  C0=$(cpu_ticks "${SPID[$1]}"); R0=$(cpu_ticks "$REDIS_PID")
+}
+
+# row RUN SCENARIO SERVER N RPS MEAN P50 P99 P999 MAX SLOW ERRORS: one raw row, with CPU per
+# call (SERVER's and Redis's) and EVALSHA calls per call since `started`.
+row() {
+  local n=$4 c1 r1 e1
+  c1=$(cpu_ticks "${SPID[$3]}"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
+  printf '%s\t' "$@" >>"$RAW"
+  printf '%s\t%s\t%s\t%s\n' \
+    "$(awk -v a="$C0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(awk -v a="$R0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
     "$(awk -v e="$e1" -v n="$n" 'BEGIN {printf "%.3f", e/n}')" \
     "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
+}
+
+# measure RUN SCENARIO SERVER LOADGEN-ARGS...: one loadgen run against SERVER, one raw row.
+measure() {
+  local run=$1 scenario=$2 server=$3 out; shift 3
+  started "$server"
+  out=$("$LOAD" --target "${ADDR[$server]}" --domain bench --key k "$@")
+  [ "$(field errors "$out")" = 0 ] || { echo "errors in $scenario/$server: $out" >&2; exit 1; }
+  row "$run" "$scenario" "$server" "$(field requests "$out")" "$(field rps "$out")" \
+    "$(field mean_us "$out")" "$(field p50_us "$out")" "$(field p99_us "$out")" \
+    "$(field p999_us "$out")" "$(field max_us "$out")" "$(field slow "$out")" 0
   LAST_RPS=$(field rps "$out")
 }
 
@@ -87,19 +98,12 @@ measure() {
 # (h2load gives the mean, min and max; min goes in the p50 column, the percentiles it lacks
 # stay empty).
 measure_h2load() {
-  local run=$1 scenario=$2 server=$3 n=$4 pid=${SPID[$3]} c0 r0 c1 r1 e1 out
-  redis-cli -p "$RPORT" config resetstat >/dev/null
-  c0=$(cpu_ticks "$pid"); r0=$(cpu_ticks "$REDIS_PID")
+  local run=$1 scenario=$2 server=$3 n=$4 out
+  started "$server"
   out=$(h2load_calls "$n" "$5" "$6" "${ADDR[$server]}" "$WORK/body1")
-  c1=$(cpu_ticks "$pid"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
   [ "$(field failed "$out")" = 0 ] || { echo "h2load failures against $server: $out" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t\t\t%s\t\t0\t%s\t%s\t%s\t%s\n' \
-    "$run" "$scenario" "$server" "$n" "$(field rps "$out")" "$(field mean_us "$out")" "$(field min_us "$out")" \
-    "$(field max_us "$out")" \
-    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v e="$e1" -v n="$n" 'BEGIN {printf "%.3f", e/n}')" \
-    "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
+  row "$run" "$scenario" "$server" "$n" "$(field rps "$out")" "$(field mean_us "$out")" \
+    "$(field min_us "$out")" "" "" "$(field max_us "$out")" "" 0
 }
 write_grpc_body "$WORK/body1" 1
 
