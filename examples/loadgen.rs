@@ -208,7 +208,7 @@ async fn run(args: Args) {
         let client = RateLimitServiceClient::new(channels[t % connections].clone());
         let (args, next, paced) = (args.clone(), next.clone(), paced.clone());
         tasks.push(tokio::spawn(stream(
-            client, args, next, paced, started, deadline, t as u64,
+            client, args, next, paced, deadline, t as u64,
         )));
     }
     let mut all = Tally::new();
@@ -228,25 +228,38 @@ async fn run(args: Args) {
 #[derive(Clone)]
 struct Paced {
     calls: u64,
+    started: Instant,
+    rate: f64,
     permits: Arc<tokio::sync::Semaphore>,
 }
 
+impl Paced {
+    /// When call `n` is due.
+    fn due(&self, n: u64) -> Instant {
+        self.started + Duration::from_secs_f64(n as f64 / self.rate)
+    }
+}
+
 fn pace(rate: f64, requests: u64, limit: Duration, started: Instant, streams: usize) -> Paced {
-    let calls = requests.min((limit.as_secs_f64() * rate).ceil() as u64);
-    let permits = Arc::new(tokio::sync::Semaphore::new(0));
-    let releases = permits.clone();
+    let paced = Paced {
+        calls: requests.min((limit.as_secs_f64() * rate).ceil() as u64),
+        started,
+        rate,
+        permits: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let pacer = paced.clone();
     std::thread::spawn(move || {
-        for n in 0..calls {
-            let due = started + Duration::from_secs_f64(n as f64 / rate);
+        for n in 0..pacer.calls {
+            let due = pacer.due(n);
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
             }
-            releases.add_permits(1);
+            pacer.permits.add_permits(1);
         }
-        releases.add_permits(streams);
+        pacer.permits.add_permits(streams);
     });
-    Paced { calls, permits }
+    paced
 }
 
 /// One stream: takes call numbers until the run is over.
@@ -255,7 +268,6 @@ async fn stream(
     args: Arc<Args>,
     next: Arc<AtomicU64>,
     paced: Option<Paced>,
-    started: Instant,
     deadline: Instant,
     id: u64,
 ) -> Tally {
@@ -273,14 +285,14 @@ async fn stream(
         if n >= args.requests {
             break;
         }
-        let due = match (&paced, args.rate) {
-            (Some(p), Some(rate)) => {
+        let due = match &paced {
+            Some(p) => {
                 if n >= p.calls {
                     break;
                 }
-                started + Duration::from_secs_f64(n as f64 / rate)
+                p.due(n)
             }
-            _ => {
+            None => {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
