@@ -76,14 +76,14 @@ impl Calls {
         }
     }
 
-    /// Starts a call: its guard, or `Err(MAX_CONCURRENT_CALLS)` when that many are already
-    /// in flight (the refused call is counted as shed).
-    pub fn begin(&self) -> Result<CallGuard<'_>, u64> {
+    /// Starts a call received at `started`: its guard, or `Err(MAX_CONCURRENT_CALLS)` when
+    /// that many are already in flight (the refused call is counted as shed).
+    pub fn begin(&self, started: Instant) -> Result<CallGuard<'_>, u64> {
         let admitted = self.in_flight.fetch_add(1, Ordering::Relaxed) < self.max_in_flight;
         self.in_flight_gauge.increment(1.0);
         let mut call = CallGuard {
             calls: self,
-            started: Instant::now(),
+            started,
             outcome: Outcome::Cancelled,
         };
         if admitted {

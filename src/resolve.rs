@@ -4,11 +4,13 @@
 
 use std::{borrow::Cow, cell::RefCell};
 
+use smallvec::SmallVec;
+
 use crate::{
     answer::Resolved,
     config::{Limit, Node, Rule, RuleTree},
     error::ServiceError,
-    limiter::{Algorithm, Unit},
+    limiter::{engine::INLINE_CHECKS, Algorithm, Unit},
     matcher,
     proto::envoy::service::ratelimit::v3::RateLimitRequest,
     store::MAX_COUNT,
@@ -71,12 +73,15 @@ thread_local! {
     static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+/// A request's descriptors, resolved: inline for the usual few.
+pub type ResolvedList<'a> = SmallVec<[Resolved<'a>; INLINE_CHECKS]>;
+
 /// Finds what applies to each descriptor, then drops limits other matched rules replace.
 pub fn resolve<'a>(
     tree: &'a RuleTree,
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
-) -> Result<Vec<Resolved<'a>>, ServiceError> {
+) -> Result<ResolvedList<'a>, ServiceError> {
     resolve_in(tree.domains.get(&req.domain), req, default_algorithm)
 }
 
@@ -86,7 +91,7 @@ pub fn resolve_in<'a>(
     root: Option<&'a Node>,
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
-) -> Result<Vec<Resolved<'a>>, ServiceError> {
+) -> Result<ResolvedList<'a>, ServiceError> {
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut scratch) => resolve_with(root, req, default_algorithm, &mut scratch),
         // Not reentered today; were it, a fresh buffer rather than a panic.
@@ -99,13 +104,13 @@ fn resolve_with<'a>(
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
     scratch: &mut String,
-) -> Result<Vec<Resolved<'a>>, ServiceError> {
+) -> Result<ResolvedList<'a>, ServiceError> {
     // The reference's rules: a request addend of 0 means 1; a descriptor's own addend, 0
     // included (check without charging), wins. Counters saturate at MAX_COUNT on both
     // backends, so a larger addend is counted as MAX_COUNT (over any limit).
     let request_hits = u64::from(req.hits_addend.max(1));
     let mut replaced: Vec<&'a str> = Vec::new();
-    let mut out = Vec::with_capacity(req.descriptors.len());
+    let mut out = ResolvedList::new();
     for (i, d) in req.descriptors.iter().enumerate() {
         let cost = d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT);
         out.push(if root.is_none() {

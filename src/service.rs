@@ -5,10 +5,11 @@
 //! migration notes: `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for
 //! bad requests and `UNAVAILABLE` for backend failures.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
 use metrics::{counter, Counter};
+use smallvec::SmallVec;
 
 use crate::{
     answer::{self, Resolved},
@@ -20,7 +21,7 @@ use crate::{
         algorithm::window_start_ms,
         algorithm::Verdict,
         bucket_key, copy_base,
-        engine::{Batch, Charging, Check, Decided, Role},
+        engine::{Batch, Charging, Check, Decided, Role, INLINE_CHECKS},
         window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
     },
     local_cache::LocalCache,
@@ -37,8 +38,8 @@ use crate::{
 /// One request's checks, before the store decides them.
 #[derive(Default)]
 struct Plan {
-    checks: Vec<Check>,
-    roles: Vec<Role>,
+    checks: SmallVec<[Check; INLINE_CHECKS]>,
+    roles: SmallVec<[Role; INLINE_CHECKS]>,
     quota_total: usize,
 }
 
@@ -164,15 +165,19 @@ impl<S: Store> RateLimiter<S> {
         self.answer_by(req, None).await
     }
 
-    /// [`RateLimiter::answer`] for a caller that gives up at `deadline` (its `grpc-timeout`
-    /// less `BACKEND_DEADLINE_MARGIN`): the store call is abandoned then and the failure
-    /// policy answers.
+    /// [`RateLimiter::answer`] for a caller that gives up after `grpc_timeout` (its header's
+    /// value): at that deadline less `BACKEND_DEADLINE_MARGIN` the store call is abandoned
+    /// and the failure policy answers.
     pub async fn answer_by(
         &self,
         req: &RateLimitRequest,
-        deadline: Option<Deadline>,
+        grpc_timeout: Option<&str>,
     ) -> Result<RateLimitResponse, ServiceError> {
-        let mut call = match self.calls.begin() {
+        // One monotonic clock read for the deadline and the call's duration.
+        let started = Instant::now();
+        let margin = self.guard.settings().deadline_margin;
+        let deadline = Deadline::from_header(grpc_timeout, margin, started);
+        let mut call = match self.calls.begin(started) {
             Ok(call) => call,
             Err(limit) => return Err(ServiceError::Overloaded(limit)),
         };
@@ -222,15 +227,6 @@ impl<S: Store> RateLimiter<S> {
                 |domain| tree.domains.contains_key(domain),
             )
         })
-    }
-
-    /// The deadline of a call received now with `grpc_timeout` (its header's value).
-    pub fn deadline(&self, grpc_timeout: Option<&str>) -> Option<Deadline> {
-        Deadline::from_header(
-            grpc_timeout,
-            self.guard.settings().deadline_margin,
-            std::time::Instant::now(),
-        )
     }
 
     /// The store call's guard (breaker state, for tests and the admin view).
@@ -548,10 +544,9 @@ impl<S: Store> RateLimitService for GrpcService<S> {
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
         let timeout = request.metadata().get("grpc-timeout");
-        let deadline = self.0.deadline(timeout.and_then(|v| v.to_str().ok()));
         let call = async {
             self.0
-                .answer_by(request.get_ref(), deadline)
+                .answer_by(request.get_ref(), timeout.and_then(|v| v.to_str().ok()))
                 .await
                 .map_err(Into::into)
         };

@@ -207,9 +207,8 @@ async fn a_hanging_store_is_given_up_at_the_deadline_and_local_limits_apply() {
     let mut got = Vec::new();
     for _ in 0..4 {
         let started = Instant::now();
-        let deadline = l.deadline(Some("25m"));
         let r = l
-            .answer_by(&request(&[("k", "a")]), deadline)
+            .answer_by(&request(&[("k", "a")]), Some("25m"))
             .await
             .unwrap();
         assert!(started.elapsed() < Duration::from_secs(1));

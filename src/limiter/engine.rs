@@ -79,6 +79,11 @@ impl Check {
     }
 }
 
+/// How many checks (and descriptors) a request's lists hold inline, in `SmallVec`s, before
+/// they go to the heap: Envoy's usual requests carry one to three descriptors, and each of
+/// their lists then costs no allocation.
+pub const INLINE_CHECKS: usize = 4;
+
 /// Everything a store needs to decide one request.
 #[derive(Debug, Clone)]
 pub struct Batch<'a> {
