@@ -244,7 +244,7 @@ impl Guard {
         tracer: Option<&Tracer>,
     ) -> Result<Decisions, ServiceError> {
         if self.breaker.admit_now() == Admit::Reject {
-            return self.fallback(batch, ctx, StoreError::CircuitOpen).await;
+            return Box::pin(self.fallback(batch, ctx, StoreError::CircuitOpen)).await;
         }
         let result = {
             let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
@@ -256,11 +256,13 @@ impl Guard {
                         .unwrap_or(Err(StoreError::Deadline(d.budget))),
                 }
             };
-            // The backend span (TRACING_ENABLED): the store call alone, not the policy.
-            otel::store_call(tracer, store.span(), batch.checks.len(), call, |e| {
-                e.kind().to_string()
-            })
-            .await
+            // The backend span (TRACING_ENABLED): the store call alone, not the policy. A
+            // traced call's future is boxed, so an untraced one (and every call's future) is
+            // not twice the store call's size: futures are copied whole when moved.
+            match otel::store_span(tracer, store.span(), batch.checks.len()) {
+                None => call.await,
+                Some(cx) => Box::pin(otel::in_store_span(cx, call, |e| e.kind().to_string())).await,
+            }
         };
         match result {
             Ok(decided) => {
@@ -281,7 +283,9 @@ impl Guard {
                 if let Some(suppressed) = self.log.failure() {
                     tracing::warn!(error = %e, transient = e.is_transient(), policy = self.settings.policy.name(), suppressed, "backend error (repeats are logged every 10 s)");
                 }
-                self.fallback(batch, ctx, e).await
+                // Boxed like the policy's answer below: the failure path's future (the
+                // local policy's store call) stays out of every call's.
+                Box::pin(self.fallback(batch, ctx, e)).await
             }
         }
     }

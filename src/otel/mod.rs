@@ -298,19 +298,19 @@ pub struct StoreSpan {
     pub system: Option<&'static str>,
 }
 
-/// Runs `call`, one store call deciding `checks` checks, inside a CLIENT span when `tracer` is
-/// set and the call is traced (see [`Tracer::backend_span`]); `kind` names a failure for the
-/// span's status (its kind, not the backend's text, which may name counter keys).
-pub async fn store_call<T, E>(
-    tracer: Option<&Tracer>,
-    span: StoreSpan,
-    checks: usize,
+/// The CLIENT span of one store call deciding `checks` checks, when `tracer` is set and the
+/// call is traced (see [`Tracer::backend_span`]): run the call in it with [`in_store_span`].
+pub fn store_span(tracer: Option<&Tracer>, span: StoreSpan, checks: usize) -> Option<Context> {
+    tracer.and_then(|t| t.backend_span(span, checks))
+}
+
+/// Runs `call`, one store call, inside the span `cx` ([`store_span`]); `kind` names a failure
+/// for the span's status (its kind, not the backend's text, which may name counter keys).
+pub async fn in_store_span<T, E>(
+    cx: Context,
     call: impl Future<Output = Result<T, E>>,
     kind: impl Fn(&E) -> String,
 ) -> Result<T, E> {
-    let Some(cx) = tracer.and_then(|t| t.backend_span(span, checks)) else {
-        return call.await;
-    };
     let result = call.with_context(cx.clone()).await;
     let span = cx.span();
     if let Err(e) = &result {
