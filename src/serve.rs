@@ -311,7 +311,7 @@ fn watch_config(
                 health.set(Component::Config, *domains > 0);
             }
             ReloadOutcome::Failed(_) => count_load(false),
-            ReloadOutcome::Unchanged { .. } => {}
+            ReloadOutcome::Unchanged { .. } | ReloadOutcome::StillInvalid { .. } => {}
         }),
         config.hash,
     );

@@ -43,6 +43,10 @@ pub enum ReloadOutcome {
     Unchanged { generation: u64, hash: u64 },
     /// The new files are invalid; the previous config stays in force.
     Failed(ConfigErrors),
+    /// The watcher found the very files the last attempt rejected (one write can raise
+    /// several events, and on a loaded machine they straddle a reload): not a new failure, so
+    /// neither counted nor logged again. A manual reload of them fails again as `Failed`.
+    StillInvalid { hash: u64 },
 }
 
 /// Reloads the rules at `source` into `rules`, on demand or when the files change.
@@ -52,9 +56,9 @@ pub struct Reloader {
     observer: Arc<dyn Fn(&ReloadOutcome) + Send + Sync>,
     generation: AtomicU64,
     hash: AtomicU64,
-    /// Held for a whole load-and-swap so two reloads never interleave; `true` while the
-    /// last attempt failed.
-    reloading: Mutex<bool>,
+    /// Held for a whole load-and-swap so two reloads never interleave; the content hash of
+    /// the files the last attempt rejected, if it failed.
+    reloading: Mutex<Option<u64>>,
     /// Asks the watch task to rebuild its watches after a reload it did not run itself.
     rewatch: tokio::sync::Notify,
 }
@@ -87,7 +91,7 @@ impl Reloader {
             observer,
             generation: AtomicU64::new(1),
             hash: AtomicU64::new(hash),
-            reloading: Mutex::new(false),
+            reloading: Mutex::new(None),
             rewatch: tokio::sync::Notify::new(),
         })
     }
@@ -127,13 +131,16 @@ impl Reloader {
     /// `manual`: SIGHUP or a direct call, always answered in the log; otherwise a file-system
     /// event or the fingerprint check, quiet when nothing changed.
     fn reload(&self, manual: bool) -> ReloadOutcome {
-        let mut last_failed = self
+        let mut rejected = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let outcome = self.attempt();
-        self.log(&outcome, manual, *last_failed);
-        *last_failed = matches!(outcome, ReloadOutcome::Failed(_));
+        let (outcome, hash) = self.attempt((!manual).then_some(*rejected).flatten());
+        self.log(&outcome, manual, rejected.is_some());
+        *rejected = match &outcome {
+            ReloadOutcome::Failed(_) | ReloadOutcome::StillInvalid { .. } => Some(hash),
+            ReloadOutcome::Loaded { .. } | ReloadOutcome::Unchanged { .. } => None,
+        };
         (self.observer)(&outcome);
         if manual {
             self.rewatch.notify_one();
@@ -153,16 +160,21 @@ impl Reloader {
     /// panic found. Were one to happen anyway, it ends the blocking task that ran this
     /// (logged there as a failed reload task), `reloading`'s poison is ignored, and the
     /// config in force stays.
-    fn attempt(&self) -> ReloadOutcome {
+    ///
+    /// `rejected`: the hash of files a failed attempt already reported, for a watch-triggered
+    /// reload; the same files again are [`ReloadOutcome::StillInvalid`]. Returns the
+    /// outcome and the content hash of the files read.
+    fn attempt(&self, rejected: Option<u64>) -> (ReloadOutcome, u64) {
         let snapshot = Snapshot::read(&self.source);
         let hash = snapshot.content_hash(&self.source);
         if hash == self.hash() {
-            return ReloadOutcome::Unchanged {
-                generation: self.generation(),
-                hash,
-            };
+            let generation = self.generation();
+            return (ReloadOutcome::Unchanged { generation, hash }, hash);
         }
-        match snapshot.compile(&self.source) {
+        if rejected == Some(hash) {
+            return (ReloadOutcome::StillInvalid { hash }, hash);
+        }
+        let outcome = match snapshot.compile(&self.source) {
             Ok(tree) => {
                 let (domains, rules) = (tree.domains.len(), tree.rule_count());
                 self.rules.store(Arc::new(tree));
@@ -176,7 +188,8 @@ impl Reloader {
                 }
             }
             Err(errors) => ReloadOutcome::Failed(errors),
-        }
+        };
+        (outcome, hash)
     }
 
     fn log(&self, outcome: &ReloadOutcome, manual: bool, last_failed: bool) {
@@ -201,6 +214,8 @@ impl Reloader {
                     tracing::debug!(path = %path, generation, hash = %hash, "config unchanged");
                 }
             }
+            ReloadOutcome::StillInvalid { hash } => tracing::debug!(path = %path,
+                hash = %format!("{hash:016x}"), "config files still the rejected ones"),
             ReloadOutcome::Failed(errors) => {
                 tracing::warn!(
                     path = %path, errors = errors.0.len(), generation = self.generation(),
@@ -306,6 +321,48 @@ mod tests {
             Arc::ptr_eq(&before, &s.rules.load_full()),
             "tree was swapped"
         );
+    }
+
+    #[tokio::test]
+    async fn rejected_files_seen_again_by_the_watcher_are_not_a_new_failure() {
+        let dir = dir_with(&[("rules.yaml", rules_yaml("d", 10))]);
+        let s = setup(dir.path(), false);
+        let bad = "domain: d\ndescriptors: 7\n";
+        fs::write(dir.path().join("rules.yaml"), bad).unwrap();
+        let failed = s.reloader.reload_on_change();
+        assert!(matches!(failed, ReloadOutcome::Failed(_)), "{failed:?}");
+        // A second event for the same write: the same files, already reported.
+        let again = s.reloader.reload_on_change();
+        let ReloadOutcome::StillInvalid { hash } = again else {
+            panic!("expected StillInvalid, got {again:?}");
+        };
+        assert_ne!(hash, s.reloader.hash());
+        // Rewriting the same bytes (new mtime) is still the same rejected config.
+        fs::write(dir.path().join("rules.yaml"), bad).unwrap();
+        assert_eq!(
+            s.reloader.reload_on_change(),
+            ReloadOutcome::StillInvalid { hash }
+        );
+        // Asked for by hand (SIGHUP), the same files are reported again.
+        assert!(matches!(s.reloader.reload_now(), ReloadOutcome::Failed(_)));
+        // Other invalid files are a new failure.
+        fs::write(dir.path().join("rules.yaml"), "domain: d\ndescriptors: 8\n").unwrap();
+        assert!(matches!(
+            s.reloader.reload_on_change(),
+            ReloadOutcome::Failed(_)
+        ));
+        // Fixed, then broken the first way again: reported again.
+        fs::write(dir.path().join("rules.yaml"), rules_yaml("d", 20)).unwrap();
+        assert!(matches!(
+            s.reloader.reload_on_change(),
+            ReloadOutcome::Loaded { generation: 2, .. }
+        ));
+        fs::write(dir.path().join("rules.yaml"), bad).unwrap();
+        assert!(matches!(
+            s.reloader.reload_on_change(),
+            ReloadOutcome::Failed(_)
+        ));
+        assert_eq!(limit(&s.rules, "d"), Some(20));
     }
 
     #[tokio::test]

@@ -306,10 +306,12 @@ mod tests {
         // An invalid file: reported, old tree kept; then fixed.
         fs::write(dir.path().join("rules.yaml"), "domain: d\ndescriptors: 7\n").unwrap();
         assert!(
-            eventually(|| matches!(
-                s.outcomes.lock().unwrap().last(),
-                Some(ReloadOutcome::Failed(_))
-            ))
+            eventually(|| s
+                .outcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|o| matches!(o, ReloadOutcome::Failed(_))))
             .await
         );
         assert_eq!(limit(&s.rules, "d"), Some(30));
