@@ -218,7 +218,10 @@ impl Single {
         let client = open_client(info, &settings.tls_files).map_err(StoreError::Settings)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
+            // No response timeout of redis-rs's own: `decide` bounds every call with
+            // `REDIS_TIMEOUT` (and `ping` its own), and a second timer per call cost a timer
+            // registration and, often, a wake-up of the runtime's driver.
+            .set_response_timeout(None)
             // Reconnect fast: 50 ms, doubling, capped at 500 ms, so a restarted Redis is used
             // again within about a second.
             .set_min_delay(Duration::from_millis(50))
