@@ -322,7 +322,8 @@ pub fn connection_count(pool_size: usize) -> usize {
 }
 
 /// Sorts a redis-rs error; `timeout` is `REDIS_TIMEOUT`, which redis-rs's own response
-/// timeout also is.
+/// timeout also is where one is set (sentinel and cluster connections, and the connection
+/// set-up of every topology).
 pub(super) fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout(timeout)
