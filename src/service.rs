@@ -440,8 +440,8 @@ impl<S: Store> RateLimiter<S> {
                 ..batch.clone()
             },
         };
-        // The one await of the store: a second call site would make every call's future
-        // hold a second store future (bench/callgrind.sh counts the copies).
+        // The one await of the store: a second call site made every call's future hold room
+        // for a second store future (docs/benchmarks.md, "Per-call lists inline").
         let from_store = if to_store.checks.is_empty() {
             Decisions::Store(Vec::new())
         } else {

@@ -20,12 +20,6 @@ mod yaml_v2;
 
 use std::{collections::HashMap, fmt::Write, sync::Arc};
 
-/// The rule tree's maps: foldhash, seeded per process, instead of SipHash. Only the config
-/// inserts into them; a request only looks up (its domain, then one or two keys per level),
-/// so the flooding SipHash guards against cannot happen, and each lookup costs less than
-/// half (bench/callgrind.sh).
-pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 pub use compile::{compile, compile_with, MAX_WINDOW_SECS};
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{content_hash, load_dir_or_file, load_hashed, ConfigSource};
@@ -36,6 +30,12 @@ use crate::{
     limiter::{algorithm::Quota, Algorithm, Unit},
     metrics::RuleSlot,
 };
+
+/// The rule tree's maps: foldhash, seeded per process, instead of SipHash. Only the config
+/// inserts into them; a request only looks up (its domain, then one or two keys per level),
+/// so the flooding SipHash guards against cannot happen, and each lookup costs less than
+/// half (bench/callgrind.sh).
+pub type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Every domain's rules. Lookups are hash lookups per descriptor level.
 #[derive(Debug, Default)]

@@ -283,7 +283,7 @@ impl Guard {
                 if let Some(suppressed) = self.log.failure() {
                     tracing::warn!(error = %e, transient = e.is_transient(), policy = self.settings.policy.name(), suppressed, "backend error (repeats are logged every 10 s)");
                 }
-                // Boxed like the policy's answer below: the failure path's future (the
+                // Boxed, as for an open circuit above: the failure path's future (the
                 // local policy's store call) stays out of every call's.
                 Box::pin(self.fallback(batch, ctx, e)).await
             }
