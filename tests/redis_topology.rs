@@ -434,6 +434,49 @@ async fn sentinel_failover_under_continuous_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sentinel_master_is_bounded_by_redis_timeout() {
+    // REDIS_TIMEOUT (1 s here) is the only bound on a sentinel master's answer: redis-rs's own
+    // response timeout is not set. A frozen master fails the call in time, not never.
+    let group = SentinelGroup::start();
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = ratelimitd(dir.path(), "sentinel", &group.url());
+    enforced(&rl, "before-stall").await;
+    let mut client = rl.client().await;
+    group.master.pause();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        call(&mut client, request("topo", &[&[("user", "stalled")]])),
+    )
+    .await;
+    group.master.resume();
+    let e = answer
+        .expect("answered within the guard")
+        .expect_err("a frozen master cannot answer");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "failed before REDIS_TIMEOUT: {:?}",
+        started.elapsed()
+    );
+    // Thawed, the master (asked of the sentinels again; it may have failed over, their
+    // down-after is 1 s) counts as before.
+    let mut recovered = false;
+    for _ in 0..50 {
+        if call(&mut client, request("topo", &[&[("user", "probe")]]))
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "no answer after the master thawed");
+    enforced(&rl, "after-stall").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_second_redis_may_be_a_cluster() {
     ensure_window_room(30, Duration::from_secs(10)).await;
     let cluster = RedisCluster::start();

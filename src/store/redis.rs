@@ -321,9 +321,8 @@ pub fn connection_count(pool_size: usize) -> usize {
     pool_size.clamp(1, cores.max(1))
 }
 
-/// Sorts a redis-rs error; `timeout` is `REDIS_TIMEOUT`, which redis-rs's own response
-/// timeout also is where one is set (sentinel and cluster connections, and the connection
-/// set-up of every topology).
+/// Sorts a redis-rs error; `timeout` is `REDIS_TIMEOUT`, which redis-rs's own timeouts also
+/// are where they are set (cluster responses, and connecting in every topology).
 pub(super) fn from_redis(e: RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout(timeout)

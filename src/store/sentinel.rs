@@ -184,9 +184,12 @@ impl SentinelStore {
         Result<MultiplexedConnection, RedisError>,
     ) {
         let cell = self.conn.load_full();
+        // No response timeout of redis-rs's own: `with_master` bounds every command with the
+        // same `REDIS_TIMEOUT` (connecting included) and handles its expiry as redis-rs's
+        // would be (the connection dropped, the sentinels asked again); one timer per call.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
+            .set_response_timeout(None);
         let conn = cell
             .get_or_try_init(|| async {
                 let client = self.client()?.async_get_client().await?;
