@@ -39,7 +39,6 @@ RATE_REQUESTS=${RATE_REQUESTS:-50000}
 source bench/lib.sh
 cargo build --release --quiet --example noop
 NOOP=target/release/examples/noop
-TCK=$(getconf CLK_TCK)
 
 write_unreachable_rule
 
@@ -76,8 +75,7 @@ row() {
   c1=$(cpu_ticks "${SPID[$3]}"); r1=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls)
   printf '%s\t' "$@" >>"$RAW"
   printf '%s\t%s\t%s\t%s\n' \
-    "$(awk -v a="$C0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v a="$R0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
+    "$(cpu_us_per_call "$C0" "$c1" "$n")" "$(cpu_us_per_call "$R0" "$r1" "$n")" \
     "$(awk -v e="$e1" -v n="$n" 'BEGIN {printf "%.3f", e/n}')" \
     "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
 }

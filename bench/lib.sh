@@ -37,6 +37,11 @@ start_redis() {
 # utime + stime of process $1, in clock ticks.
 cpu_ticks() { sed -E 's/.*\) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
+# CPU µs per call from cpu_ticks before ($1) and after ($2) $3 calls, two decimals.
+cpu_us_per_call() {
+  awk -v a="$1" -v b="$2" -v n="$3" -v t="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}'
+}
+
 # The value of loadgen's `$1=` field in its output line $2.
 field() { sed -E "s/(^|.* )$1=([0-9.]+).*/\2/" <<<"$2"; }
 

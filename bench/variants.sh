@@ -28,7 +28,6 @@ RATE_REQUESTS=${RATE_REQUESTS:-40000}
 BACKENDS=${BACKENDS:-memory redis}
 SCENARIOS=${SCENARIOS:-throughput fixed_rate h2load}
 source bench/lib.sh
-TCK=$(getconf CLK_TCK)
 write_unreachable_rule
 start_redis
 
@@ -58,8 +57,7 @@ measure() { # run, variant index, backend, scenario, loadgen args...
   [ "$(field errors "$out")" = 0 ] || { echo "errors ($name): $out" >&2; exit 1; }
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$i" "$b" "$sc" "$(field rps "$out")" \
     "$(field p50_us "$out")" "$(field p99_us "$out")" \
-    "$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v a="$r0" -v b="$r1" -v n="$n" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" >>"$RAW"
+    "$(cpu_us_per_call "$c0" "$c1" "$n")" "$(cpu_us_per_call "$r0" "$r1" "$n")" >>"$RAW"
 }
 # h2load, closed loop: rps and the server's (and Redis's) CPU per call.
 measure_h2load() { # run, variant index, backend
@@ -72,8 +70,7 @@ measure_h2load() { # run, variant index, backend
   r1=$(cpu_ticks "$REDIS_PID")
   [ "$(field failed "$out")" = 0 ] || { echo "h2load failures ($name): $out" >&2; exit 1; }
   printf '%s\t%s\t%s\th2load\t%s\t\t\t%s\t%s\n' "$run" "$i" "$b" "$(field rps "$out")" \
-    "$(awk -v a="$c0" -v b="$c1" -v n="$REQUESTS" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" \
-    "$(awk -v a="$r0" -v b="$r1" -v n="$REQUESTS" -v t="$TCK" 'BEGIN {printf "%.2f", (b-a)*1e6/t/n}')" >>"$RAW"
+    "$(cpu_us_per_call "$c0" "$c1" "$REQUESTS")" "$(cpu_us_per_call "$r0" "$r1" "$REQUESTS")" >>"$RAW"
 }
 write_grpc_body "$WORK/body1" 1
 for i in "${!VARIANTS[@]}"; do for b in $BACKENDS; do
