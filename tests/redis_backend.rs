@@ -7,7 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ratelimitd::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use ratelimitd::proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use support::*;
+use tonic::transport::Channel;
 use tonic::Code as GrpcCode;
 
 const RULES: &str = r#"
@@ -221,6 +223,133 @@ async fn auth_and_url_forms() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+}
+
+/// The first status's remaining count for `k=value` in domain `rd`.
+async fn remaining(rl: &Ratelimitd, value: &str) -> Result<u32, tonic::Status> {
+    let r = rl
+        .client()
+        .await
+        .should_rate_limit(request("rd", &[&[("k", value)]]))
+        .await?;
+    Ok(r.into_inner().statuses[0].limit_remaining)
+}
+
+/// An ACL user (`user:password` in REDIS_AUTH or the URL), a database other than 0 (the URL's
+/// path) and a Unix socket: what ratelimitd says when it opens a connection, and where.
+#[tokio::test]
+async fn acl_users_databases_and_unix_sockets() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let sockets = tempfile::TempDir::new().unwrap();
+    let socket = sockets.path().join("redis.sock");
+    let socket = socket.to_str().unwrap();
+    let redis = RedisServer::start_with(&[
+        "--requirepass",
+        "admin-pw",
+        "--unixsocket",
+        socket,
+        "--unixsocketperm",
+        "700",
+        "--user",
+        "alice",
+        "on",
+        ">alice-pw",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let over_socket = Ratelimitd::builder(dir.path())
+        .env("BACKEND_TYPE", "redis")
+        .env("REDIS_SOCKET_TYPE", "unix")
+        .env("REDIS_URL", socket)
+        .env("REDIS_AUTH", "alice:alice-pw")
+        .start();
+    assert_eq!(remaining(&over_socket, "unix").await.unwrap(), 2);
+    assert_eq!(remaining(&over_socket, "unix").await.unwrap(), 1);
+
+    let url = format!("redis://alice:alice-pw@127.0.0.1:{}/2", redis.port);
+    let in_db2 = Ratelimitd::builder(dir.path())
+        .env("REDIS_URL", &url)
+        .start();
+    assert_eq!(remaining(&in_db2, "db2").await.unwrap(), 2);
+    let keyspace = redis.command(&["INFO", "keyspace"]);
+    assert!(keyspace.contains("db0:keys=1,"), "{keyspace}");
+    assert!(keyspace.contains("db2:keys=1,"), "{keyspace}");
+
+    // A user Redis does not know: every call fails, none is counted.
+    let stranger = Ratelimitd::builder(dir.path())
+        .env(
+            "REDIS_URL",
+            &format!("redis://bob:pw@127.0.0.1:{}/0", redis.port),
+        )
+        .env("REDIS_TIMEOUT", "1s")
+        .start();
+    for _ in 0..3 {
+        let e = remaining(&stranger, "bob").await.unwrap_err();
+        assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+    }
+    assert!(
+        stranger.log().contains("WRONGPASS"),
+        "the server's refusal is logged:\n{}",
+        stranger.log()
+    );
+    assert_eq!(remaining(&in_db2, "db2").await.unwrap(), 1);
+}
+
+/// A frozen Redis (SIGSTOP): calls fail UNAVAILABLE after REDIS_TIMEOUT, the connection they
+/// were waiting on is closed rather than waited on, and once Redis thaws calls are served
+/// again on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_fails_calls_at_the_timeout_then_a_new_connection_serves() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let redis = RedisServer::start();
+    let rl = Ratelimitd::builder(dir.path())
+        .redis(&redis)
+        .env("REDIS_TIMEOUT", "300ms")
+        .env("REDIS_POOL_SIZE", "1")
+        .start();
+    let mut c = rl.client().await;
+    let call = |c: &mut RateLimitServiceClient<Channel>, v: &'static str| {
+        let mut c = c.clone();
+        async move { c.should_rate_limit(request("rd", &[&[("k", v)]])).await }
+    };
+    assert!(call(&mut c, "f").await.is_ok());
+    let clients = || -> Vec<String> {
+        redis
+            .command(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.contains(" cmd=eval"))
+            .filter_map(|l| l.split(' ').next().map(str::to_owned))
+            .collect()
+    };
+    let before = clients();
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    redis.pause();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..8).map(|_| tokio::spawn(call(&mut c, "f"))).collect();
+    for task in calls {
+        let e = task.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(2),
+        "every call failed at REDIS_TIMEOUT (300 ms), not later: {waited:?}"
+    );
+    redis.resume();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while call(&mut c, "g").await.is_err() {
+        assert!(Instant::now() < deadline, "no recovery:\n{}", rl.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = clients();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(
+        after, before,
+        "the frozen connection was closed, a new one serves"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

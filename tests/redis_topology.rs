@@ -532,6 +532,17 @@ async fn readonly_replaces_a_single_connection_when_asked() {
     let mut client = rl.client().await;
     let req = || request("topo", &[&[("user", "ro")]]);
     assert!(call(&mut client, req()).await.is_ok());
+    // ratelimitd's connections: the clients whose last command ran the script.
+    let scripting = || -> Vec<String> {
+        redis
+            .command(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.contains(" cmd=eval"))
+            .filter_map(|l| l.split(' ').next().map(str::to_owned))
+            .collect()
+    };
+    let before = scripting();
+    assert_eq!(before.len(), 1, "one connection (REDIS_POOL_SIZE=1)");
     let port = other.port.to_string();
     redis.command(&["REPLICAOF", "127.0.0.1", &port]);
     let e = call(&mut client, req()).await.unwrap_err();
@@ -550,6 +561,9 @@ async fn readonly_replaces_a_single_connection_when_asked() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let after = scripting();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before, "a new connection serves the calls");
 }
 
 #[test]

@@ -10,7 +10,9 @@
 
 mod cluster;
 mod memory;
+mod pipe;
 mod redis;
+mod resp;
 mod script;
 mod sentinel;
 mod split;

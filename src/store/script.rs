@@ -14,7 +14,11 @@
 
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
-use super::StoreError;
+use super::{
+    pipe::Pipe,
+    resp::{self, Args},
+    StoreError,
+};
 use crate::limiter::{
     algorithm::{Algorithm, State, Verdict},
     engine::{self, Batch, Charging, Decided},
@@ -78,7 +82,7 @@ impl EngineScript {
         self.command(true, fixed_only(batch), batch, read)
     }
 
-    /// `EVAL` with the source, or `EVALSHA` with the hash, of `fixed.lua` or `engine.lua`.
+    /// [`Call`] as a redis-rs command.
     fn command(
         &self,
         source: bool,
@@ -86,23 +90,42 @@ impl EngineScript {
         batch: &Batch<'_>,
         read: &[Option<String>],
     ) -> Cmd {
-        let mut cmd = redis::cmd(if source { "EVAL" } else { "EVALSHA" });
-        let (text, script) = if fixed {
-            (FIXED_SOURCE, &self.fixed)
-        } else {
-            (SOURCE, &self.engine)
-        };
-        if source {
-            cmd.arg(text);
-        } else {
-            cmd.arg(script.get_hash());
-        }
-        if fixed {
-            push_fixed(&mut cmd, batch);
-        } else {
-            push_keys_and_args(&mut cmd, batch, read);
-        }
+        let mut cmd = Cmd::new();
+        resp::Command::args(
+            &Call {
+                script: self,
+                source,
+                fixed,
+                batch,
+                read,
+            },
+            &mut cmd,
+        );
         cmd
+    }
+
+    /// [`EngineScript::run`] on one of our own connections: the command written straight into
+    /// its outgoing buffer. Unbounded: the caller applies `REDIS_TIMEOUT`.
+    pub async fn run_on(&self, pipe: &Pipe, batch: &Batch<'_>) -> Result<Reply, redis::RedisError> {
+        let fixed = fixed_only(batch);
+        let call = |source| Call {
+            script: self,
+            source,
+            fixed,
+            batch,
+            read: &[],
+        };
+        let value = match pipe.call(&call(false)).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                pipe.call(&call(true)).await
+            }
+            other => other,
+        }?;
+        Ok(if fixed {
+            Reply::Fixed(value)
+        } else {
+            Reply::Engine(value)
+        })
     }
 
     /// Runs the batch's script on `conn`: `EVALSHA`, which sends only the hash, then `EVAL`
@@ -134,18 +157,50 @@ impl EngineScript {
     }
 }
 
+/// `EVAL` with the source, or `EVALSHA` with the hash, of `fixed.lua` or `engine.lua`, for
+/// a batch: one layout for both clients (redis-rs's `Cmd` and our own connections).
+struct Call<'a> {
+    script: &'a EngineScript,
+    source: bool,
+    fixed: bool,
+    batch: &'a Batch<'a>,
+    read: &'a [Option<String>],
+}
+
+impl resp::Command for Call<'_> {
+    fn args<A: Args>(&self, a: &mut A) {
+        a.bytes(if self.source { b"EVAL" } else { b"EVALSHA" });
+        let (text, script) = if self.fixed {
+            (FIXED_SOURCE, &self.script.fixed)
+        } else {
+            (SOURCE, &self.script.engine)
+        };
+        if self.source {
+            a.bytes(text.as_bytes());
+        } else {
+            a.bytes(script.get_hash().as_bytes());
+        }
+        if self.fixed {
+            push_fixed(a, self.batch);
+        } else {
+            push_keys_and_args(a, self.batch, self.read);
+        }
+    }
+}
+
 /// `fixed.lua`'s KEYS and ARGV: each check's key; then its cost and TTL in seconds (the
 /// window, at least a second, plus the jitter: `engine.lua`'s for a fixed window).
-fn push_fixed(cmd: &mut Cmd, batch: &Batch<'_>) {
-    cmd.arg(batch.checks.len());
+fn push_fixed(a: &mut impl Args, batch: &Batch<'_>) {
+    a.int(batch.checks.len());
     for c in batch.checks {
-        cmd.arg(&c.key);
+        a.bytes(c.key.as_bytes());
     }
     for c in batch.checks {
         let ttl = (c.quota.window_ms / 1000)
             .max(1)
             .saturating_add(c.jitter_secs);
-        cmd.arg(c.cost).arg(ttl);
+        a.int(c.cost);
+        a.int(ttl);
     }
 }
 
@@ -177,7 +232,7 @@ fn previous(c: &crate::limiter::engine::Check) -> Option<&str> {
     }
 }
 
-fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>, read: &[Option<String>]) {
+fn push_keys_and_args(a: &mut impl Args, batch: &Batch<'_>, read: &[Option<String>]) {
     // Check i's previous window: read beforehand, in KEYS, or none.
     let read_at = |i: usize| read.get(i).and_then(Option::as_deref);
     let in_keys = |i: usize, c| previous(c).filter(|_| read_at(i).is_none());
@@ -186,34 +241,35 @@ fn push_keys_and_args(cmd: &mut Cmd, batch: &Batch<'_>, read: &[Option<String>])
             .zip(batch.checks)
             .filter(|&(i, c)| in_keys(i, c).is_some())
             .count();
-    cmd.arg(keys);
+    a.int(keys);
     for (i, c) in batch.checks.iter().enumerate() {
-        cmd.arg(&c.key);
+        a.bytes(c.key.as_bytes());
         if let Some(p) = in_keys(i, c) {
-            cmd.arg(p);
+            a.bytes(p.as_bytes());
         }
     }
-    cmd.arg(batch.now_ms)
-        .arg(charging_arg(batch.charging))
-        .arg(u8::from(batch.never_refuse))
-        .arg(batch.quota_total)
-        .arg(batch.roles.len());
+    a.int(batch.now_ms);
+    a.bytes(charging_arg(batch.charging).as_bytes());
+    a.int(u8::from(batch.never_refuse));
+    a.int(batch.quota_total);
+    a.int(batch.roles.len());
     for r in batch.roles {
-        cmd.arg(u8::from(r.shadow)).arg(u8::from(r.quota));
+        a.int(u8::from(r.shadow));
+        a.int(u8::from(r.quota));
     }
     for (i, c) in batch.checks.iter().enumerate() {
         let q = &c.quota;
-        cmd.arg(c.descriptor)
-            .arg(algorithm_arg(q.algorithm))
-            .arg(q.limit)
-            .arg(q.window_ms)
-            .arg(q.capacity)
-            .arg(c.cost)
-            .arg(c.jitter_secs);
+        a.int(c.descriptor);
+        a.bytes(algorithm_arg(q.algorithm).as_bytes());
+        a.int(q.limit);
+        a.int(q.window_ms);
+        a.int(q.capacity);
+        a.int(c.cost);
+        a.int(c.jitter_secs);
         match (previous(c), read_at(i)) {
-            (Some(_), Some(value)) => cmd.arg(format!("c{value}")),
-            (p, _) => cmd.arg(u8::from(p.is_some())),
-        };
+            (Some(_), Some(value)) => a.bytes(format!("c{value}").as_bytes()),
+            (p, _) => a.int(u8::from(p.is_some())),
+        }
     }
     debug_assert_eq!(
         ARGV_PER_CHECK, 8,
