@@ -16,10 +16,13 @@
 //! - a lost connection fails every call waiting on it; the next call reconnects;
 //! - when connecting fails, calls fail at once for a backoff (50 ms doubling to 500 ms, as
 //!   `ConnectionManager` was set up) and the first call after it tries again;
-//! - a call without an answer within `REDIS_TIMEOUT` closes the connection ([`Pipe::hung`]):
-//!   every call behind it would wait as long, and what they queued would pile up. So does a
-//!   backlog of [`MAX_WAITING`] unanswered calls (calls given up on their gRPC deadline, which
-//!   may be shorter than `REDIS_TIMEOUT`, leave their entries behind);
+//! - a command without an answer within `REDIS_TIMEOUT` of being written closes the
+//!   connection, failing every call waiting on it: the calls behind it would wait as long,
+//!   and what they queued would pile up. One timer per connection keeps that bound, not one
+//!   per call: the writer stamps each write with the time and the number of commands in it,
+//!   and the timer, when it fires, looks only at the oldest unanswered write (replies come in
+//!   order) and sleeps until that one's deadline. A backlog of [`MAX_WAITING`] unanswered
+//!   calls closes the connection too;
 //! - READONLY, with `REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR`, closes it too, and the next
 //!   connection resolves the address again.
 
@@ -77,6 +80,11 @@ struct State {
     out: Vec<u8>,
     /// One sender per command written or queued, oldest first.
     waiting: VecDeque<ReplyTo>,
+    /// Commands in `out`.
+    queued: usize,
+    /// Writes with commands still unanswered, oldest first: when each was written, and how
+    /// many of its commands are unanswered.
+    written: VecDeque<(Instant, usize)>,
     /// Connecting failed: calls fail at once with this error until the instant.
     down: Option<(Instant, RedisError)>,
     /// The connection being served, counted from 1 (0 before the first).
@@ -119,6 +127,8 @@ impl Shared {
             if s.out.capacity() > KEEP {
                 s.out.shrink_to(BUFFER);
             }
+            s.queued = 0;
+            s.written.clear();
             s.down = down.map(|until| (until, error.clone()));
             s.close = None;
             std::mem::take(&mut s.waiting)
@@ -161,6 +171,8 @@ impl Pipe {
                 state: Mutex::new(State {
                     out: Vec::with_capacity(BUFFER),
                     waiting: VecDeque::new(),
+                    queued: 0,
+                    written: VecDeque::new(),
                     down: None,
                     generation: 0,
                     close: None,
@@ -173,8 +185,9 @@ impl Pipe {
         }
     }
 
-    /// Sends `command` and waits for its reply; an error reply is `Err`. Unbounded: the
-    /// caller bounds it with `REDIS_TIMEOUT`, then calls [`Pipe::hung`].
+    /// Sends `command` and waits for its reply; an error reply is `Err`. Bounded by the
+    /// connection: its connecting by `REDIS_TIMEOUT`, then its answer by `REDIS_TIMEOUT` from
+    /// when it was written.
     pub async fn call(&self, command: &impl Command) -> RedisResult<Value> {
         let reply = self.send(command)?;
         reply
@@ -202,6 +215,7 @@ impl Pipe {
             }
             let wake = s.out.is_empty();
             resp::write(&mut s.out, command);
+            s.queued += 1;
             s.waiting.push_back(to);
             wake
         };
@@ -209,26 +223,6 @@ impl Pipe {
             self.shared.wake.notify_one();
         }
         Ok(reply)
-    }
-
-    /// A call got no answer within `REDIS_TIMEOUT`: the connection is closed (failing the
-    /// calls still waiting on it) and the next call opens another.
-    pub fn hung(&self) {
-        let generation = {
-            let s = self.shared.lock();
-            if s.waiting.is_empty() {
-                return;
-            }
-            s.generation
-        };
-        let error = RedisError::from(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "no answer from Redis within {:?} (REDIS_TIMEOUT): connection closed",
-                self.shared.timeout
-            ),
-        ));
-        self.shared.close(generation, error);
     }
 
     /// Spawns the driver task when none is running.
@@ -410,6 +404,7 @@ async fn exchange(
         e = write_loop(shared, &mut w) => e,
         e = read_loop(shared, &mut r) => e,
         e = closing(shared, generation) => e,
+        e = overdue(shared) => e,
     }
 }
 
@@ -417,8 +412,15 @@ async fn exchange(
 async fn write_loop(shared: &Shared, w: &mut (impl AsyncWrite + Unpin)) -> RedisError {
     let mut buf = Vec::with_capacity(BUFFER);
     loop {
-        // The two buffers trade places: calls fill one while the other is written.
-        std::mem::swap(&mut shared.lock().out, &mut buf);
+        {
+            // The two buffers trade places: calls fill one while the other is written.
+            let mut s = shared.lock();
+            std::mem::swap(&mut s.out, &mut buf);
+            if !buf.is_empty() {
+                let commands = std::mem::take(&mut s.queued);
+                s.written.push_back((Instant::now(), commands));
+            }
+        }
         if buf.is_empty() {
             shared.wake.notified().await;
             continue;
@@ -472,6 +474,18 @@ async fn read_loop(shared: &Shared, r: &mut (impl AsyncRead + Unpin)) -> RedisEr
                 return RedisError::from((ErrorKind::Parse, "a reply nobody asked for"));
             }
             to.extend(s.waiting.drain(..replies.len()));
+            let mut answered = replies.len();
+            while answered > 0 {
+                let Some(oldest) = s.written.front_mut() else {
+                    break;
+                };
+                if oldest.1 > answered {
+                    oldest.1 -= answered;
+                    break;
+                }
+                answered -= oldest.1;
+                s.written.pop_front();
+            }
         }
         let mut readonly = None;
         for (to, reply) in to.drain(..).zip(replies.drain(..)) {
@@ -490,6 +504,32 @@ async fn read_loop(shared: &Shared, r: &mut (impl AsyncRead + Unpin)) -> RedisEr
             tracing::warn!(error = %e, "READONLY from Redis: connection replaced (REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR)");
             return e;
         }
+    }
+}
+
+/// Returns when the oldest unanswered write is `REDIS_TIMEOUT` old. Wakes once per
+/// `REDIS_TIMEOUT` at most while answers keep coming, whatever the call rate.
+async fn overdue(shared: &Shared) -> RedisError {
+    let timeout = shared.timeout;
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
+    loop {
+        sleep.as_mut().await;
+        let oldest = shared.lock().written.front().map(|w| w.0);
+        let now = Instant::now();
+        let next = match oldest {
+            Some(at) if now.saturating_duration_since(at) >= timeout => {
+                return RedisError::from(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer from Redis within {timeout:?} (REDIS_TIMEOUT): connection closed"
+                    ),
+                ))
+            }
+            Some(at) => at + timeout,
+            None => now + timeout,
+        };
+        sleep.as_mut().reset(next.into());
     }
 }
 
@@ -638,22 +678,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_hung_connection_fails_its_waiting_calls_and_is_replaced() {
+    async fn a_hung_connection_fails_its_waiting_calls_at_the_timeout_and_is_replaced() {
         let (listener, target) = peer().await;
         let accepted = silent(listener);
-        let pipe = Arc::new(Pipe::new(target, Duration::from_millis(100), false));
-        let calls: Vec<_> = (0..3)
-            .map(|_| {
-                let pipe = Arc::clone(&pipe);
-                tokio::spawn(async move { pipe.call(&ECHO_1).await })
+        let timeout = Duration::from_millis(200);
+        let pipe = Arc::new(Pipe::new(target, timeout, false));
+        let first = {
+            let pipe = Arc::clone(&pipe);
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                (pipe.call(&ECHO_1).await, sent.elapsed())
             })
-            .collect();
-        waiting(&pipe, 3).await;
-        pipe.hung();
-        for call in calls {
-            let e = call.await.unwrap().unwrap_err();
-            assert!(e.is_timeout(), "{e}");
-        }
+        };
+        waiting(&pipe, 1).await;
+        // Written later, within the first one's timeout: failed with it.
+        tokio::time::sleep(timeout / 2).await;
+        let second = {
+            let pipe = Arc::clone(&pipe);
+            tokio::spawn(async move { pipe.call(&ECHO_1).await })
+        };
+        let (e, waited) = first.await.unwrap();
+        let e = e.unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        assert!(
+            waited >= timeout && waited < timeout * 2,
+            "failed at the timeout: {waited:?}"
+        );
+        let e = second.await.unwrap().unwrap_err();
+        assert!(e.is_timeout(), "{e}");
         let next = {
             let pipe = Arc::clone(&pipe);
             tokio::spawn(async move { pipe.call(&ECHO_1).await })

@@ -263,29 +263,16 @@ impl Single {
         let i = self.index();
         match &self.links {
             Links::Pipes(pipes) => {
-                let pipe = pick(pipes, i)?;
-                let reply = self.bounded(pipe, pipe.call(&Plain(&[b"PING"]))).await?;
+                let reply = pick(pipes, i)?
+                    .call(&Plain(&[b"PING"]))
+                    .await
+                    .map_err(|e| from_redis(e, self.timeout))?;
                 match reply {
                     redis::Value::SimpleString(s) if s == "PONG" => Ok(()),
                     other => Err(StoreError::Reply(format!("PING answered {other:?}"))),
                 }
             }
             Links::Tls(t) => Box::pin(t.ping(i, self.timeout)).await,
-        }
-    }
-
-    /// `call` on `pipe` within `REDIS_TIMEOUT`; past it the connection is closed.
-    async fn bounded<T>(
-        &self,
-        pipe: &Pipe,
-        call: impl std::future::Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(reply) => reply.map_err(|e| from_redis(e, self.timeout)),
-            Err(_) => {
-                pipe.hung();
-                Err(StoreError::Timeout(self.timeout))
-            }
         }
     }
 }
@@ -321,9 +308,11 @@ impl Store for Single {
         let i = self.index();
         let reply = match &self.links {
             Links::Pipes(pipes) => {
+                // Bounded by the connection: REDIS_TIMEOUT from when the command was
+                // written (see pipe.rs), with one timer per connection, not per call.
                 let pipe = pick(pipes, i)?;
-                // One bound for the call, the EVAL after a NOSCRIPT included.
-                self.bounded(pipe, self.engine.run_on(pipe, batch)).await?
+                let reply = self.engine.run_on(pipe, batch).await;
+                reply.map_err(|e| from_redis(e, self.timeout))?
             }
             Links::Tls(t) => Box::pin(t.run(i, &self.engine, batch, self.timeout)).await?,
         };

@@ -105,7 +105,8 @@ impl EngineScript {
     }
 
     /// [`EngineScript::run`] on one of our own connections: the command written straight into
-    /// its outgoing buffer. Unbounded: the caller applies `REDIS_TIMEOUT`.
+    /// its outgoing buffer. Each command is bounded by the connection (`REDIS_TIMEOUT` from
+    /// when it was written, see `pipe.rs`).
     pub async fn run_on(&self, pipe: &Pipe, batch: &Batch<'_>) -> Result<Reply, redis::RedisError> {
         let fixed = fixed_only(batch);
         let call = |source| Call {
