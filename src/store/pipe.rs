@@ -238,7 +238,9 @@ impl Pipe {
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            runtime.spawn(drive(Arc::clone(shared)));
+            // The guard is made here, not in the task: a task dropped before its first poll
+            // (its runtime shutting down) still marks the driver gone.
+            runtime.spawn(drive(Alive(Arc::clone(shared))));
         }
         Ok(())
     }
@@ -273,8 +275,7 @@ impl Drop for Alive {
 }
 
 /// Connects when calls are waiting, serves the connection until it fails, and again.
-async fn drive(shared: Arc<Shared>) {
-    let alive = Alive(shared);
+async fn drive(alive: Alive) {
     let shared = &alive.0;
     let mut backoff = MIN_BACKOFF;
     while !shared.closed.load(Ordering::Acquire) {
@@ -732,6 +733,27 @@ mod tests {
         // Tried again and failed: the backoff doubled.
         let until = pipe.shared.lock().down.as_ref().map(|d| d.0).unwrap();
         assert!(until > Instant::now() + MIN_BACKOFF, "{until:?}");
+    }
+
+    #[test]
+    fn a_pipe_outlives_the_runtime_that_first_used_it() {
+        let peer_runtime = tokio::runtime::Runtime::new().unwrap();
+        let (listener, target) = peer_runtime.block_on(peer());
+        peer_runtime.spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(echo_numbers(conn));
+            }
+        });
+        let pipe = Pipe::new(target, Duration::from_secs(5), false);
+        for _ in 0..2 {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            assert_eq!(runtime.block_on(pipe.call(&ECHO_1)).unwrap(), Value::Int(1));
+            // Its task goes with it; the next runtime's first call starts another.
+            drop(runtime);
+        }
     }
 
     #[tokio::test]
