@@ -3,13 +3,13 @@
 //!
 //! Why not redis-rs's `ConnectionManager` here: per call it built the command, encoded it,
 //! sent it through a channel to its driver task, parsed the reply with a combinator parser
-//! and crossed several boxed futures. This connection does the same work in 6,200 fewer
-//! instructions (7% of a whole call) and 8 fewer allocations per call (docs/benchmarks.md,
-//! "Our own Redis connection"). Here a call writes its command straight into
-//! the connection's outgoing buffer under a short lock, queues its reply's sender in the same
-//! order, and wakes the connection's task when the buffer was empty. That task writes whatever
-//! has gathered in one write (concurrent calls share it: auto-pipelining) and reads replies,
-//! handing each to the oldest waiting call.
+//! and crossed several boxed futures. This connection does the same work in 7,500 fewer
+//! instructions (8.6% of a whole call) and 8 fewer allocations per call (docs/benchmarks.md,
+//! "Our own Redis connection"). Here a call writes its command straight into the
+//! connection's outgoing buffer under a short lock, queues its reply's sender in the same
+//! order, and wakes the connection's task when the buffer was empty. That task writes
+//! whatever has gathered in one write (concurrent calls share it: auto-pipelining) and reads
+//! replies, handing each to the oldest waiting call.
 //!
 //! Failures, as the store above expects them (it never retries: a command written but not
 //! answered may have run, and charging twice is worse than an error):
