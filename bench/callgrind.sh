@@ -17,11 +17,16 @@
 # (results.tsv) and callgrind_annotate's top functions of each target's N2 run
 # (<target>.top.txt, inclusive and exclusive).
 #
-# BIN measures another build of ratelimitd; RL_ENV adds its settings (e.g.
-# RL_ENV="RUNTIME_FLAVOR=per_core").
+# dhat counts the blocks allocated through malloc; the default build's allocator, mimalloc,
+# maps memory of its own and would show none of ratelimitd's. So dhat runs a build of the same
+# source with glibc's malloc (`--no-default-features`, built here into target/glibc), and
+# callgrind the default build.
+#
+# BIN measures another build of ratelimitd (DHAT_BIN: its glibc build, for dhat; by default
+# BIN itself when BIN is set); RL_ENV adds its settings (e.g. RL_ENV="RUNTIME_FLAVOR=per_core").
 #
 # Usage: [TARGETS="noop memory redis hotpath"] [TOOLS="callgrind dhat"] [OUT=dir] \
-#        [BIN=path] [RL_ENV="VAR=value ..."] bench/callgrind.sh [N1] [N2]
+#        [BIN=path] [DHAT_BIN=path] [RL_ENV="VAR=value ..."] bench/callgrind.sh [N1] [N2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-2000}
@@ -30,10 +35,16 @@ TARGETS=${TARGETS:-noop memory redis hotpath}
 TOOLS=${TOOLS:-callgrind dhat}
 OUT=${OUT:-target/callgrind}
 command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
+DHAT_BIN=${DHAT_BIN:-${BIN:-target/glibc/release/ratelimitd}}
 source bench/lib.sh
 cargo build --release --quiet --example noop --example hotpath
 NOOP=target/release/examples/noop
 HOT=target/release/examples/hotpath
+DHAT_NOOP=target/glibc/release/examples/noop
+if [[ " $TOOLS " == *" dhat "* ]]; then
+  CARGO_TARGET_DIR=target/glibc cargo build --release --quiet --no-default-features \
+    --bin ratelimitd --example noop
+fi
 mkdir -p "$OUT"
 write_unreachable_rule
 [[ " $TARGETS " == *" redis "* ]] && start_redis
@@ -69,11 +80,13 @@ serve() {
 
 start_under_valgrind() {
   local target=$1 tool=$2 n=$3 file="$OUT/$1.$2.$3" log="$OUT/$1.$2.$3.log" pid addr
+  local bin=$BIN noop=$NOOP
+  [[ $tool == dhat ]] && bin=$DHAT_BIN noop=$DHAT_NOOP
   rm -f "$file" "$log"
   case $target in
     noop)
       # shellcheck disable=SC2046
-      valgrind $(valgrind_args "$tool" "$file") --log-file="$log" "$NOOP" --addr 127.0.0.1:0 \
+      valgrind $(valgrind_args "$tool" "$file") --log-file="$log" "$noop" --addr 127.0.0.1:0 \
         >"$OUT/noop.out" &
       pid=$!
       ;;
@@ -84,7 +97,7 @@ start_under_valgrind() {
       env -i PATH="$PATH" GRPC_HOST=127.0.0.1 GRPC_PORT=0 HOST=127.0.0.1 PORT=0 \
         DEBUG_HOST=127.0.0.1 DEBUG_PORT=0 USE_STATSD=false LOG_LEVEL=warn "${backend[@]}" \
         ${RL_ENV:-} valgrind $(valgrind_args "$tool" "$file") --log-file="$log" \
-        "$BIN" serve --config "$WORK/bench.yaml" 2>"$OUT/$target.out" &
+        "$bin" serve --config "$WORK/bench.yaml" 2>"$OUT/$target.out" &
       pid=$!
       ;;
   esac

@@ -1,5 +1,5 @@
 //! The throughput ceiling for docs/benchmarks.md: an RLS v3 server with the same tonic, the
-//! same protos and the same runtime as ratelimitd that decodes each request and answers `OK`
+//! same protos, the same runtime and the same allocator as ratelimitd that decodes each request and answers `OK`
 //! with one `OK` status per descriptor, doing nothing else. What a load generator gets from it
 //! on a machine is the most any RLS server built this way can get there; ratelimitd's figures
 //! are reported as fractions of it (bench/compare.sh).
@@ -21,6 +21,11 @@ use ratelimitd::proto::envoy::service::ratelimit::v3::{
 };
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+
+/// ratelimitd's allocator, so the ceiling is measured with what ratelimitd runs on.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 struct Args {

@@ -7,6 +7,14 @@ use std::{process::ExitCode, sync::Arc};
 use clap::Parser;
 use ratelimitd::settings::{Cli, Command};
 
+/// mimalloc rather than glibc's malloc (feature `mimalloc`, on by default): a call allocates
+/// and frees some forty small blocks (tonic, h2, prost), and under load glibc's malloc spent
+/// a fifth of the server's CPU on them, trimming and faulting pages back in
+/// (docs/benchmarks.md, "The allocator").
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let command = match Cli::parse().into_command() {
         Ok(command) => command,
