@@ -314,15 +314,7 @@ async fn a_frozen_redis_fails_calls_at_the_timeout_then_a_new_connection_serves(
         async move { c.should_rate_limit(request("rd", &[&[("k", v)]])).await }
     };
     assert!(call(&mut c, "f").await.is_ok());
-    let clients = || -> Vec<String> {
-        redis
-            .command(&["CLIENT", "LIST"])
-            .lines()
-            .filter(|l| l.contains(" cmd=eval"))
-            .filter_map(|l| l.split(' ').next().map(str::to_owned))
-            .collect()
-    };
-    let before = clients();
+    let before = redis.scripting_clients();
     assert_eq!(before.len(), 1, "{before:?}");
 
     redis.pause();
@@ -344,7 +336,7 @@ async fn a_frozen_redis_fails_calls_at_the_timeout_then_a_new_connection_serves(
         assert!(Instant::now() < deadline, "no recovery:\n{}", rl.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let after = clients();
+    let after = redis.scripting_clients();
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(
         after, before,

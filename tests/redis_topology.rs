@@ -532,16 +532,7 @@ async fn readonly_replaces_a_single_connection_when_asked() {
     let mut client = rl.client().await;
     let req = || request("topo", &[&[("user", "ro")]]);
     assert!(call(&mut client, req()).await.is_ok());
-    // ratelimitd's connections: the clients whose last command ran the script.
-    let scripting = || -> Vec<String> {
-        redis
-            .command(&["CLIENT", "LIST"])
-            .lines()
-            .filter(|l| l.contains(" cmd=eval"))
-            .filter_map(|l| l.split(' ').next().map(str::to_owned))
-            .collect()
-    };
-    let before = scripting();
+    let before = redis.scripting_clients();
     assert_eq!(before.len(), 1, "one connection (REDIS_POOL_SIZE=1)");
     let port = other.port.to_string();
     redis.command(&["REPLICAOF", "127.0.0.1", &port]);
@@ -561,7 +552,7 @@ async fn readonly_replaces_a_single_connection_when_asked() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = scripting();
+    let after = redis.scripting_clients();
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(after, before, "a new connection serves the calls");
 }

@@ -192,6 +192,16 @@ impl RedisServer {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The ids of the clients whose last command ran a script (`EVAL`/`EVALSHA`): ratelimitd's
+    /// connections, once each has served a call.
+    pub fn scripting_clients(&self) -> Vec<String> {
+        self.command(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.contains(" cmd=eval"))
+            .filter_map(|l| l.split(' ').next().map(str::to_owned))
+            .collect()
+    }
+
     /// Sends one RESP command and returns the raw reply.
     pub fn command(&self, args: &[&str]) -> String {
         self.try_command(args).unwrap()
