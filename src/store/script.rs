@@ -445,6 +445,45 @@ mod tests {
         assert_eq!(got[2..], want);
     }
 
+    #[test]
+    fn our_connections_send_the_bytes_redis_rs_would() {
+        let checks = [
+            check(0, Algorithm::SlidingWindow, Some("p0")),
+            check(1, Algorithm::FixedWindow, None),
+        ];
+        let roles = [Role::default(), Role::default()];
+        let engine = Batch {
+            checks: &checks,
+            roles: &roles,
+            quota_total: 0,
+            charging: Charging::StopWhenOver,
+            never_refuse: true,
+            now_ms: 1_700_000_040_123,
+        };
+        let fixed = always(&checks[1..]);
+        let script = EngineScript::default();
+        for (batch, is_fixed) in [(&engine, false), (&fixed, true)] {
+            assert_eq!(fixed_only(batch), is_fixed);
+            for source in [false, true] {
+                let call = Call {
+                    script: &script,
+                    source,
+                    fixed: is_fixed,
+                    batch,
+                    read: &[],
+                };
+                let mut ours = Vec::new();
+                resp::write(&mut ours, &call);
+                let theirs = script.command(source, is_fixed, batch, &[]);
+                assert_eq!(
+                    ours,
+                    theirs.get_packed_command(),
+                    "fixed {is_fixed}, source {source}"
+                );
+            }
+        }
+    }
+
     fn always(checks: &[Check]) -> Batch<'_> {
         Batch::plain(checks, 1_700_000_040_123)
     }
