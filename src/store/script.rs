@@ -319,7 +319,8 @@ fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, Stor
                 b: 0,
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        // Inline for the usual few checks: no allocation for them.
+        .collect::<Result<smallvec::SmallVec<[State; engine::INLINE_CHECKS]>, _>>()?;
     Ok(engine::decide(batch, &states))
 }
 
