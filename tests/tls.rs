@@ -157,15 +157,24 @@ async fn grpc_over_tls_answers_exactly_and_plaintext_is_refused() {
             .unwrap();
     assert!(plain.is_err(), "a plaintext client must not be served");
 
-    // The admin listener stays plain HTTP; the refused handshake is counted.
-    let (status, metrics) = http_get(&rl.http, "/metrics");
-    assert_eq!(status, 200);
-    let refused = sample(
-        &metrics,
-        "ratelimitd_tls_handshake_errors_total",
-        &[("reason", "refused")],
-    );
-    assert!(refused.unwrap_or(0.0) >= 1.0, "{metrics}");
+    // The admin listener stays plain HTTP; the refused handshake is counted. The client may
+    // read the server's alert before the server has counted the failure, so the count is
+    // awaited (bounded), not sampled once.
+    let refused_by = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let (status, metrics) = http_get(&rl.http, "/metrics");
+        assert_eq!(status, 200);
+        let refused = sample(
+            &metrics,
+            "ratelimitd_tls_handshake_errors_total",
+            &[("reason", "refused")],
+        );
+        if refused.unwrap_or(0.0) >= 1.0 {
+            break metrics;
+        }
+        assert!(Instant::now() < refused_by, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let timeouts = sample(
         &metrics,
         "ratelimitd_tls_handshake_errors_total",
