@@ -117,16 +117,10 @@ impl EngineScript {
             read: &[],
         };
         let value = match pipe.call(&call(false)).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                pipe.call(&call(true)).await
-            }
+            Err(e) if no_script(&e) => pipe.call(&call(true)).await,
             other => other,
         }?;
-        Ok(if fixed {
-            Reply::Fixed(value)
-        } else {
-            Reply::Engine(value)
-        })
+        Ok(Reply::of(fixed, value))
     }
 
     /// Runs the batch's script on `conn`: `EVALSHA`, which sends only the hash, then `EVAL`
@@ -144,17 +138,29 @@ impl EngineScript {
         let fixed = fixed_only(batch);
         let sent = self.command(false, fixed, batch, read);
         let value = match sent.query_async::<Value>(conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            Err(e) if no_script(&e) => {
                 let with_source = self.command(true, fixed, batch, read);
                 with_source.query_async::<Value>(conn).await
             }
             other => other,
         }?;
-        Ok(if fixed {
+        Ok(Reply::of(fixed, value))
+    }
+}
+
+/// Whether Redis did not know the script (nothing ran): send it again with `EVAL`.
+fn no_script(e: &redis::RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+impl Reply {
+    /// `value`, from `fixed.lua` when `fixed`, else from `engine.lua`.
+    fn of(fixed: bool, value: Value) -> Self {
+        if fixed {
             Reply::Fixed(value)
         } else {
             Reply::Engine(value)
-        })
+        }
     }
 }
 
