@@ -644,23 +644,34 @@ async fn redis_tls_skip_hostname_verification_accepts_a_certificate_for_another_
     let (_redis, tls_port) = tls_redis(dir.path(), &ca, &ca.client(&["redis.invalid"]));
     let ca_path = ca.write(dir.path(), "ca.crt");
     let (cert, key) = ca.client(&["ratelimitd"]).write(dir.path(), "client");
-    let env = |skip: &'static str| {
+    let other_ca = Ca::new("other CA").write(dir.path(), "other-ca.crt");
+    let env = |skip: &'static str, ca: &Path| {
         vec![
-            ("REDIS_TLS_CACERT", ca_path.to_str().unwrap().to_owned()),
+            ("REDIS_TLS_CACERT", ca.to_str().unwrap().to_owned()),
             ("REDIS_TLS_CLIENT_CERT", cert.to_str().unwrap().to_owned()),
             ("REDIS_TLS_CLIENT_KEY", key.to_str().unwrap().to_owned()),
             ("REDIS_TLS_SKIP_HOSTNAME_VERIFICATION", skip.to_owned()),
         ]
     };
-    let start = |skip| {
-        let env = env(skip);
+    let start = |skip, ca: &Path| {
+        let env = env(skip, ca);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         redis_tls_client(rules.path(), tls_port, &env)
     };
-    let strict = start("false");
+    let strict = start("false", &ca_path);
     let e = call(strict.channel().await, "skip").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-    let lenient = start("true");
+    let lenient = start("true", &ca_path);
     let (code, _) = call(lenient.channel().await, "skip").await.unwrap();
     assert_eq!(code, Code::Ok);
+    // The name is not checked, the chain still is: a CA that did not issue Redis's
+    // certificate is refused.
+    let wrong_ca = start("true", &other_ca);
+    let e = call(wrong_ca.channel().await, "skip").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    let log = wrong_ca.log();
+    assert!(
+        log.contains("invalid peer certificate: UnknownIssuer"),
+        "{log}"
+    );
 }

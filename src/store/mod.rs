@@ -16,6 +16,7 @@ mod resp;
 mod script;
 mod sentinel;
 mod split;
+mod tls;
 mod topology;
 
 use std::future::Future;

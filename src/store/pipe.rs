@@ -1,5 +1,5 @@
-//! A multiplexed Redis connection of our own, for `REDIS_TYPE=single` over TCP or a Unix
-//! socket (TLS stays on redis-rs, `redis.rs`).
+//! A multiplexed Redis connection of our own, for `REDIS_TYPE=single` over TCP, TLS (config in
+//! `tls.rs`) or a Unix socket.
 //!
 //! Why not redis-rs's `ConnectionManager` here: per call it built the command, encoded it,
 //! sent it through a channel to its driver task, parsed the reply with a combinator parser
@@ -44,7 +44,10 @@ use tokio::{
     sync::{oneshot, Notify},
 };
 
-use super::resp::{self, Command, Plain};
+use super::{
+    resp::{self, Command, Plain},
+    tls::Tls,
+};
 
 /// Unanswered calls on one connection beyond which it is closed: at 100k calls a second,
 /// more than half a second of Redis's work; about 400 bytes each.
@@ -56,9 +59,11 @@ const BUFFER: usize = 16 * 1024;
 const KEEP: usize = 1024 * 1024;
 
 /// Where to connect, and what to say first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub addr: Addr,
+    /// TLS over [`Addr::Tcp`].
+    pub tls: Option<Tls>,
     /// `AUTH [username] password` when there is a password.
     pub username: Option<String>,
     pub password: Option<String>,
@@ -314,6 +319,8 @@ async fn drive(alive: Alive) {
 
 enum Stream {
     Tcp(TcpStream),
+    /// Boxed: rustls's connection state is ~1 KB, the others a few words.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(UnixStream),
 }
 
@@ -324,7 +331,13 @@ async fn connect(target: &Target) -> RedisResult<Stream> {
             let s = TcpStream::connect((host.as_str(), *port)).await?;
             // Without it Nagle's algorithm and delayed ACKs stall pipelined calls ~40 ms.
             s.set_nodelay(true)?;
-            Stream::Tcp(s)
+            match &target.tls {
+                None => Stream::Tcp(s),
+                Some(tls) => {
+                    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                    Stream::Tls(Box::new(connector.connect(tls.name.clone(), s).await?))
+                }
+            }
         }
         Addr::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
     };
@@ -349,6 +362,7 @@ async fn connect(target: &Target) -> RedisResult<Stream> {
     if replies > 0 {
         match &mut stream {
             Stream::Tcp(s) => handshake(s, &hello, replies).await?,
+            Stream::Tls(s) => handshake(s.as_mut(), &hello, replies).await?,
             Stream::Unix(s) => handshake(s, &hello, replies).await?,
         }
     }
@@ -386,6 +400,11 @@ async fn serve(shared: &Shared, stream: Stream, generation: u64) -> RedisError {
     match stream {
         Stream::Tcp(mut s) => {
             let (r, w) = s.split();
+            exchange(shared, r, w, generation).await
+        }
+        Stream::Tls(s) => {
+            // One rustls state for both directions: split behind tokio's lock.
+            let (r, w) = tokio::io::split(*s);
             exchange(shared, r, w, generation).await
         }
         Stream::Unix(mut s) => {
@@ -426,7 +445,13 @@ async fn write_loop(shared: &Shared, w: &mut (impl AsyncWrite + Unpin)) -> Redis
             shared.wake.notified().await;
             continue;
         }
-        if let Err(e) = w.write_all(&buf).await {
+        // The flush sends what TLS still holds; on TCP and Unix sockets it does nothing.
+        if let Err(e) = async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        }
+        .await
+        {
             return e.into();
         }
         buf.clear();
@@ -561,6 +586,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let target = Target {
             addr: Addr::Tcp("127.0.0.1".into(), port),
+            tls: None,
             username: None,
             password: None,
             db: 0,

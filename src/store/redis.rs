@@ -12,12 +12,10 @@
 //! SCRIPT LOAD and then EVALSHA again: two more.
 //!
 //! Connections are multiplexed, not pooled: one connection already pipelines concurrent
-//! commands, so a pool would add a checkout per request for nothing. `single` over TCP or a
-//! Unix socket uses our own (`pipe.rs`: the command written straight into the outgoing
-//! buffer; 8.6% fewer instructions and 8 fewer allocations per call than redis-rs's). Over TLS
-//! it uses redis-rs's `ConnectionManager`, whose reconnection backoff we cap (the defaults
-//! grow to minutes, which is how a redis-rs service can take ~100 s to notice Redis is back);
-//! so do `sentinel` and `cluster`, whose discovery and routing are redis-rs's.
+//! commands, so a pool would add a checkout per request for nothing. `single` (over TCP, TLS
+//! or a Unix socket) uses our own (`pipe.rs`: the command written straight into the outgoing
+//! buffer; 8.6% fewer instructions and 8 fewer allocations per call than redis-rs's).
+//! `sentinel` and `cluster`, whose discovery and routing are redis-rs's, use its connections.
 //!
 //! [`RedisStore`] is the store for every `REDIS_TYPE`: this file's `single`, or
 //! `sentinel.rs`'s or `cluster.rs`'s, chosen once at start-up. The reference's pool and
@@ -36,12 +34,7 @@ use std::{
     time::Duration,
 };
 
-use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig},
-    ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind,
-};
-
-use arc_swap::ArcSwap;
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisError};
 
 use super::{
     cluster::ClusterStore,
@@ -49,6 +42,7 @@ use super::{
     resp::Plain,
     script::{self, EngineScript},
     sentinel::SentinelStore,
+    tls::Tls,
     topology::RedisType,
     Store, StoreError,
 };
@@ -203,37 +197,23 @@ fn boxed<'a, T>(
 
 /// `REDIS_TYPE=single`: a few multiplexed connections to one address.
 pub struct Single {
-    links: Links,
+    /// Our own (`pipe.rs`); never empty.
+    pipes: Vec<Pipe>,
     next: AtomicUsize,
     timeout: Duration,
     /// The counting engine's scripts and their SHA1s.
     engine: EngineScript,
 }
 
-/// The connections of [`Single`]; never empty.
-enum Links {
-    /// TCP or a Unix socket: our own (`pipe.rs`).
-    Pipes(Vec<Pipe>),
-    /// TLS: redis-rs's.
-    Tls(Box<TlsLinks>),
-}
-
 impl Single {
     fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let info = connection_info(settings).map_err(StoreError::Settings)?;
-        let count = settings.pool_size.max(1);
-        let links = match pipe_target(&info) {
-            Some(target) => Links::Pipes(
-                (0..count)
-                    .map(|_| {
-                        Pipe::new(target.clone(), settings.timeout, settings.close_on_readonly)
-                    })
-                    .collect(),
-            ),
-            None => Links::Tls(Box::new(TlsLinks::new(info, settings, count)?)),
-        };
+        let target = pipe_target(&info, &settings.tls_files).map_err(StoreError::Settings)?;
+        let pipes = (0..settings.pool_size.max(1))
+            .map(|_| Pipe::new(target.clone(), settings.timeout, settings.close_on_readonly))
+            .collect();
         Ok(Self {
-            links,
+            pipes,
             next: AtomicUsize::new(0),
             timeout: settings.timeout,
             engine: EngineScript::default(),
@@ -241,10 +221,7 @@ impl Single {
     }
 
     fn len(&self) -> usize {
-        match &self.links {
-            Links::Pipes(p) => p.len(),
-            Links::Tls(t) => t.conns.len(),
-        }
+        self.pipes.len()
     }
 
     /// The connection to use: on a per-core runtime its own (so that its task, spawned where
@@ -260,19 +237,13 @@ impl Single {
 
     /// `PING` on one connection, bounded by the timeout.
     async fn ping(&self) -> Result<(), StoreError> {
-        let i = self.index();
-        match &self.links {
-            Links::Pipes(pipes) => {
-                let reply = pick(pipes, i)?
-                    .call(&Plain(&[b"PING"]))
-                    .await
-                    .map_err(|e| from_redis(e, self.timeout))?;
-                match reply {
-                    redis::Value::SimpleString(s) if s == "PONG" => Ok(()),
-                    other => Err(StoreError::Reply(format!("PING answered {other:?}"))),
-                }
-            }
-            Links::Tls(t) => Box::pin(t.ping(i, self.timeout)).await,
+        let reply = pick(&self.pipes, self.index())?
+            .call(&Plain(&[b"PING"]))
+            .await
+            .map_err(|e| from_redis(e, self.timeout))?;
+        match reply {
+            redis::Value::SimpleString(s) if s == "PONG" => Ok(()),
+            other => Err(StoreError::Reply(format!("PING answered {other:?}"))),
         }
     }
 }
@@ -284,16 +255,32 @@ fn pick<T>(links: &[T], i: usize) -> Result<&T, StoreError> {
         .ok_or_else(|| StoreError::Topology("no Redis connection".into()))
 }
 
-/// Our own connection's target, for a TCP or Unix address; `None` for TLS.
-fn pipe_target(info: &redis::ConnectionInfo) -> Option<Target> {
-    let addr = match info.addr() {
-        ConnectionAddr::Tcp(host, port) => Addr::Tcp(host.clone(), *port),
-        ConnectionAddr::Unix(path) => Addr::Unix(path.clone()),
-        _ => return None,
+/// Our own connection's target; `tls` serves a TLS address.
+fn pipe_target(info: &redis::ConnectionInfo, tls: &RedisTls) -> Result<Target, RedisError> {
+    let (addr, tls) = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => (Addr::Tcp(host.clone(), *port), None),
+        ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure,
+            ..
+        } => (
+            Addr::Tcp(host.clone(), *port),
+            Some(Tls::new(host, tls, *insecure)?),
+        ),
+        ConnectionAddr::Unix(path) => (Addr::Unix(path.clone()), None),
+        other => {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "unsupported Redis address",
+                format!("{other:?}"),
+            )))
+        }
     };
     let redis = info.redis_settings();
-    Some(Target {
+    Ok(Target {
         addr,
+        tls,
         username: redis.username().map(str::to_owned),
         password: redis.password().map(str::to_owned),
         db: redis.db(),
@@ -305,119 +292,11 @@ impl Store for Single {
         if batch.checks.is_empty() {
             return Ok(Vec::new());
         }
-        let i = self.index();
-        let reply = match &self.links {
-            Links::Pipes(pipes) => {
-                // Bounded by the connection: REDIS_TIMEOUT from when the command was
-                // written (see pipe.rs), with one timer per connection, not per call.
-                let pipe = pick(pipes, i)?;
-                let reply = self.engine.run_on(pipe, batch).await;
-                reply.map_err(|e| from_redis(e, self.timeout))?
-            }
-            Links::Tls(t) => Box::pin(t.run(i, &self.engine, batch, self.timeout)).await?,
-        };
-        script::decisions(batch, reply)
-    }
-}
-
-/// `single` over TLS: redis-rs's `ConnectionManager`s (our own connections speak TCP and Unix
-/// sockets only), replaced after READONLY when `close_on_readonly`.
-struct TlsLinks {
-    conns: Vec<ArcSwap<ConnectionManager>>,
-    /// What a replaced connection is made from.
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    close_on_readonly: bool,
-}
-
-impl TlsLinks {
-    fn new(
-        info: redis::ConnectionInfo,
-        settings: &RedisSettings,
-        count: usize,
-    ) -> Result<Self, StoreError> {
-        // rustls needs a process-wide crypto provider before the first TLS connection; an
-        // error only means one is already installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = open_client(info, &settings.tls_files).map_err(StoreError::Settings)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            // No response timeout of redis-rs's own: calls are bounded with `REDIS_TIMEOUT`
-            // above, and a second timer per call cost a timer registration and, often, a
-            // wake-up of the runtime's driver.
-            .set_response_timeout(None)
-            // Reconnect fast: 50 ms, doubling, capped at 500 ms, so a restarted Redis is used
-            // again within about a second.
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_exponent_base(2.0)
-            .set_number_of_retries(4);
-        let make = || ConnectionManager::new_lazy_with_config(client.clone(), config.clone());
-        let conns = (0..count)
-            .map(|_| make().map(ArcSwap::from_pointee))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StoreError::Settings)?;
-        Ok(Self {
-            conns,
-            client,
-            config,
-            close_on_readonly: settings.close_on_readonly,
-        })
-    }
-
-    fn conn(&self, i: usize) -> Result<ConnectionManager, StoreError> {
-        Ok((**pick(&self.conns, i)?.load()).clone())
-    }
-
-    async fn ping(&self, i: usize, timeout: Duration) -> Result<(), StoreError> {
-        let mut conn = self.conn(i)?;
-        let ping = redis::cmd("PING");
-        let result = tokio::time::timeout(timeout, ping.query_async::<String>(&mut conn)).await;
-        self.answered(i, result, timeout).map(drop)
-    }
-
-    async fn run(
-        &self,
-        i: usize,
-        engine: &EngineScript,
-        batch: &Batch<'_>,
-        timeout: Duration,
-    ) -> Result<script::Reply, StoreError> {
-        let mut conn = self.conn(i)?;
-        // One bound for the call, the EVAL after a NOSCRIPT included.
-        let call = engine.run(&mut conn, batch, &[]);
-        self.answered(i, tokio::time::timeout(timeout, call).await, timeout)
-    }
-
-    /// Sorts connection `i`'s answer, replacing the connection after a READONLY when
-    /// `close_on_readonly`.
-    fn answered<T>(
-        &self,
-        i: usize,
-        result: Result<Result<T, RedisError>, tokio::time::error::Elapsed>,
-        timeout: Duration,
-    ) -> Result<T, StoreError> {
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                if self.close_on_readonly
-                    && e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
-                {
-                    if let (Some(slot), Ok(fresh)) = (
-                        self.conns.get(i),
-                        ConnectionManager::new_lazy_with_config(
-                            self.client.clone(),
-                            self.config.clone(),
-                        ),
-                    ) {
-                        slot.store(std::sync::Arc::new(fresh));
-                        tracing::warn!(error = %e, "READONLY from Redis: connection replaced (REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR)");
-                    }
-                }
-                Err(from_redis(e, timeout))
-            }
-            Err(_) => Err(StoreError::Timeout(timeout)),
-        }
+        // Bounded by the connection: REDIS_TIMEOUT from when the command was written (see
+        // pipe.rs), with one timer per connection, not per call.
+        let pipe = pick(&self.pipes, self.index())?;
+        let reply = self.engine.run_on(pipe, batch).await;
+        script::decisions(batch, reply.map_err(|e| from_redis(e, self.timeout))?)
     }
 }
 
