@@ -319,7 +319,7 @@ async fn drive(alive: Alive) {
 
 enum Stream {
     Tcp(TcpStream),
-    /// Boxed: rustls's connection state is ~1 KB, the others a few words.
+    /// Boxed: rustls's connection state is many times the size of a socket.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(UnixStream),
 }
