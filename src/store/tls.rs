@@ -201,40 +201,15 @@ mod tests {
     //! Each way of checking, against a rustls server in the test over an in-memory pipe, with
     //! certificates made here (rcgen). tests/tls.rs runs them against a real redis-server.
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use crate::tls::test_ca::Ca;
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
     use rustls::{server::WebPkiClientVerifier, ServerConfig};
 
-    struct Ca {
-        issuer: Issuer<'static, KeyPair>,
-        pem: String,
-    }
-
-    impl Ca {
-        fn new() -> Self {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-            let key = KeyPair::generate().unwrap();
-            let pem = params.self_signed(&key).unwrap().pem();
-            Self {
-                issuer: Issuer::new(params, key),
-                pem,
-            }
-        }
-
-        /// (certificate PEM, key PEM) for `names`.
-        fn leaf(&self, names: &[&str]) -> (String, String) {
-            let key = KeyPair::generate().unwrap();
-            let params =
-                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                    .unwrap();
-            let cert = params.signed_by(&key, &self.issuer).unwrap();
-            (cert.pem(), key.serialize_pem())
-        }
-    }
-
     /// A server showing `leaf`; requiring a client certificate from `clients` when set.
-    fn server((cert, key): &(String, String), clients: Option<&Ca>) -> Arc<ServerConfig> {
+    fn server(
+        (cert, key, _): &(String, String, CertificateDer<'static>),
+        clients: Option<&Ca>,
+    ) -> Arc<ServerConfig> {
         let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
@@ -261,10 +236,14 @@ mod tests {
         Arc::new(builder.with_single_cert(chain, key).unwrap())
     }
 
-    fn files(ca: Option<&Ca>, client: Option<(String, String)>, skip: bool) -> RedisTls {
+    fn files(
+        ca: Option<&Ca>,
+        client: Option<(String, String, CertificateDer<'static>)>,
+        skip: bool,
+    ) -> RedisTls {
         RedisTls {
             root_cert: ca.map(|ca| ca.pem.clone().into_bytes()),
-            client: client.map(|(c, k)| (c.into_bytes(), k.into_bytes())),
+            client: client.map(|(c, k, _)| (c.into_bytes(), k.into_bytes())),
             skip_hostname_verification: skip,
         }
     }
@@ -299,89 +278,85 @@ mod tests {
         (client.is_ok(), server.is_ok())
     }
 
+    /// What a handshake is expected to end in.
+    #[derive(Debug, Clone, Copy)]
+    enum Expect {
+        Accepted,
+        /// The client refuses the server's certificate.
+        ClientRefuses,
+        /// The server refuses the client's (or its absence).
+        ServerRefuses,
+    }
+    use Expect::*;
+
+    async fn expect(
+        server: &Arc<ServerConfig>,
+        host: &str,
+        files: &RedisTls,
+        insecure: bool,
+        expected: Expect,
+    ) {
+        let (client, srv) = handshake(server.clone(), host, files, insecure).await;
+        let ok = match expected {
+            Accepted => client && srv,
+            ClientRefuses => !client,
+            ServerRefuses => !srv,
+        };
+        assert!(ok, "{host}, {files:?}, insecure {insecure}: client accepted {client}, server {srv}; expected {expected:?}");
+    }
+
     #[tokio::test]
     async fn by_default_the_chain_and_the_name_are_checked() {
         let ca = Ca::new();
-        let redis = server(&ca.leaf(&["redis.test", "127.0.0.1"]), None);
+        let redis = server(&ca.leaf(&["redis.test", "127.0.0.1"], ServerAuth), None);
         let ok = files(Some(&ca), None, false);
-        assert_eq!(
-            handshake(redis.clone(), "redis.test", &ok, false).await,
-            (true, true)
-        );
-        assert_eq!(
-            handshake(redis.clone(), "127.0.0.1", &ok, false).await,
-            (true, true)
-        );
+        expect(&redis, "redis.test", &ok, false, Accepted).await;
+        expect(&redis, "127.0.0.1", &ok, false, Accepted).await;
         // Another name, another address, another CA, the public roots: refused.
-        assert!(!handshake(redis.clone(), "other.test", &ok, false).await.0);
-        assert!(!handshake(redis.clone(), "127.0.0.2", &ok, false).await.0);
+        expect(&redis, "other.test", &ok, false, ClientRefuses).await;
+        expect(&redis, "127.0.0.2", &ok, false, ClientRefuses).await;
         let other = files(Some(&Ca::new()), None, false);
-        assert!(
-            !handshake(redis.clone(), "redis.test", &other, false)
-                .await
-                .0
-        );
+        expect(&redis, "redis.test", &other, false, ClientRefuses).await;
         let public = files(None, None, false);
-        assert!(!handshake(redis, "redis.test", &public, false).await.0);
+        expect(&redis, "redis.test", &public, false, ClientRefuses).await;
     }
 
     #[tokio::test]
     async fn skipping_the_hostname_still_checks_the_chain() {
         let ca = Ca::new();
-        let redis = server(&ca.leaf(&["redis.test"]), None);
+        let redis = server(&ca.leaf(&["redis.test"], ServerAuth), None);
         let skip = files(Some(&ca), None, true);
-        assert_eq!(
-            handshake(redis.clone(), "other.test", &skip, false).await,
-            (true, true)
-        );
-        assert_eq!(
-            handshake(redis.clone(), "10.0.0.1", &skip, false).await,
-            (true, true)
-        );
+        expect(&redis, "other.test", &skip, false, Accepted).await;
+        expect(&redis, "10.0.0.1", &skip, false, Accepted).await;
         let other = files(Some(&Ca::new()), None, true);
-        assert!(
-            !handshake(redis.clone(), "redis.test", &other, false)
-                .await
-                .0
-        );
+        expect(&redis, "redis.test", &other, false, ClientRefuses).await;
         let public = files(None, None, true);
-        assert!(!handshake(redis, "other.test", &public, false).await.0);
+        expect(&redis, "other.test", &public, false, ClientRefuses).await;
     }
 
     #[tokio::test]
     async fn insecure_accepts_any_certificate() {
-        let unknown = Ca::new();
-        let redis = server(&unknown.leaf(&["redis.test"]), None);
+        let redis = server(&Ca::new().leaf(&["redis.test"], ServerAuth), None);
         let anything = files(Some(&Ca::new()), None, false);
-        assert_eq!(
-            handshake(redis.clone(), "other.test", &anything, true).await,
-            (true, true)
-        );
-        assert_eq!(
-            handshake(redis, "redis.test", &files(None, None, false), true).await,
-            (true, true)
-        );
+        expect(&redis, "other.test", &anything, true, Accepted).await;
+        let public = files(None, None, false);
+        expect(&redis, "redis.test", &public, true, Accepted).await;
     }
 
     #[tokio::test]
     async fn the_client_certificate_is_presented() {
         let ca = Ca::new();
         let clients = Ca::new();
-        let redis = server(&ca.leaf(&["redis.test"]), Some(&clients));
-        let with = files(Some(&ca), Some(clients.leaf(&["ratelimitd"])), false);
-        assert_eq!(
-            handshake(redis.clone(), "redis.test", &with, false).await,
-            (true, true)
-        );
+        let redis = server(&ca.leaf(&["redis.test"], ServerAuth), Some(&clients));
+        let client = clients.leaf(&["ratelimitd"], ClientAuth);
+        let with = files(Some(&ca), Some(client), false);
+        expect(&redis, "redis.test", &with, false, Accepted).await;
         // None, or one from another CA: the server refuses it.
         let without = files(Some(&ca), None, false);
-        assert!(
-            !handshake(redis.clone(), "redis.test", &without, false)
-                .await
-                .1
-        );
-        let stranger = files(Some(&ca), Some(Ca::new().leaf(&["ratelimitd"])), false);
-        assert!(!handshake(redis, "redis.test", &stranger, false).await.1);
+        expect(&redis, "redis.test", &without, false, ServerRefuses).await;
+        let stranger = Ca::new().leaf(&["ratelimitd"], ClientAuth);
+        let stranger = files(Some(&ca), Some(stranger), false);
+        expect(&redis, "redis.test", &stranger, false, ServerRefuses).await;
     }
 
     #[test]

@@ -15,6 +15,9 @@
 pub mod accept;
 mod watch;
 
+#[cfg(test)]
+pub(crate) mod test_ca;
+
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
