@@ -39,6 +39,19 @@ use tonic::transport::server::Connected;
 
 use crate::{h2_authority::AuthorityFix, log_throttle::LogThrottle};
 
+/// Dead clients are found by the kernel, as the reference's Go listener does (a 15 s TCP
+/// keepalive; grpc-go pings only after two idle hours), not by HTTP/2 pings: with pings on,
+/// hyper locks and reads the clock on every frame it reads, about 1,000 instructions a call
+/// (docs/benchmarks.md, "Dead clients found by TCP keepalive"). A connection idle for
+/// [`KEEPALIVE_IDLE`] is probed every [`KEEPALIVE_INTERVAL`] and closed after
+/// [`KEEPALIVE_PROBES`] unanswered probes (60 s in all); one whose sent data stays
+/// unacknowledged for [`USER_TIMEOUT`] is closed too (keepalive probes are not sent while
+/// data is in flight).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 3;
+pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// First pause after an accept error; doubled on each further error.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 /// Longest pause between accept attempts while they keep failing: short enough that service
@@ -67,7 +80,15 @@ impl Listen for TcpListener {
         TcpListener::poll_accept(self, cx).map_ok(|(s, _)| s)
     }
     fn prepare(io: &TcpStream) -> io::Result<()> {
-        io.set_nodelay(true)
+        io.set_nodelay(true)?;
+        let socket = socket2::SockRef::from(io);
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(KEEPALIVE_IDLE)
+                .with_interval(KEEPALIVE_INTERVAL)
+                .with_retries(KEEPALIVE_PROBES),
+        )?;
+        socket.set_tcp_user_timeout(Some(USER_TIMEOUT))
     }
     fn detach(io: TcpStream) -> io::Result<std::net::TcpStream> {
         io.into_std()
@@ -400,16 +421,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_tcp_sockets_have_nodelay() {
+    async fn accepted_tcp_sockets_have_nodelay_and_keepalive() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (_tx, p) = policy(Duration::from_secs(10));
         let mut incoming = Incoming::new(l, "test", p);
         let _client = TcpStream::connect(addr).await.unwrap();
         let conn = incoming.next().await.unwrap().unwrap();
-        assert!(
-            conn.get_ref().nodelay().unwrap(),
-            "TCP_NODELAY on the accepted socket"
+        let s = conn.get_ref();
+        assert!(s.nodelay().unwrap(), "TCP_NODELAY on the accepted socket");
+        let socket = socket2::SockRef::from(s);
+        assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(60))
         );
     }
 

@@ -120,8 +120,7 @@ pub async fn run(
         // GOAWAY at the max age; the close after the grace is ConnIo's (see conn).
         .max_connection_age(listeners.max_connection_age)
         .max_concurrent_streams(listeners.max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // No HTTP/2 pings: dead clients are found by TCP keepalive (see conn).
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
