@@ -8,6 +8,12 @@
 //! pause (one core at 100 %) and logs nothing. We back off (10 ms doubling to 200 ms), log the
 //! first failure and then one line per [`crate::log_throttle`] period, and count them.
 //!
+//! It also turns on TCP keepalive and `TCP_USER_TIMEOUT`, so the kernel finds clients that
+//! vanished (host gone, network cut), as the reference's Go listener does (a 15 s keepalive;
+//! grpc-go pings only after two idle hours). HTTP/2 pings would do it too, but while they are
+//! on hyper takes a lock and reads the clock for every frame it reads: about 1,400
+//! instructions a call (docs/benchmarks.md, "Dead clients found by TCP keepalive").
+//!
 //! On the Unix socket, each connection is first wrapped in [`AuthorityFix`], which lets gRPC
 //! C-core clients through h2's `:authority` check (see [`crate::h2_authority`]).
 //!
@@ -39,18 +45,15 @@ use tonic::transport::server::Connected;
 
 use crate::{h2_authority::AuthorityFix, log_throttle::LogThrottle};
 
-/// Dead clients are found by the kernel, as the reference's Go listener does (a 15 s TCP
-/// keepalive; grpc-go pings only after two idle hours), not by HTTP/2 pings: with pings on,
-/// hyper locks and reads the clock on every frame it reads, about 1,000 instructions a call
-/// (docs/benchmarks.md, "Dead clients found by TCP keepalive"). A connection idle for
-/// [`KEEPALIVE_IDLE`] is probed every [`KEEPALIVE_INTERVAL`] and closed after
-/// [`KEEPALIVE_PROBES`] unanswered probes (60 s in all); one whose sent data stays
-/// unacknowledged for [`USER_TIMEOUT`] is closed too (keepalive probes are not sent while
-/// data is in flight).
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_PROBES: u32 = 3;
-pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle time before the first keepalive probe.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between unanswered probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes that close the connection: 60 s after the last byte in all.
+const KEEPALIVE_PROBES: u32 = 3;
+/// Sent data unacknowledged this long closes the connection (no probes go out while data is
+/// in flight, so keepalive alone would not notice).
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// First pause after an accept error; doubled on each further error.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
