@@ -675,3 +675,42 @@ async fn redis_tls_skip_hostname_verification_accepts_a_certificate_for_another_
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_restarted_tls_redis_is_used_again() {
+    let rules = config_dir(&[("r.yaml", RULES)]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("redis CA");
+    let (mut redis, tls_port) = tls_redis(dir.path(), &ca, &ca.client(&["127.0.0.1"]));
+    let ca_path = ca.write(dir.path(), "ca.crt");
+    let (cert, key) = ca.client(&["ratelimitd"]).write(dir.path(), "client");
+    let rl = redis_tls_client(
+        rules.path(),
+        tls_port,
+        &[
+            ("REDIS_TLS_CACERT", ca_path.to_str().unwrap()),
+            ("REDIS_TLS_CLIENT_CERT", cert.to_str().unwrap()),
+            ("REDIS_TLS_CLIENT_KEY", key.to_str().unwrap()),
+        ],
+    );
+    let channel = rl.channel().await;
+    assert_eq!(call(channel.clone(), "again").await.unwrap(), (Code::Ok, 2));
+
+    // Its connection is gone with it: a call fails UNAVAILABLE at most until a new TLS
+    // connection is up (the reconnect backoff is at most 500 ms).
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answer = loop {
+        match call(channel.clone(), "again").await {
+            Ok(answer) => break answer,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                assert!(Instant::now() < deadline, "no answer 5 s after the restart");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // A fresh Redis (nothing saved): the count starts again, so the old connection was not
+    // answering from anywhere else.
+    assert_eq!(answer, (Code::Ok, 2));
+}
