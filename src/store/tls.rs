@@ -57,7 +57,8 @@ fn client_config(files: &RedisTls, insecure: bool) -> Result<Arc<ClientConfig>, 
     let provider = crate::tls::provider();
     let mut roots = RootCertStore::empty();
     match &files.root_cert {
-        // Checked at start-up (settings/tls.rs); the errors here are for completeness.
+        // Parsed once already (settings/tls.rs); a certificate webpki cannot take as a root
+        // fails here, at start-up too, naming the setting.
         Some(pem) => {
             for cert in CertificateDer::pem_slice_iter(pem) {
                 let cert = cert.map_err(|e| invalid("REDIS_TLS_CACERT", e.to_string()))?;
