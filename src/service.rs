@@ -20,7 +20,7 @@ use crate::{
     limiter::{
         algorithm::window_start_ms,
         algorithm::Verdict,
-        bucket_key, copy_base,
+        bucket_key, copy_base, recycle_key,
         engine::{Batch, Charging, Check, Decided, Role, INLINE_CHECKS},
         window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
     },
@@ -41,6 +41,18 @@ struct Plan {
     checks: SmallVec<[Check; INLINE_CHECKS]>,
     roles: SmallVec<[Role; INLINE_CHECKS]>,
     quota_total: usize,
+}
+
+/// The keys go back to this thread's spare buffers, for the next request's keys.
+impl Drop for Plan {
+    fn drop(&mut self) {
+        for check in self.checks.drain(..) {
+            recycle_key(check.key);
+            if let Some(previous) = check.previous {
+                recycle_key(previous);
+            }
+        }
+    }
 }
 
 /// One descriptor's limits as they stand (`/usage`).

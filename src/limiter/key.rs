@@ -6,7 +6,7 @@
 //! belongs to (domain and entry keys stay readable) but not the API keys, user ids or
 //! addresses that were sent as values. Such keys are no longer the reference's.
 
-use std::fmt;
+use std::{cell::RefCell, fmt};
 
 use crate::limiter::Unit;
 
@@ -69,7 +69,7 @@ impl CacheKeyBuilder {
             .clone()
             .map(|(k, v)| k.len() + value_len(v) + 2)
             .sum();
-        let mut key = String::with_capacity(self.prefix.len() + domain.len() + body + SUFFIX_ROOM);
+        let mut key = buffer(self.prefix.len() + domain.len() + body + SUFFIX_ROOM);
         key.push_str(&self.prefix);
         key.push_str(domain);
         key.push('_');
@@ -88,6 +88,49 @@ impl CacheKeyBuilder {
 
 /// Room reserved after a base for the longest suffix: a 20-digit window start plus a tag.
 const SUFFIX_ROOM: usize = 48;
+
+/// Most spare key buffers a thread keeps, and the largest it keeps: at most 32 KiB a thread,
+/// whatever the keys clients send.
+const SPARE_KEYS: usize = 64;
+const SPARE_KEY_BYTES: usize = 512;
+
+thread_local! {
+    /// Key buffers given back by finished requests ([`recycle_key`]), taken by the next ones: a
+    /// request's keys cost no allocation once its thread has served a few.
+    static SPARE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty key buffer of at least `capacity` bytes: a spare one when this thread has one.
+fn buffer(capacity: usize) -> String {
+    let spare = SPARE
+        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .ok()
+        .flatten();
+    match spare {
+        Some(mut key) => {
+            key.reserve(capacity);
+            key
+        }
+        None => String::with_capacity(capacity),
+    }
+}
+
+/// Gives a key back for [`buffer`] to hand out again (unless this thread keeps enough, or the
+/// key is too large to keep).
+pub fn recycle_key(mut key: String) {
+    if key.capacity() > SPARE_KEY_BYTES {
+        return;
+    }
+    key.clear();
+    // A thread being torn down has no pool: the key is simply freed.
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            if s.len() < SPARE_KEYS {
+                s.push(key);
+            }
+        }
+    });
+}
 
 /// A window counter's key: the base, the window's start in seconds and, for a limit that is
 /// not the reference's single one-unit window, a tag naming the window (`_5minute`), so the
@@ -112,7 +155,7 @@ fn push_number(key: &mut String, n: impl itoa::Integer) {
 /// A copy of `base` with room for a suffix, for a descriptor's second key (a clone keeps no
 /// spare capacity, so extending it would allocate again).
 pub fn copy_base(base: &str) -> String {
-    let mut key = String::with_capacity(base.len() + SUFFIX_ROOM);
+    let mut key = buffer(base.len() + SUFFIX_ROOM);
     key.push_str(base);
     key
 }
@@ -325,6 +368,36 @@ mod tests {
         assert!(ValueHasher::try_new(b"sixteen bytes!!!").is_ok());
         let debug = format!("{:?}", hashed("", SECRET));
         assert!(!debug.contains("0123456789abcdef"), "{debug}");
+    }
+
+    #[test]
+    fn a_recycled_key_buffer_is_handed_out_again_and_large_ones_are_not_kept() {
+        // Each test runs on a thread of its own: this thread's pool starts empty.
+        let b = CacheKeyBuilder::new("p:");
+        let first = b.base("d", [("k", "v")].into_iter());
+        let at = first.as_ptr();
+        recycle_key(first);
+        let again = b.base("d", [("k", "w")].into_iter());
+        assert_eq!(again.as_ptr(), at, "the spare buffer was not reused");
+        assert_eq!(again, "p:d_k_w_");
+        // A copy for a second limit comes from the pool too.
+        let second = copy_base(&again);
+        recycle_key(second);
+        let copy = copy_base(&again);
+        assert!(copy.capacity() >= again.len() + SUFFIX_ROOM);
+        assert_eq!(copy, again);
+        // A key longer than the pool keeps is freed, not kept.
+        let long = "v".repeat(SPARE_KEY_BYTES);
+        let big = b.base("d", [("k", long.as_str())].into_iter());
+        let spare = || SPARE.with(|s| s.borrow().len());
+        assert_eq!(spare(), 0);
+        recycle_key(big);
+        assert_eq!(spare(), 0);
+        // At most SPARE_KEYS are kept.
+        for _ in 0..SPARE_KEYS + 10 {
+            recycle_key(String::with_capacity(8));
+        }
+        assert_eq!(spare(), SPARE_KEYS);
     }
 
     #[test]

@@ -9,7 +9,9 @@ pub mod engine;
 mod key;
 
 pub use algorithm::Algorithm;
-pub use key::{bucket_key, copy_base, window_key, CacheKeyBuilder, SecretError, ValueHasher};
+pub use key::{
+    bucket_key, copy_base, recycle_key, window_key, CacheKeyBuilder, SecretError, ValueHasher,
+};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
