@@ -60,6 +60,7 @@ pub mod metrics;
 pub mod otel;
 pub mod proto;
 pub mod resolve;
+pub mod rls_route;
 pub mod serve;
 pub mod server;
 pub mod service;

@@ -17,6 +17,7 @@ use tokio::{
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, Router};
+use tower_layer::{Identity, Stack};
 
 use crate::{
     admin::{self, State},
@@ -26,7 +27,9 @@ use crate::{
         envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer,
         FILE_DESCRIPTOR_SET,
     },
+    rls_route::RlsRouteLayer,
     service::GrpcService,
+    store::AnyStore,
     tls::ServerTls,
     workers::Workers,
 };
@@ -121,6 +124,8 @@ pub async fn run(
         .max_connection_age(listeners.max_connection_age)
         .max_concurrent_streams(listeners.max_concurrent_streams)
         // No HTTP/2 pings: dead clients are found by TCP keepalive (see conn).
+        // RLS calls go straight to their server, past tonic's router (see rls_route).
+        .layer(RlsRouteLayer::new(rls.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -212,10 +217,14 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// acceptor waits (and the kernel's backlog holds new connections).
 const HANDED_QUEUE: usize = 64;
 
+/// tonic's router behind the layer that sends RLS calls straight to their server.
+type GrpcRouter =
+    Router<Stack<RlsRouteLayer<RateLimitServiceServer<GrpcService<AnyStore>>>, Identity>>;
+
 /// The gRPC server's parts, for each runtime that serves it.
 #[derive(Clone)]
 struct Grpc {
-    router: Router,
+    router: GrpcRouter,
     tls: Option<Arc<ServerTls>>,
     policy: ConnPolicy,
     shutdown: watch::Receiver<bool>,

@@ -113,6 +113,58 @@ async fn reflection_lists_and_describes_the_rls_service_in_v1_and_v1alpha() {
     ));
 }
 
+/// A gRPC call to `path` that the server does not serve: its status.
+async fn unserved(rl: &Ratelimitd, path: &'static str) -> tonic::Status {
+    use ratelimitd::proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+    let mut grpc = tonic::client::Grpc::new(rl.channel().await);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RateLimitRequest, RateLimitResponse>::default();
+    grpc.unary(
+        tonic::Request::new(RateLimitRequest::default()),
+        http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .unwrap_err()
+}
+
+/// RLS calls go straight to the RLS server and the rest through tonic's router
+/// (src/rls_route.rs): both answer what they do not serve with UNIMPLEMENTED.
+#[tokio::test]
+async fn unknown_methods_and_services_are_unimplemented() {
+    let dir = config_dir(&[("r.yaml", RULES)]);
+    let rl = Ratelimitd::builder(dir.path()).start();
+    for path in [
+        "/envoy.service.ratelimit.v3.RateLimitService/NoSuchMethod",
+        "/envoy.service.ratelimit.v3.RateLimitService/",
+        "/envoy.service.ratelimit.v2.RateLimitService/ShouldRateLimit",
+        "/no.such.Service/ShouldRateLimit",
+    ] {
+        let status = unserved(&rl, path).await;
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unimplemented,
+            "{path}: {status:?}"
+        );
+    }
+    // The service itself answers on the direct route: OK, then over the limit of 1/s.
+    let mut c = rl.client().await;
+    ensure_window_room(1, std::time::Duration::from_millis(400)).await;
+    let codes = [
+        c.should_rate_limit(request("ep", &[&[("k", "v")]]))
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code,
+        c.should_rate_limit(request("ep", &[&[("k", "v")]]))
+            .await
+            .unwrap()
+            .into_inner()
+            .overall_code,
+    ];
+    assert_eq!(codes, [1, 2], "OK, then OVER_LIMIT");
+}
+
 #[tokio::test]
 async fn http_healthcheck_answers_200_ok() {
     let dir = config_dir(&[("r.yaml", RULES)]);
