@@ -20,9 +20,9 @@ use crate::{
     limiter::{
         algorithm::window_start_ms,
         algorithm::Verdict,
-        bucket_key, copy_base, recycle_key,
-        engine::{Batch, Charging, Check, Decided, Role, INLINE_CHECKS},
-        window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
+        bucket_key, copy_base,
+        engine::{Batch, Charging, Check, DecidedList, Role, INLINE_CHECKS},
+        recycle_key, window_key, Algorithm, CacheKeyBuilder, Clock, Unit,
     },
     local_cache::LocalCache,
     matcher,
@@ -424,7 +424,7 @@ impl<S: Store> RateLimiter<S> {
         ctx: CallContext,
     ) -> Result<Decisions, ServiceError> {
         if plan.checks.is_empty() {
-            return Ok(Decisions::Store(Vec::new()));
+            return Ok(Decisions::Store(DecidedList::new()));
         }
         let batch = Batch {
             checks: &plan.checks,
@@ -455,7 +455,7 @@ impl<S: Store> RateLimiter<S> {
         // The one await of the store: a second call site made every call's future hold room
         // for a second store future (docs/benchmarks.md, "Per-call lists inline").
         let from_store = if to_store.checks.is_empty() {
-            Decisions::Store(Vec::new())
+            Decisions::Store(DecidedList::new())
         } else {
             self.guard
                 .decide(&*self.store, &to_store, ctx, self.tracer.as_ref())
@@ -471,7 +471,7 @@ impl<S: Store> RateLimiter<S> {
             return Ok(from_store);
         };
         // Some checks answered locally: merged with the store's, in request order.
-        let merge = |from_store: Vec<Decided>| -> Vec<Decided> {
+        let merge = |from_store: DecidedList| -> DecidedList {
             let mut from_store = from_store.into_iter();
             local
                 .decided

@@ -40,7 +40,7 @@ use crate::{
     error::ServiceError,
     limiter::{
         algorithm::Quota,
-        engine::{Batch, Check, Decided},
+        engine::{Batch, Check, Decided, DecidedList},
         Clock,
     },
     log_throttle::LogThrottle,
@@ -167,9 +167,9 @@ pub struct CallContext {
 #[derive(Debug)]
 pub enum Decisions {
     /// The shared store (or the local cache of its answers).
-    Store(Vec<Decided>),
+    Store(DecidedList),
     /// The `local` policy's in-process limiter.
-    Local(Vec<Decided>),
+    Local(DecidedList),
     /// The `allow` or `deny` policy, without deciding any check.
     Fixed(Policy),
 }

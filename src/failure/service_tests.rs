@@ -36,7 +36,7 @@ struct Flaky {
 }
 
 impl Store for Flaky {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         match self.mode.load(Ordering::SeqCst) {
             ANSWER => self.inner.decide(batch).await,

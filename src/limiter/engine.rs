@@ -4,6 +4,8 @@
 //! touches; the Redis script does the same steps in the same order, so both stores decide
 //! alike (property tests compare them).
 
+use smallvec::SmallVec;
+
 use super::algorithm::{evaluate, Algorithm, Quota, State, Verdict};
 
 /// Which checks a request charges (`STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT`, `STRICT_CHARGING`).
@@ -117,6 +119,10 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// A request's decisions, one per check in order: inline for the usual few checks, like the
+/// checks themselves, so a store's answer costs no allocation.
+pub type DecidedList = SmallVec<[Decided; INLINE_CHECKS]>;
+
 /// One check's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decided {
@@ -131,7 +137,7 @@ pub struct Decided {
 /// keys are `State::default()`), in order. Checks are decided one after another, each seeing
 /// what the checks before it charged to the same keys (two descriptors sharing a counter
 /// through `share_threshold` count one after the other, as the reference's pipeline does).
-pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
+pub fn decide(batch: &Batch<'_>, states: &[State]) -> DecidedList {
     let now = batch.now_ms;
     let checks = batch.checks;
     let fits = |c: &Check| c.cost <= c.quota.capacity;
@@ -145,7 +151,7 @@ pub fn decide(batch: &Batch<'_>, states: &[State]) -> Vec<Decided> {
         _ => Vec::new(),
     };
     let any_over = batch.charging == Charging::OnlyOver || would_over.iter().any(|&o| o);
-    let mut out: Vec<Decided> = Vec::with_capacity(checks.len());
+    let mut out = DecidedList::with_capacity(checks.len());
     for (i, c) in checks.iter().enumerate() {
         let state = current(checks, states, &out, i);
         let o = evaluate(&c.quota, state, c.cost, now);

@@ -43,7 +43,7 @@ use super::{
 };
 use crate::limiter::{
     algorithm::Algorithm,
-    engine::{Batch, Check, Decided},
+    engine::{Batch, Check, DecidedList},
 };
 
 /// Counters in Redis Cluster.
@@ -171,7 +171,7 @@ impl Parted for ClusterStore {
         u32::from(slot(&c.key))
     }
 
-    async fn decide_part(&self, _slot: u32, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide_part(&self, _slot: u32, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         let call = async {
             let mut conn = self.conn().await?;
             let read = self.read_previous(&conn, batch).await?;
@@ -182,7 +182,7 @@ impl Parted for ClusterStore {
 }
 
 impl Store for ClusterStore {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         split::decide(self, batch).await
     }
 }

@@ -88,7 +88,7 @@ use smallvec::SmallVec;
 use super::{Store, StoreError};
 use crate::limiter::{
     algorithm::{Algorithm, State},
-    engine::{self, Batch, Decided, INLINE_CHECKS},
+    engine::{self, Batch, DecidedList, INLINE_CHECKS},
     Clock,
 };
 
@@ -522,7 +522,7 @@ impl MemoryStore {
 
     /// Decides `batch` under the locks of every shard its keys live in: see
     /// [`MemoryStore::decide_fingerprinted`].
-    fn decide_locked(&self, batch: &Batch<'_>) -> Vec<Decided> {
+    fn decide_locked(&self, batch: &Batch<'_>) -> DecidedList {
         let fps: SmallVec<[(Fingerprint, Option<Fingerprint>); INLINE_CHECKS]> = batch
             .checks
             .iter()
@@ -544,7 +544,7 @@ impl MemoryStore {
         &self,
         batch: &Batch<'_>,
         fps: &[(Fingerprint, Option<Fingerprint>)],
-    ) -> Vec<Decided> {
+    ) -> DecidedList {
         let shard_of = |fp: Fingerprint| self.shard_index(fp.hash());
         // Inline for the usual few checks, like `fps`, `guards` and `states`: a request's
         // lists cost no allocation here (bench/callgrind.sh).
@@ -605,7 +605,7 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         Ok(self.decide_locked(batch))
     }
 }
@@ -1024,7 +1024,7 @@ mod tests {
             }
         }
 
-        fn run(store: &MemoryStore, checks: &[Check], now_ms: u64) -> Vec<Decided> {
+        fn run(store: &MemoryStore, checks: &[Check], now_ms: u64) -> DecidedList {
             store.decide_locked(&Batch::plain(checks, now_ms))
         }
 

@@ -30,7 +30,7 @@ pub use self::topology::{RedisType, UrlError};
 
 pub use crate::limiter::MAX_COUNT;
 use crate::{
-    limiter::engine::{Batch, Decided},
+    limiter::engine::{Batch, DecidedList},
     otel::StoreSpan,
 };
 
@@ -170,7 +170,7 @@ pub trait Store: Send + Sync + 'static {
     fn decide(
         &self,
         batch: &Batch<'_>,
-    ) -> impl Future<Output = Result<Vec<Decided>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<DecidedList, StoreError>> + Send;
 
     /// A [`Store::decide`] call's trace span.
     fn span(&self) -> StoreSpan {
@@ -237,7 +237,7 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         match self {
             AnyStore::Memory(s) => s.decide(batch).await,
             // Boxed: redis-rs's futures are large, and inline they made every call's future

@@ -46,7 +46,7 @@ use super::{
     topology::RedisType,
     Store, StoreError,
 };
-use crate::limiter::engine::{Batch, Decided};
+use crate::limiter::engine::{Batch, DecidedList};
 
 /// How to reach Redis (the reference's `REDIS_*` settings).
 #[derive(Debug, Clone)]
@@ -177,7 +177,7 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         match self {
             RedisStore::Single(s) => s.decide(batch).await,
             RedisStore::Sentinel(s) => boxed(s.decide(batch)).await,
@@ -288,9 +288,9 @@ fn pipe_target(info: &redis::ConnectionInfo, tls: &RedisTls) -> Result<Target, R
 }
 
 impl Store for Single {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         if batch.checks.is_empty() {
-            return Ok(Vec::new());
+            return Ok(DecidedList::new());
         }
         // Bounded by the connection: REDIS_TIMEOUT from when the command was written (see
         // pipe.rs), with one timer per connection, not per call.

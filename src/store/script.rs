@@ -21,7 +21,7 @@ use super::{
 };
 use crate::limiter::{
     algorithm::{Algorithm, State, Verdict},
-    engine::{self, Batch, Charging, Decided},
+    engine::{self, Batch, Charging, Decided, DecidedList},
     MAX_COUNT,
 };
 
@@ -285,7 +285,7 @@ fn push_keys_and_args(a: &mut impl Args, batch: &Batch<'_>, read: &[Option<Strin
 }
 
 /// Reads a script's reply into the batch's decisions, in order.
-pub fn decisions(batch: &Batch<'_>, reply: Reply) -> Result<Vec<Decided>, StoreError> {
+pub fn decisions(batch: &Batch<'_>, reply: Reply) -> Result<DecidedList, StoreError> {
     match reply {
         Reply::Engine(v) => engine_decisions(batch, v),
         Reply::Fixed(v) => fixed_decisions(batch, v),
@@ -296,7 +296,7 @@ pub fn decisions(batch: &Batch<'_>, reply: Reply) -> Result<Vec<Decided>, StoreE
 /// count less that check's cost (for a saturated count, any value from which the cost
 /// saturates: the verdict and the charged state are the same). A later check of the same key
 /// sees what the earlier ones charged, as in the script, which ran them one after another.
-fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, StoreError> {
+fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<DecidedList, StoreError> {
     let Value::Array(values) = reply else {
         return Err(StoreError::Reply(format!(
             "fixed-window script: expected an array, got {reply:?}"
@@ -331,7 +331,7 @@ fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, Stor
 }
 
 /// `engine.lua`'s reply: [`REPLY_PER_CHECK`] values per check, in order.
-fn engine_decisions(batch: &Batch<'_>, reply: Value) -> Result<Vec<Decided>, StoreError> {
+fn engine_decisions(batch: &Batch<'_>, reply: Value) -> Result<DecidedList, StoreError> {
     let Value::Array(values) = reply else {
         return Err(StoreError::Reply(format!(
             "counting script: expected an array, got {reply:?}"

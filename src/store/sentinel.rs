@@ -42,7 +42,7 @@ use super::{
     topology::{self, SentinelUrl},
     RedisSettings, RedisTls, Store, StoreError,
 };
-use crate::limiter::engine::{Batch, Decided};
+use crate::limiter::engine::{Batch, DecidedList};
 
 /// How often the sentinels are asked which server is the master.
 pub const WATCH_EVERY: Duration = Duration::from_millis(500);
@@ -323,9 +323,9 @@ fn is_moved(e: &RedisError) -> bool {
 }
 
 impl Store for SentinelStore {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         if batch.checks.is_empty() {
-            return Ok(Vec::new());
+            return Ok(DecidedList::new());
         }
         let reply = self
             .with_master(|mut conn| async move { self.engine.run(&mut conn, batch, &[]).await })

@@ -27,7 +27,7 @@
 use std::{collections::BTreeMap, future::Future};
 
 use super::{RedisSettings, RedisStore, Store, StoreError};
-use crate::limiter::engine::{refused, Batch, Charging, Check, Decided};
+use crate::limiter::engine::{refused, Batch, Charging, Check, Decided, DecidedList};
 
 /// Stores over which a batch's checks are spread, each check in exactly one part.
 pub(super) trait Parted: Sync {
@@ -39,7 +39,7 @@ pub(super) trait Parted: Sync {
         &self,
         part: u32,
         batch: &Batch<'_>,
-    ) -> impl Future<Output = Result<Vec<Decided>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<DecidedList, StoreError>> + Send;
 }
 
 /// Decides `batch` over `stores`' parts, as one store would decide it (see the module doc for
@@ -47,10 +47,10 @@ pub(super) trait Parted: Sync {
 pub(super) async fn decide<P: Parted>(
     stores: &P,
     batch: &Batch<'_>,
-) -> Result<Vec<Decided>, StoreError> {
+) -> Result<DecidedList, StoreError> {
     let mut of = batch.checks.iter().map(|c| stores.part_of(c));
     let Some(first) = of.next() else {
-        return Ok(Vec::new());
+        return Ok(DecidedList::new());
     };
     if of.all(|p| p == first) {
         return stores.decide_part(first, batch).await;
@@ -104,7 +104,7 @@ async fn decide_parts<P: Parted>(
     let decided = futures_util::future::join_all(calls).await;
     let mut out = vec![None; batch.checks.len()];
     for (p, decided) in parts.0.values().zip(decided) {
-        place(&mut out, &p.at, decided?)?;
+        place(&mut out, &p.at, &decided?)?;
     }
     Ok(out)
 }
@@ -115,7 +115,7 @@ async fn decide_all<P: Parted>(
     batch: &Batch<'_>,
     parts: &Parts,
     charging: Charging,
-) -> Result<Vec<Decided>, StoreError> {
+) -> Result<DecidedList, StoreError> {
     complete(decide_parts(stores, batch, parts, charging).await?)
 }
 
@@ -164,7 +164,7 @@ impl<S: Store> Parted for SplitStore<S> {
         u32::from(c.per_second)
     }
 
-    async fn decide_part(&self, part: u32, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide_part(&self, part: u32, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         if part == 0 {
             self.main.decide(batch).await
         } else {
@@ -177,7 +177,7 @@ impl<S: Store> Parted for SplitStore<S> {
 }
 
 impl<S: Store> Store for SplitStore<S> {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<Vec<Decided>, StoreError> {
+    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         decide(self, batch).await
     }
 }
@@ -207,11 +207,7 @@ impl Parts {
 }
 
 /// Puts a part's decisions at their checks' places.
-fn place(
-    out: &mut [Option<Decided>],
-    at: &[usize],
-    decided: Vec<Decided>,
-) -> Result<(), StoreError> {
+fn place(out: &mut [Option<Decided>], at: &[usize], decided: &[Decided]) -> Result<(), StoreError> {
     if at.len() != decided.len() {
         return Err(StoreError::Reply(format!(
             "{} decisions for {} checks",
@@ -223,13 +219,13 @@ fn place(
         let slot = out.get_mut(i).ok_or_else(|| {
             StoreError::Reply(format!("a decision for check {i}, beyond the batch"))
         })?;
-        *slot = Some(d);
+        *slot = Some(*d);
     }
     Ok(())
 }
 
 /// Every check's decision, or an error naming the first check without one.
-fn complete(decided: Vec<Option<Decided>>) -> Result<Vec<Decided>, StoreError> {
+fn complete(decided: Vec<Option<Decided>>) -> Result<DecidedList, StoreError> {
     decided
         .into_iter()
         .enumerate()
@@ -316,7 +312,7 @@ mod tests {
         roles: &[Role],
         charging: Charging,
         seed: &[u64],
-    ) -> Vec<Decided> {
+    ) -> DecidedList {
         let (one, split) = stores(checks, seed).await;
         let b = batch(checks, roles, charging);
         let want = one.decide(&b).await.unwrap();
@@ -368,14 +364,14 @@ mod tests {
             cached: false,
         };
         let mut out = vec![None; 4];
-        place(&mut out, &parts.0[&0].at, vec![decided(1), decided(3)]).unwrap();
+        place(&mut out, &parts.0[&0].at, &[decided(1), decided(3)]).unwrap();
         assert!(complete(out.clone()).is_err(), "checks 0 and 2 missing");
-        place(&mut out, &parts.0[&1].at, vec![decided(0), decided(2)]).unwrap();
+        place(&mut out, &parts.0[&1].at, &[decided(0), decided(2)]).unwrap();
         let merged = complete(out.clone()).unwrap();
         let remaining: Vec<u64> = merged.iter().map(|d| d.verdict.remaining).collect();
         assert_eq!(remaining, [0, 1, 2, 3]);
-        assert!(place(&mut out, &[0, 1], vec![decided(0)]).is_err());
-        assert!(place(&mut out, &[9], vec![decided(0)]).is_err());
+        assert!(place(&mut out, &[0, 1], &[decided(0)]).is_err());
+        assert!(place(&mut out, &[9], &[decided(0)]).is_err());
     }
 
     #[tokio::test]
@@ -460,7 +456,7 @@ mod tests {
             .await
             .unwrap();
         let read = batch(&checks, &roles, Charging::Never);
-        let remaining = |d: Vec<Decided>| d.iter().map(|d| d.verdict.remaining).collect::<Vec<_>>();
+        let remaining = |d: DecidedList| d.iter().map(|d| d.verdict.remaining).collect::<Vec<_>>();
         assert_eq!(remaining(split.main.decide(&read).await.unwrap()), [5, 4]);
         assert_eq!(
             remaining(split.per_second.decide(&read).await.unwrap()),
@@ -480,7 +476,7 @@ mod tests {
             &self,
             part: u32,
             batch: &Batch<'_>,
-        ) -> Result<Vec<Decided>, StoreError> {
+        ) -> Result<DecidedList, StoreError> {
             assert!(batch.checks.iter().all(|c| self.part_of(c) == part));
             self.0[part as usize].decide(batch).await
         }
