@@ -240,10 +240,9 @@ impl Store for AnyStore {
     async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
         match self {
             AnyStore::Memory(s) => s.decide(batch).await,
-            // Boxed: redis-rs's futures are large, and inline they made every call's future
-            // 3.5 KB, copied whole at each level that moves it (the memory path's too).
-            // One allocation on the Redis path; 2.1 KB futures (bench/callgrind.sh).
-            AnyStore::Redis(s) => Box::pin(s.decide(batch)).await,
+            // Inline: `RedisStore` boxes the sentinel and cluster futures (redis-rs's, large)
+            // itself, and the single topology's on our own connection is small.
+            AnyStore::Redis(s) => s.decide(batch).await,
             AnyStore::Split(s) => Box::pin(s.decide(batch)).await,
         }
     }
