@@ -22,11 +22,13 @@
 # source with glibc's malloc (`--no-default-features`, built here into target/glibc), and
 # callgrind the default build.
 #
+# NOOP_ARGS adds the no-op's options (e.g. NOOP_ARGS="--route direct", ratelimitd's route).
 # BIN measures another build of ratelimitd (DHAT_BIN: its glibc build, for dhat; by default
 # BIN itself when BIN is set); RL_ENV adds its settings (e.g. RL_ENV="RUNTIME_FLAVOR=per_core").
 #
 # Usage: [TARGETS="noop memory redis hotpath"] [TOOLS="callgrind dhat"] [OUT=dir] \
-#        [BIN=path] [DHAT_BIN=path] [RL_ENV="VAR=value ..."] bench/callgrind.sh [N1] [N2]
+#        [BIN=path] [DHAT_BIN=path] [RL_ENV="VAR=value ..."] [NOOP_ARGS="..."] \
+#        bench/callgrind.sh [N1] [N2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-2000}
@@ -86,8 +88,9 @@ start_under_valgrind() {
   case $target in
     noop)
       # shellcheck disable=SC2046
+      # shellcheck disable=SC2086
       valgrind $(valgrind_args "$tool" "$file") --log-file="$log" "$noop" --addr 127.0.0.1:0 \
-        >"$OUT/noop.out" &
+        ${NOOP_ARGS:-} >"$OUT/noop.out" &
       pid=$!
       ;;
     memory | redis)

@@ -21,11 +21,13 @@
 # Medians and ranges over runs are printed, with every ratio taken inside one run.
 #
 # RL_ENV adds settings to both ratelimitd servers (e.g. RL_ENV="RUNTIME_FLAVOR=multi_thread");
-# NOOP_RUNTIME is the no-op's runtime (per_core, ratelimitd's default, or multi_thread).
+# NOOP_RUNTIME is the no-op's runtime (per_core, ratelimitd's default, or multi_thread);
+# NOOP_ROUTE its route: direct (the default: RLS calls past tonic's router, as ratelimitd's,
+# src/rls_route.rs) or router (a plain tonic server, the ceiling before that route).
 #
 # Usage: [CONNS=4] [STREAMS=16] [SINGLE=40000] [RATE=10000] [RATE_REQUESTS=50000] \
 #        [H2_CLIENTS=16] [H2_STREAMS=16] \
-#        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] [NOOP_RUNTIME=per_core] \
+#        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] [NOOP_RUNTIME=per_core] [NOOP_ROUTE=direct] \
 #        bench/compare.sh [RUNS] [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +49,8 @@ start_redis
 start_rl memory ${RL_ENV:-}
 # shellcheck disable=SC2086
 start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT" ${RL_ENV:-}
-"$NOOP" --addr 127.0.0.1:0 --runtime "${NOOP_RUNTIME:-per_core}" >"$WORK/noop.out" &
+"$NOOP" --addr 127.0.0.1:0 --runtime "${NOOP_RUNTIME:-per_core}" --route "${NOOP_ROUTE:-direct}" \
+  >"$WORK/noop.out" &
 SPID[noop]=$!
 PIDS+=("${SPID[noop]}")
 for _ in $(seq 200); do grep -qs listening "$WORK/noop.out" && break; sleep 0.05; done

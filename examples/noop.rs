@@ -10,6 +10,10 @@
 //! `per_core` hands each connection, round robin, to one of `ratelimitd::workers`'
 //! single-threaded runtimes; `multi_thread` serves on tokio's work-stealing runtime.
 //!
+//! `--route direct` puts ratelimitd's `rls_route` layer in front of tonic's router, as
+//! ratelimitd does, so RLS calls skip the router's per-call work; the default, `router`, is a
+//! plain tonic server.
+//!
 //! Prints `noop listening grpc=ADDR` once bound, then serves until killed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +23,7 @@ use ratelimitd::proto::envoy::service::ratelimit::v3::{
     rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
     RateLimitRequest, RateLimitResponse,
 };
+use ratelimitd::rls_route::RlsRouteLayer;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -35,9 +40,34 @@ struct Args {
     /// `per_core` or `multi_thread`, as ratelimitd's RUNTIME_FLAVOR.
     #[arg(long, default_value = "per_core")]
     runtime: String,
+    /// `router` (tonic's, for every call) or `direct` (RLS calls past it, as ratelimitd).
+    #[arg(long, default_value = "router")]
+    route: String,
 }
 
+#[derive(Clone)]
 struct Noop;
+
+/// The gRPC server, with or without ratelimitd's direct route for RLS calls.
+async fn serve<S>(direct: bool, conns: S)
+where
+    S: tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
+    let rls = RateLimitServiceServer::new(Noop);
+    let served = if direct {
+        tonic::transport::Server::builder()
+            .layer(RlsRouteLayer::new(rls.clone()))
+            .add_service(rls)
+            .serve_with_incoming(conns)
+            .await
+    } else {
+        tonic::transport::Server::builder()
+            .add_service(rls)
+            .serve_with_incoming(conns)
+            .await
+    };
+    served.unwrap();
+}
 
 #[tonic::async_trait]
 impl RateLimitService for Noop {
@@ -68,27 +98,28 @@ fn main() {
         args.addr.starts_with("127.") || args.addr.starts_with("[::1]"),
         "the no-op server only listens on loopback"
     );
+    let direct = match args.route.as_str() {
+        "router" => false,
+        "direct" => true,
+        other => panic!("--route {other}: expected router or direct"),
+    };
     match args.runtime.as_str() {
         "multi_thread" => {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&args.addr).await.unwrap();
                 println!("noop listening grpc={}", listener.local_addr().unwrap());
-                tonic::transport::Server::builder()
-                    .add_service(RateLimitServiceServer::new(Noop))
-                    .serve_with_incoming(TcpListenerStream::new(listener))
-                    .await
-                    .unwrap();
+                serve(direct, TcpListenerStream::new(listener)).await;
             });
         }
-        "per_core" => per_core(&args.addr),
+        "per_core" => per_core(&args.addr, direct),
         other => panic!("--runtime {other}: expected per_core or multi_thread"),
     }
 }
 
 /// ratelimitd's `per_core`: this thread accepts; each connection is served by one of the
 /// per-core runtimes, moved there as a std socket (no ratelimitd connection wrapper).
-fn per_core(addr: &str) {
+fn per_core(addr: &str, direct: bool) {
     let workers = ratelimitd::workers::Workers::start(ratelimitd::workers::count(0)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,11 +134,7 @@ fn per_core(addr: &str) {
                 tokio_stream::wrappers::ReceiverStream::new(rx),
                 tokio::net::TcpStream::from_std,
             );
-            handle.spawn(
-                tonic::transport::Server::builder()
-                    .add_service(RateLimitServiceServer::new(Noop))
-                    .serve_with_incoming(conns),
-            );
+            handle.spawn(serve(direct, conns));
         }
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         println!("noop listening grpc={}", listener.local_addr().unwrap());
