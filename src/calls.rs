@@ -14,7 +14,7 @@ use std::{
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
-use crate::metrics as m;
+use crate::{error::ServiceError, metrics as m};
 
 /// How a call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,24 @@ pub struct CallGuard<'a> {
     calls: &'a Calls,
     started: Instant,
     pub outcome: Outcome,
+}
+
+impl CallGuard<'_> {
+    /// Records that the call ends with `error`, and gives it back.
+    pub fn ends(&mut self, error: ServiceError) -> ServiceError {
+        self.outcome = match &error {
+            ServiceError::InvalidArgument(msg) => {
+                tracing::debug!(error = %msg, "invalid request");
+                Outcome::Invalid
+            }
+            // Logged once per stretch where it happened (failure::Guard).
+            ServiceError::Store(_) => Outcome::Backend,
+            ServiceError::Overloaded(_) => Outcome::Shed,
+            // The reference counts it as a service error.
+            ServiceError::NoConfig => Outcome::Invalid,
+        };
+        error
+    }
 }
 
 impl Drop for CallGuard<'_> {

@@ -82,20 +82,30 @@ pub fn resolve<'a>(
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
 ) -> Result<ResolvedList<'a>, ServiceError> {
-    resolve_in(tree.domains.get(&req.domain), req, default_algorithm)
+    let mut out = ResolvedList::new();
+    resolve_in(
+        tree.domains.get(&req.domain),
+        req,
+        default_algorithm,
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// [`resolve`] with the request's domain already looked up (`None`: not configured), so a
-/// request looks its domain up once, whatever its descriptors.
+/// request looks its domain up once, whatever its descriptors. Written into `out` (emptied
+/// first), where the caller keeps it: returned, the list would be copied on its way up.
 pub fn resolve_in<'a>(
     root: Option<&'a Node>,
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
-) -> Result<ResolvedList<'a>, ServiceError> {
+    out: &mut ResolvedList<'a>,
+) -> Result<(), ServiceError> {
+    out.clear();
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut scratch) => resolve_with(root, req, default_algorithm, &mut scratch),
+        Ok(mut scratch) => resolve_with(root, req, default_algorithm, &mut scratch, out),
         // Not reentered today; were it, a fresh buffer rather than a panic.
-        Err(_) => resolve_with(root, req, default_algorithm, &mut String::new()),
+        Err(_) => resolve_with(root, req, default_algorithm, &mut String::new(), out),
     })
 }
 
@@ -104,13 +114,13 @@ fn resolve_with<'a>(
     req: &RateLimitRequest,
     default_algorithm: Algorithm,
     scratch: &mut String,
-) -> Result<ResolvedList<'a>, ServiceError> {
+    out: &mut ResolvedList<'a>,
+) -> Result<(), ServiceError> {
     // The reference's rules: a request addend of 0 means 1; a descriptor's own addend, 0
     // included (check without charging), wins. Counters saturate at MAX_COUNT on both
     // backends, so a larger addend is counted as MAX_COUNT (over any limit).
     let request_hits = u64::from(req.hits_addend.max(1));
     let mut replaced: Vec<&'a str> = Vec::new();
-    let mut out = ResolvedList::new();
     for (i, d) in req.descriptors.iter().enumerate() {
         let cost = d.hits_addend.unwrap_or(request_hits).min(MAX_COUNT);
         out.push(if root.is_none() {
@@ -144,7 +154,7 @@ fn resolve_with<'a>(
         });
     }
     if !replaced.is_empty() {
-        for r in &mut out {
+        for r in out.iter_mut() {
             if let Resolved::Limited {
                 rule: Some(rule), ..
             } = r
@@ -155,7 +165,7 @@ fn resolve_with<'a>(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A limit sent by Envoy in a descriptor, counted with `DEFAULT_ALGORITHM`.

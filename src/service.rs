@@ -5,9 +5,10 @@
 //! migration notes: `Retry-After` on OVER_LIMIT, `INVALID_ARGUMENT` instead of `UNKNOWN` for
 //! bad requests and `UNAVAILABLE` for backend failures.
 
-use std::{collections::HashSet, sync::Arc, time::Instant};
+use std::{collections::HashSet, future::Future, ops::Deref, pin::Pin, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt;
 use metrics::{counter, Counter};
 use smallvec::SmallVec;
 
@@ -27,12 +28,12 @@ use crate::{
     local_cache::LocalCache,
     matcher,
     metrics::{self as m, Stats},
-    otel::Tracer,
+    otel::{self, Tracer},
     proto::envoy::service::ratelimit::v3::{
         rate_limit_service_server::RateLimitService, RateLimitRequest, RateLimitResponse,
     },
-    resolve::{resolve, resolve_in, validate},
-    store::Store,
+    resolve::{resolve, resolve_in, validate, ResolvedList},
+    store::{Store, StoreError},
 };
 
 /// One request's checks, before the store decides them.
@@ -173,22 +174,44 @@ impl<S: Store> RateLimiter<S> {
     /// invalid, failed in the backend, shed because `MAX_CONCURRENT_CALLS` calls are in
     /// flight, or cancelled (this future dropped before it finished). No deadline of its own
     /// (`/json`); see [`RateLimiter::answer_by`].
-    pub async fn answer(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, ServiceError> {
-        self.answer_by(req, None).await
+    pub fn answer<'a>(
+        &'a self,
+        req: &'a RateLimitRequest,
+    ) -> impl Future<Output = Result<RateLimitResponse, ServiceError>> + 'a {
+        self.answer_by(req, None)
     }
 
     /// [`RateLimiter::answer`] for a caller that gives up after `grpc_timeout` (its header's
     /// value): at that deadline less `BACKEND_DEADLINE_MARGIN` the store call is abandoned
     /// and the failure policy answers.
-    pub async fn answer_by(
-        &self,
-        req: &RateLimitRequest,
+    ///
+    /// Both are plain functions returning [`RateLimiter::answer_from`]'s future: an async
+    /// function awaiting it would build it and then copy it whole into its own.
+    pub fn answer_by<'a>(
+        &'a self,
+        req: &'a RateLimitRequest,
         grpc_timeout: Option<&str>,
-    ) -> Result<RateLimitResponse, ServiceError> {
-        // One monotonic clock read for the deadline and the call's duration.
+    ) -> impl Future<Output = Result<RateLimitResponse, ServiceError>> + 'a {
+        // The call's one clock read, for its deadline, its duration and its windows.
         let started = Instant::now();
+        self.answer_from(req, self.deadline(grpc_timeout, started), started)
+    }
+
+    /// The deadline of a call received at `started` with `grpc_timeout`.
+    fn deadline(&self, grpc_timeout: Option<&str>, started: Instant) -> Option<Deadline> {
         let margin = self.guard.settings().deadline_margin;
-        let deadline = Deadline::from_header(grpc_timeout, margin, started);
+        Deadline::from_header(grpc_timeout, margin, started)
+    }
+
+    /// The call received at `started` ([`RateLimiter::answer`]); `req` is borrowed, or owned
+    /// by this future (tonic's request, in [`GrpcService`]).
+    async fn answer_from<Q: Deref<Target = RateLimitRequest>>(
+        &self,
+        req: Q,
+        deadline: Option<Deadline>,
+        started: Instant,
+    ) -> Result<RateLimitResponse, ServiceError> {
+        let req = &*req;
         let mut call = match self.calls.begin(started) {
             Ok(call) => call,
             Err(limit) => return Err(ServiceError::Overloaded(limit)),
@@ -197,20 +220,27 @@ impl<S: Store> RateLimiter<S> {
             deadline,
             policy: true,
         };
-        let result = self.decide_request(req, ctx).await;
-        call.outcome = match &result {
-            Ok(_) => Outcome::Answered,
-            Err(ServiceError::InvalidArgument(msg)) => {
-                tracing::debug!(error = %msg, "invalid request");
-                Outcome::Invalid
-            }
-            // Logged once per stretch where it happened (failure::Guard).
-            Err(ServiceError::Store(_)) => Outcome::Backend,
-            Err(ServiceError::Overloaded(_)) => Outcome::Shed,
-            // The reference counts it as a service error.
-            Err(ServiceError::NoConfig) => Outcome::Invalid,
+        // One atomic load: the whole request sees one rule set even if a reload lands now.
+        let tree = self.rules.load_full();
+        // Plain functions before and after the one await, the checks' decisions: each async
+        // level would be one more future built and then copied whole into its caller's, and
+        // so would a list returned by value (docs/benchmarks.md, "One async level per call").
+        let mut resolved = ResolvedList::new();
+        let mut plan = Plan::default();
+        let now_ms = match self.prepare(req, &tree, started, &mut resolved, &mut plan) {
+            Ok(now_ms) => now_ms,
+            Err(e) => return Err(call.ends(e)),
         };
-        result
+        let decided = self
+            .decide(&plan, self.settings.charging, now_ms, ctx)
+            .await;
+        match decided {
+            Ok(decided) => {
+                call.outcome = Outcome::Answered;
+                Ok(self.respond(req, &resolved, &plan, decided))
+            }
+            Err(e) => Err(call.ends(e)),
+        }
     }
 
     /// The per-rule counters (rendered by `/metrics`).
@@ -246,32 +276,23 @@ impl<S: Store> RateLimiter<S> {
         &self.guard
     }
 
-    /// Answers one request, without a deadline.
-    pub async fn should_rate_limit(
+    /// A request's rules and checks, into `resolved` and `plan` (both empty): validated,
+    /// resolved against `tree`, its keys named at the wall-clock time of `started`, the call's
+    /// one clock read. Returns that time.
+    fn prepare<'t>(
         &self,
         req: &RateLimitRequest,
-    ) -> Result<RateLimitResponse, ServiceError> {
-        let ctx = CallContext {
-            deadline: None,
-            policy: true,
-        };
-        self.decide_request(req, ctx).await
-    }
-
-    /// Answers one request: from the store's decisions, or from the failure policy.
-    async fn decide_request(
-        &self,
-        req: &RateLimitRequest,
-        ctx: CallContext,
-    ) -> Result<RateLimitResponse, ServiceError> {
+        tree: &'t RuleTree,
+        started: Instant,
+        resolved: &mut ResolvedList<'t>,
+        plan: &mut Plan,
+    ) -> Result<u64, ServiceError> {
         validate(req)?;
-        // One atomic load: the whole request sees one rule set even if a reload lands now.
-        let tree = self.rules.load_full();
         if tree.awaiting_first_config {
             return Err(ServiceError::NoConfig);
         }
-        // One clock read: every key and every decision of the request uses it.
-        let now_ms = self.clock.now_millis();
+        // Every key and every decision of the request is at this instant.
+        let now_ms = self.clock.millis_at(started);
         // One lookup of the domain for the whole request.
         let root = tree.domains.get(&req.domain);
         if root.is_none() {
@@ -279,22 +300,31 @@ impl<S: Store> RateLimiter<S> {
             let descriptors = u64::try_from(req.descriptors.len()).unwrap_or(u64::MAX);
             self.stats.domain_not_found(&req.domain, descriptors);
         }
-        let resolved = resolve_in(root, req, self.settings.default_algorithm)?;
+        resolve_in(root, req, self.settings.default_algorithm, resolved)?;
+        self.plan_into(req, resolved, now_ms, plan);
+        Ok(now_ms)
+    }
 
-        let plan = self.plan(req, &resolved, now_ms);
-        let decided = self.run(&plan, self.settings.charging, now_ms, ctx).await?;
+    /// The answer to `req` from its checks' decisions: the store's, or the failure policy's.
+    fn respond(
+        &self,
+        req: &RateLimitRequest,
+        resolved: &[Resolved<'_>],
+        plan: &Plan,
+        decided: Decisions,
+    ) -> RateLimitResponse {
         tracing::debug!(domain = %req.domain, descriptors = req.descriptors.len(), checks = plan.checks.len(), "should_rate_limit");
         let respond = |decided: &[_]| {
             answer::respond(
                 &self.settings,
                 &self.stats,
                 req,
-                &resolved,
+                resolved,
                 decided,
                 &self.global_shadow,
             )
         };
-        Ok(match decided {
+        match decided {
             Decisions::Store(decided) => respond(&decided),
             Decisions::Local(decided) => {
                 let mut response = respond(&decided);
@@ -307,11 +337,11 @@ impl<S: Store> RateLimiter<S> {
                 failure::fixed_response(
                     policy,
                     &self.settings,
-                    &resolved,
+                    resolved,
                     u64::try_from(retry_after).unwrap_or(u64::MAX),
                 )
             }
-        })
+        }
     }
 
     /// Every limit of `descriptors` in `domain` as it stands, charging nothing: for each
@@ -349,7 +379,7 @@ impl<S: Store> RateLimiter<S> {
         let plan = self.plan(&req, &resolved, now_ms);
         // The store's view or an error: never the failure policy's.
         let ctx = CallContext::default();
-        let decided = self.run(&plan, Charging::Never, now_ms, ctx).await?;
+        let decided = self.decide(&plan, Charging::Never, now_ms, ctx).await?;
         let mut decided = decided.decided().iter();
         Ok(resolved
             .iter()
@@ -372,6 +402,19 @@ impl<S: Store> RateLimiter<S> {
     /// quota descriptors the request has.
     fn plan(&self, req: &RateLimitRequest, resolved: &[Resolved<'_>], now_ms: u64) -> Plan {
         let mut plan = Plan::default();
+        self.plan_into(req, resolved, now_ms, &mut plan);
+        plan
+    }
+
+    /// [`RateLimiter::plan`] into `plan` (empty), where the caller keeps it: returned, it
+    /// would be copied on its way up.
+    fn plan_into(
+        &self,
+        req: &RateLimitRequest,
+        resolved: &[Resolved<'_>],
+        now_ms: u64,
+        plan: &mut Plan,
+    ) {
         for (d, r) in req.descriptors.iter().zip(resolved) {
             match r {
                 Resolved::Limited {
@@ -411,12 +454,12 @@ impl<S: Store> RateLimiter<S> {
                 Resolved::Unlimited => {}
             }
         }
-        plan
     }
 
     /// Decides `plan` in one store call (none when nothing is limited, or when the local
-    /// cache answers every check).
-    async fn run(
+    /// cache answers every check), inside the failure guard: its deadline, breaker and
+    /// policy.
+    async fn decide(
         &self,
         plan: &Plan,
         charging: Charging,
@@ -452,14 +495,40 @@ impl<S: Store> RateLimiter<S> {
                 ..batch.clone()
             },
         };
-        // The one await of the store: a second call site made every call's future hold room
-        // for a second store future (docs/benchmarks.md, "Per-call lists inline").
         let from_store = if to_store.checks.is_empty() {
             Decisions::Store(DecidedList::new())
+        } else if !self.guard.admit() {
+            let open = StoreError::CircuitOpen;
+            Box::pin(self.guard.fallback(&to_store, ctx, open)).await?
         } else {
-            self.guard
-                .decide(&*self.store, &to_store, ctx, self.tracer.as_ref())
-                .await?
+            let result = {
+                let _backend = self.guard.backend_call();
+                let checks = to_store.checks.len();
+                let span = otel::store_span(self.tracer.as_ref(), self.store.span(), checks);
+                // The one await of the store: a second call site made every call's future
+                // hold room for a second store future (docs/benchmarks.md, "Per-call lists
+                // inline").
+                match (span, ctx.deadline) {
+                    (None, None) => self.store.decide(&to_store).await,
+                    (None, Some(d)) => {
+                        tokio::time::timeout_at(d.at.into(), self.store.decide(&to_store))
+                            .await
+                            .unwrap_or(Err(StoreError::Deadline(d.budget)))
+                    }
+                    // The backend span (TRACING_ENABLED): the store call alone, not the
+                    // policy. Boxed, so an untraced call's future has no room for it.
+                    (Some(cx), deadline) => {
+                        let call = failure::bounded(&*self.store, &to_store, deadline);
+                        Box::pin(otel::in_store_span(cx, call, |e| e.kind().to_string())).await
+                    }
+                }
+            };
+            match self.guard.settle(result) {
+                Ok(decided) => Decisions::Store(decided),
+                // Boxed, as for an open circuit: the failure path's future (the local policy's
+                // store call) stays out of every call's.
+                Err(e) => Box::pin(self.guard.fallback(&to_store, ctx, e)).await?,
+            }
         };
         let Some(cache) = &self.local_cache else {
             return Ok(from_store);
@@ -548,25 +617,51 @@ pub fn limit_keys(
 /// The tonic service: owns a [`RateLimiter`].
 pub struct GrpcService<S>(pub Arc<RateLimiter<S>>);
 
-#[tonic::async_trait]
+/// A call's request, owned by the call's future.
+struct Owned(tonic::Request<RateLimitRequest>);
+
+impl Deref for Owned {
+    type Target = RateLimitRequest;
+
+    fn deref(&self) -> &RateLimitRequest {
+        self.0.get_ref()
+    }
+}
+
+type Reply = Result<tonic::Response<RateLimitResponse>, tonic::Status>;
+
+/// Written out, not with `#[tonic::async_trait]`: that boxes a future of its own which awaits
+/// the call's, so the call's future would be built and then copied whole into it. Here the
+/// box holds the call's future itself.
 impl<S: Store> RateLimitService for GrpcService<S> {
-    async fn should_rate_limit(
-        &self,
+    fn should_rate_limit<'s, 'f>(
+        &'s self,
         request: tonic::Request<RateLimitRequest>,
-    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+    ) -> Pin<Box<dyn Future<Output = Reply> + Send + 'f>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        // The call's one clock read, for its deadline, its duration and its windows.
+        let started = Instant::now();
+        let limiter = &*self.0;
         let timeout = request.metadata().get("grpc-timeout");
-        let call = async {
-            self.0
-                .answer_by(request.get_ref(), timeout.and_then(|v| v.to_str().ok()))
-                .await
-                .map_err(Into::into)
-        };
-        match &self.0.tracer {
-            None => call.await,
-            // Boxed, so the untraced call's future does not carry room for a traced one.
-            Some(tracer) => Box::pin(tracer.server_call(&request, call)).await,
+        let deadline = limiter.deadline(timeout.and_then(|v| v.to_str().ok()), started);
+        match &limiter.tracer {
+            None => Box::pin(
+                limiter
+                    .answer_from(Owned(request), deadline, started)
+                    .map(|r| r.map(tonic::Response::new).map_err(Into::into)),
+            ),
+            Some(tracer) => Box::pin(async move {
+                let call = limiter.answer_from(request.get_ref(), deadline, started);
+                let call = call.map(|r| r.map_err(Into::into));
+                tracer
+                    .server_call(&request, call)
+                    .await
+                    .map(tonic::Response::new)
+            }),
         }
-        .map(tonic::Response::new)
     }
 }
 
@@ -637,7 +732,7 @@ descriptors:
 
         /// (code, remaining, seconds until reset, Retry-After) of a one-descriptor answer.
         async fn ask(l: &RateLimiter<MemoryStore>, hits: u32) -> (i32, u32, i64, Option<String>) {
-            let r = l.should_rate_limit(&request(hits)).await.unwrap();
+            let r = l.answer(&request(hits)).await.unwrap();
             let s = &r.statuses[0];
             let retry = r
                 .response_headers_to_add
@@ -758,7 +853,7 @@ descriptors:
             assert_eq!(ask(&l, 1).await, (OVER, 0, 1, Some("1".into())));
             clock.0.store(1_000_021, Ordering::SeqCst);
             // A new second; the minute has 5 − 4 = 1 left, the fewest.
-            let r = l.should_rate_limit(&request(1)).await.unwrap();
+            let r = l.answer(&request(1)).await.unwrap();
             let s = &r.statuses[0];
             assert_eq!((s.code, s.limit_remaining), (OK, 0));
             assert_eq!(s.current_limit.as_ref().unwrap().requests_per_unit, 5);

@@ -45,7 +45,6 @@ use crate::{
     },
     log_throttle::LogThrottle,
     metrics as m,
-    otel::{self, Tracer},
     store::{MemoryStore, Store, StoreError, StoreErrorKind},
 };
 
@@ -234,43 +233,32 @@ impl Guard {
         &self.breaker
     }
 
-    /// Decides `batch` in one store call, bounded by the call's deadline, unless the circuit
-    /// is open; on failure, as the policy says.
-    pub async fn decide<S: Store>(
+    /// Whether a call made now goes to the store: not while the circuit is open.
+    pub fn admit(&self) -> bool {
+        self.breaker.admit_now() != Admit::Reject
+    }
+
+    /// The store call's in-flight gauge and duration, counted until the value is dropped.
+    pub fn backend_call(&self) -> BackendCall<'_> {
+        BackendCall::new(&self.backend_in_flight, &self.backend_duration)
+    }
+
+    /// Takes the store call's result into the breaker, the metrics and the log; an error is
+    /// then for [`Guard::fallback`].
+    ///
+    /// The caller awaits the store itself, between [`Guard::admit`] and this: a guard future
+    /// around the store's would be one more future built per call and copied whole into the
+    /// call's (docs/benchmarks.md, "One async level per call").
+    pub fn settle(
         &self,
-        store: &S,
-        batch: &Batch<'_>,
-        ctx: CallContext,
-        tracer: Option<&Tracer>,
-    ) -> Result<Decisions, ServiceError> {
-        if self.breaker.admit_now() == Admit::Reject {
-            return Box::pin(self.fallback(batch, ctx, StoreError::CircuitOpen)).await;
-        }
-        let result = {
-            let _backend = BackendCall::new(&self.backend_in_flight, &self.backend_duration);
-            let call = async {
-                match ctx.deadline {
-                    None => store.decide(batch).await,
-                    Some(d) => tokio::time::timeout_at(d.at.into(), store.decide(batch))
-                        .await
-                        .unwrap_or(Err(StoreError::Deadline(d.budget))),
-                }
-            };
-            // The backend span (TRACING_ENABLED): the store call alone, not the policy. A
-            // traced call's future is boxed, so an untraced one (and every call's future) is
-            // not twice the store call's size: futures are copied whole when moved.
-            match otel::store_span(tracer, store.span(), batch.checks.len()) {
-                None => call.await,
-                Some(cx) => Box::pin(otel::in_store_span(cx, call, |e| e.kind().to_string())).await,
-            }
-        };
-        match result {
-            Ok(decided) => {
+        result: Result<DecidedList, StoreError>,
+    ) -> Result<DecidedList, StoreError> {
+        match &result {
+            Ok(_) => {
                 self.breaker.success();
                 if self.log.success() {
                     tracing::info!("backend answering again");
                 }
-                Ok(Decisions::Store(decided))
             }
             Err(e) => {
                 counter!(m::BACKEND_ERRORS, "kind" => e.kind().label()).increment(1);
@@ -283,15 +271,15 @@ impl Guard {
                 if let Some(suppressed) = self.log.failure() {
                     tracing::warn!(error = %e, transient = e.is_transient(), policy = self.settings.policy.name(), suppressed, "backend error (repeats are logged every 10 s)");
                 }
-                // Boxed, as for an open circuit above: the failure path's future (the
-                // local policy's store call) stays out of every call's.
-                Box::pin(self.fallback(batch, ctx, e)).await
             }
         }
+        result
     }
 
-    /// The policy's answer for `batch`, which the store could not decide because of `e`.
-    async fn fallback(
+    /// The policy's answer for `batch`, which the store could not decide because of `e` (or
+    /// did not get: [`StoreError::CircuitOpen`]). Callers box its future: the failure path's
+    /// (the local policy's store call) stays out of every call's.
+    pub async fn fallback(
         &self,
         batch: &Batch<'_>,
         ctx: CallContext,
@@ -317,6 +305,22 @@ impl Guard {
             }
             (Policy::Error | Policy::Local, _) => Err(e.into()),
         }
+    }
+}
+
+/// The store's decision on `batch`, given up at the call's deadline, if it has one: for a
+/// traced call, whose store call is boxed into its span. An untraced call awaits the same
+/// futures inline, without this one around them.
+pub async fn bounded<S: Store>(
+    store: &S,
+    batch: &Batch<'_>,
+    deadline: Option<Deadline>,
+) -> Result<DecidedList, StoreError> {
+    match deadline {
+        None => store.decide(batch).await,
+        Some(d) => tokio::time::timeout_at(d.at.into(), store.decide(batch))
+            .await
+            .unwrap_or(Err(StoreError::Deadline(d.budget))),
     }
 }
 

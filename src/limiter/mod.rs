@@ -5,15 +5,15 @@
 //! (`now / divider * divider`), so a key written by either service names the same window.
 
 pub mod algorithm;
+mod clock;
 pub mod engine;
 mod key;
 
 pub use algorithm::Algorithm;
+pub use clock::{Clock, SystemClock};
 pub use key::{
     bucket_key, copy_base, recycle_key, window_key, CacheKeyBuilder, SecretError, ValueHasher,
 };
-
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Largest value a counter holds: Redis counters are signed 64-bit integers. Both stores
 /// saturate here instead of failing (an addend this large, or a counter pushed this far, is
@@ -91,38 +91,6 @@ impl Unit {
     /// Seconds until the window containing `now` ends; always at least 1.
     pub fn until_reset(self, now: u64) -> u64 {
         self.seconds() - now % self.seconds()
-    }
-}
-
-/// Source of the current Unix time in seconds; injected so tests can pin it.
-pub trait Clock: Send + Sync + 'static {
-    fn now_unix(&self) -> u64;
-
-    /// The same clock in milliseconds (sliding windows and token buckets need them). A clock
-    /// that only keeps seconds reports whole seconds.
-    fn now_millis(&self) -> u64 {
-        self.now_unix().saturating_mul(1000)
-    }
-}
-
-/// The real clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_unix(&self) -> u64 {
-        // A clock before 1970 is a broken host; treat it as the epoch rather than panic.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    }
-
-    fn now_millis(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
     }
 }
 
