@@ -15,6 +15,7 @@ mod redis;
 mod resp;
 mod script;
 mod sentinel;
+mod slot;
 mod split;
 mod tls;
 mod topology;

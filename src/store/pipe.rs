@@ -7,7 +7,8 @@
 //! instructions (8.6% of a whole call) and 8 fewer allocations per call (docs/benchmarks.md,
 //! "Our own Redis connection"). Here a call writes its command straight into the
 //! connection's outgoing buffer under a short lock, queues its reply's sender in the same
-//! order, and wakes the connection's task when the buffer was empty. That task writes
+//! order (a reused slot, `slot.rs`), and wakes the connection's task when the buffer was
+//! empty. That task writes
 //! whatever has gathered in one write (concurrent calls share it: auto-pipelining) and reads
 //! replies, handing each to the oldest waiting call.
 //!
@@ -41,11 +42,12 @@ use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpStream, UnixStream},
-    sync::{oneshot, Notify},
+    sync::Notify,
 };
 
 use super::{
     resp::{self, Command, Plain},
+    slot,
     tls::Tls,
 };
 
@@ -78,7 +80,7 @@ pub enum Addr {
     Unix(PathBuf),
 }
 
-type ReplyTo = oneshot::Sender<RedisResult<Value>>;
+type ReplyTo = slot::Sender;
 
 struct State {
     /// Commands not yet written, in the order of `waiting`'s tail.
@@ -139,7 +141,7 @@ impl Shared {
             std::mem::take(&mut s.waiting)
         };
         for to in waiting {
-            let _ = to.send(Err(error.clone()));
+            to.send(Err(error.clone()));
         }
     }
 
@@ -197,12 +199,12 @@ impl Pipe {
         let reply = self.send(command)?;
         reply
             .await
-            .unwrap_or_else(|_| Err(closed("the connection closed")))
+            .unwrap_or_else(|| Err(closed("the connection closed")))
     }
 
-    fn send(&self, command: &impl Command) -> RedisResult<oneshot::Receiver<RedisResult<Value>>> {
+    fn send(&self, command: &impl Command) -> RedisResult<slot::Receiver> {
         self.start()?;
-        let (to, reply) = oneshot::channel();
+        let (to, reply) = slot::channel();
         let wake = {
             let mut s = self.shared.lock();
             if let Some((until, error)) = &s.down {
@@ -523,7 +525,7 @@ async fn read_loop(shared: &Shared, r: &mut (impl AsyncRead + Unpin)) -> RedisEr
                     readonly = Some(e.clone());
                 }
             }
-            let _ = to.send(reply);
+            to.send(reply);
         }
         if let Some(e) = readonly {
             // The next connection resolves the address again.

@@ -5,6 +5,12 @@
 //!
 //! A command is written in two passes over its arguments ([`Command::args`]): one counts them
 //! (RESP puts the count first), the other writes them. Nothing is allocated for either.
+//!
+//! A reply's arrays come from the thread's spares, and the script's reply goes back to them
+//! once read ([`recycle`]): under `RUNTIME_FLAVOR=per_core` a connection's task and its calls
+//! share a thread, so a call's reply allocates nothing.
+
+use std::cell::RefCell;
 
 use redis::{ErrorKind, RedisError, Value};
 
@@ -85,6 +91,42 @@ impl Command for Plain<'_> {
             a.bytes(arg);
         }
     }
+}
+
+/// Spare arrays kept per thread, and the most elements one may hold to be kept (a script's
+/// reply has 8 per check).
+const SPARE_ARRAYS: usize = 64;
+const SPARE_ARRAY_LEN: usize = 256;
+
+thread_local! {
+    static ARRAYS: RefCell<Vec<Vec<Value>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty array with room for `n` elements, this thread's spare if it has one.
+fn array(n: usize) -> Vec<Value> {
+    let spare = ARRAYS.with(|a| a.try_borrow_mut().ok().and_then(|mut a| a.pop()));
+    match spare {
+        Some(mut items) => {
+            items.reserve(n);
+            items
+        }
+        None => Vec::with_capacity(n),
+    }
+}
+
+/// Gives a reply's array back to this thread's spares, for the next reply [`parse`] reads.
+pub fn recycle(mut items: Vec<Value>) {
+    if items.capacity() > SPARE_ARRAY_LEN {
+        return;
+    }
+    items.clear();
+    ARRAYS.with(|a| {
+        if let Ok(mut a) = a.try_borrow_mut() {
+            if a.len() < SPARE_ARRAYS {
+                a.push(items);
+            }
+        }
+    });
 }
 
 /// Nesting deeper than any reply ratelimitd asks for (a script's reply is one flat array):
@@ -172,10 +214,11 @@ fn value(buf: &[u8], at: usize, depth: usize) -> Result<Option<(Value, usize)>, 
             // Each element takes at least 3 bytes: a count beyond what is buffered is only
             // believed once the bytes arrive.
             let n = usize::try_from(n).unwrap_or(usize::MAX);
-            let mut items = Vec::with_capacity(n.min(buf.len().saturating_sub(next) / 3));
+            let mut items = array(n.min(buf.len().saturating_sub(next) / 3));
             let mut at = next;
             for _ in 0..n {
                 let Some((item, end)) = value(buf, at, depth + 1)? else {
+                    recycle(items);
                     return Ok(None);
                 };
                 items.push(item);
@@ -226,6 +269,31 @@ mod tests {
         cmd.int(1_700_000_040_123u64);
         cmd.bytes(b"");
         assert_eq!(cmd.get_packed_command(), out);
+    }
+
+    #[test]
+    fn a_read_replys_array_is_used_again_and_spares_are_bounded() {
+        ARRAYS.with(|a| a.borrow_mut().clear());
+        let Some((Value::Array(first), _)) = parse(b"*3\r\n:1\r\n:2\r\n:3\r\n").unwrap() else {
+            panic!("not an array");
+        };
+        let at = first.as_ptr();
+        recycle(first);
+        let Some((Value::Array(again), _)) = parse(b"*2\r\n:4\r\n:5\r\n").unwrap() else {
+            panic!("not an array");
+        };
+        assert_eq!(again.as_ptr(), at, "the same allocation");
+        assert_eq!(again, [Value::Int(4), Value::Int(5)]);
+        // An incomplete reply gives its array back too.
+        recycle(again);
+        assert_eq!(parse(b"*3\r\n:3\r\n").unwrap(), None);
+        assert_eq!(ARRAYS.with(|a| a.borrow().len()), 1);
+        // Too large an array is freed; beyond SPARE_ARRAYS, arrays are freed.
+        recycle(Vec::with_capacity(SPARE_ARRAY_LEN + 1));
+        for _ in 0..SPARE_ARRAYS + 5 {
+            recycle(Vec::with_capacity(8));
+        }
+        assert_eq!(ARRAYS.with(|a| a.borrow().len()), SPARE_ARRAYS);
     }
 
     #[test]

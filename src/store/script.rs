@@ -286,22 +286,35 @@ fn push_keys_and_args(a: &mut impl Args, batch: &Batch<'_>, read: &[Option<Strin
 
 /// Reads a script's reply into the batch's decisions, in order.
 pub fn decisions(batch: &Batch<'_>, reply: Reply) -> Result<DecidedList, StoreError> {
-    match reply {
-        Reply::Engine(v) => engine_decisions(batch, v),
-        Reply::Fixed(v) => fixed_decisions(batch, v),
-    }
+    let (fixed, reply) = match reply {
+        Reply::Engine(v) => (false, v),
+        Reply::Fixed(v) => (true, v),
+    };
+    let Value::Array(values) = reply else {
+        let script = if fixed {
+            "fixed-window script"
+        } else {
+            "counting script"
+        };
+        return Err(StoreError::Reply(format!(
+            "{script}: expected an array, got {reply:?}"
+        )));
+    };
+    let decided = if fixed {
+        fixed_decisions(batch, &values)
+    } else {
+        engine_decisions(batch, &values)
+    };
+    // Read: the array goes back to this thread's spares, for the next reply (`resp.rs`).
+    resp::recycle(values);
+    decided
 }
 
 /// `fixed.lua`'s counts, decided by [`engine::decide`]: a key's state as read is its first
 /// count less that check's cost (for a saturated count, any value from which the cost
 /// saturates: the verdict and the charged state are the same). A later check of the same key
 /// sees what the earlier ones charged, as in the script, which ran them one after another.
-fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<DecidedList, StoreError> {
-    let Value::Array(values) = reply else {
-        return Err(StoreError::Reply(format!(
-            "fixed-window script: expected an array, got {reply:?}"
-        )));
-    };
+fn fixed_decisions(batch: &Batch<'_>, values: &[Value]) -> Result<DecidedList, StoreError> {
     if values.len() != batch.checks.len() {
         return Err(StoreError::Reply(format!(
             "fixed-window script: expected {} counts, got {}",
@@ -331,12 +344,7 @@ fn fixed_decisions(batch: &Batch<'_>, reply: Value) -> Result<DecidedList, Store
 }
 
 /// `engine.lua`'s reply: [`REPLY_PER_CHECK`] values per check, in order.
-fn engine_decisions(batch: &Batch<'_>, reply: Value) -> Result<DecidedList, StoreError> {
-    let Value::Array(values) = reply else {
-        return Err(StoreError::Reply(format!(
-            "counting script: expected an array, got {reply:?}"
-        )));
-    };
+fn engine_decisions(batch: &Batch<'_>, values: &[Value]) -> Result<DecidedList, StoreError> {
     if values.len() != batch.checks.len() * REPLY_PER_CHECK {
         return Err(StoreError::Reply(format!(
             "counting script: expected {} values for {} checks, got {}",

@@ -1,0 +1,198 @@
+//! A call's reply slot on our own Redis connections (`pipe.rs`): a one-shot channel whose
+//! allocation is used again.
+//!
+//! Why: tokio's oneshot allocates its shared state for every call. A slot goes back to its
+//! thread's spares when the call is done with it, and the next call on that thread takes it,
+//! so a call on a warm thread allocates nothing. Only a slot nobody else holds is reused (its
+//! `Arc` is unique and never has weak references): a call given up before its reply leaves
+//! the slot to the connection, which drops it once it has delivered that reply. At most
+//! [`SPARES`] slots wait per thread.
+
+use std::{
+    cell::RefCell,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    task::{Context, Poll, Waker},
+};
+
+use redis::{RedisResult, Value};
+
+/// Spare slots kept per thread: more than the calls one thread has waiting at once in a
+/// steady state; beyond it, slots are freed.
+const SPARES: usize = 64;
+
+type Reply = RedisResult<Value>;
+
+#[derive(Default)]
+struct State {
+    reply: Option<Reply>,
+    waker: Option<Waker>,
+    /// The sender sent its reply, or was dropped without one.
+    done: bool,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // Nothing panics while holding it; a poisoned state is still consistent.
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+thread_local! {
+    static SPARE: RefCell<Vec<Shared>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A slot's two ends, from this thread's spares when it has one.
+pub fn channel() -> (Sender, Receiver) {
+    let shared = SPARE
+        .with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+        .unwrap_or_default();
+    (Sender(Arc::clone(&shared)), Receiver(Some(shared)))
+}
+
+/// The connection's end: gives the call its reply, once.
+pub struct Sender(Shared);
+
+impl Sender {
+    pub fn send(self, reply: Reply) {
+        self.finish(Some(reply));
+    }
+
+    fn finish(&self, reply: Option<Reply>) {
+        let waker = {
+            let mut state = lock(&self.0);
+            if state.done {
+                return;
+            }
+            state.done = true;
+            state.reply = reply;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Dropped without a reply (the connection's state went away): the call learns it is closed.
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+/// The call's end: a future of the reply, `None` when the sender went without one.
+pub struct Receiver(Option<Shared>);
+
+impl Future for Receiver {
+    type Output = Option<Reply>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Reply>> {
+        let Some(shared) = &self.0 else {
+            // Polled after it finished: as a fused future, nothing more.
+            return Poll::Ready(None);
+        };
+        let mut state = lock(shared);
+        if state.done {
+            let reply = state.reply.take();
+            drop(state);
+            self.recycle();
+            return Poll::Ready(reply);
+        }
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            waker => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Receiver {
+    /// Puts the slot back in this thread's spares if nobody else holds it.
+    fn recycle(&mut self) {
+        let Some(shared) = self.0.take() else { return };
+        if Arc::strong_count(&shared) != 1 {
+            return;
+        }
+        *lock(&shared) = State::default();
+        SPARE.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if s.len() < SPARES {
+                    s.push(shared);
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.recycle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spares() -> usize {
+        SPARE.with(|s| s.borrow().len())
+    }
+
+    fn empty_spares() {
+        SPARE.with(|s| s.borrow_mut().clear());
+    }
+
+    #[tokio::test]
+    async fn a_reply_reaches_its_call_and_the_slot_is_used_again() {
+        empty_spares();
+        let (to, reply) = channel();
+        let first = Arc::as_ptr(&to.0);
+        to.send(Ok(Value::Int(7)));
+        assert!(matches!(reply.await, Some(Ok(Value::Int(7)))));
+        assert_eq!(spares(), 1);
+        let (to, reply) = channel();
+        assert_eq!(Arc::as_ptr(&to.0), first, "the same slot");
+        assert_eq!(spares(), 0);
+        // Sent before or after the call waits, the reply is the one sent.
+        let waiting = tokio::spawn(reply);
+        tokio::task::yield_now().await;
+        to.send(Ok(Value::Int(8)));
+        assert!(matches!(waiting.await.unwrap(), Some(Ok(Value::Int(8)))));
+    }
+
+    #[tokio::test]
+    async fn a_sender_dropped_without_a_reply_closes_the_call() {
+        empty_spares();
+        let (to, reply) = channel();
+        drop(to);
+        assert!(reply.await.is_none());
+        assert_eq!(spares(), 1);
+    }
+
+    #[test]
+    fn a_call_given_up_leaves_its_slot_to_the_sender() {
+        empty_spares();
+        let (to, reply) = channel();
+        drop(reply);
+        assert_eq!(spares(), 0, "the sender still holds it");
+        to.send(Ok(Value::Nil));
+        assert_eq!(spares(), 0, "freed, not reused");
+        // A slot reused is empty: no reply of an earlier call leaks into a later one.
+        let (to, reply) = channel();
+        drop(to);
+        drop(reply);
+    }
+
+    #[test]
+    fn at_most_so_many_spares_are_kept() {
+        empty_spares();
+        let slots: Vec<_> = (0..SPARES + 10).map(|_| channel()).collect();
+        for (to, reply) in slots {
+            to.send(Ok(Value::Nil));
+            drop(reply);
+        }
+        assert_eq!(spares(), SPARES);
+    }
+}
