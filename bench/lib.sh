@@ -107,12 +107,16 @@ open(sys.argv[1], "wb").write(struct.pack(">BI", 0, len(msg)) + msg)
 PY
 }
 
-# h2load: $1 calls over $2 connections with $3 streams each to gRPC address $4, body file $5.
+# h2load: $1 calls over $2 connections with $3 streams each to gRPC address $4, body file $5,
+# and a grpc-timeout of $6 ms when given (as Envoy sends).
 # Prints "rps=… mean_us=… min_us=… max_us=… failed=…" (h2load's own times, in µs); fails
 # when h2load is missing.
 h2load_calls() {
   command -v h2load >/dev/null || { echo "needs h2load: apt-get install -y nghttp2-client" >&2; return 1; }
+  local timeout=()
+  [ -n "${6:-}" ] && timeout=(-H "grpc-timeout: ${6}m")
   h2load -n "$1" -c "$2" -m "$3" -d "$5" -H 'content-type: application/grpc' -H 'te: trailers' \
+    "${timeout[@]}" \
     "http://$4/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit" | awk '
     function us(v) {
       if (v ~ /us$/) return v + 0

@@ -10,7 +10,10 @@
 #
 # Usage: [CONNS=4] [STREAMS=16] [RATE=8000] [RATE_REQUESTS=40000] [BACKENDS="memory redis"] \
 #   [SCENARIOS="throughput fixed_rate h2load"] [H2_CLIENTS=16] [H2_STREAMS=16] \
-#   bench/variants.sh RUNS REQUESTS 'label|binary|ENV=v ENV=v' ...
+#   bench/variants.sh RUNS REQUESTS 'label|binary|ENV=v ENV=v[|MS]' ...
+# MS, when given, is a grpc-timeout in milliseconds that the variant's calls carry (loadgen
+# --grpc-timeout, h2load's header), as Envoy's filter sends its timeout: the server's deadline
+# path, e.g. 'no header|target/release/ratelimitd|' 'grpc-timeout 20 ms|target/release/ratelimitd||20'.
 # e.g. the runtime settings of one build:
 #   bench/variants.sh 5 100000 'default|target/release/ratelimitd|' \
 #     'one worker|target/release/ratelimitd|WORKER_THREADS=1' \
@@ -31,10 +34,11 @@ source bench/lib.sh
 write_unreachable_rule
 start_redis
 
-declare -A LABEL
+declare -A LABEL TIMEOUT
 for i in "${!VARIANTS[@]}"; do
-  IFS='|' read -r label bin envs <<<"${VARIANTS[$i]}"
+  IFS='|' read -r label bin envs timeout <<<"${VARIANTS[$i]}"
   LABEL[$i]=$label
+  TIMEOUT[$i]=$timeout
   for b in $BACKENDS; do
     extra=()
     [ "$b" = redis ] && extra=(BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT")
@@ -47,10 +51,11 @@ RAW=$WORK/raw.tsv
 printf 'run\tvariant\tbackend\tscenario\trps\tp50_us\tp99_us\tcpu_us\tredis_cpu_us\n' >"$RAW"
 measure() { # run, variant index, backend, scenario, loadgen args...
   local run=$1 i=$2 b=$3 sc=$4; shift 4
-  local name="v$i-$b" c0 c1 r0 r1 out n
+  local name="v$i-$b" c0 c1 r0 r1 out n timeout=()
+  [ -n "${TIMEOUT[$i]}" ] && timeout=(--grpc-timeout "${TIMEOUT[$i]}")
   c0=$(cpu_ticks "${SPID[$name]}")
   r0=$(cpu_ticks "$REDIS_PID")
-  out=$("$LOAD" --target "${ADDR[$name]}" --domain bench --key k "$@")
+  out=$("$LOAD" --target "${ADDR[$name]}" --domain bench --key k "${timeout[@]}" "$@")
   c1=$(cpu_ticks "${SPID[$name]}")
   r1=$(cpu_ticks "$REDIS_PID")
   n=$(field requests "$out")
@@ -65,7 +70,7 @@ measure_h2load() { # run, variant index, backend
   local name="v$i-$b" c0 c1 r0 r1 out
   c0=$(cpu_ticks "${SPID[$name]}")
   r0=$(cpu_ticks "$REDIS_PID")
-  out=$(h2load_calls "$REQUESTS" "${H2_CLIENTS:-16}" "${H2_STREAMS:-16}" "${ADDR[$name]}" "$WORK/body1")
+  out=$(h2load_calls "$REQUESTS" "${H2_CLIENTS:-16}" "${H2_STREAMS:-16}" "${ADDR[$name]}" "$WORK/body1" "${TIMEOUT[$i]}")
   c1=$(cpu_ticks "${SPID[$name]}")
   r1=$(cpu_ticks "$REDIS_PID")
   [ "$(field failed "$out")" = 0 ] || { echo "h2load failures ($name): $out" >&2; exit 1; }

@@ -24,6 +24,9 @@
 //! - Output: one line (`requests= ok= over_limit= errors= seconds= rps= p50_us= ...`), or a
 //!   JSON object with `--json`.
 //!
+//! `--grpc-timeout MS` sends each call with a `grpc-timeout` header, as Envoy's rate-limit
+//! filter always does (its `timeout`, 20 ms by default): the server's deadline path.
+//!
 //! `--parent KEY=VALUE` (repeatable) puts these entries before the varied one in every
 //! descriptor, to reach nested rules (bench/rules.sh).
 //!
@@ -107,6 +110,9 @@ struct Args {
     /// Send this limit (per second) as an override in every descriptor.
     #[arg(long)]
     override_limit: Option<u32>,
+    /// Send each call with this `grpc-timeout` (ms), as Envoy does.
+    #[arg(long)]
+    grpc_timeout: Option<u64>,
     /// Calls at or above this latency (ms) are counted as `slow`.
     #[arg(long, default_value_t = 10)]
     slow_ms: u64,
@@ -307,7 +313,10 @@ async fn stream(
             // Zipf samples 1..=keys as a float.
             Dist::Zipf => zipf.as_ref().map_or(0, |z| rng.sample(z) as u64 - 1),
         };
-        let request = build(&args, key);
+        let mut request = tonic::Request::new(build(&args, key));
+        if let Some(ms) = args.grpc_timeout {
+            request.set_timeout(Duration::from_millis(ms));
+        }
         let answer = client.should_rate_limit(request).await;
         let waited = due.elapsed();
         match answer {
