@@ -8,9 +8,8 @@
 //! "Our own Redis connection"). Here a call writes its command straight into the
 //! connection's outgoing buffer under a short lock, queues its reply's sender in the same
 //! order (a reused slot, `slot.rs`), and wakes the connection's task when the buffer was
-//! empty. That task writes
-//! whatever has gathered in one write (concurrent calls share it: auto-pipelining) and reads
-//! replies, handing each to the oldest waiting call.
+//! empty. That task writes whatever has gathered in one write (concurrent calls share it:
+//! auto-pipelining) and reads replies, handing each to the oldest waiting call.
 //!
 //! Failures, as the store above expects them (it never retries: a command written but not
 //! answered may have run, and charging twice is worse than an error):

@@ -48,29 +48,16 @@ pub fn channel() -> (Sender, Receiver) {
     let shared = SPARE
         .with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
         .unwrap_or_default();
-    (Sender(Arc::clone(&shared)), Receiver(Some(shared)))
+    (Sender(Some(Arc::clone(&shared))), Receiver(Some(shared)))
 }
 
 /// The connection's end: gives the call its reply, once.
-pub struct Sender(Shared);
+pub struct Sender(Option<Shared>);
 
 impl Sender {
-    pub fn send(self, reply: Reply) {
-        self.finish(Some(reply));
-    }
-
-    fn finish(&self, reply: Option<Reply>) {
-        let waker = {
-            let mut state = lock(&self.0);
-            if state.done {
-                return;
-            }
-            state.done = true;
-            state.reply = reply;
-            state.waker.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
+    pub fn send(mut self, reply: Reply) {
+        if let Some(shared) = self.0.take() {
+            finish(&shared, Some(reply));
         }
     }
 }
@@ -78,7 +65,22 @@ impl Sender {
 /// Dropped without a reply (the connection's state went away): the call learns it is closed.
 impl Drop for Sender {
     fn drop(&mut self) {
-        self.finish(None);
+        if let Some(shared) = self.0.take() {
+            finish(&shared, None);
+        }
+    }
+}
+
+/// Hands the call `reply` (`None`: closed without one) and wakes it.
+fn finish(shared: &Shared, reply: Option<Reply>) {
+    let waker = {
+        let mut state = lock(shared);
+        state.done = true;
+        state.reply = reply;
+        state.waker.take()
+    };
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }
 
@@ -148,12 +150,12 @@ mod tests {
     async fn a_reply_reaches_its_call_and_the_slot_is_used_again() {
         empty_spares();
         let (to, reply) = channel();
-        let first = Arc::as_ptr(&to.0);
+        let first = to.0.as_ref().map(Arc::as_ptr);
         to.send(Ok(Value::Int(7)));
         assert!(matches!(reply.await, Some(Ok(Value::Int(7)))));
         assert_eq!(spares(), 1);
         let (to, reply) = channel();
-        assert_eq!(Arc::as_ptr(&to.0), first, "the same slot");
+        assert_eq!(to.0.as_ref().map(Arc::as_ptr), first, "the same slot");
         assert_eq!(spares(), 0);
         // Sent before or after the call waits, the reply is the one sent.
         let waiting = tokio::spawn(reply);
