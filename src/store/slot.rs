@@ -3,10 +3,9 @@
 //!
 //! Why: tokio's oneshot allocates its shared state for every call. A slot goes back to its
 //! thread's spares when the call is done with it, and the next call on that thread takes it,
-//! so a call on a warm thread allocates nothing. Only a slot nobody else holds is reused (its
-//! `Arc` is unique and never has weak references): a call given up before its reply leaves
-//! the slot to the connection, which drops it once it has delivered that reply. At most
-//! [`SPARES`] slots wait per thread.
+//! so a call on a warm thread allocates nothing. Only a slot nobody else holds is reused
+//! (`Arc::get_mut`): a call given up before its reply leaves the slot to the connection,
+//! which drops it once it has delivered that reply. At most [`SPARES`] slots wait per thread.
 
 use std::{
     cell::RefCell,
@@ -111,13 +110,16 @@ impl Future for Receiver {
 }
 
 impl Receiver {
-    /// Puts the slot back in this thread's spares if nobody else holds it.
+    /// Puts the slot back in this thread's spares if nobody else holds it (then it is
+    /// emptied without locking it: no one else can).
     fn recycle(&mut self) {
-        let Some(shared) = self.0.take() else { return };
-        if Arc::strong_count(&shared) != 1 {
+        let Some(mut shared) = self.0.take() else {
             return;
-        }
-        *lock(&shared) = State::default();
+        };
+        let Some(state) = Arc::get_mut(&mut shared) else {
+            return;
+        };
+        *state.get_mut().unwrap_or_else(PoisonError::into_inner) = State::default();
         SPARE.with(|s| {
             if let Ok(mut s) = s.try_borrow_mut() {
                 if s.len() < SPARES {
