@@ -65,6 +65,7 @@ pub mod serve;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod spares;
 pub mod stat_name;
 pub mod statsd;
 pub mod store;

@@ -6,9 +6,12 @@
 //! belongs to (domain and entry keys stay readable) but not the API keys, user ids or
 //! addresses that were sent as values. Such keys are no longer the reference's.
 
-use std::{cell::RefCell, fmt};
+use std::fmt;
 
-use crate::limiter::Unit;
+use crate::{
+    limiter::Unit,
+    spares::{self, Spares},
+};
 
 /// Builds counter keys with the configured `CACHE_KEY_PREFIX`, and with hashed values when
 /// `CACHE_KEY_HASH_SECRET_FILE` is set.
@@ -97,16 +100,12 @@ const SPARE_KEY_BYTES: usize = 512;
 thread_local! {
     /// Key buffers given back by finished requests ([`recycle_key`]), taken by the next ones: a
     /// request's keys cost no allocation once its thread has served a few.
-    static SPARE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static SPARE: Spares<String> = const { Spares::new() };
 }
 
 /// An empty key buffer of at least `capacity` bytes: a spare one when this thread has one.
 fn buffer(capacity: usize) -> String {
-    let spare = SPARE
-        .try_with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
-        .ok()
-        .flatten();
-    match spare {
+    match spares::take(&SPARE) {
         Some(mut key) => {
             key.reserve(capacity);
             key
@@ -122,14 +121,7 @@ pub fn recycle_key(mut key: String) {
         return;
     }
     key.clear();
-    // A thread being torn down has no pool: the key is simply freed.
-    let _ = SPARE.try_with(|s| {
-        if let Ok(mut s) = s.try_borrow_mut() {
-            if s.len() < SPARE_KEYS {
-                s.push(key);
-            }
-        }
-    });
+    spares::give(&SPARE, key, SPARE_KEYS);
 }
 
 /// A window counter's key: the base, the window's start in seconds and, for a limit that is
@@ -373,7 +365,7 @@ mod tests {
     #[test]
     fn a_recycled_key_buffer_is_handed_out_again_and_large_ones_are_not_kept() {
         // Whatever an earlier test left on this thread is dropped: the pool starts empty.
-        SPARE.with(|s| s.borrow_mut().clear());
+        SPARE.with(Spares::clear);
         let b = CacheKeyBuilder::new("p:");
         let first = b.base("d", [("k", "v")].into_iter());
         let at = first.as_ptr();
@@ -390,7 +382,7 @@ mod tests {
         // A key longer than the pool keeps is freed, not kept.
         let long = "v".repeat(SPARE_KEY_BYTES);
         let big = b.base("d", [("k", long.as_str())].into_iter());
-        let spare = || SPARE.with(|s| s.borrow().len());
+        let spare = || SPARE.with(Spares::len);
         assert_eq!(spare(), 0);
         recycle_key(big);
         assert_eq!(spare(), 0);

@@ -10,9 +10,9 @@
 //! once read ([`recycle`]): under `RUNTIME_FLAVOR=per_core` a connection's task and its calls
 //! share a thread, so a call's reply allocates nothing.
 
-use std::cell::RefCell;
-
 use redis::{ErrorKind, RedisError, Value};
+
+use crate::spares::{self, Spares};
 
 /// Where a command's arguments go.
 pub trait Args {
@@ -99,13 +99,12 @@ const SPARE_ARRAYS: usize = 64;
 const SPARE_ARRAY_LEN: usize = 256;
 
 thread_local! {
-    static ARRAYS: RefCell<Vec<Vec<Value>>> = const { RefCell::new(Vec::new()) };
+    static ARRAYS: Spares<Vec<Value>> = const { Spares::new() };
 }
 
 /// An empty array with room for `n` elements, this thread's spare if it has one.
 fn array(n: usize) -> Vec<Value> {
-    let spare = ARRAYS.with(|a| a.try_borrow_mut().ok().and_then(|mut a| a.pop()));
-    match spare {
+    match spares::take(&ARRAYS) {
         Some(mut items) => {
             items.reserve(n);
             items
@@ -120,13 +119,7 @@ pub fn recycle(mut items: Vec<Value>) {
         return;
     }
     items.clear();
-    ARRAYS.with(|a| {
-        if let Ok(mut a) = a.try_borrow_mut() {
-            if a.len() < SPARE_ARRAYS {
-                a.push(items);
-            }
-        }
-    });
+    spares::give(&ARRAYS, items, SPARE_ARRAYS);
 }
 
 /// Nesting deeper than any reply ratelimitd asks for (a script's reply is one flat array):
@@ -273,7 +266,7 @@ mod tests {
 
     #[test]
     fn a_read_replys_array_is_used_again_and_spares_are_bounded() {
-        ARRAYS.with(|a| a.borrow_mut().clear());
+        ARRAYS.with(Spares::clear);
         let Some((Value::Array(first), _)) = parse(b"*3\r\n:1\r\n:2\r\n:3\r\n").unwrap() else {
             panic!("not an array");
         };
@@ -287,13 +280,13 @@ mod tests {
         // An incomplete reply gives its array back too.
         recycle(again);
         assert_eq!(parse(b"*3\r\n:3\r\n").unwrap(), None);
-        assert_eq!(ARRAYS.with(|a| a.borrow().len()), 1);
+        assert_eq!(ARRAYS.with(Spares::len), 1);
         // Too large an array is freed; beyond SPARE_ARRAYS, arrays are freed.
         recycle(Vec::with_capacity(SPARE_ARRAY_LEN + 1));
         for _ in 0..SPARE_ARRAYS + 5 {
             recycle(Vec::with_capacity(8));
         }
-        assert_eq!(ARRAYS.with(|a| a.borrow().len()), SPARE_ARRAYS);
+        assert_eq!(ARRAYS.with(Spares::len), SPARE_ARRAYS);
     }
 
     #[test]

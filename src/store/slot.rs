@@ -8,7 +8,6 @@
 //! which drops it once it has delivered that reply. At most [`SPARES`] slots wait per thread.
 
 use std::{
-    cell::RefCell,
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -16,6 +15,8 @@ use std::{
 };
 
 use redis::{RedisResult, Value};
+
+use crate::spares::{self, Spares};
 
 /// Spare slots kept per thread: more than the calls one thread has waiting at once in a
 /// steady state; beyond it, slots are freed.
@@ -39,14 +40,12 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 thread_local! {
-    static SPARE: RefCell<Vec<Shared>> = const { RefCell::new(Vec::new()) };
+    static SPARE: Spares<Shared> = const { Spares::new() };
 }
 
 /// A slot's two ends, from this thread's spares when it has one.
 pub fn channel() -> (Sender, Receiver) {
-    let shared = SPARE
-        .with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
-        .unwrap_or_default();
+    let shared = spares::take(&SPARE).unwrap_or_default();
     (Sender(Some(Arc::clone(&shared))), Receiver(Some(shared)))
 }
 
@@ -120,13 +119,7 @@ impl Receiver {
             return;
         };
         *state.get_mut().unwrap_or_else(PoisonError::into_inner) = State::default();
-        SPARE.with(|s| {
-            if let Ok(mut s) = s.try_borrow_mut() {
-                if s.len() < SPARES {
-                    s.push(shared);
-                }
-            }
-        });
+        spares::give(&SPARE, shared, SPARES);
     }
 }
 
@@ -141,11 +134,11 @@ mod tests {
     use super::*;
 
     fn spares() -> usize {
-        SPARE.with(|s| s.borrow().len())
+        SPARE.with(Spares::len)
     }
 
     fn empty_spares() {
-        SPARE.with(|s| s.borrow_mut().clear());
+        SPARE.with(Spares::clear);
     }
 
     #[tokio::test]
