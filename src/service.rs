@@ -523,7 +523,8 @@ impl<S: Store> RateLimiter<S> {
                     }
                 }
             };
-            match self.guard.settle(result) {
+            self.guard.settle(&result);
+            match result {
                 Ok(decided) => Decisions::Store(decided),
                 // Boxed, as for an open circuit: the failure path's future (the local policy's
                 // store call) stays out of every call's.

@@ -243,17 +243,14 @@ impl Guard {
         BackendCall::new(&self.backend_in_flight, &self.backend_duration)
     }
 
-    /// Takes the store call's result into the breaker, the metrics and the log; an error is
-    /// then for [`Guard::fallback`].
+    /// Takes the store call's result into the breaker, the metrics and the log (by reference:
+    /// the decisions are not moved through it); an error is then for [`Guard::fallback`].
     ///
     /// The caller awaits the store itself, between [`Guard::admit`] and this: a guard future
     /// around the store's would be one more future built per call and copied whole into the
     /// call's (docs/benchmarks.md, "One async level per call").
-    pub fn settle(
-        &self,
-        result: Result<DecidedList, StoreError>,
-    ) -> Result<DecidedList, StoreError> {
-        match &result {
+    pub fn settle(&self, result: &Result<DecidedList, StoreError>) {
+        match result {
             Ok(_) => {
                 self.breaker.success();
                 if self.log.success() {
@@ -273,7 +270,6 @@ impl Guard {
                 }
             }
         }
-        result
     }
 
     /// The policy's answer for `batch`, which the store could not decide because of `e` (or

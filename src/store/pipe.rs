@@ -203,8 +203,7 @@ impl Pipe {
 
     fn send(&self, command: &impl Command) -> RedisResult<slot::Receiver> {
         self.start()?;
-        let (to, reply) = slot::channel();
-        let wake = {
+        let (wake, reply) = {
             let mut s = self.shared.lock();
             if let Some((until, error)) = &s.down {
                 if Instant::now() < *until {
@@ -222,8 +221,10 @@ impl Pipe {
             let wake = s.out.is_empty();
             resp::write(&mut s.out, command);
             s.queued += 1;
+            // Taken only for a call that is queued: one refused above takes no slot.
+            let (to, reply) = slot::channel();
             s.waiting.push_back(to);
-            wake
+            (wake, reply)
         };
         if wake {
             self.shared.wake.notify_one();
