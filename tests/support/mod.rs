@@ -13,6 +13,7 @@
 pub mod otlp;
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::Read,
     net::TcpListener,
@@ -54,14 +55,28 @@ pub fn free_port() -> u16 {
     free_ports::<1>()[0]
 }
 
-/// `N` distinct free ports: all are held open together while picked, so none is handed out
-/// twice. Another process can still take one before our server binds it; the server then
-/// fails to start, and [`RatelimitdBuilder::start`] tries again with fresh ports.
+/// `N` distinct free ports, none handed out before in this test process: the tests of one
+/// binary run side by side, and the kernel may give a port another test picked, and let go
+/// of until its server binds it, to the next `bind(0)` (two Envoys on one ingress port share
+/// it silently through SO_REUSEPORT; one on another's admin port answers the other's
+/// readiness poll). Another process can still take one before our server binds it; the
+/// server then fails to start, and [`RatelimitdBuilder::start`] tries again with fresh ports.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Every listener stays open until the end, so the kernel never offers the same port twice.
+    let mut held = Vec::new();
+    let mut ports = Vec::with_capacity(N);
+    while ports.len() < N {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        held.push(listener);
+        if given.insert(port) {
+            ports.push(port);
+        }
+        assert!(held.len() < 10_000, "no fresh loopback port left");
+    }
+    std::array::from_fn(|i| ports[i])
 }
 
 fn find_binary(name: &str, install: &str) -> PathBuf {
@@ -987,8 +1002,13 @@ impl Envoy {
                     fs::read_to_string(e._dir.path().join("envoy.log")).unwrap_or_default()
                 );
             }
-            if std::net::TcpStream::connect(&e.admin).is_ok()
-                && http_get(&e.admin, "/ready").0 == 200
+            // Ready, and this Envoy (its --base-id is the ingress port) rather than another
+            // process that answers on the admin port while this one fails to bind it.
+            let admin = |path| try_http_get(&e.admin, path, Duration::from_secs(5));
+            if admin("/ready").is_ok_and(|(status, _)| status == 200)
+                && admin("/server_info")
+                    .is_ok_and(|(_, info)| info.contains(&format!("\"base_id\": \"{ingress}\"")))
+                && std::net::TcpStream::connect(&e.ingress).is_ok()
             {
                 return e;
             }
