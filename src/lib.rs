@@ -15,7 +15,7 @@
 //!   answer's body); [`calls`] counts each call once.
 //! - [`error`]: the request path's errors and their one mapping to gRPC statuses.
 //! - [`failure`]: what a call gets when the store fails (`BACKEND_FAILURE_POLICY`), with the
-//!   caller's deadline and a circuit breaker bounding the store call.
+//!   caller's deadline ([`deadline`]) and a circuit breaker bounding the store call.
 //! - [`server`] and [`admin`]: the gRPC and HTTP listeners; [`conn`] accepts their
 //!   connections (TCP_NODELAY, accept backoff, silent-connection timeout);
 //!   [`h2_authority`] lets gRPC C-core clients' `:authority` through on the Unix socket;
@@ -44,6 +44,7 @@ pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod deadline;
 pub mod error;
 pub mod explain;
 pub mod failure;

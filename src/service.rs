@@ -508,17 +508,12 @@ impl<S: Store> RateLimiter<S> {
                 // The one await of the store: a second call site made every call's future
                 // hold room for a second store future (docs/benchmarks.md, "Per-call lists
                 // inline").
-                match (span, ctx.deadline) {
-                    (None, None) => self.store.decide(&to_store).await,
-                    (None, Some(d)) => {
-                        tokio::time::timeout_at(d.at.into(), self.store.decide(&to_store))
-                            .await
-                            .unwrap_or(Err(StoreError::Deadline(d.budget)))
-                    }
+                match span {
+                    None => self.store.decide_by(&to_store, ctx.deadline).await,
                     // The backend span (TRACING_ENABLED): the store call alone, not the
                     // policy. Boxed, so an untraced call's future has no room for it.
-                    (Some(cx), deadline) => {
-                        let call = failure::bounded(&*self.store, &to_store, deadline);
+                    Some(cx) => {
+                        let call = self.store.decide_by(&to_store, ctx.deadline);
                         Box::pin(otel::in_store_span(cx, call, |e| e.kind().to_string())).await
                     }
                 }

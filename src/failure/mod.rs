@@ -1,6 +1,7 @@
 //! What a call gets when the counter store cannot answer (`BACKEND_FAILURE_POLICY`), and the
 //! guards around the store call that make that answer come in time: the caller's deadline
-//! ([`deadline`]) and a circuit breaker ([`breaker`]).
+//! ([`crate::deadline`], kept by the store: [`crate::store::Store::decide_by`]) and a circuit
+//! breaker ([`breaker`]).
 //!
 //! Why: Envoy gives up on us after its filter timeout (20 ms by default) and then applies its
 //! own `failure_mode_deny`, while a hung Redis held each call for `REDIS_TIMEOUT` (10 s).
@@ -19,11 +20,10 @@
 //! A call given up at its deadline is not retried (a retry could count it twice) and its
 //! store request is simply dropped: on a multiplexed Redis connection the command may already
 //! be sent and still run, so a timed-out call may have been counted, as one that timed out
-//! under `REDIS_TIMEOUT` always could. Dropping it is safe for the connection: redis-rs's
-//! driver task keeps reading replies in order and discards the ones nobody waits for.
+//! under `REDIS_TIMEOUT` always could. Giving it up is safe for the connection: our own (and
+//! redis-rs's driver task) keeps reading replies in order and drops the ones nobody waits for.
 
 pub mod breaker;
-pub mod deadline;
 mod respond;
 #[cfg(test)]
 mod service_tests;
@@ -33,8 +33,8 @@ use std::{num::NonZeroUsize, sync::Arc, time::Duration, time::Instant};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 pub use self::breaker::{Admit, Breaker, BreakerSettings};
-pub use self::deadline::Deadline;
 pub use self::respond::{fixed_response, mark_refusal};
+pub use crate::deadline::Deadline;
 use crate::{
     calls::BackendCall,
     error::ServiceError,
@@ -301,22 +301,6 @@ impl Guard {
             }
             (Policy::Error | Policy::Local, _) => Err(e.into()),
         }
-    }
-}
-
-/// The store's decision on `batch`, given up at the call's deadline, if it has one: for a
-/// traced call, whose store call is boxed into its span. An untraced call awaits the same
-/// futures inline, without this one around them.
-pub async fn bounded<S: Store>(
-    store: &S,
-    batch: &Batch<'_>,
-    deadline: Option<Deadline>,
-) -> Result<DecidedList, StoreError> {
-    match deadline {
-        None => store.decide(batch).await,
-        Some(d) => tokio::time::timeout_at(d.at.into(), store.decide(batch))
-            .await
-            .unwrap_or(Err(StoreError::Deadline(d.budget))),
     }
 }
 

@@ -85,7 +85,7 @@ use hashbrown::HashTable;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use smallvec::SmallVec;
 
-use super::{Store, StoreError};
+use super::{Deadline, Store, StoreError};
 use crate::limiter::{
     algorithm::{Algorithm, State},
     engine::{self, Batch, DecidedList, INLINE_CHECKS},
@@ -606,6 +606,17 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
+        Ok(self.decide_locked(batch))
+    }
+
+    /// Without a timer: the answer is there at the first poll, so a timer would only cost
+    /// (the runtime's handle taken and released, and tokio's time driver locked when the timer
+    /// is dropped, armed or not).
+    async fn decide_by(
+        &self,
+        batch: &Batch<'_>,
+        _deadline: Option<Deadline>,
+    ) -> Result<DecidedList, StoreError> {
         Ok(self.decide_locked(batch))
     }
 }

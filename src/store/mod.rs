@@ -29,6 +29,7 @@ pub use self::redis::{
 pub use self::split::SplitStore;
 pub use self::topology::{RedisType, UrlError};
 
+pub use crate::deadline::Deadline;
 pub use crate::limiter::MAX_COUNT;
 use crate::{
     limiter::engine::{Batch, DecidedList},
@@ -173,9 +174,34 @@ pub trait Store: Send + Sync + 'static {
         batch: &Batch<'_>,
     ) -> impl Future<Output = Result<DecidedList, StoreError>> + Send;
 
+    /// [`Store::decide`], given up at the call's `deadline` with [`StoreError::Deadline`]. By
+    /// default with a timer of its own ([`within`]); a store that can bound the call itself
+    /// does it there (our own Redis connection: one timer for every call on it).
+    fn decide_by(
+        &self,
+        batch: &Batch<'_>,
+        deadline: Option<Deadline>,
+    ) -> impl Future<Output = Result<DecidedList, StoreError>> + Send {
+        within(deadline, self.decide(batch))
+    }
+
     /// A [`Store::decide`] call's trace span.
     fn span(&self) -> StoreSpan {
         MEMORY_SPAN
+    }
+}
+
+/// `call`, given up at `deadline` (if any) with [`StoreError::Deadline`]: a tokio timer for
+/// this call alone, armed only if it is not answered on its first poll.
+pub async fn within<T>(
+    deadline: Option<Deadline>,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match deadline {
+        None => call.await,
+        Some(d) => tokio::time::timeout_at(d.at.into(), call)
+            .await
+            .unwrap_or(Err(StoreError::Deadline(d.budget))),
     }
 }
 
@@ -245,6 +271,18 @@ impl Store for AnyStore {
             // itself, and the single topology's on our own connection is small.
             AnyStore::Redis(s) => s.decide(batch).await,
             AnyStore::Split(s) => Box::pin(s.decide(batch)).await,
+        }
+    }
+
+    async fn decide_by(
+        &self,
+        batch: &Batch<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<DecidedList, StoreError> {
+        match self {
+            AnyStore::Memory(s) => s.decide_by(batch, deadline).await,
+            AnyStore::Redis(s) => s.decide_by(batch, deadline).await,
+            AnyStore::Split(s) => Box::pin(s.decide_by(batch, deadline)).await,
         }
     }
 

@@ -24,10 +24,18 @@
 //!   order) and sleeps until that one's deadline. A backlog of [`MAX_WAITING`] unanswered
 //!   calls closes the connection too;
 //! - READONLY, with `REDIS_CLOSE_CONNECTION_ON_READONLY_ERROR`, closes it too, and the next
-//!   connection resolves the address again.
+//!   connection resolves the address again;
+//! - a call with a deadline (the caller's `grpc-timeout`, [`Pipe::call_by`]) ends
+//!   [`Failed::Overdue`] when it passes, and its reply, when it comes, is dropped. One timer
+//!   per connection for every call's deadline, set for the soonest: a tokio timer per call
+//!   cost about 4% of a Redis call's CPU (docs/benchmarks.md). Deadlines are kept in order
+//!   with each call's number; those of answered calls are dropped as replies come, so while
+//!   calls are answered in time the timer fires about once per deadline's length, whatever
+//!   the call rate.
 
 use std::{
     collections::VecDeque,
+    convert::Infallible,
     io,
     path::PathBuf,
     sync::{
@@ -81,11 +89,35 @@ pub enum Addr {
 
 type ReplyTo = slot::Sender;
 
+/// Why a call got no reply.
+#[derive(Debug)]
+pub enum Failed {
+    /// The connection failed it, or Redis answered with an error.
+    Redis(RedisError),
+    /// Its deadline passed first.
+    Overdue,
+}
+
+impl From<RedisError> for Failed {
+    fn from(e: RedisError) -> Self {
+        Failed::Redis(e)
+    }
+}
+
 struct State {
     /// Commands not yet written, in the order of `waiting`'s tail.
     out: Vec<u8>,
     /// One sender per command written or queued, oldest first.
     waiting: VecDeque<ReplyTo>,
+    /// Calls off the front of `waiting` so far (answered, or failed with the connection):
+    /// calls are numbered from 0 in the order they queue, and call `n` waits at
+    /// `waiting[n - answered]`.
+    answered: u64,
+    /// The deadlines of calls that have one, soonest first, with each call's number. Those of
+    /// calls answered since are dropped from the front as replies come.
+    deadlines: VecDeque<(Instant, u64)>,
+    /// When the deadline timer ([`expire`]) is to fire; `None`: not set.
+    armed: Option<Instant>,
     /// Commands in `out`.
     queued: usize,
     /// Writes with commands still unanswered, oldest first: when each was written, and how
@@ -111,11 +143,34 @@ struct Shared {
     wake: Notify,
     /// The connection's task waits here for `State::close` or `closed`.
     kill: Notify,
+    /// The deadline timer waits here for an earlier `State::armed`.
+    rearm: Notify,
     /// Whether the driver task is alive: it is spawned on first use, on the caller's runtime
     /// (so under `RUNTIME_FLAVOR=per_core`, on that core's), and again if that runtime ended.
     running: AtomicBool,
     /// The `Pipe` was dropped: the driver ends.
     closed: AtomicBool,
+}
+
+impl State {
+    /// Keeps the deadline of the call just queued (the last in `waiting`); whether the timer
+    /// must be set earlier for it. Deadlines mostly come in order (one `grpc-timeout` for
+    /// every call): then it goes at the back.
+    fn keep_deadline(&mut self, at: Instant) -> bool {
+        let n = (self.answered + self.waiting.len() as u64).saturating_sub(1);
+        match self.deadlines.back() {
+            Some(&(last, _)) if at < last => {
+                let i = self.deadlines.partition_point(|&(t, _)| t <= at);
+                self.deadlines.insert(i, (at, n));
+            }
+            _ => self.deadlines.push_back((at, n)),
+        }
+        if self.armed.is_some_and(|t| t <= at) {
+            return false;
+        }
+        self.armed = Some(at);
+        true
+    }
 }
 
 impl Shared {
@@ -135,6 +190,8 @@ impl Shared {
             }
             s.queued = 0;
             s.written.clear();
+            s.answered += s.waiting.len() as u64;
+            s.deadlines.clear();
             s.down = down.map(|until| (until, error.clone()));
             s.close = None;
             std::mem::take(&mut s.waiting)
@@ -142,6 +199,26 @@ impl Shared {
         for to in waiting {
             to.send(Err(error.clone()));
         }
+    }
+
+    /// Ends every call whose deadline is before `now`, drops the deadlines of calls already
+    /// answered from the front, and sets the timer for the next.
+    fn expire_due(&self, now: Instant) {
+        let mut s = self.lock();
+        while let Some(&(at, n)) = s.deadlines.front() {
+            let Some(i) = n.checked_sub(s.answered) else {
+                s.deadlines.pop_front();
+                continue;
+            };
+            if at > now {
+                break;
+            }
+            s.deadlines.pop_front();
+            if let Some(to) = usize::try_from(i).ok().and_then(|i| s.waiting.get(i)) {
+                to.expire();
+            }
+        }
+        s.armed = s.deadlines.front().map(|&(at, _)| at);
     }
 
     /// Asks the task serving connection `generation` to close it.
@@ -177,6 +254,9 @@ impl Pipe {
                 state: Mutex::new(State {
                     out: Vec::with_capacity(BUFFER),
                     waiting: VecDeque::new(),
+                    answered: 0,
+                    deadlines: VecDeque::new(),
+                    armed: None,
                     queued: 0,
                     written: VecDeque::new(),
                     down: None,
@@ -185,6 +265,7 @@ impl Pipe {
                 }),
                 wake: Notify::new(),
                 kill: Notify::new(),
+                rearm: Notify::new(),
                 running: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
             }),
@@ -195,15 +276,33 @@ impl Pipe {
     /// connection: its connecting by `REDIS_TIMEOUT`, then its answer by `REDIS_TIMEOUT` from
     /// when it was written.
     pub async fn call(&self, command: &impl Command) -> RedisResult<Value> {
-        let reply = self.send(command)?;
-        reply
-            .await
-            .unwrap_or_else(|| Err(closed("the connection closed")))
+        match self.call_by(command, None).await {
+            Ok(value) => Ok(value),
+            Err(Failed::Redis(e)) => Err(e),
+            Err(Failed::Overdue) => Err(closed("given up without a deadline")),
+        }
     }
 
-    fn send(&self, command: &impl Command) -> RedisResult<slot::Receiver> {
+    /// [`Pipe::call`], given up at `deadline` if there is one ([`Failed::Overdue`]).
+    pub async fn call_by(
+        &self,
+        command: &impl Command,
+        deadline: Option<Instant>,
+    ) -> Result<Value, Failed> {
+        match self.send(command, deadline)?.await {
+            slot::Outcome::Reply(reply) => Ok(reply?),
+            slot::Outcome::Closed => Err(closed("the connection closed").into()),
+            slot::Outcome::Overdue => Err(Failed::Overdue),
+        }
+    }
+
+    fn send(
+        &self,
+        command: &impl Command,
+        deadline: Option<Instant>,
+    ) -> RedisResult<slot::Receiver> {
         self.start()?;
-        let (wake, reply) = {
+        let (wake, reply, rearm) = {
             let mut s = self.shared.lock();
             if let Some((until, error)) = &s.down {
                 if Instant::now() < *until {
@@ -224,10 +323,14 @@ impl Pipe {
             // Taken only for a call that is queued: one refused above takes no slot.
             let (to, reply) = slot::channel();
             s.waiting.push_back(to);
-            (wake, reply)
+            let rearm = deadline.is_some_and(|at| s.keep_deadline(at));
+            (wake, reply, rearm)
         };
         if wake {
             self.shared.wake.notify_one();
+        }
+        if rearm {
+            self.shared.rearm.notify_one();
         }
         Ok(reply)
     }
@@ -290,7 +393,12 @@ async fn drive(alive: Alive) {
             shared.wake.notified().await;
             continue;
         }
-        let error = match tokio::time::timeout(shared.timeout, connect(&shared.target)).await {
+        let connecting = tokio::time::timeout(shared.timeout, connect(&shared.target));
+        let connected = tokio::select! {
+            c = connecting => c,
+            never = expire(shared) => match never {},
+        };
+        let error = match connected {
             Ok(Ok(stream)) => {
                 backoff = MIN_BACKOFF;
                 let generation = {
@@ -427,6 +535,7 @@ async fn exchange(
         e = read_loop(shared, &mut r) => e,
         e = closing(shared, generation) => e,
         e = overdue(shared) => e,
+        never = expire(shared) => match never {},
     }
 }
 
@@ -502,6 +611,10 @@ async fn read_loop(shared: &Shared, r: &mut (impl AsyncRead + Unpin)) -> RedisEr
                 return RedisError::from((ErrorKind::Parse, "a reply nobody asked for"));
             }
             to.extend(s.waiting.drain(..replies.len()));
+            s.answered += replies.len() as u64;
+            while s.deadlines.front().is_some_and(|&(_, n)| n < s.answered) {
+                s.deadlines.pop_front();
+            }
             let mut answered = replies.len();
             while answered > 0 {
                 let Some(oldest) = s.written.front_mut() else {
@@ -558,6 +671,23 @@ async fn overdue(shared: &Shared) -> RedisError {
             None => now + timeout,
         };
         sleep.as_mut().reset(next.into());
+    }
+}
+
+/// Ends calls at their deadlines ([`Shared::expire_due`]), while calls wait: when the
+/// connection is being opened and while it is served. Never returns.
+async fn expire(shared: &Shared) -> Infallible {
+    loop {
+        let armed = shared.lock().armed;
+        match armed {
+            None => shared.rearm.notified().await,
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => shared.expire_due(Instant::now()),
+                    () = shared.rearm.notified() => {}
+                }
+            }
+        }
     }
 }
 
@@ -740,6 +870,143 @@ mod tests {
         let next = spawn_call(&pipe);
         wait_accepted(&accepted, 2).await;
         next.abort();
+    }
+
+    /// `ECHO n` on `pipe` with `deadline`, in a task of its own.
+    fn spawn_call_by(
+        pipe: &Arc<Pipe>,
+        n: i64,
+        deadline: Option<Instant>,
+    ) -> tokio::task::JoinHandle<Result<Value, Failed>> {
+        let pipe = Arc::clone(pipe);
+        tokio::spawn(async move {
+            let digits = n.to_string();
+            let args: [&[u8]; 2] = [b"ECHO", digits.as_bytes()];
+            pipe.call_by(&Plain(&args), deadline).await
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_end_at_their_own_deadlines_and_their_late_replies_go_to_nobody() {
+        let (listener, target) = peer().await;
+        // The peer answers once told to, in order, as Redis would after a stall.
+        let answer = Arc::new(tokio::sync::Notify::new());
+        let told = Arc::clone(&answer);
+        let accepted = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            told.notified().await;
+            tokio::spawn(echo_numbers(conn));
+            tokio::time::timeout(Duration::from_millis(500), listener.accept())
+                .await
+                .is_ok()
+        });
+        let pipe = Arc::new(Pipe::new(target, Duration::from_secs(30), false));
+        let now = Instant::now();
+        let (early, late) = (Duration::from_millis(100), Duration::from_millis(300));
+        // Queued in this order: the later deadline first, then one without a deadline, then
+        // the earlier one (kept before the later).
+        let second = spawn_call_by(&pipe, 1, Some(now + late));
+        waiting(&pipe, 1).await;
+        let patient = spawn_call_by(&pipe, 2, None);
+        waiting(&pipe, 2).await;
+        let first = spawn_call_by(&pipe, 3, Some(now + early));
+        waiting(&pipe, 3).await;
+        let outcome = first.await.unwrap();
+        assert!(matches!(outcome, Err(Failed::Overdue)), "{outcome:?}");
+        assert!(now.elapsed() >= early, "not before its deadline");
+        assert!(!second.is_finished(), "its deadline is later");
+        let outcome = second.await.unwrap();
+        assert!(matches!(outcome, Err(Failed::Overdue)), "{outcome:?}");
+        assert!(now.elapsed() >= late, "not before its deadline");
+        {
+            let s = pipe.shared.lock();
+            assert_eq!(s.waiting.len(), 3, "each keeps its place for its reply");
+            assert!(s.deadlines.is_empty(), "both expired");
+        }
+        // Redis answers all three: the call without a deadline gets its own reply, and the
+        // connection stays up.
+        answer.notify_one();
+        let outcome = patient.await.unwrap();
+        assert_eq!(outcome.unwrap(), Value::Int(2));
+        let outcome = spawn_call_by(&pipe, 4, Some(Instant::now() + late))
+            .await
+            .unwrap();
+        assert_eq!(outcome.unwrap(), Value::Int(4));
+        {
+            let s = pipe.shared.lock();
+            assert_eq!((s.waiting.len(), s.answered), (0, 4));
+            assert!(
+                s.deadlines.is_empty(),
+                "an answered call's deadline is dropped"
+            );
+        }
+        assert!(!accepted.await.unwrap(), "the same connection throughout");
+    }
+
+    #[tokio::test]
+    async fn a_deadline_ends_a_call_while_the_connection_is_still_being_opened() {
+        let (listener, mut target) = peer().await;
+        // AUTH that is never answered: the connection stays in its handshake until
+        // REDIS_TIMEOUT (30 s here).
+        target.password = Some("pw".into());
+        silent(listener);
+        let pipe = Arc::new(Pipe::new(target, Duration::from_secs(30), false));
+        let call = spawn_call_by(&pipe, 1, Some(Instant::now() + Duration::from_millis(100)));
+        let outcome = tokio::time::timeout(Duration::from_secs(20), call)
+            .await
+            .expect("ended at its deadline, not at REDIS_TIMEOUT")
+            .unwrap();
+        assert!(matches!(outcome, Err(Failed::Overdue)), "{outcome:?}");
+    }
+
+    #[test]
+    fn deadlines_in_order_set_the_timer_once_and_an_earlier_one_sets_it_again() {
+        let base = Instant::now();
+        let at = |ms| base + Duration::from_millis(ms);
+        let pipe = Pipe::new(
+            Target {
+                addr: Addr::Tcp("127.0.0.1".into(), 1),
+                tls: None,
+                username: None,
+                password: None,
+                db: 0,
+            },
+            Duration::from_secs(1),
+            false,
+        );
+        let mut s = pipe.shared.lock();
+        let queue = |s: &mut State, deadline| {
+            s.waiting.push_back(slot::channel().0);
+            s.keep_deadline(deadline)
+        };
+        assert!(queue(&mut s, at(20)), "the first sets the timer");
+        assert!(!queue(&mut s, at(21)));
+        assert!(!queue(&mut s, at(22)));
+        assert!(queue(&mut s, at(5)), "an earlier one sets it earlier");
+        assert!(!queue(&mut s, at(21)));
+        assert_eq!(s.armed, Some(at(5)));
+        let order: Vec<_> = s.deadlines.iter().map(|&(t, n)| (t - base, n)).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            order,
+            [
+                (ms(5), 3),
+                (ms(20), 0),
+                (ms(21), 1),
+                (ms(21), 4),
+                (ms(22), 2)
+            ]
+        );
+        // Calls 0 and 1 answered: at 20 ms, call 3 (5 ms) is overdue, and the timer is set
+        // for call 4's 21 ms (call 1's, answered, is dropped on the way).
+        s.waiting.drain(..2);
+        s.answered = 2;
+        drop(s);
+        pipe.shared.expire_due(at(20));
+        let s = pipe.shared.lock();
+        assert_eq!(s.armed, Some(at(21)));
+        let left: Vec<_> = s.deadlines.iter().map(|&(_, n)| n).collect();
+        assert_eq!(left, [4, 2]);
     }
 
     #[tokio::test]

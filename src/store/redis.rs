@@ -38,13 +38,13 @@ use redis::{ConnectionAddr, IntoConnectionInfo, RedisError};
 
 use super::{
     cluster::ClusterStore,
-    pipe::{Addr, Pipe, Target},
+    pipe::{Addr, Failed, Pipe, Target},
     resp::Plain,
     script::{self, EngineScript},
     sentinel::SentinelStore,
     tls::Tls,
     topology::RedisType,
-    Store, StoreError,
+    within, Deadline, Store, StoreError,
 };
 use crate::limiter::engine::{Batch, DecidedList};
 
@@ -184,6 +184,19 @@ impl Store for RedisStore {
             RedisStore::Cluster(s) => boxed(s.decide(batch)).await,
         }
     }
+
+    async fn decide_by(
+        &self,
+        batch: &Batch<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<DecidedList, StoreError> {
+        match self {
+            RedisStore::Single(s) => s.decide_by(batch, deadline).await,
+            // redis-rs's connections: a timer per call (inside the box).
+            RedisStore::Sentinel(s) => boxed(within(deadline, s.decide(batch))).await,
+            RedisStore::Cluster(s) => boxed(within(deadline, s.decide(batch))).await,
+        }
+    }
 }
 
 /// `future` on the heap: the sentinel and cluster stores' futures nest redis-rs's deeply enough
@@ -289,14 +302,31 @@ fn pipe_target(info: &redis::ConnectionInfo, tls: &RedisTls) -> Result<Target, R
 
 impl Store for Single {
     async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
+        self.decide_by(batch, None).await
+    }
+
+    /// Bounded by the connection: `REDIS_TIMEOUT` from when the command was written, and the
+    /// call's deadline, with one timer per connection for each, not per call (see pipe.rs).
+    async fn decide_by(
+        &self,
+        batch: &Batch<'_>,
+        deadline: Option<Deadline>,
+    ) -> Result<DecidedList, StoreError> {
         if batch.checks.is_empty() {
             return Ok(DecidedList::new());
         }
-        // Bounded by the connection: REDIS_TIMEOUT from when the command was written (see
-        // pipe.rs), with one timer per connection, not per call.
         let pipe = pick(&self.pipes, self.index())?;
-        let reply = self.engine.run_on(pipe, batch).await;
-        script::decisions(batch, reply.map_err(|e| from_redis(e, self.timeout))?)
+        let reply = self
+            .engine
+            .run_on(pipe, batch, deadline.map(|d| d.at))
+            .await;
+        let reply = reply.map_err(|e| match (e, deadline) {
+            (Failed::Redis(e), _) => from_redis(e, self.timeout),
+            (Failed::Overdue, Some(d)) => StoreError::Deadline(d.budget),
+            // Not without a deadline; as a timeout if it were.
+            (Failed::Overdue, None) => StoreError::Timeout(self.timeout),
+        })?;
+        script::decisions(batch, reply)
     }
 }
 

@@ -12,10 +12,12 @@
 //! The layouts are documented at the top of each script and in the README ("The Redis
 //! script"); this file is their only writer and reader.
 
+use std::time::Instant;
+
 use redis::{Cmd, ErrorKind, ServerErrorKind, Value};
 
 use super::{
-    pipe::Pipe,
+    pipe::{Failed, Pipe},
     resp::{self, Args},
     StoreError,
 };
@@ -106,8 +108,13 @@ impl EngineScript {
 
     /// [`EngineScript::run`] on one of our own connections: the command written straight into
     /// its outgoing buffer. Each command is bounded by the connection (`REDIS_TIMEOUT` from
-    /// when it was written, see `pipe.rs`).
-    pub async fn run_on(&self, pipe: &Pipe, batch: &Batch<'_>) -> Result<Reply, redis::RedisError> {
+    /// when it was written, and `deadline`, see `pipe.rs`).
+    pub async fn run_on(
+        &self,
+        pipe: &Pipe,
+        batch: &Batch<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, Failed> {
         let fixed = fixed_only(batch);
         let call = |source| Call {
             script: self,
@@ -116,8 +123,8 @@ impl EngineScript {
             batch,
             read: &[],
         };
-        let value = match pipe.call(&call(false)).await {
-            Err(e) if no_script(&e) => pipe.call(&call(true)).await,
+        let value = match pipe.call_by(&call(false), deadline).await {
+            Err(Failed::Redis(e)) if no_script(&e) => pipe.call_by(&call(true), deadline).await,
             other => other,
         }?;
         Ok(Reply::of(fixed, value))

@@ -6,6 +6,9 @@
 //! so a call on a warm thread allocates nothing. Only a slot nobody else holds is reused
 //! (`Arc::get_mut`): a call given up before its reply leaves the slot to the connection,
 //! which drops it once it has delivered that reply. At most [`SPARES`] slots wait per thread.
+//!
+//! The connection also ends a call whose deadline passed ([`Sender::expire`]): the call learns
+//! [`Outcome::Overdue`] and goes, and the reply, when it comes, is dropped with the slot.
 
 use std::{
     future::Future,
@@ -30,6 +33,8 @@ struct State {
     waker: Option<Waker>,
     /// The sender sent its reply, or was dropped without one.
     done: bool,
+    /// The call's deadline passed before its reply.
+    overdue: bool,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -58,6 +63,22 @@ impl Sender {
             finish(&shared, Some(reply));
         }
     }
+
+    /// Ends the call before its reply: its deadline passed. The reply still comes to this
+    /// sender, which drops it.
+    pub fn expire(&self) {
+        let Some(shared) = &self.0 else {
+            return;
+        };
+        let waker = {
+            let mut state = lock(shared);
+            state.overdue = true;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 /// Dropped without a reply (the connection's state went away): the call learns it is closed.
@@ -82,23 +103,40 @@ fn finish(shared: &Shared, reply: Option<Reply>) {
     }
 }
 
-/// The call's end: a future of the reply, `None` when the sender went without one.
+/// What a call learns from its slot.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The connection's reply.
+    Reply(Reply),
+    /// The connection went without one.
+    Closed,
+    /// Its deadline passed first ([`Sender::expire`]).
+    Overdue,
+}
+
+/// The call's end: a future of its [`Outcome`].
 pub struct Receiver(Option<Shared>);
 
 impl Future for Receiver {
-    type Output = Option<Reply>;
+    type Output = Outcome;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Reply>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let Some(shared) = &self.0 else {
             // Polled after it finished: as a fused future, nothing more.
-            return Poll::Ready(None);
+            return Poll::Ready(Outcome::Closed);
         };
         let mut state = lock(shared);
         if state.done {
-            let reply = state.reply.take();
+            let outcome = state.reply.take().map_or(Outcome::Closed, Outcome::Reply);
             drop(state);
             self.recycle();
-            return Poll::Ready(reply);
+            return Poll::Ready(outcome);
+        }
+        if state.overdue {
+            // The sender still holds the slot: it is freed once the reply comes.
+            drop(state);
+            self.0 = None;
+            return Poll::Ready(Outcome::Overdue);
         }
         match &mut state.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -147,7 +185,7 @@ mod tests {
         let (to, reply) = channel();
         let first = to.0.as_ref().map(Arc::as_ptr);
         to.send(Ok(Value::Int(7)));
-        assert!(matches!(reply.await, Some(Ok(Value::Int(7)))));
+        assert!(matches!(reply.await, Outcome::Reply(Ok(Value::Int(7)))));
         assert_eq!(spares(), 1);
         let (to, reply) = channel();
         assert_eq!(to.0.as_ref().map(Arc::as_ptr), first, "the same slot");
@@ -156,7 +194,10 @@ mod tests {
         let waiting = tokio::spawn(reply);
         tokio::task::yield_now().await;
         to.send(Ok(Value::Int(8)));
-        assert!(matches!(waiting.await.unwrap(), Some(Ok(Value::Int(8)))));
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Outcome::Reply(Ok(Value::Int(8)))
+        ));
     }
 
     #[tokio::test]
@@ -164,7 +205,7 @@ mod tests {
         empty_spares();
         let (to, reply) = channel();
         drop(to);
-        assert!(reply.await.is_none());
+        assert!(matches!(reply.await, Outcome::Closed));
         assert_eq!(spares(), 1);
     }
 
@@ -180,6 +221,30 @@ mod tests {
         let (to, reply) = channel();
         drop(to);
         drop(reply);
+    }
+
+    #[tokio::test]
+    async fn an_expired_call_ends_overdue_and_its_late_reply_frees_the_slot() {
+        empty_spares();
+        let (to, reply) = channel();
+        let waiting = tokio::spawn(reply);
+        tokio::task::yield_now().await;
+        to.expire();
+        assert!(matches!(waiting.await.unwrap(), Outcome::Overdue));
+        assert_eq!(spares(), 0, "the sender still holds it");
+        to.send(Ok(Value::Int(9)));
+        assert_eq!(spares(), 0, "freed with the late reply, not reused");
+        // Expired before the call waits: it ends at its first poll.
+        let (to, reply) = channel();
+        to.expire();
+        assert!(matches!(reply.await, Outcome::Overdue));
+        // A slot that comes back to the spares is not overdue for its next call.
+        let (to, reply) = channel();
+        to.send(Ok(Value::Nil));
+        assert!(matches!(reply.await, Outcome::Reply(Ok(Value::Nil))));
+        let (to, reply) = channel();
+        to.send(Ok(Value::Int(1)));
+        assert!(matches!(reply.await, Outcome::Reply(Ok(Value::Int(1)))));
     }
 
     #[test]
