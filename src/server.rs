@@ -3,7 +3,14 @@
 //! future resolves. Shutdown turns health off at once, stops accepting, lets in-flight calls
 //! finish within the drain timeout, then returns.
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -16,8 +23,9 @@ use tokio::{
     sync::watch,
 };
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{Connected, Router};
-use tower_layer::{Identity, Stack};
+use tonic::transport::server::Connected;
+use tower_layer::Layer;
+use tower_service::Service;
 
 use crate::{
     admin::{self, State},
@@ -27,7 +35,7 @@ use crate::{
         envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer,
         FILE_DESCRIPTOR_SET,
     },
-    rls_route::RlsRouteLayer,
+    rls_route::{RlsRoute, RlsRouteLayer},
     service::GrpcService,
     store::AnyStore,
     tls::ServerTls,
@@ -82,8 +90,6 @@ pub struct Listeners {
 pub enum ServerError {
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
     #[error("a per-core runtime's gRPC server failed: {0}")]
     Runtime(#[source] tokio::task::JoinError),
 }
@@ -119,17 +125,19 @@ pub async fn run(
         let _ = tx.send(true);
     });
 
-    let router = tonic::transport::Server::builder()
-        // GOAWAY at the max age; the close after the grace is ConnIo's (see conn).
-        .max_connection_age(listeners.max_connection_age)
-        .max_concurrent_streams(listeners.max_concurrent_streams)
-        // No HTTP/2 pings: dead clients are found by TCP keepalive (see conn).
-        // RLS calls go straight to their server, past tonic's router (see rls_route).
-        .layer(RlsRouteLayer::new(rls.clone()))
-        .add_service(health_service)
+    // RLS calls go straight to their server, past tonic's router (see rls_route).
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(rls);
+        .add_service(rls.clone())
+        .prepare();
+    let service = RlsRouteLayer::new(rls).layer(routes);
+    let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+    // No HTTP/2 pings (hyper sends none unless asked): dead clients are found by TCP
+    // keepalive (see conn).
+    h2.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(listeners.max_concurrent_streams);
     let policy = |lifetime: Option<Duration>| ConnPolicy {
         opening_timeout: listeners.opening_timeout,
         lifetime,
@@ -144,7 +152,10 @@ pub async fn run(
     let workers = listeners.workers;
     let grpc = async {
         let grpc = Grpc {
-            router,
+            service,
+            h2,
+            max_connection_age: listeners.max_connection_age,
+            peer_info: state.limiter.traced(),
             tls: listeners.tls,
             policy: grpc_policy,
             shutdown: rx.clone(),
@@ -217,14 +228,29 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// acceptor waits (and the kernel's backlog holds new connections).
 const HANDED_QUEUE: usize = 64;
 
-/// tonic's router behind the layer that sends RLS calls straight to their server.
-type GrpcRouter =
-    Router<Stack<RlsRouteLayer<RateLimitServiceServer<GrpcService<AnyStore>>>, Identity>>;
+/// The gRPC service: RLS calls straight to their server, the rest (health, reflection)
+/// through tonic's routes.
+type GrpcRoutes = RlsRoute<RateLimitServiceServer<GrpcService<AnyStore>>, tonic::service::Routes>;
 
 /// The gRPC server's parts, for each runtime that serves it.
+///
+/// Connections are served by our own loop over hyper, not by tonic's transport server, which
+/// wraps every call in layers of its own: a timer for each call that carries `grpc-timeout`
+/// (Envoy's every call) with a clock read and the time driver's lock, a boxed future, and the
+/// peer's address put in the request's extensions; together 1,000 to 2,000 instructions and
+/// 3 allocations per call (docs/benchmarks.md, "Our own gRPC serve loop"). The deadline is
+/// kept by ours ([`crate::deadline`]: the failure policy answers before it), and a client
+/// that gives up resets its stream, which drops the call.
 #[derive(Clone)]
 struct Grpc {
-    router: GrpcRouter,
+    service: GrpcRoutes,
+    /// HTTP/2 only, `GRPC_MAX_CONCURRENT_STREAMS`.
+    h2: auto::Builder<TokioExecutor>,
+    /// A GOAWAY at this age; the close after the grace is ConnIo's (see conn).
+    max_connection_age: Duration,
+    /// Put the peer's address in each request, for trace spans: only when tracing, as it
+    /// costs allocations per call.
+    peer_info: bool,
     tls: Option<Arc<ServerTls>>,
     policy: ConnPolicy,
     shutdown: watch::Receiver<bool>,
@@ -244,7 +270,8 @@ impl Grpc {
     {
         let mut incoming = Incoming::new(listener, "grpc", self.policy.clone());
         let Some(workers) = workers else {
-            return Ok(self.serve_on(incoming).await?);
+            self.serve_on(incoming).await;
+            return Ok(());
         };
         let mut queues = Vec::new();
         let mut servers = tokio::task::JoinSet::new();
@@ -270,26 +297,123 @@ impl Grpc {
         // (in the order they end) is the error.
         drop((incoming, queues));
         while let Some(served) = servers.join_next().await {
-            served.map_err(ServerError::Runtime)??;
+            served.map_err(ServerError::Runtime)?;
         }
         Ok(())
     }
 
     /// Serves the connections of `conns` on the current runtime until shutdown.
-    async fn serve_on<S, T>(self, conns: S) -> Result<(), tonic::transport::Error>
+    async fn serve_on<S, T>(self, conns: S)
     where
         S: Stream<Item = std::io::Result<ConnIo<T>>> + Unpin + Send + 'static,
         T: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
         T::ConnectInfo: Clone + Send + Sync + 'static,
     {
-        let stop = stopped(self.shutdown);
-        match self.tls {
+        match self.tls.clone() {
             Some(tls) => {
-                let conns = crate::tls::accept::incoming(conns, tls, self.policy);
-                self.router.serve_with_incoming_shutdown(conns, stop).await
+                let conns = crate::tls::accept::incoming(conns, tls, self.policy.clone());
+                self.serve_conns(std::pin::pin!(conns)).await;
             }
-            None => self.router.serve_with_incoming_shutdown(conns, stop).await,
+            None => self.serve_conns(conns).await,
         }
+    }
+
+    /// Serves each connection of `conns` in a task of its own until shutdown; then stops
+    /// accepting, sends every connection a GOAWAY and waits for their calls to finish.
+    async fn serve_conns<S, IO>(self, mut conns: S)
+    where
+        S: Stream<Item = std::io::Result<IO>> + Unpin,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+    {
+        // Each connection's task holds a receiver: all are gone once every one has ended.
+        let (open_tx, open_rx) = watch::channel(());
+        let mut stop = std::pin::pin!(stopped(self.shutdown.clone()));
+        loop {
+            let io = tokio::select! {
+                io = conns.next() => io,
+                () = &mut stop => break,
+            };
+            match io {
+                Some(Ok(io)) => {
+                    tokio::spawn(self.clone().serve_conn(io, open_rx.clone()));
+                }
+                // Already logged and counted where it was accepted (see conn).
+                Some(Err(e)) => tracing::debug!(error = %e, "gRPC connection not served"),
+                None => break,
+            }
+        }
+        drop((conns, open_rx));
+        open_tx.closed().await;
+    }
+
+    /// Serves one connection until it ends: a GOAWAY at its max age or at shutdown, after
+    /// which the client's calls in flight finish.
+    async fn serve_conn<IO>(self, io: IO, open: watch::Receiver<()>)
+    where
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+    {
+        let service = PerConnection {
+            inner: self.service,
+            peer: self.peer_info.then(|| io.connect_info()),
+        };
+        let conn = self
+            .h2
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+        let mut conn = std::pin::pin!(conn);
+        let mut aged = std::pin::pin!(tokio::time::sleep(self.max_connection_age));
+        let mut stop = std::pin::pin!(stopped(self.shutdown));
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                served = &mut conn => {
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "gRPC connection ended with an error");
+                    }
+                    break;
+                }
+                () = &mut aged, if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = &mut stop, if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+        drop(open);
+    }
+}
+
+/// One connection's service: each request's body as tonic's, and the peer's address in the
+/// request when trace spans need it.
+#[derive(Clone)]
+struct PerConnection<S, P> {
+    inner: S,
+    peer: Option<P>,
+}
+
+impl<S, P> Service<http::Request<hyper::body::Incoming>> for PerConnection<S, P>
+where
+    S: Service<http::Request<tonic::body::Body>>,
+    P: Clone + Send + Sync + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<hyper::body::Incoming>) -> S::Future {
+        let mut req = req.map(tonic::body::Body::new);
+        if let Some(peer) = &self.peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        self.inner.call(req)
     }
 }
 

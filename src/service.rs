@@ -164,6 +164,11 @@ impl<S: Store> RateLimiter<S> {
         }
     }
 
+    /// Whether calls are traced (`TRACING_ENABLED`).
+    pub fn traced(&self) -> bool {
+        self.tracer.is_some()
+    }
+
     /// Traces calls with `tracer`, if any (`TRACING_ENABLED`).
     pub fn with_tracer(mut self, tracer: Option<Tracer>) -> Self {
         self.tracer = tracer;
