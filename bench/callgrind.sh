@@ -22,7 +22,7 @@
 # source with glibc's malloc (`--no-default-features`, built here into target/glibc), and
 # callgrind the default build.
 #
-# NOOP_ARGS adds the no-op's options (e.g. NOOP_ARGS="--route direct", ratelimitd's route);
+# NOOP_ARGS adds the no-op's options (e.g. NOOP_ARGS="--route own", served as ratelimitd is);
 # LOAD_ARGS the load generator's (e.g. LOAD_ARGS="--grpc-timeout 1000": a deadline on every
 # call, as Envoy sends; long enough for a call slowed down by valgrind).
 # BIN measures another build of ratelimitd (DHAT_BIN: its glibc build, for dhat; by default

@@ -22,12 +22,14 @@
 #
 # RL_ENV adds settings to both ratelimitd servers (e.g. RL_ENV="RUNTIME_FLAVOR=multi_thread");
 # NOOP_RUNTIME is the no-op's runtime (per_core, ratelimitd's default, or multi_thread);
-# NOOP_ROUTE its route: direct (the default: RLS calls past tonic's router, as ratelimitd's,
-# src/rls_route.rs) or router (a plain tonic server, the ceiling before that route).
+# NOOP_ROUTE its route: own (the default: each connection served by hyper directly and RLS
+# calls past tonic's router, as ratelimitd serves them, src/server.rs and src/rls_route.rs),
+# direct (tonic's transport server, RLS calls past its router) or router (a plain tonic
+# server, the ceiling before either).
 #
 # Usage: [CONNS=4] [STREAMS=16] [SINGLE=40000] [RATE=10000] [RATE_REQUESTS=50000] \
 #        [H2_CLIENTS=16] [H2_STREAMS=16] \
-#        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] [NOOP_RUNTIME=per_core] [NOOP_ROUTE=direct] \
+#        [OUT=raw.tsv] [RL_ENV="VAR=value ..."] [NOOP_RUNTIME=per_core] [NOOP_ROUTE=own] \
 #        bench/compare.sh [RUNS] [REQUESTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +51,7 @@ start_redis
 start_rl memory ${RL_ENV:-}
 # shellcheck disable=SC2086
 start_rl redis BACKEND_TYPE=redis REDIS_SOCKET_TYPE=tcp REDIS_URL="127.0.0.1:$RPORT" ${RL_ENV:-}
-"$NOOP" --addr 127.0.0.1:0 --runtime "${NOOP_RUNTIME:-per_core}" --route "${NOOP_ROUTE:-direct}" \
+"$NOOP" --addr 127.0.0.1:0 --runtime "${NOOP_RUNTIME:-per_core}" --route "${NOOP_ROUTE:-own}" \
   >"$WORK/noop.out" &
 SPID[noop]=$!
 PIDS+=("${SPID[noop]}")

@@ -11,8 +11,9 @@
 //! single-threaded runtimes; `multi_thread` serves on tokio's work-stealing runtime.
 //!
 //! `--route direct` puts ratelimitd's `rls_route` layer in front of tonic's router, as
-//! ratelimitd does, so RLS calls skip the router's per-call work; the default, `router`, is a
-//! plain tonic server.
+//! ratelimitd did, so RLS calls skip the router's per-call work; `--route own` also serves
+//! each connection with hyper directly, past tonic's transport server and its per-call
+//! layers, as ratelimitd does (src/server.rs); the default, `router`, is a plain tonic server.
 //!
 //! Prints `noop listening grpc=ADDR` once bound, then serves until killed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -40,33 +41,73 @@ struct Args {
     /// `per_core` or `multi_thread`, as ratelimitd's RUNTIME_FLAVOR.
     #[arg(long, default_value = "per_core")]
     runtime: String,
-    /// `router` (tonic's, for every call) or `direct` (RLS calls past it, as ratelimitd).
+    /// `router` (tonic's, for every call), `direct` (RLS calls past it) or `own` (also past
+    /// tonic's transport server, as ratelimitd).
     #[arg(long, default_value = "router")]
     route: String,
+}
+
+/// How calls reach the service (`--route`).
+#[derive(Clone, Copy)]
+enum Route {
+    Router,
+    Direct,
+    Own,
 }
 
 #[derive(Clone)]
 struct Noop;
 
 /// The gRPC server, with or without ratelimitd's direct route for RLS calls.
-async fn serve<S>(direct: bool, conns: S)
+async fn serve<S>(route: Route, conns: S)
 where
     S: tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
 {
     let rls = RateLimitServiceServer::new(Noop);
-    let served = if direct {
-        tonic::transport::Server::builder()
-            .layer(RlsRouteLayer::new(rls.clone()))
-            .add_service(rls)
-            .serve_with_incoming(conns)
-            .await
-    } else {
-        tonic::transport::Server::builder()
-            .add_service(rls)
-            .serve_with_incoming(conns)
-            .await
+    let served = match route {
+        Route::Direct => {
+            tonic::transport::Server::builder()
+                .layer(RlsRouteLayer::new(rls.clone()))
+                .add_service(rls)
+                .serve_with_incoming(conns)
+                .await
+        }
+        Route::Router => {
+            tonic::transport::Server::builder()
+                .add_service(rls)
+                .serve_with_incoming(conns)
+                .await
+        }
+        Route::Own => return serve_own(rls, conns).await,
     };
     served.unwrap();
+}
+
+/// Each connection served by hyper (HTTP/2 only) with the direct route, as ratelimitd serves
+/// gRPC: none of tonic's transport layers around the calls.
+async fn serve_own<S>(rls: RateLimitServiceServer<Noop>, conns: S)
+where
+    S: tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
+{
+    use tower::ServiceExt;
+    use tower_layer::Layer;
+    let routes = tonic::service::Routes::new(rls.clone()).prepare();
+    let service = RlsRouteLayer::new(rls)
+        .layer(routes)
+        .map_request(|r: http::Request<hyper::body::Incoming>| r.map(tonic::body::Body::new));
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .http2_only();
+    let mut conns = std::pin::pin!(conns);
+    while let Some(conn) = tokio_stream::StreamExt::next(&mut conns).await {
+        let Ok(conn) = conn else { continue };
+        let (service, builder) = (service.clone(), builder.clone());
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(conn);
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let _ = builder.serve_connection(io, service).await;
+        });
+    }
 }
 
 #[tonic::async_trait]
@@ -98,10 +139,11 @@ fn main() {
         args.addr.starts_with("127.") || args.addr.starts_with("[::1]"),
         "the no-op server only listens on loopback"
     );
-    let direct = match args.route.as_str() {
-        "router" => false,
-        "direct" => true,
-        other => panic!("--route {other}: expected router or direct"),
+    let route = match args.route.as_str() {
+        "router" => Route::Router,
+        "direct" => Route::Direct,
+        "own" => Route::Own,
+        other => panic!("--route {other}: expected router, direct or own"),
     };
     match args.runtime.as_str() {
         "multi_thread" => {
@@ -109,17 +151,17 @@ fn main() {
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(&args.addr).await.unwrap();
                 println!("noop listening grpc={}", listener.local_addr().unwrap());
-                serve(direct, TcpListenerStream::new(listener)).await;
+                serve(route, TcpListenerStream::new(listener)).await;
             });
         }
-        "per_core" => per_core(&args.addr, direct),
+        "per_core" => per_core(&args.addr, route),
         other => panic!("--runtime {other}: expected per_core or multi_thread"),
     }
 }
 
 /// ratelimitd's `per_core`: this thread accepts; each connection is served by one of the
 /// per-core runtimes, moved there as a std socket (no ratelimitd connection wrapper).
-fn per_core(addr: &str, direct: bool) {
+fn per_core(addr: &str, route: Route) {
     let workers = ratelimitd::workers::Workers::start(ratelimitd::workers::count(0)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -134,7 +176,7 @@ fn per_core(addr: &str, direct: bool) {
                 tokio_stream::wrappers::ReceiverStream::new(rx),
                 tokio::net::TcpStream::from_std,
             );
-            handle.spawn(serve(direct, conns));
+            handle.spawn(serve(route, conns));
         }
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         println!("noop listening grpc={}", listener.local_addr().unwrap());
