@@ -265,13 +265,7 @@ impl AnyStore {
 
 impl Store for AnyStore {
     async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
-        match self {
-            AnyStore::Memory(s) => s.decide(batch).await,
-            // Inline: `RedisStore` boxes the sentinel and cluster futures (redis-rs's, large)
-            // itself, and the single topology's on our own connection is small.
-            AnyStore::Redis(s) => s.decide(batch).await,
-            AnyStore::Split(s) => Box::pin(s.decide(batch)).await,
-        }
+        self.decide_by(batch, None).await
     }
 
     async fn decide_by(
@@ -281,6 +275,8 @@ impl Store for AnyStore {
     ) -> Result<DecidedList, StoreError> {
         match self {
             AnyStore::Memory(s) => s.decide_by(batch, deadline).await,
+            // Inline: `RedisStore` boxes the sentinel and cluster futures (redis-rs's, large)
+            // itself, and the single topology's on our own connection is small.
             AnyStore::Redis(s) => s.decide_by(batch, deadline).await,
             AnyStore::Split(s) => Box::pin(s.decide_by(batch, deadline)).await,
         }

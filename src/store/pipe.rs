@@ -28,7 +28,8 @@
 //! - a call with a deadline (the caller's `grpc-timeout`, [`Pipe::call_by`]) ends
 //!   [`Failed::Overdue`] when it passes, and its reply, when it comes, is dropped. One timer
 //!   per connection for every call's deadline, set for the soonest: a tokio timer per call
-//!   cost about 4% of a Redis call's CPU (docs/benchmarks.md). Deadlines are kept in order
+//!   cost 1.8% of a Redis call's instructions (docs/benchmarks.md, "Deadlines on the
+//!   connection"). Deadlines are kept in order
 //!   with each call's number; those of answered calls are dropped as replies come, so while
 //!   calls are answered in time the timer fires about once per deadline's length, whatever
 //!   the call rate.

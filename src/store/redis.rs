@@ -178,11 +178,7 @@ impl RedisStore {
 
 impl Store for RedisStore {
     async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
-        match self {
-            RedisStore::Single(s) => s.decide(batch).await,
-            RedisStore::Sentinel(s) => boxed(s.decide(batch)).await,
-            RedisStore::Cluster(s) => boxed(s.decide(batch)).await,
-        }
+        self.decide_by(batch, None).await
     }
 
     async fn decide_by(
