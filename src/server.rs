@@ -239,9 +239,8 @@ type GrpcRoutes = RlsRoute<RateLimitServiceServer<GrpcService<AnyStore>>, tonic:
 /// (Envoy's every call) with a clock read and the time driver's lock, a boxed future, and the
 /// peer's address put in the request's extensions; together about 1,900 instructions (2,300
 /// with `grpc-timeout`) and 6 allocations per call (docs/benchmarks.md, "Our own gRPC serve
-/// loop"). The deadline is
-/// kept by ours ([`crate::deadline`]: the failure policy answers before it), and a client
-/// that gives up resets its stream, which drops the call.
+/// loop"). The deadline is kept by ours ([`crate::deadline`]: the failure policy answers
+/// before it), and a client that gives up resets its stream, which drops the call.
 #[derive(Clone)]
 struct Grpc {
     service: GrpcRoutes,
