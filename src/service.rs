@@ -646,7 +646,7 @@ impl<S: Store> RateLimitService for GrpcService<S> {
         // The call's one clock read, for its deadline, its duration and its windows.
         let started = Instant::now();
         let limiter = &*self.0;
-        let timeout = request.metadata().get("grpc-timeout");
+        let timeout = request.metadata().as_ref().get(&GRPC_TIMEOUT);
         let deadline = limiter.deadline(timeout.and_then(|v| v.to_str().ok()), started);
         match &limiter.tracer {
             None => Box::pin(
@@ -665,6 +665,10 @@ impl<S: Store> RateLimitService for GrpcService<S> {
         }
     }
 }
+
+/// The caller's deadline's header, its name made once: a lookup by a string parses the
+/// name first (matched against every standard header name of its length), on every call.
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 #[cfg(test)]
 mod tests {
