@@ -296,13 +296,10 @@ fn pipe_target(info: &redis::ConnectionInfo, tls: &RedisTls) -> Result<Target, R
     })
 }
 
-impl Store for Single {
-    async fn decide(&self, batch: &Batch<'_>) -> Result<DecidedList, StoreError> {
-        self.decide_by(batch, None).await
-    }
-
-    /// Bounded by the connection: `REDIS_TIMEOUT` from when the command was written, and the
-    /// call's deadline, with one timer per connection for each, not per call (see pipe.rs).
+impl Single {
+    /// [`Store::decide_by`] for [`RedisStore::Single`]. Bounded by the connection:
+    /// `REDIS_TIMEOUT` from when the command was written, and the call's deadline, with one
+    /// timer per connection for each, not per call (see pipe.rs).
     async fn decide_by(
         &self,
         batch: &Batch<'_>,
