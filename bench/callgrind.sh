@@ -10,8 +10,10 @@
 #   redis    ratelimitd serve on a throwaway redis-server (only ratelimitd is counted)
 #   hotpath  examples/hotpath.rs: the service called in-process, no network, one thread
 # memory - noop is ratelimitd's own work per call. Calls go one at a time (loadgen
-# --connections 1 --streams 1) to bench/lib.sh's unreachable rule (one descriptor, one hot key,
-# every call counted and answered OK).
+# --connections 1 --streams 1; CONNS and STREAMS set others, e.g. CONNS=4 STREAMS=16 for calls
+# batched as under load, where reads, writes and wake-ups are shared by many calls) to
+# bench/lib.sh's unreachable rule (one descriptor, one hot key, every call counted and answered
+# OK).
 # Tools (TOOLS): callgrind (instructions, Ir) and dhat (heap blocks allocated).
 # OUT (default target/callgrind) keeps every valgrind output file, a TSV of the totals
 # (results.tsv) and callgrind_annotate's top functions of each target's N2 run
@@ -29,7 +31,7 @@
 # BIN itself when BIN is set); RL_ENV adds its settings (e.g. RL_ENV="RUNTIME_FLAVOR=per_core").
 #
 # Usage: [TARGETS="noop memory redis hotpath"] [TOOLS="callgrind dhat"] [OUT=dir] \
-#        [BIN=path] [DHAT_BIN=path] [RL_ENV="VAR=value ..."] [NOOP_ARGS="..."] [LOAD_ARGS="..."] \
+#        [CONNS=1] [STREAMS=1] [BIN=path] [DHAT_BIN=path] [RL_ENV="VAR=value ..."] [NOOP_ARGS="..."] [LOAD_ARGS="..."] \
 #        bench/callgrind.sh [N1] [N2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,7 +126,7 @@ start_under_valgrind() {
     return 1
   fi
   # shellcheck disable=SC2086
-  "$LOAD" --target "$addr" --domain bench --key k --connections 1 --streams 1 \
+  "$LOAD" --target "$addr" --domain bench --key k --connections "${CONNS:-1}" --streams "${STREAMS:-1}" \
     --requests "$n" --max-seconds 600 ${LOAD_ARGS:-} >"$OUT/$target.$tool.$n.load"
   grep -q " errors=0" "$OUT/$target.$tool.$n.load" ||
     { echo "$target: loadgen saw errors: $(cat "$OUT/$target.$tool.$n.load")" >&2; exit 1; }

@@ -45,6 +45,9 @@ struct Args {
     /// tonic's transport server, as ratelimitd).
     #[arg(long, default_value = "router")]
     route: String,
+    /// Runtimes under `per_core`, as ratelimitd's WORKER_THREADS (0: one per CPU).
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
+    workers: usize,
 }
 
 /// How calls reach the service (`--route`).
@@ -154,15 +157,15 @@ fn main() {
                 serve(route, TcpListenerStream::new(listener)).await;
             });
         }
-        "per_core" => per_core(&args.addr, route),
+        "per_core" => per_core(&args.addr, route, args.workers),
         other => panic!("--runtime {other}: expected per_core or multi_thread"),
     }
 }
 
 /// ratelimitd's `per_core`: this thread accepts; each connection is served by one of the
 /// per-core runtimes, moved there as a std socket (no ratelimitd connection wrapper).
-fn per_core(addr: &str, route: Route) {
-    let workers = ratelimitd::workers::Workers::start(ratelimitd::workers::count(0)).unwrap();
+fn per_core(addr: &str, route: Route, workers: usize) {
+    let workers = ratelimitd::workers::Workers::start(ratelimitd::workers::count(workers)).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
