@@ -507,7 +507,7 @@ impl<S: Store> RateLimiter<S> {
             Box::pin(self.guard.fallback(&to_store, ctx, open)).await?
         } else {
             let result = {
-                let _backend = self.guard.backend_call();
+                let _backend = self.calls.backend_call();
                 let checks = to_store.checks.len();
                 let span = otel::store_span(self.tracer.as_ref(), self.store.span(), checks);
                 // The one await of the store: a second call site made every call's future

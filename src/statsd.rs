@@ -307,9 +307,11 @@ impl Statsd {
         Ok(me)
     }
 
-    /// Sends the counter deltas and the waiting timings now. Blocking I/O, bounded by the
-    /// dial and write timeouts; the flush task runs it on tokio's blocking pool.
+    /// Sends the counter deltas and the waiting timings now, the per-thread slots folded
+    /// first ([`crate::metrics::shards`]). Blocking I/O, bounded by the dial and write
+    /// timeouts; the flush task runs it on tokio's blocking pool.
     pub fn flush_now(&self) {
+        crate::metrics::shards::fold_all();
         // Copy out first: no map shard stays locked while sending.
         let counts: Vec<(String, u64)> = self
             .counters

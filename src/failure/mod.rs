@@ -30,13 +30,12 @@ mod service_tests;
 
 use std::{num::NonZeroUsize, sync::Arc, time::Duration, time::Instant};
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics::{counter, Counter};
 
 pub use self::breaker::{Admit, Breaker, BreakerSettings};
 pub use self::respond::{fixed_response, mark_refusal};
 pub use crate::deadline::Deadline;
 use crate::{
-    calls::BackendCall,
     error::ServiceError,
     limiter::{
         algorithm::Quota,
@@ -193,9 +192,6 @@ pub struct Guard {
     local: Option<MemoryStore>,
     /// Policy answers, by [`Reason::ALL`].
     answers: [Counter; 4],
-    backend_duration: Histogram,
-    /// Store calls in flight: how busy the shared connections are.
-    backend_in_flight: Gauge,
     /// Store failures are logged once per stretch, not once per call.
     log: LogThrottle,
 }
@@ -218,8 +214,6 @@ impl Guard {
             answers: Reason::ALL.map(
                 |r| counter!(m::BACKEND_POLICY_ANSWERS, "policy" => policy, "reason" => r.label()),
             ),
-            backend_duration: histogram!(m::BACKEND_DURATION),
-            backend_in_flight: gauge!(m::BACKEND_IN_FLIGHT),
             log: LogThrottle::default(),
             settings,
         }
@@ -236,11 +230,6 @@ impl Guard {
     /// Whether a call made now goes to the store: not while the circuit is open.
     pub fn admit(&self) -> bool {
         self.breaker.admit_now() != Admit::Reject
-    }
-
-    /// The store call's in-flight gauge and duration, counted until the value is dropped.
-    pub fn backend_call(&self) -> BackendCall<'_> {
-        BackendCall::new(&self.backend_in_flight, &self.backend_duration)
     }
 
     /// Takes the store call's result into the breaker, the metrics and the log (by reference:

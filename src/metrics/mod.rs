@@ -25,6 +25,7 @@ pub mod mapper;
 mod per_rule;
 pub mod reference_names;
 mod rule;
+pub mod shards;
 
 use std::time::Duration;
 
@@ -134,23 +135,25 @@ pub fn install(
     Ok(handle)
 }
 
-/// Drains histogram samples into their buckets every few seconds. The exporter keeps raw
-/// samples until upkeep or a scrape runs, so without this a service nobody scrapes would grow
-/// by every request's latency sample.
+/// Folds the per-thread slots ([`shards`]) and drains histogram samples into their buckets
+/// every few seconds. The exporter keeps raw samples until upkeep or a scrape runs, so
+/// without this a service nobody scrapes would grow by every request's latency sample.
 pub fn spawn_upkeep(handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            shards::fold_all();
             handle.run_upkeep();
         }
     })
 }
 
-/// Renders the Prometheus text format: the global recorder's metrics (process metrics
-/// refreshed first), then the per-rule ones.
+/// Renders the Prometheus text format: the global recorder's metrics (the per-thread slots
+/// folded and process metrics refreshed first), then the per-rule ones.
 pub fn render(handle: &PrometheusHandle, rules: &Stats) -> String {
+    shards::fold_all();
     metrics_process::Collector::default().collect();
     let mut out = handle.render();
     out.push_str(&rules.render());
