@@ -10,14 +10,18 @@
 //! the figures a scrape sees are exact, because the scrape folds first
 //! (docs/benchmarks.md, "Per-call metrics in per-thread slots").
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc, Mutex, MutexGuard, PoisonError, Weak,
+use std::{
+    cell::Cell,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
+    },
 };
 
 /// Slots per [`Shards`]. Threads beyond this many share slots (still exact: every update is
 /// atomic), which costs only the sharing this module avoids.
 pub const SLOTS: usize = 64;
+const _: () = assert!(SLOTS.is_power_of_two());
 
 /// One `T` per thread (up to [`SLOTS`] threads), each on cache lines of its own.
 pub struct Shards<T> {
@@ -40,8 +44,8 @@ impl<T: Default> Default for Shards<T> {
 impl<T> Shards<T> {
     /// This thread's slot.
     pub fn local(&self) -> &T {
-        let i = THREAD_SLOT.with(|i| *i) % self.slots.len();
-        &self.slots[i].0
+        // `slots` has SLOTS entries and `thread_slot` is below SLOTS.
+        &self.slots[thread_slot()].0
     }
 
     /// Every slot, for a reader.
@@ -52,10 +56,27 @@ impl<T> Shards<T> {
 
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
+/// No slot taken yet.
+const UNSET: usize = usize::MAX;
+
 thread_local! {
-    /// Threads take slots in the order they first count: the per-core runtimes, started
-    /// together, get slots of their own.
-    static THREAD_SLOT: usize = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+    /// This thread's slot index, [`UNSET`] until it first counts. Const-initialised: an
+    /// access is a plain load, with no lazy-initialisation state to check.
+    static THREAD_SLOT: Cell<usize> = const { Cell::new(UNSET) };
+}
+
+/// The calling thread's slot index, below [`SLOTS`]. Threads take slots in the order they
+/// first count: the per-core runtimes, started together, get slots of their own.
+fn thread_slot() -> usize {
+    THREAD_SLOT.with(|slot| match slot.get() {
+        UNSET => {
+            // SLOTS is a power of two: the remainder is a mask.
+            let i = NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS;
+            slot.set(i);
+            i
+        }
+        i => i,
+    })
 }
 
 /// Something holding per-thread slots that it folds into the recorder's handles.
