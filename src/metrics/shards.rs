@@ -114,8 +114,8 @@ impl Samples {
     /// Samples a slot holds before the thread recording them folds them itself, so a
     /// service nobody scrapes holds at most this many per slot. The call that reaches it
     /// waits while they are recorded (about 160 instructions each in the exporter, so some
-    /// 10,000 here, a few µs): small enough not to show in the latency of that one call in
-    /// 64, large enough that the exporter's shared lines move once per batch, not per call.
+    /// 10,000 here: a few µs on one call in 64), and the exporter's shared lines move once
+    /// per batch rather than once per call.
     pub const CAP: usize = 64;
 
     /// Adds `value`; at [`Samples::CAP`] waiting, records them all into `into`.
