@@ -150,7 +150,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn threads_count_in_slots_of_their_own_and_the_sum_is_exact() {
+    fn counts_from_several_threads_spread_over_slots_and_sum_exactly() {
         let shards = Arc::new(Shards::<AtomicU64>::default());
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -171,7 +171,9 @@ mod tests {
             .iter()
             .filter(|s| s.load(Ordering::Relaxed) > 0)
             .count();
-        assert!(used > 1, "the threads counted in slots of their own");
+        // Eight threads in a row take eight slots, unless 57 other threads of this test
+        // process took slots in between: assert only that they did not all share one.
+        assert!(used > 1, "the threads did not all count in one slot");
     }
 
     #[test]
